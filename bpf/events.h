@@ -1,0 +1,124 @@
+/* Records shared by the kernel programs (hostport.bpf.c) and user space.
+ *
+ * One fact, one place: Python never mirrors these structs by hand. bcc exposes every map's
+ * key and value as ctypes classes built from this header as compiled (table.Key / table.Leaf,
+ * RingBuf.event()), and bpftrace_hostport/loader.py decodes through those.
+ *
+ * Addresses are 16 bytes for both families (IPv4 in the first 4 bytes, the rest zero), as in
+ * the kernel's union nf_inet_addr. Ports are in network byte order, as conntrack keeps them.
+ */
+#ifndef BPFTRACE_HOSTPORT_EVENTS_H
+#define BPFTRACE_HOSTPORT_EVENTS_H
+
+/* Where a flow was first seen: the hook that performed its DNAT. */
+#define HOOK_PREROUTING 0   /* traffic arriving at the node */
+#define HOOK_OUTPUT     1   /* node-local clients: DNAT happens in LOCAL_OUT */
+
+/* flow_val.flags */
+#define FLOW_ANSWERED    1
+#define FLOW_MASQUERADED 2
+
+/* Indexes into the per-CPU `stats` array. */
+#define STAT_RINGBUF_LOST    0  /* a flow record could not be reserved in the ring buffer */
+#define STAT_FLOWS_CREATED   1  /* new flows inserted into the flow table */
+#define STAT_PENDING_FULL    2  /* a new flow could not be queued for its no-answer timeout */
+#define STAT_FLOW_INSERT_ERR 3  /* the flow table refused an insert */
+#define STAT_REPLY_NO_FLOW   4  /* a reply for a flow no longer in the table (evicted) */
+#define STAT_DROPS_SEEN      5  /* translated packets freed with a drop reason */
+#define STAT_MAX             8
+
+struct flow_key {            /* the conntrack ORIGINAL tuple: client -> node:hostPort */
+    u8  family;              /* 4 or 6 */
+    u8  proto;               /* IPPROTO_TCP / UDP / SCTP */
+    u16 client_port;
+    u16 host_port;
+    u16 _pad;
+    u8  client_addr[16];
+    u8  node_addr[16];
+};
+
+struct flow_val {
+    u64 ct;                  /* struct nf_conn * of the flow, to match drops to it */
+    u64 first_ns;            /* bpf_ktime_get_ns() of the first packet */
+    u64 reply_ns;            /* first packet in the reply direction, 0 = none yet */
+    u64 last_ns;
+    u64 packets_orig, bytes_orig;
+    u64 packets_reply, bytes_reply;
+    u64 drops;
+    u8  pod_addr[16];        /* the conntrack REPLY tuple's source: where DNAT sent it */
+    u8  snat_addr[16];       /* the REPLY tuple's destination when masqueraded */
+    u16 pod_port;
+    u16 snat_port;
+    u32 drop_reason;         /* enum skb_drop_reason of the last drop, 0 = none */
+    u8  hook;                /* HOOK_* */
+    u8  flags;               /* FLOW_* */
+    u8  _pad[6];
+};
+
+struct flow_event {          /* one ring-buffer record per flow, when it is first answered */
+    struct flow_key key;
+    struct flow_val val;
+};
+
+struct mapping_key {         /* one hostPort mapping as the kernel applied it */
+    u8  family;
+    u8  proto;
+    u16 host_port;
+    u16 pod_port;
+    u16 _pad;
+    u8  pod_addr[16];
+};
+
+struct mapping_val {
+    u64 flows;
+    u64 packets;
+    u64 bytes;
+};
+
+struct drop_key {
+    struct mapping_key mapping;
+    u32 reason;
+    u32 _pad;
+};
+
+struct miss_key {            /* a connection to a watched hostPort that was NOT DNATed */
+    u8  family;
+    u8  proto;
+    u16 host_port;
+    u8  hook;
+    u8  _pad[3];
+    u8  client_addr[16];
+    u8  node_addr[16];
+};
+
+struct miss_val {
+    u64 count;
+    u64 last_ns;
+};
+
+struct port_key {
+    u16 port;                /* network byte order */
+    u8  proto;
+    u8  _pad;
+};
+
+struct addr_key {
+    u8  family;
+    u8  _pad[3];
+    u8  addr[16];
+};
+
+struct client_lpm_key {      /* LPM trie key: prefixlen counts bits of family + addr */
+    u32 prefixlen;
+    u8  family;
+    u8  addr[16];
+};
+
+struct config {
+    u8  watch_all;           /* 1: every DNAT to a local address; 0: only watched ports */
+    u8  client_filter;       /* 1: only clients in the client_cidrs trie */
+    u8  proto_mask;          /* bit 0 TCP, bit 1 UDP, bit 2 SCTP; 0 = all */
+    u8  _pad[5];
+};
+
+#endif

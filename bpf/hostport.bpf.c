@@ -1,0 +1,420 @@
+/* bpftrace-hostport: the kernel side.
+ *
+ * Programs of type BPF_PROG_TYPE_NETFILTER (kernel >= 6.4), attached with the netfilter BPF
+ * link inside the node's network namespace, read each packet's conntrack entry and keep
+ * per-flow and per-mapping counters here, in maps. User space gets one ring-buffer record per
+ * flow (when the flow is first answered); unanswered flows wait in `pending` until user space
+ * reports them after its no-answer timeout. Nothing is sent per packet.
+ *
+ * Every struct offset (sk_buff, nf_conn, nf_conntrack_tuple, bpf_nf_ctx) comes from the
+ * running kernel's BTF at load time as -D constants (bpftrace_hostport/btf.py, loader.py);
+ * no kernel struct layout is taken from headers. The constants expected:
+ *   NF_CTX_SKB        offsetof(struct bpf_nf_ctx, skb)
+ *   SKB_NFCT, SKB_LEN offsetof(struct sk_buff, _nfct / len)
+ *   CT_STATUS         offsetof(struct nf_conn, status)
+ *   CT_TUPLE_ORIG     offsetof(struct nf_conn, tuplehash[IP_CT_DIR_ORIGINAL].tuple)
+ *   CT_TUPLE_REPLY    offsetof(struct nf_conn, tuplehash[IP_CT_DIR_REPLY].tuple)
+ *   TUPLE_SIZE        sizeof(struct nf_conntrack_tuple)
+ *   TUP_SRC_U3, TUP_SRC_PORT, TUP_L3NUM, TUP_DST_U3, TUP_DST_PORT, TUP_PROTONUM
+ *   TP_SKBADDR, TP_REASON   field offsets in the skb:kfree_skb tracepoint record (its format file)
+ *   FLOW_TABLE_SIZE, PENDING_SIZE, MAP_SIZE, RINGBUF_PAGES   sizes chosen by the user
+ */
+#include "events.h"
+
+/* Conntrack facts (include/uapi/linux/netfilter/nf_conntrack_common.h): stable UAPI values. */
+#define IPS_SRC_NAT     0x10
+#define IPS_DST_NAT     0x20
+#define IP_CT_NEW       2
+#define IP_CT_IS_REPLY  3      /* ctinfo >= 3: the packet travels in the reply direction */
+#define NFCT_PTRMASK    (~7UL) /* skb->_nfct keeps ctinfo in its low 3 bits */
+#define NF_AF_INET      2
+#define NF_AF_INET6     10
+
+#define PROTO_TCP  6
+#define PROTO_UDP  17
+#define PROTO_SCTP 132
+
+#ifndef TUPLE_BUF
+#define TUPLE_BUF 64
+#endif
+
+BPF_TABLE("lru_hash", struct flow_key, struct flow_val, flows, FLOW_TABLE_SIZE);
+BPF_HASH(pending, struct flow_key, u64, PENDING_SIZE);
+BPF_PERCPU_HASH(mappings, struct mapping_key, struct mapping_val, MAP_SIZE);
+BPF_HASH(drops, struct drop_key, u64, MAP_SIZE);
+BPF_TABLE("lru_hash", struct miss_key, struct miss_val, misses, MAP_SIZE);
+BPF_HASH(watch_ports, struct port_key, u8, 4096);
+BPF_HASH(local_addrs, struct addr_key, u8, 1024);
+BPF_LPM_TRIE(client_cidrs, struct client_lpm_key, u8, 256);
+BPF_ARRAY(config, struct config, 1);
+BPF_PERCPU_ARRAY(stats, u64, STAT_MAX);
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+
+static __always_inline void stat_inc(int idx)
+{
+    u64 *v = stats.lookup(&idx);
+    if (v)
+        (*v)++;
+}
+
+/* The conntrack entry of an skb, and the packet's direction in it. */
+static __always_inline void *skb_conntrack(void *skb, u8 *ctinfo)
+{
+    unsigned long nfct = 0;
+    bpf_probe_read_kernel(&nfct, sizeof(nfct), (char *)skb + SKB_NFCT);
+    *ctinfo = nfct & 7;
+    return (void *)(nfct & NFCT_PTRMASK);
+}
+
+/* Copies one conntrack tuple into a flat buffer; the fields are then picked by BTF offsets. */
+static __always_inline int read_tuple(void *ct, int off, u8 *buf)
+{
+    return bpf_probe_read_kernel(buf, TUPLE_SIZE, (char *)ct + off);
+}
+
+static __always_inline u8 tuple_family(u8 *t)
+{
+    u16 l3num = *(u16 *)(t + TUP_L3NUM);
+    if (l3num == NF_AF_INET)
+        return 4;
+    if (l3num == NF_AF_INET6)
+        return 6;
+    return 0;
+}
+
+static __always_inline void copy_addr(u8 *dst, u8 *src, u8 family)
+{
+    __builtin_memcpy(dst, src, 16);
+    if (family == 4)
+        __builtin_memset(dst + 4, 0, 12);
+}
+
+/* No memcmp in BPF: compare the address words by hand. */
+static __always_inline int addr_equal(u8 *a, u8 *b, u8 family)
+{
+    if (*(u32 *)a != *(u32 *)b)
+        return 0;
+    if (family == 4)
+        return 1;
+    return *(u32 *)(a + 4) == *(u32 *)(b + 4) && *(u32 *)(a + 8) == *(u32 *)(b + 8) &&
+           *(u32 *)(a + 12) == *(u32 *)(b + 12);
+}
+
+static __always_inline void key_from_orig(struct flow_key *k, u8 *o, u8 family)
+{
+    k->family = family;
+    k->proto = *(o + TUP_PROTONUM);
+    k->client_port = *(u16 *)(o + TUP_SRC_PORT);
+    k->host_port = *(u16 *)(o + TUP_DST_PORT);
+    copy_addr(k->client_addr, o + TUP_SRC_U3, family);
+    copy_addr(k->node_addr, o + TUP_DST_U3, family);
+}
+
+static __always_inline void mapping_from(struct mapping_key *m, struct flow_key *k, u8 *r)
+{
+    m->family = k->family;
+    m->proto = k->proto;
+    m->host_port = k->host_port;
+    m->pod_port = *(u16 *)(r + TUP_SRC_PORT);
+    copy_addr(m->pod_addr, r + TUP_SRC_U3, k->family);
+}
+
+static __always_inline int proto_allowed(struct config *cfg, u8 proto)
+{
+    u8 bit = proto == PROTO_TCP ? 1 : proto == PROTO_UDP ? 2 : proto == PROTO_SCTP ? 4 : 0;
+    if (!bit)
+        return 0;
+    return cfg->proto_mask == 0 || (cfg->proto_mask & bit);
+}
+
+static __always_inline int is_local(u8 family, u8 *addr)
+{
+    struct addr_key a = {};
+    a.family = family;
+    copy_addr(a.addr, addr, family);
+    return local_addrs.lookup(&a) != 0;
+}
+
+static __always_inline int port_watched(u8 proto, u16 port)
+{
+    struct port_key p = {};
+    p.port = port;
+    p.proto = proto;
+    return watch_ports.lookup(&p) != 0;
+}
+
+static __always_inline int client_allowed(struct config *cfg, struct flow_key *k)
+{
+    if (!cfg->client_filter)
+        return 1;
+    struct client_lpm_key lk = {};
+    lk.prefixlen = 8 + 128;
+    lk.family = k->family;
+    __builtin_memcpy(lk.addr, k->client_addr, 16);
+    return client_cidrs.lookup(&lk) != 0;
+}
+
+static __always_inline void mapping_add(struct mapping_key *m, u64 flows_inc, u64 bytes)
+{
+    struct mapping_val zero = {};
+    struct mapping_val *mv = mappings.lookup_or_try_init(m, &zero);
+    if (!mv)
+        return;
+    mv->flows += flows_inc;      /* per-CPU value: no atomics needed */
+    mv->packets += 1;
+    mv->bytes += bytes;
+}
+
+/* A connection to a watched hostPort on a local address that conntrack did not DNAT:
+ * a hostNetwork pod (hostPort is a no-op there) or a missing rule. */
+static __always_inline void count_miss(struct flow_key *k, u8 hook)
+{
+    struct miss_key mk = {};
+    mk.family = k->family;
+    mk.proto = k->proto;
+    mk.host_port = k->host_port;
+    mk.hook = hook;
+    __builtin_memcpy(mk.client_addr, k->client_addr, 16);
+    __builtin_memcpy(mk.node_addr, k->node_addr, 16);
+    struct miss_val zero = {};
+    struct miss_val *mv = misses.lookup_or_try_init(&mk, &zero);
+    if (!mv)
+        return;
+    __sync_fetch_and_add(&mv->count, 1);
+    mv->last_ns = bpf_ktime_get_ns();
+}
+
+static __always_inline void emit_answered(struct flow_key *k, struct flow_val *v)
+{
+    struct flow_event *e = events.ringbuf_reserve(sizeof(struct flow_event));
+    if (!e) {
+        stat_inc(STAT_RINGBUF_LOST);
+        return;
+    }
+    __builtin_memcpy(&e->key, k, sizeof(*k));
+    __builtin_memcpy(&e->val, v, sizeof(*v));
+    events.ringbuf_submit(e, 0);
+}
+
+/* Runs just after DNAT (priority NF_IP_PRI_NAT_DST + 1 = -99): the packet's destination is
+ * already the pod and the conntrack entry holds both tuples. */
+static __always_inline int on_post_dnat(void *ctx, u8 hook)
+{
+    void *skb = *(void **)((char *)ctx + NF_CTX_SKB);
+    u8 ctinfo = 0;
+    void *ct = skb_conntrack(skb, &ctinfo);
+    if (!ct)
+        return 1;   /* NF_ACCEPT: untracked packets are not ours to judge */
+
+    u32 status = 0;
+    bpf_probe_read_kernel(&status, sizeof(status), (char *)ct + CT_STATUS);
+
+    int zero = 0;
+    struct config *cfg = config.lookup(&zero);
+    if (!cfg)
+        return 1;
+
+    int reply = ctinfo >= IP_CT_IS_REPLY;
+    if (!(status & IPS_DST_NAT)) {
+        /* Not translated: only the first packet of a new connection can be a miss. */
+        if (reply || ctinfo != IP_CT_NEW || cfg->watch_all)
+            return 1;
+        u8 o[TUPLE_BUF] = {};
+        if (read_tuple(ct, CT_TUPLE_ORIG, o))
+            return 1;
+        u8 family = tuple_family(o);
+        if (!family)
+            return 1;
+        struct flow_key k = {};
+        key_from_orig(&k, o, family);
+        if (!proto_allowed(cfg, k.proto) || !port_watched(k.proto, k.host_port))
+            return 1;
+        if (!is_local(family, k.node_addr) || !client_allowed(cfg, &k))
+            return 1;
+        count_miss(&k, hook);
+        return 1;
+    }
+
+    u8 o[TUPLE_BUF] = {};
+    if (read_tuple(ct, CT_TUPLE_ORIG, o))
+        return 1;
+    u8 family = tuple_family(o);
+    if (!family)
+        return 1;
+    struct flow_key k = {};
+    key_from_orig(&k, o, family);
+
+    u32 len = 0;
+    bpf_probe_read_kernel(&len, sizeof(len), (char *)skb + SKB_LEN);
+    u64 now = bpf_ktime_get_ns();
+
+    struct flow_val *v = flows.lookup(&k);
+    if (!v) {
+        if (reply) {
+            /* Only flows we saw start are tracked; a reply with no flow means the flow
+             * table evicted it (or it began before we attached). */
+            return 1;
+        }
+        if (!proto_allowed(cfg, k.proto) || !is_local(family, k.node_addr))
+            return 1;   /* e.g. a Service ClusterIP DNAT: not a hostPort */
+        if (!cfg->watch_all && !port_watched(k.proto, k.host_port))
+            return 1;
+        if (!client_allowed(cfg, &k))
+            return 1;
+        if (ctinfo != IP_CT_NEW)
+            return 1;   /* began before we attached: no first packet, no latency */
+
+        u8 r[TUPLE_BUF] = {};
+        if (read_tuple(ct, CT_TUPLE_REPLY, r))
+            return 1;
+        struct flow_val nv = {};
+        nv.ct = (u64)ct;
+        nv.first_ns = now;
+        nv.last_ns = now;
+        nv.packets_orig = 1;
+        nv.bytes_orig = len;
+        nv.hook = hook;
+        copy_addr(nv.pod_addr, r + TUP_SRC_U3, family);
+        nv.pod_port = *(u16 *)(r + TUP_SRC_PORT);
+        if (flows.update(&k, &nv)) {
+            stat_inc(STAT_FLOW_INSERT_ERR);
+            return 1;
+        }
+        stat_inc(STAT_FLOWS_CREATED);
+        u64 first = now;
+        if (pending.insert(&k, &first))
+            stat_inc(STAT_PENDING_FULL);
+        struct mapping_key m = {};
+        mapping_from(&m, &k, r);
+        mapping_add(&m, 1, len);
+        return 1;
+    }
+
+    u8 r[TUPLE_BUF] = {};
+    if (read_tuple(ct, CT_TUPLE_REPLY, r))
+        return 1;
+    struct mapping_key m = {};
+    mapping_from(&m, &k, r);
+    mapping_add(&m, 0, len);
+
+    v->last_ns = now;
+    if (!reply) {
+        __sync_fetch_and_add(&v->packets_orig, 1);
+        __sync_fetch_and_add(&v->bytes_orig, len);
+        v->ct = (u64)ct;   /* a retransmitted first packet may carry a fresh entry */
+        return 1;
+    }
+    __sync_fetch_and_add(&v->packets_reply, 1);
+    __sync_fetch_and_add(&v->bytes_reply, len);
+    if (v->reply_ns)
+        return 1;
+    v->reply_ns = now;
+    v->flags |= FLOW_ANSWERED;
+    /* By the first reply both NAT manips are settled: a reply tuple whose destination is
+     * not the client means the request was masqueraded on its way to the pod. */
+    if (!addr_equal(r + TUP_DST_U3, o + TUP_SRC_U3, family) ||
+        *(u16 *)(r + TUP_DST_PORT) != k.client_port) {
+        v->flags |= FLOW_MASQUERADED;
+        copy_addr(v->snat_addr, r + TUP_DST_U3, family);
+        v->snat_port = *(u16 *)(r + TUP_DST_PORT);
+    }
+    /* The pending entry is the token for "not yet reported": whoever deletes it reports the
+     * flow. If user space already reported it as unanswered, no second record is sent. */
+    if (pending.delete(&k) == 0)
+        emit_answered(&k, v);
+    return 1;
+}
+
+int nf_prerouting_post_dnat(void *ctx)
+{
+    return on_post_dnat(ctx, HOOK_PREROUTING);
+}
+
+int nf_output_post_dnat(void *ctx)
+{
+    return on_post_dnat(ctx, HOOK_OUTPUT);
+}
+
+/* Runs just after source NAT (NF_IP_PRI_NAT_SRC + 1 = 101): records the masquerade of flows
+ * that may never be answered (the answered path sees it from the reply tuple as well). */
+int nf_postrouting_post_snat(void *ctx)
+{
+    void *skb = *(void **)((char *)ctx + NF_CTX_SKB);
+    u8 ctinfo = 0;
+    void *ct = skb_conntrack(skb, &ctinfo);
+    if (!ct || ctinfo != IP_CT_NEW)
+        return 1;
+    u32 status = 0;
+    bpf_probe_read_kernel(&status, sizeof(status), (char *)ct + CT_STATUS);
+    if ((status & (IPS_DST_NAT | IPS_SRC_NAT)) != (IPS_DST_NAT | IPS_SRC_NAT))
+        return 1;
+    u8 o[TUPLE_BUF] = {};
+    if (read_tuple(ct, CT_TUPLE_ORIG, o))
+        return 1;
+    u8 family = tuple_family(o);
+    if (!family)
+        return 1;
+    struct flow_key k = {};
+    key_from_orig(&k, o, family);
+    struct flow_val *v = flows.lookup(&k);
+    if (!v || (v->flags & FLOW_MASQUERADED))
+        return 1;
+    u8 r[TUPLE_BUF] = {};
+    if (read_tuple(ct, CT_TUPLE_REPLY, r))
+        return 1;
+    copy_addr(v->snat_addr, r + TUP_DST_U3, family);
+    v->snat_port = *(u16 *)(r + TUP_DST_PORT);
+    v->flags |= FLOW_MASQUERADED;
+    return 1;
+}
+
+/* skb:kfree_skb fires for every dropped skb on the machine (tracepoints are global). A drop
+ * is charged to one of our flows only when its conntrack entry is the very entry the flow
+ * recorded, which also confines it to the traced network namespace. */
+int tp_kfree_skb(void *ctx)
+{
+    u32 reason = *(u32 *)((char *)ctx + TP_REASON);
+    if (reason <= 1)
+        return 0;   /* SKB_NOT_DROPPED_YET, SKB_CONSUMED */
+    void *skb = *(void **)((char *)ctx + TP_SKBADDR);
+    u8 ctinfo = 0;
+    void *ct = skb_conntrack(skb, &ctinfo);
+    if (!ct)
+        return 0;
+    u32 status = 0;
+    bpf_probe_read_kernel(&status, sizeof(status), (char *)ct + CT_STATUS);
+    if (!(status & IPS_DST_NAT))
+        return 0;
+    u8 o[TUPLE_BUF] = {};
+    if (read_tuple(ct, CT_TUPLE_ORIG, o))
+        return 0;
+    u8 family = tuple_family(o);
+    if (!family)
+        return 0;
+    struct flow_key k = {};
+    key_from_orig(&k, o, family);
+    struct flow_val *v = flows.lookup(&k);
+    if (!v || v->ct != (u64)ct)
+        return 0;
+    __sync_fetch_and_add(&v->drops, 1);
+    v->drop_reason = reason;
+    stat_inc(STAT_DROPS_SEEN);
+    u8 r[TUPLE_BUF] = {};
+    if (read_tuple(ct, CT_TUPLE_REPLY, r))
+        return 0;
+    struct drop_key dk = {};
+    mapping_from(&dk.mapping, &k, r);
+    dk.reason = reason;
+    u64 *c = drops.lookup(&dk);
+    if (c) {
+        __sync_fetch_and_add(c, 1);
+        return 0;
+    }
+    u64 one = 1;
+    if (drops.insert(&dk, &one)) {      /* another CPU inserted it first */
+        c = drops.lookup(&dk);
+        if (c)
+            __sync_fetch_and_add(c, 1);
+    }
+    return 0;
+}

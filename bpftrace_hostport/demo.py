@@ -1,0 +1,93 @@
+"""`lab demo`: the README's main job. Build a lab, trace it, send traffic, summarize, clean up.
+
+The tracer runs as its own process (`trace --lab NAME --format json --ready-file`), exactly
+as a user would run it, and is stopped with SIGTERM: what the demo shows is what the command
+does.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import click
+
+from . import lab as labmod
+from .summary import render_summary
+
+
+def _step(i: int, n: int, text: str) -> None:
+    click.echo(click.style(f"[{i}/{n}] ", bold=True) + text)
+
+
+def run_demo(name: str = "demo", keep: bool = False) -> int:
+    steps = 6
+    t0 = time.monotonic()
+    if os.geteuid() != 0:
+        raise labmod.LabError("The demo builds network namespaces and loads eBPF: run it with sudo.")
+    labmod.down(name)    # a previous demo that was killed leaves nothing in the way
+    _step(1, steps, "building a lab node: network namespaces, Debian's CNI plugins "
+                    "(bridge, host-local, portmap), the nginx-hostport Deployment's pod")
+    st = labmod.up(name=name)
+    pod = st.pods[0]
+    click.echo(f"      node {st.node_ip} (netns {st.node_netns}); pod {pod.namespace}/{pod.name} "
+               f"at {', '.join(pod.ips)}; hostPorts 8000->80 (http), 44300->443 (https)")
+    proc = None
+    try:
+        _step(2, steps, "attaching the tracer to the node's netfilter hooks "
+                        "(PRE_ROUTING and LOCAL_OUT after DNAT, POST_ROUTING after SNAT)")
+        with tempfile.TemporaryDirectory() as tmp:
+            ready = os.path.join(tmp, "ready")
+            out_path = os.path.join(tmp, "capture.jsonl")
+            with open(out_path, "w") as out, open(os.path.join(tmp, "err"), "w") as err:
+                proc = subprocess.Popen([sys.executable, "-m", "bpftrace_hostport", "trace", "--lab", name,
+                                         "--format", "json", "--timeout", "1", "--ready-file", ready],
+                                        stdout=out, stderr=err)
+                deadline = time.monotonic() + 60
+                while not os.path.exists(ready):
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        msg = open(os.path.join(tmp, "err")).read().strip().splitlines()
+                        raise labmod.LabError(f"The tracer did not start: {msg[-1] if msg else 'no output'}")
+                    time.sleep(0.05)
+                _step(3, steps, "sending real requests through the hostPorts")
+                runs = [
+                    ("client -> node:8000", dict(to=8000, count=40, concurrency=4)),
+                    ("client -> node:44300", dict(to=44300, count=10)),
+                    ("node itself -> node:8000 (DNAT in OUTPUT)", dict(to=8000, count=5, source="node")),
+                    ("client -> [node IPv6]:8000", dict(to=8000, count=5, family=6)),
+                ]
+                for label, kw in runs:
+                    r = labmod.traffic(name, **kw)
+                    click.echo(f"      {label}: sent {r['sent']}, answered {r['answered']}, failed {r['failed']}")
+                time.sleep(0.3)
+                _step(4, steps, "detaching the tracer (SIGTERM) and collecting its records")
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=30)
+            lines = open(out_path).read().splitlines()
+        records = [json.loads(x) for x in lines if x.strip()]
+        flows = [r for r in records if r["type"] == "flow"]
+        summary = next((r for r in records if r["type"] == "summary"), None)
+        _step(5, steps, f"{len(flows)} flows traced; a few of them:")
+        for f in flows[:3] + [f for f in flows if f["hook"] == "output"][:1]:
+            lat = f"{f['latency_us'] / 1000:.2f} ms" if f["latency_us"] is not None else "unanswered"
+            masq = f", masqueraded to {f['snat_ip']}" if f["masqueraded"] else ""
+            click.echo(f"      {f['client_ip']}:{f['client_port']} -> {f['node_ip']}:{f['host_port']} became "
+                       f"{f['pod_ip']}:{f['pod_port']} ({f['pod_namespace']}/{f['pod_name']}, port "
+                       f"{f['port_name']}) via {f['hook']}, answered in {lat}{masq}")
+        _step(6, steps, "summary per hostPort mapping:")
+        if summary:
+            click.echo(render_summary(summary))
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if not keep:
+            labmod.down(name)
+            click.echo(f"lab {name} removed; demo took {time.monotonic() - t0:.1f} s")
+        else:
+            click.echo(f"lab {name} left up: `bpftrace-hostport lab down --name {name}` removes it")
+    return 0

@@ -1,0 +1,132 @@
+"""The lab's traffic generator: real requests through a hostPort, bounded in count and time.
+
+Runs inside a client's network namespace (lab.py starts it there) and prints one JSON object:
+{"sent", "answered", "failed", "by_pod": {pod: n}, "errors": {text: n}, "elapsed_s"}.
+TCP: one HTTP GET per connection. UDP: one datagram per request, answered by the pod's echo.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import sys
+import time
+from collections import Counter
+
+
+def _local(host, source, sport):
+    if not source and not sport:
+        return {}
+    return {"local_addr": (source or ("::" if ":" in host else "0.0.0.0"), sport or 0)}
+
+
+async def _tcp_once(host, port, timeout, source, sport):
+    kw = _local(host, source, sport)
+    r, w = await asyncio.wait_for(asyncio.open_connection(host, port, **kw), timeout)
+    try:
+        w.write(b"GET / HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n")
+        data = await asyncio.wait_for(r.read(), timeout)
+    finally:
+        w.close()
+    body = data.split(b"\r\n\r\n", 1)[-1].decode(errors="replace").strip()
+    if not data.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError("bad answer")
+    return body
+
+
+class _UdpOnce(asyncio.DatagramProtocol):
+    def __init__(self):
+        self.fut = asyncio.get_running_loop().create_future()
+
+    def datagram_received(self, data, addr):
+        if not self.fut.done():
+            self.fut.set_result(data)
+
+    def error_received(self, exc):
+        if not self.fut.done():
+            self.fut.set_exception(exc)
+
+
+async def _udp_once(host, port, timeout, source, sport, payload=b"ping"):
+    loop = asyncio.get_running_loop()
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    kw = _local(host, source, sport)
+    # A fixed source port keeps one conntrack entry for the whole stream (stale-udp scenario).
+    tr, proto = await loop.create_datagram_endpoint(_UdpOnce, remote_addr=(host, port), family=fam,
+                                                    reuse_port=bool(sport), **kw)
+    try:
+        tr.sendto(payload)
+        data = await asyncio.wait_for(proto.fut, timeout)
+    finally:
+        tr.close()
+    return data.decode(errors="replace").split(" ", 1)[0]
+
+
+async def run(host, port, proto, count, rate, concurrency, timeout, source, max_seconds,
+              sport=None, ready_fd=None, ready_after=0):
+    sem = asyncio.Semaphore(concurrency)
+    res = {"sent": 0, "answered": 0, "failed": 0}
+    by_pod, errors = Counter(), Counter()
+    start = time.monotonic()
+    once = _tcp_once if proto == "tcp" else _udp_once
+
+    async def one():
+        try:
+            pod = await once(host, port, timeout, source, sport)
+            res["answered"] += 1
+            by_pod[pod] += 1
+        except Exception as e:  # noqa: BLE001 - every failure is counted, by kind
+            res["failed"] += 1
+            errors[type(e).__name__ if not str(e) else str(e)[:60]] += 1
+        finally:
+            sem.release()
+
+    tasks = []
+    for i in range(count):
+        if time.monotonic() - start > max_seconds:
+            break
+        if rate:
+            delay = start + i / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        await sem.acquire()
+        if ready_fd is not None and res["sent"] >= ready_after:
+            os.write(ready_fd, b"ready\n")
+            os.close(ready_fd)
+            ready_fd = None
+        res["sent"] += 1
+        tasks.append(asyncio.ensure_future(one()))
+    if tasks:
+        await asyncio.gather(*tasks)
+    res["by_pod"] = dict(by_pod)
+    res["errors"] = dict(errors)
+    res["elapsed_s"] = round(time.monotonic() - start, 3)
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--host", required=True)
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--proto", choices=["tcp", "udp"], default="tcp")
+    ap.add_argument("--count", type=int, default=10)
+    ap.add_argument("--rate", type=float, default=0.0)
+    ap.add_argument("--concurrency", type=int, default=1)
+    ap.add_argument("--timeout", type=float, default=2.0)
+    ap.add_argument("--source")
+    ap.add_argument("--max-seconds", type=float, default=120.0)
+    ap.add_argument("--source-port", type=int)
+    ap.add_argument("--ready-fd", type=int, help="write 'ready' here once --ready-after requests were sent")
+    ap.add_argument("--ready-after", type=int, default=0)
+    a = ap.parse_args(argv)
+    res = asyncio.run(run(a.host, a.port, a.proto, a.count, a.rate, max(1, a.concurrency),
+                          a.timeout, a.source, a.max_seconds, a.source_port, a.ready_fd,
+                          a.ready_after))
+    print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Network namespaces by name: enter one for a moment, list its local addresses.
+
+The tracer switches only its network namespace (setns CLONE_NEWNET through pyroute2) and
+stays in its own mount namespace: `ip netns exec` would also give it a /sys without tracefs,
+and tracepoints could not be attached (shared/KERNEL.md).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, List, Optional
+
+from pyroute2 import IPRoute
+from pyroute2 import netns as pr_netns
+
+from .errors import UserError
+
+NETNS_RUN_DIR = "/var/run/netns"
+
+
+def path_of(name: str) -> str:
+    return name if name.startswith("/") else os.path.join(NETNS_RUN_DIR, name)
+
+
+def require(name: Optional[str]) -> None:
+    """Raises UserError when a named network namespace does not exist."""
+    if name is None:
+        return
+    if not os.path.exists(path_of(name)):
+        raise UserError(f"No network namespace named {name!r}: see `ip netns list` "
+                        "(a lab's node namespace is shown by `bpftrace-hostport lab status`).")
+
+
+@contextlib.contextmanager
+def entered(name: Optional[str]) -> Iterator[None]:
+    """Runs the block in network namespace `name` (None: stay where we are)."""
+    if name is None:
+        yield
+        return
+    require(name)
+    # flags=0: never create a namespace by accident (pyroute2 defaults to O_CREAT).
+    saved = os.open("/proc/self/ns/net", os.O_RDONLY)
+    try:
+        pr_netns.setns(path_of(name), flags=0)
+        yield
+    finally:
+        pr_netns.setns(saved, flags=0)
+        os.close(saved)
+
+
+def open_iproute(name: Optional[str]) -> IPRoute:
+    """An rtnetlink socket bound to namespace `name`; it stays there after we leave."""
+    with entered(name):
+        return IPRoute()
+
+
+def local_addresses(ipr: IPRoute) -> List[str]:
+    """Every address configured in the socket's namespace, loopback included."""
+    out = ["127.0.0.1", "::1"]
+    for msg in ipr.get_addr():
+        addr = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+        if addr and addr not in out:
+            out.append(addr)
+    return out
+
+
+def current_netns_inode() -> int:
+    return os.stat("/proc/self/ns/net").st_ino

@@ -1,0 +1,1 @@
+"""Pods: workload manifests turned into pod plans, and pod lists as kubectl writes them."""

@@ -1,0 +1,241 @@
+"""A tracing session: attach, read the kernel's aggregates, write records, summarize, detach.
+
+Loop (all reads are of in-kernel aggregates, never one event per packet):
+  * ring buffer: one record per flow when it is first answered;
+  * every 0.25 s: unanswered flows older than --timeout are claimed from `pending`;
+  * every 1 s: miss counters (deltas become "miss" records), local addresses refreshed.
+At the end every flow still pending is reported unanswered, and the summary compares what
+the kernel counted (flows created, per-mapping packets/bytes/drops) with what was reported:
+any difference is reported as lost_events, never silently dropped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, TextIO, Tuple
+
+from . import events as ev
+from . import netns as netns_mod
+from .errors import UserError
+from .pods.index import PodIndex
+from .summary import render_summary, summarize
+
+
+@dataclass
+class TraceOptions:
+    netns: Optional[str] = None
+    duration: Optional[float] = None
+    host_ports: Sequence[Tuple[str, int]] = ()     # explicit watch list (restricts)
+    protos: Sequence[str] = ()
+    client_cidrs: Sequence[str] = ()
+    timeout: float = 5.0                           # no-answer timeout, seconds
+    fmt: str = "json"                              # json | table
+    ready_file: Optional[str] = None
+    flow_table_size: int = 65536
+    ringbuf_pages: int = 256
+    drops: bool = True
+    use_rules: bool = True
+    debug_print_program: bool = False
+
+
+class _Stop:
+    def __init__(self):
+        self.flag = False
+
+    def __call__(self, *_):
+        self.flag = True
+
+
+@dataclass
+class TraceResult:
+    flows: List[dict] = field(default_factory=list)
+    misses: List[dict] = field(default_factory=list)
+    summary: Optional[dict] = None
+    notes: List[str] = field(default_factory=list)
+
+
+def watch_list(opts: TraceOptions, index: PodIndex) -> Tuple[List[Tuple[str, int]], List[str]]:
+    """The hostPorts to watch: --host-port if given, else the pods' and the nat rules' ports."""
+    notes: List[str] = []
+    if opts.host_ports:
+        return sorted(set(opts.host_ports)), notes
+    ports = set(index.host_ports())
+    if opts.use_rules:
+        try:
+            from .rules import read_node_rules
+            rules, skipped = read_node_rules(opts.netns)
+            ports |= {(r.proto.lower(), r.host_port) for r in rules}
+        except UserError as e:
+            notes.append(f"nat rules not read: {e}")
+        except ImportError:
+            pass
+    return sorted(ports), notes
+
+
+def run_trace(opts: TraceOptions, index: PodIndex, out: TextIO = sys.stdout,
+              err: TextIO = sys.stderr) -> TraceResult:
+    from .loader import Probe, ProbeOptions   # bcc is imported only when tracing
+
+    netns_mod.require(opts.netns)
+    watch, notes = watch_list(opts, index)
+    for n in notes:
+        print(f"note: {n}", file=err)
+    probe = Probe(ProbeOptions(
+        netns=opts.netns, watch_ports=watch, protos=opts.protos, client_cidrs=opts.client_cidrs,
+        flow_table_size=opts.flow_table_size, ringbuf_pages=opts.ringbuf_pages, drops=opts.drops,
+        debug_print_program=opts.debug_print_program))
+    res = TraceResult(notes=notes)
+    stop = _Stop()
+    old_term = signal.signal(signal.SIGTERM, stop)
+    old_int = signal.signal(signal.SIGINT, stop)
+    ipr = netns_mod.open_iproute(opts.netns)
+    clock = ev.Clock()
+    names = index.names
+    live = None
+    try:
+        probe.set_local_addrs(netns_mod.local_addresses(ipr))
+        probe.attach()
+        where = f"network namespace {opts.netns}" if opts.netns else "this network namespace"
+        what = (", ".join(f"{p}/{proto}" for proto, p in watch) if watch
+                else "every DNAT to a local address")
+        print(f"Tracing hostPort DNAT in {where} ({what}); "
+              f"{'drops via skb:kfree_skb; ' if probe.drops_enabled else 'drops not traced; '}"
+              f"Ctrl-C to end.", file=err, flush=True)
+        if not probe.drops_enabled and opts.drops:
+            print("note: tracefs is not available, so drops are not traced.", file=err)
+        if opts.ready_file:
+            with open(opts.ready_file, "w") as f:
+                f.write(f"{os.getpid()}\n")
+        if opts.fmt == "table" and out.isatty():
+            live = _LiveTable(out)
+
+        def emit_flow(key, val):
+            rec = ev.flow_record(ev.decode_flow(key, val, clock, probe.drop_names), names)
+            res.flows.append(rec)
+            if opts.fmt == "json":
+                out.write(json.dumps(rec) + "\n")
+            elif live is None:
+                out.write(_flow_line(rec) + "\n")
+
+        miss_seen: Dict[ev.MissKey, int] = {}
+
+        def poll_misses():
+            for k, v in probe.read_misses():
+                mk = ev.decode_miss(k)
+                delta = int(v.count) - miss_seen.get(mk, 0)
+                if delta <= 0:
+                    continue
+                miss_seen[mk] = int(v.count)
+                rec = ev.miss_record(mk, delta, clock.wall(int(v.last_ns)))
+                res.misses.append(rec)
+                if opts.fmt == "json":
+                    out.write(json.dumps(rec) + "\n")
+                elif live is None:
+                    out.write(f"MISS {rec['proto']} {rec['client_ip']} -> {rec['node_ip']}:"
+                              f"{rec['host_port']} x{delta} (no DNAT)\n")
+
+        start = time.monotonic()
+        next_pending = next_slow = start
+        timeout_ns = int(opts.timeout * 1e9)
+        evicted = 0
+        while not stop.flag:
+            now = time.monotonic()
+            if opts.duration is not None and now - start >= opts.duration:
+                break
+            for k, v in probe.poll(100):
+                emit_flow(k, v)
+            now = time.monotonic()
+            if now >= next_pending:
+                next_pending = now + 0.25
+                for k, v in probe.take_pending(ev.Clock.now_mono_ns() - timeout_ns):
+                    if v is None:
+                        evicted += 1
+                    else:
+                        emit_flow(k, v)
+            if now >= next_slow:
+                next_slow = now + 1.0
+                poll_misses()
+                probe.set_local_addrs(netns_mod.local_addresses(ipr))
+                if live is not None:
+                    live.update(_summary(probe, res, time.monotonic() - start, names))
+                out.flush()
+        # Drain: answered records still in the ring, then every flow still unanswered.
+        for k, v in probe.consume():
+            emit_flow(k, v)
+        for k, v in probe.take_pending(None):
+            if v is None:
+                evicted += 1
+            else:
+                emit_flow(k, v)
+        poll_misses()
+        res.summary = _summary(probe, res, time.monotonic() - start, names)
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
+        if live is not None:
+            live.stop()
+        probe.close()
+        ipr.close()
+    if opts.fmt == "json":
+        out.write(json.dumps(res.summary) + "\n")
+    else:
+        out.write(render_summary(res.summary) + "\n")
+    out.flush()
+    return res
+
+
+def _summary(probe, res: TraceResult, duration: float, names) -> dict:
+    stats = probe.read_stats()
+    counters = []
+    for k, flows, packets, nbytes in probe.read_mappings():
+        d = ev.decode_mapping(k)
+        d.update(flows=flows, packets=packets, bytes=nbytes)
+        counters.append(d)
+    drops = []
+    for mk, reason, count in probe.read_drops():
+        d = ev.decode_mapping(mk)
+        d.update(reason=probe.drop_names.get(reason, f"REASON_{reason}"), count=int(count))
+        drops.append(d)
+    # Every flow the kernel created must have been reported once; the rest were lost
+    # (ring buffer full, pending queue full, evicted from the flow table before reported).
+    lost = max(0, stats["flows_created"] - len(res.flows))
+    s = summarize(res.flows, res.misses, counters, drops, duration, lost, pod_names=names)
+    s["kernel"] = stats
+    return s
+
+
+def _flow_line(r: dict) -> str:
+    pod = f"{r['pod_namespace']}/{r['pod_name']}" if r["pod_name"] else "?"
+    lat = f"{r['latency_us'] / 1000:.2f}ms" if r["latency_us"] is not None else "UNANSWERED"
+    extra = []
+    if r["masqueraded"]:
+        extra.append(f"masq {r['snat_ip']}")
+    if r["drop_reason"]:
+        extra.append(f"drop {r['drop_reason']}")
+    return (f"{r['ts'][11:23]} {r['proto']} {r['client_ip']}:{r['client_port']} -> "
+            f"{r['node_ip']}:{r['host_port']} => {r['pod_ip']}:{r['pod_port']} {pod}"
+            f"{' (' + r['port_name'] + ')' if r['port_name'] else ''} [{r['hook']}] {lat}"
+            f"{' ' + ', '.join(extra) if extra else ''}")
+
+
+class _LiveTable:
+    """A rich Live view of the running summary, refreshed once a second."""
+
+    def __init__(self, out: TextIO):
+        from rich.console import Console
+        from rich.live import Live
+        from rich.text import Text
+        self._Text = Text
+        self.live = Live(Text("waiting for hostPort traffic..."), console=Console(file=out),
+                         auto_refresh=False, transient=True)
+        self.live.start()
+
+    def update(self, summary: dict) -> None:
+        self.live.update(self._Text(render_summary(summary)), refresh=True)
+
+    def stop(self) -> None:
+        self.live.stop()

@@ -1,0 +1,447 @@
+"""Unit tests for bpftrace_hostport.summary (no kernel, no cluster)."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+
+from bpftrace_hostport.errors import UserError
+from bpftrace_hostport.summary import read_jsonl, render_summary, summarize
+
+
+def flow(**kw):
+    rec = {
+        "type": "flow", "ts": "2024-05-01T12:00:00.000000Z", "proto": "tcp", "family": 4,
+        "client_ip": "192.168.1.10", "client_port": 40000, "node_ip": "192.168.1.2",
+        "host_port": 8000, "pod_ip": "10.22.0.5", "pod_port": 80, "hook": "prerouting",
+        "answered": True, "latency_us": 100.0, "masqueraded": False, "snat_ip": None,
+        "packets": 4, "bytes": 400, "pod_namespace": None, "pod_name": None,
+        "port_name": None, "drop_reason": None,
+    }
+    rec.update(kw)
+    return rec
+
+
+def miss(**kw):
+    rec = {"type": "miss", "ts": "2024-05-01T12:00:01Z", "proto": "tcp", "family": 4,
+           "client_ip": "192.168.1.10", "node_ip": "192.168.1.2", "host_port": 8000, "count": 1}
+    rec.update(kw)
+    return rec
+
+
+def counter(**kw):
+    rec = {"proto": "tcp", "family": 4, "host_port": 8000, "pod_ip": "10.22.0.5",
+           "pod_port": 80, "flows": 0, "packets": 0, "bytes": 0}
+    rec.update(kw)
+    return rec
+
+
+def drop(**kw):
+    rec = {"proto": "tcp", "family": 4, "host_port": 8000, "pod_ip": "10.22.0.5",
+           "pod_port": 80, "reason": "NETFILTER_DROP", "count": 1}
+    rec.update(kw)
+    return rec
+
+
+def only(summary):
+    assert len(summary["mappings"]) == 1
+    return summary["mappings"][0]
+
+
+def assert_plain(value):
+    """Only plain JSON types all the way down (no numpy scalars, no NaN)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            assert type(k) is str
+            assert_plain(v)
+    elif isinstance(value, list):
+        for v in value:
+            assert_plain(v)
+    else:
+        assert value is None or type(value) in (str, int, float, bool), (value, type(value))
+        if type(value) is float:
+            assert value == value
+
+
+# ----------------------------------------------------------------------------- summarize
+
+def test_empty_input():
+    s = summarize([], [], None, None, 5.0, 0)
+    assert s == {"type": "summary", "duration_s": 5.0, "lost_events": 0, "flows": 0, "mappings": []}
+    assert summarize([], [], [], [], 0, 0)["mappings"] == []
+
+
+def test_percentiles_on_known_latencies():
+    lat = [float(x) for x in range(100, 1100, 100)]   # 100 .. 1000 us
+    s = summarize([flow(latency_us=v) for v in lat], [], None, None, 10, 0)
+    m = only(s)
+    expected = {q: round(float(np.percentile(lat, p)), 1)
+                for q, p in (("p50", 50), ("p90", 90), ("p99", 99))}
+    assert m["latency_us"] == {**expected, "max": 1000.0}
+    assert m["latency_us"] == {"p50": 550.0, "p90": 910.0, "p99": 991.0, "max": 1000.0}
+    assert m["flows"] == 10 and m["answered"] == 10
+    assert m["flows_per_s"] == 1.0
+
+
+def test_latency_rounded_to_one_decimal():
+    m = only(summarize([flow(latency_us=10.04), flow(latency_us=10.07)], [], None, None, 1, 0))
+    assert m["latency_us"]["max"] == 10.1
+    assert m["latency_us"]["p50"] == 10.1   # 10.055 -> 10.1
+
+
+def test_answered_unanswered_mix():
+    flows = [flow(latency_us=200.0), flow(latency_us=400.0),
+             flow(answered=False, latency_us=None), flow(answered=False, latency_us=None)]
+    m = only(summarize(flows, [], None, None, 4, 0))
+    assert m["flows"] == 4
+    assert m["answered"] == 2
+    assert m["latency_us"] == {"p50": 300.0, "p90": 380.0, "p99": 398.0, "max": 400.0}
+    assert m["flows_per_s"] == 1.0
+
+
+def test_no_answered_flow_gives_null_latency():
+    m = only(summarize([flow(answered=False, latency_us=None)], [], None, None, 1, 0))
+    assert m["answered"] == 0
+    assert m["latency_us"] == {"p50": None, "p90": None, "p99": None, "max": None}
+
+
+def test_packets_bytes_from_flow_records_without_counters():
+    flows = [flow(packets=3, bytes=300), flow(packets=5, bytes=700)]
+    m = only(summarize(flows, [], None, None, 1, 0))
+    assert (m["flows"], m["packets"], m["bytes"]) == (2, 8, 1000)
+
+
+def test_counters_override_flow_record_totals():
+    flows = [flow(packets=3, bytes=300), flow(packets=5, bytes=700)]
+    counters = [counter(flows=5, packets=120, bytes=64000)]
+    m = only(summarize(flows, [], counters, None, 1, 0))
+    assert (m["flows"], m["packets"], m["bytes"]) == (5, 120, 64000)
+    assert m["answered"] == 2                      # answered still from flow records
+
+
+def test_counter_flows_never_below_flow_record_count():
+    flows = [flow(), flow(), flow()]
+    m = only(summarize(flows, [], [counter(flows=1, packets=9, bytes=90)], None, 1, 0))
+    assert m["flows"] == 3
+    assert m["packets"] == 9
+
+
+def test_counters_only_for_other_key_leave_flow_totals_alone():
+    flows = [flow(packets=3, bytes=300)]
+    counters = [counter(pod_ip="10.22.0.9", flows=2, packets=10, bytes=1000)]
+    s = summarize(flows, [], counters, None, 2, 0)
+    assert [m["pod_ip"] for m in s["mappings"]] == ["10.22.0.5", "10.22.0.9"]
+    a, b = s["mappings"]
+    assert (a["flows"], a["packets"], a["bytes"]) == (1, 3, 300)
+    assert (b["flows"], b["packets"], b["bytes"], b["answered"]) == (2, 10, 1000, 0)
+    assert s["flows"] == 3
+
+
+def test_misses_attached_to_every_mapping_of_that_port_any_family():
+    flows = [flow(), flow(family=6, pod_ip="fd00:10:22::5", client_ip="fd00::1")]
+    misses = [miss(count=2), miss(count=3, family=6), miss(host_port=9000, proto="udp", count=1),
+              miss(proto="udp", count=7)]   # udp/8000 is not tcp/8000
+    s = summarize(flows, misses, None, None, 1, 0)
+    by = {(m["proto"], m["host_port"], m["pod_ip"]): m for m in s["mappings"]}
+    assert by[("tcp", 8000, "10.22.0.5")]["misses"] == 5
+    assert by[("tcp", 8000, "fd00:10:22::5")]["misses"] == 5
+    assert by[("udp", 8000, None)]["misses"] == 7
+    assert by[("udp", 9000, None)]["misses"] == 1
+
+
+def test_misses_only_row_for_host_network_port():
+    s = summarize([flow()], [miss(host_port=9090, count=4), miss(host_port=9090, count=2)],
+                  None, None, 2, 0)
+    assert [(m["proto"], m["host_port"]) for m in s["mappings"]] == [("tcp", 8000), ("tcp", 9090)]
+    row = s["mappings"][1]
+    assert row["pod_ip"] is None and row["pod_port"] is None
+    assert row["family"] == 4
+    assert row["flows"] == 0 and row["answered"] == 0 and row["misses"] == 6
+    assert row["packets"] == 0 and row["bytes"] == 0 and row["drops"] == {}
+    assert row["latency_us"] == {"p50": None, "p90": None, "p99": None, "max": None}
+    assert s["mappings"][0]["misses"] == 0
+    assert s["flows"] == 1
+
+
+def test_misses_only_row_mixed_families_has_no_family():
+    row = only(summarize([], [miss(count=1), miss(family=6, count=1)], None, None, 1, 0))
+    assert row["family"] is None and row["misses"] == 2
+
+
+def test_drops_counted_from_flow_records():
+    flows = [flow(), flow(answered=False, latency_us=None, drop_reason="NETFILTER_DROP"),
+             flow(answered=False, latency_us=None, drop_reason="NETFILTER_DROP"),
+             flow(answered=False, latency_us=None, drop_reason="NO_SOCKET")]
+    m = only(summarize(flows, [], None, None, 1, 0))
+    assert m["drops"] == {"NETFILTER_DROP": 2, "NO_SOCKET": 1}
+
+
+def test_drops_list_replaces_flow_record_reasons():
+    flows = [flow(answered=False, latency_us=None, drop_reason="NETFILTER_DROP")]
+    drops = [drop(count=3), drop(count=2), drop(reason="TCP_INVALID_SEQUENCE", count=1),
+             drop(pod_ip="10.22.0.7", count=4)]
+    s = summarize(flows, [], None, drops, 1, 0)
+    by = {m["pod_ip"]: m for m in s["mappings"]}
+    assert by["10.22.0.5"]["drops"] == {"NETFILTER_DROP": 5, "TCP_INVALID_SEQUENCE": 1}
+    assert by["10.22.0.7"]["drops"] == {"NETFILTER_DROP": 4}    # drop-only key gets a row
+    assert by["10.22.0.7"]["flows"] == 0
+    # An empty drops list means "the kernel saw none": flow-record reasons are not used.
+    assert only(summarize(flows, [], None, [], 1, 0))["drops"] == {}
+
+
+def test_pod_names_from_flow_records_first_non_null():
+    flows = [flow(), flow(pod_namespace="web", pod_name="nginx-1", port_name=None),
+             flow(pod_namespace="other", pod_name="x", port_name="http")]
+    m = only(summarize(flows, [], None, None, 1, 0))
+    assert (m["pod_namespace"], m["pod_name"], m["port_name"]) == ("web", "nginx-1", "http")
+
+
+def test_pod_names_callback():
+    calls = []
+
+    def lookup(proto, pod_ip, pod_port):
+        calls.append((proto, pod_ip, pod_port))
+        if pod_ip == "10.22.0.5":
+            return ("web", "nginx-1", "http")
+        return None
+
+    flows = [flow(), flow(pod_ip="10.22.0.6")]
+    s = summarize(flows, [miss(host_port=9090)], None, None, 1, 0, pod_names=lookup)
+    by = {m["pod_ip"]: m for m in s["mappings"]}
+    assert (by["10.22.0.5"]["pod_namespace"], by["10.22.0.5"]["pod_name"],
+            by["10.22.0.5"]["port_name"]) == ("web", "nginx-1", "http")
+    assert by["10.22.0.6"]["pod_name"] is None
+    assert by[None]["pod_name"] is None
+    # Called once per mapping with a pod side; never for the misses-only row.
+    assert sorted(calls) == [("tcp", "10.22.0.5", 80), ("tcp", "10.22.0.6", 80)]
+
+
+def test_pod_names_callback_not_needed_when_records_have_names():
+    def lookup(*args):
+        raise AssertionError("should not be called")
+
+    flows = [flow(pod_namespace="web", pod_name="nginx-1", port_name="http")]
+    m = only(summarize(flows, [], None, None, 1, 0, pod_names=lookup))
+    assert m["pod_name"] == "nginx-1"
+
+
+def test_pod_names_callback_fills_only_missing_fields():
+    flows = [flow(pod_namespace="web", pod_name="nginx-1")]
+    m = only(summarize(flows, [], None, None, 1, 0,
+                       pod_names=lambda *a: ("ignored", "ignored", "http")))
+    assert (m["pod_namespace"], m["pod_name"], m["port_name"]) == ("web", "nginx-1", "http")
+
+
+def test_ipv6_mapping():
+    flows = [flow(family=6, client_ip="fd00::10", node_ip="fd00::2", pod_ip="fd00:10:22::5",
+                  latency_us=50.0),
+             flow(family=6, client_ip="fd00::11", node_ip="fd00::2", pod_ip="fd00:10:22::5",
+                  latency_us=150.0)]
+    counters = [counter(family=6, pod_ip="fd00:10:22::5", flows=2, packets=20, bytes=2000)]
+    s = summarize(flows + [flow()], [], counters, None, 2, 0)
+    assert [(m["family"], m["pod_ip"]) for m in s["mappings"]] == [(4, "10.22.0.5"),
+                                                                   (6, "fd00:10:22::5")]
+    m6 = s["mappings"][1]
+    assert (m6["flows"], m6["packets"], m6["bytes"]) == (2, 20, 2000)
+    assert m6["latency_us"]["p50"] == 100.0
+    # The IPv4 mapping has no counter row: its totals come from its flow record.
+    assert s["mappings"][0]["packets"] == 4
+
+
+def test_group_key_and_sort_order():
+    flows = [flow(proto="udp", host_port=53, pod_ip="10.22.0.3", pod_port=53),
+             flow(host_port=8000, pod_ip="10.22.0.10"),
+             flow(host_port=8000, pod_ip="10.22.0.9"),
+             flow(host_port=443, pod_ip="10.22.0.9", pod_port=8443),
+             flow(host_port=8000, pod_ip="10.22.0.9", pod_port=8080),
+             flow(proto="sctp", host_port=3868, pod_ip="10.22.0.4", pod_port=3868)]
+    s = summarize(flows, [], None, None, 1, 0)
+    keys = [(m["proto"], m["host_port"], m["pod_ip"], m["pod_port"]) for m in s["mappings"]]
+    assert keys == [("sctp", 3868, "10.22.0.4", 3868),
+                    ("tcp", 443, "10.22.0.9", 8443),
+                    ("tcp", 8000, "10.22.0.9", 80),
+                    ("tcp", 8000, "10.22.0.9", 8080),
+                    ("tcp", 8000, "10.22.0.10", 80),
+                    ("udp", 53, "10.22.0.3", 53)]
+    assert s["flows"] == 6
+
+
+def test_mapping_fields_and_header():
+    s = summarize([flow()], [], None, None, 2.34567, 7)
+    assert s["type"] == "summary"
+    assert s["duration_s"] == 2.346
+    assert s["lost_events"] == 7
+    assert list(only(s)) == ["proto", "family", "host_port", "pod_ip", "pod_port",
+                             "pod_namespace", "pod_name", "port_name", "flows", "answered",
+                             "packets", "bytes", "misses", "drops", "latency_us", "flows_per_s"]
+
+
+def test_zero_duration_has_no_rate():
+    assert only(summarize([flow()], [], None, None, 0, 0))["flows_per_s"] is None
+
+
+def test_output_is_plain_json():
+    flows = [flow(latency_us=float(i)) for i in range(1, 8)]
+    flows += [flow(answered=False, latency_us=None, drop_reason="NETFILTER_DROP"),
+              flow(family=6, pod_ip="fd00::5", pod_name="p", pod_namespace="n")]
+    s = summarize(flows, [miss(count=3), miss(host_port=9999, count=2)],
+                  [counter(flows=10, packets=100, bytes=10000)],
+                  [drop(count=2)], 3.0, 1, pod_names=lambda *a: None)
+    text = json.dumps(s, allow_nan=False)
+    assert json.loads(text) == s
+    assert_plain(s)
+
+
+def test_numpy_input_values_come_out_plain():
+    flows = [flow(latency_us=np.float64(10.0), packets=np.int64(2), bytes=np.int64(20),
+                  host_port=np.int64(8000), pod_port=np.int32(80), family=np.int64(4))]
+    s = summarize(flows, [], [counter(flows=np.int64(1), packets=np.int64(3), bytes=np.int64(30))],
+                  None, np.float64(1.0), np.int64(0))
+    json.dumps(s, allow_nan=False)
+    assert_plain(s)
+    assert only(s)["packets"] == 3
+
+
+# ----------------------------------------------------------------------------- render_summary
+
+def test_render_table_cells():
+    flows = [flow(latency_us=1000.0, pod_namespace="web", pod_name="nginx-1", port_name="http"),
+             flow(latency_us=3000.0),
+             flow(answered=False, latency_us=None, drop_reason="NETFILTER_DROP")]
+    counters = [counter(flows=3, packets=10, bytes=1229)]
+    s = summarize(flows, [miss(count=2)], counters, None, 1.5, 0)
+    text = render_summary(s, width=160)
+    for cell in ("MAPPING", "POD", "FLOWS", "ANSWERED", "P50", "P90", "P99", "MAX", "MISSES",
+                 "DROPS", "PKTS", "BYTES", "RATE",
+                 "tcp :8000 -> 10.22.0.5:80", "web/nginx-1 (http)",
+                 "2.00", "2.80", "2.98", "3.00",       # ms, 2 decimals
+                 "NETFILTER_DROP:1", "1.2 KiB", "2.00/s"):
+        assert cell in text, cell
+    row = next(line for line in text.splitlines() if line.startswith("tcp :8000"))
+    assert row.split()[6:9] == ["3", "2", "2.00"]   # FLOWS, ANSWERED, P50
+    assert text.splitlines()[0] == "3 flows over 1.5 s, 0 lost events"
+    assert "lost" not in "\n".join(text.splitlines()[1:])
+    assert "without DNAT" not in text
+
+
+def test_render_unknown_pod_and_no_latency():
+    s = summarize([flow(answered=False, latency_us=None, bytes=512)], [], None, None, 1, 0)
+    row = next(line for line in render_summary(s).splitlines() if line.startswith("tcp :8000"))
+    cells = row.split()
+    assert cells[4] == "-"                       # POD
+    assert cells[7:11] == ["-", "-", "-", "-"]   # P50 P90 P99 MAX
+    assert "512 B" in row
+
+
+def test_render_ipv6_mapping():
+    s = summarize([flow(family=6, pod_ip="fd00:10:22::5", pod_port=8080)], [], None, None, 1, 0)
+    assert "tcp :8000 -> [fd00:10:22::5]:8080" in render_summary(s, width=160)
+
+
+def test_render_lost_events_warning():
+    s = summarize([flow()], [], None, None, 10, 42)
+    lines = render_summary(s).splitlines()
+    assert lines[0] == "1 flows over 10 s, 42 lost events"
+    assert "42" in lines[1] and "--flow-table" in lines[1] and "ring buffer" in lines[1]
+
+
+def test_render_misses_note_for_port_without_mapping():
+    s = summarize([flow()], [miss(count=1), miss(host_port=8080, count=3), miss(host_port=8080, count=2)],
+                  None, None, 1, 0)
+    text = render_summary(s)
+    assert ("hostPort 8080/tcp: 5 connections reached the node without DNAT "
+            "(hostNetwork pod or missing rule?)") in text
+    assert "hostPort 8000/tcp" not in text          # 8000 has a mapping: no note
+    row = next(line for line in text.splitlines() if line.startswith("tcp :8080"))
+    assert "no DNAT" in row
+
+
+def test_render_empty_summary():
+    text = render_summary(summarize([], [], None, None, 0, 0))
+    assert text.splitlines()[0] == "0 flows over 0 s, 0 lost events"
+    assert "MAPPING" not in text
+
+
+def test_render_human_bytes():
+    from bpftrace_hostport.summary import human_bytes
+    assert human_bytes(0) == "0 B"
+    assert human_bytes(1023) == "1023 B"
+    assert human_bytes(1229) == "1.2 KiB"
+    assert human_bytes(5 * 1024 ** 2) == "5.0 MiB"
+    assert human_bytes(3 * 1024 ** 3) == "3.0 GiB"
+
+
+def test_render_fits_width_and_keeps_all_columns():
+    flows = [flow(pod_namespace="kube-system", pod_name="nginx-hostport-7d4b9c5f8-x2x9z",
+                  port_name="http", drop_reason="NETFILTER_DROP")]
+    s = summarize(flows, [], None, None, 1, 0)
+    text = render_summary(s, width=120)
+    table = text.splitlines()[1:]
+    assert max(len(line) for line in table) <= 120
+    assert "RATE" in table[0] and "1.00/s" in text
+    # Far too narrow: lines get longer, but no column is dropped or truncated.
+    narrow = render_summary(s, width=40)
+    assert "RATE" in narrow and "1.00/s" in narrow and "…" not in narrow
+
+
+def test_render_accepts_json_roundtrip():
+    s = summarize([flow()], [miss(host_port=9000)], None, None, 1, 1)
+    assert render_summary(json.loads(json.dumps(s))) == render_summary(s)
+
+
+# ----------------------------------------------------------------------------- read_jsonl
+
+def test_read_jsonl_from_lines():
+    lines = [json.dumps(flow()), "", json.dumps(miss()), json.dumps({"type": "start"}),
+             json.dumps({"type": "summary", "flows": 1}) + "\n",
+             json.dumps({"type": "summary", "flows": 2}) + "\n"]
+    flows, misses, summary = read_jsonl(lines)
+    assert flows == [flow()]
+    assert misses == [miss()]
+    assert summary == {"type": "summary", "flows": 2}
+
+
+def test_read_jsonl_no_summary():
+    assert read_jsonl(io.StringIO(json.dumps(flow()) + "\n")) == ([flow()], [], None)
+
+
+def test_read_jsonl_from_path(tmp_path):
+    p = tmp_path / "trace.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in (flow(), miss(), flow(pod_ip="10.22.0.6"))) + "\n")
+    flows, misses, summary = read_jsonl(p)
+    assert len(flows) == 2 and len(misses) == 1 and summary is None
+    assert read_jsonl(str(p)) == (flows, misses, summary)
+
+
+def test_read_jsonl_bad_line_names_file_and_line(tmp_path):
+    p = tmp_path / "trace.jsonl"
+    p.write_text(json.dumps(flow()) + "\n" + "\n" + "Attaching 3 probes...\n")
+    with pytest.raises(UserError) as err:
+        read_jsonl(p)
+    assert str(p) in str(err.value)
+    assert "line 3" in str(err.value)
+
+
+def test_read_jsonl_bad_line_in_iterable():
+    with pytest.raises(UserError, match="line 2"):
+        read_jsonl([json.dumps(flow()), "{not json"])
+    with pytest.raises(UserError, match="line 1 is not a JSON object"):
+        read_jsonl(["[1, 2]"])
+
+
+def test_read_jsonl_missing_file(tmp_path):
+    p = tmp_path / "nope.jsonl"
+    with pytest.raises(UserError, match="nope.jsonl"):
+        read_jsonl(p)
+
+
+def test_read_then_summarize_roundtrip(tmp_path):
+    p = tmp_path / "trace.jsonl"
+    recs = [flow(latency_us=100.0), flow(latency_us=300.0), miss(host_port=9000, count=2)]
+    p.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    flows, misses, _ = read_jsonl(p)
+    s = summarize(flows, misses, None, None, 2, 0)
+    p.write_text(p.read_text() + json.dumps(s) + "\n")
+    assert read_jsonl(p)[2] == s
