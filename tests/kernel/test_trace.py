@@ -1,0 +1,222 @@
+"""The tracer on a real lab: real eBPF programs, real portmap rules, real packets.
+
+One lab (module scope) with the nginx-hostport Deployment, a UDP pod and a hostNetwork pod,
+dual-stack. Each test starts `trace` as a user would, sends traffic with `lab traffic`,
+stops the tracer with SIGTERM and checks its JSON records against what was sent.
+"""
+import ipaddress
+import os
+import subprocess
+
+import pytest
+
+from bpftrace_hostport import lab
+from tests.conftest import require_kernel
+from tests.kernel.helpers import cli, tracing, unique
+
+MANIFEST = (lab.DEFAULT_MANIFEST.read_text() + """
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: dns, namespace: kube-system}
+spec:
+  containers:
+  - name: coredns
+    image: coredns
+    ports: [{name: dns, containerPort: 53, hostPort: 5353, protocol: UDP}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: node-exporter, namespace: monitoring}
+spec:
+  hostNetwork: true
+  containers:
+  - name: exporter
+    image: node-exporter
+    ports: [{name: metrics, containerPort: 9100, hostPort: 9100, protocol: TCP}]
+""")
+
+
+def root_link_names():
+    out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if line.strip()}
+
+
+@pytest.fixture(scope="module")
+def tlab():
+    require_kernel()
+    name = unique("tr")
+    lab.down(name)
+    before = root_link_names()
+    st = lab.up(name=name, manifest_text=MANIFEST)
+    try:
+        yield st
+    finally:
+        lab.down(name)
+        # Nothing of the lab may be visible in the root namespace, before or after.
+        assert root_link_names() <= before | set(), "the lab left a link in the root namespace"
+
+
+def nginx(st):
+    return next(p for p in st.pods if p.name.startswith("nginx-hostport"))
+
+
+def test_client_request_yields_one_flow_with_true_tuple(tlab):
+    pod = nginx(tlab)
+    with tracing("--lab", tlab.name, "--timeout", "1") as t:
+        res = lab.traffic(tlab.name, to=8000, count=1, source_port=41234)
+    assert res["answered"] == 1
+    assert t.returncode == 0, t.stderr
+    assert "Tracing hostPort DNAT" in t.stderr
+    flows = [f for f in t.flows if f["host_port"] == 8000]
+    assert len(flows) == 1, t.flows
+    f = flows[0]
+    assert f["proto"] == "tcp" and f["family"] == 4
+    assert f["client_ip"] == tlab.clients[0]["ip"] and f["client_port"] == 41234
+    assert f["node_ip"] == tlab.node_ip and f["host_port"] == 8000
+    assert f["pod_ip"] == pod.ips[0] and f["pod_port"] == 80
+    assert f["hook"] == "prerouting"
+    assert f["answered"] is True and 0 < f["latency_us"] < 1_000_000
+    assert f["masqueraded"] is False and f["snat_ip"] is None
+    assert (f["pod_namespace"], f["pod_name"], f["port_name"]) == ("cjweichen", pod.name, "http")
+    assert f["packets"] >= 2 and f["bytes"] > 0
+    s = t.summary
+    assert s["lost_events"] == 0
+    m = [m for m in s["mappings"] if m["host_port"] == 8000]
+    assert len(m) == 1 and m[0]["flows"] == 1 and m[0]["answered"] == 1
+    assert m[0]["pod_name"] == pod.name and m[0]["latency_us"]["p50"] is not None
+
+
+def test_summary_counts_equal_requests_sent(tlab):
+    with tracing("--lab", tlab.name, "--timeout", "1") as t:
+        a = lab.traffic(tlab.name, to=8000, count=120, concurrency=8)
+        b = lab.traffic(tlab.name, to=44300, count=30, concurrency=3)
+    assert a["answered"] == 120 and b["answered"] == 30
+    s = t.summary
+    by_port = {m["host_port"]: m for m in s["mappings"] if m["family"] == 4}
+    assert by_port[8000]["flows"] == 120 and by_port[8000]["answered"] == 120
+    assert by_port[44300]["flows"] == 30 and by_port[44300]["port_name"] == "https"
+    assert len([f for f in t.flows if f["host_port"] == 8000]) == 120
+    assert s["lost_events"] == 0 and s["kernel"]["flows_created"] == 150
+
+
+def test_node_local_client_is_dnat_in_output(tlab):
+    with tracing("--lab", tlab.name, "--timeout", "1") as t:
+        res = lab.traffic(tlab.name, to=8000, count=2, source="node")
+    assert res["answered"] == 2
+    flows = [f for f in t.flows if f["host_port"] == 8000]
+    assert len(flows) == 2
+    assert all(f["hook"] == "output" and f["answered"] for f in flows)
+    assert all(f["client_ip"] == tlab.node_ip for f in flows)
+
+
+def test_localhost_is_masqueraded(tlab):
+    with tracing("--lab", tlab.name, "--timeout", "1") as t:
+        res = lab.traffic(tlab.name, to=8000, count=2, source="node", target="localhost")
+    assert res["answered"] == 2
+    flows = [f for f in t.flows if f["host_port"] == 8000]
+    assert len(flows) == 2
+    gw = str(next(ipaddress.ip_network(tlab.pod_cidr).hosts()))   # the cni0 bridge address
+    for f in flows:
+        assert f["hook"] == "output" and f["client_ip"] == "127.0.0.1" and f["node_ip"] == "127.0.0.1"
+        assert f["masqueraded"] is True and f["snat_ip"] == gw, f
+
+
+def test_hairpin_from_a_pod_is_masqueraded(tlab):
+    pod = nginx(tlab)
+    with tracing("--lab", tlab.name, "--timeout", "1") as t:
+        res = lab.traffic(tlab.name, to=8000, count=2, source="pod")
+    assert res["answered"] == 2
+    flows = [f for f in t.flows if f["host_port"] == 8000]
+    assert len(flows) == 2 and all(f["masqueraded"] and f["hook"] == "prerouting" for f in flows)
+    assert all(f["pod_ip"] == pod.ips[0] for f in flows)
+
+
+def test_udp(tlab):
+    dns = next(p for p in tlab.pods if p.name == "dns")
+    with tracing("--lab", tlab.name, "--timeout", "1") as t:
+        res = lab.traffic(tlab.name, to=5353, proto="udp", count=5)
+    assert res["answered"] == 5
+    flows = [f for f in t.flows if f["host_port"] == 5353]
+    assert len(flows) == 5
+    assert all(f["proto"] == "udp" and f["answered"] and f["pod_ip"] == dns.ips[0] and f["pod_port"] == 53
+               and f["pod_name"] == "dns" and f["port_name"] == "dns" for f in flows)
+
+
+def test_ipv6(tlab):
+    pod = nginx(tlab)
+    with tracing("--lab", tlab.name, "--timeout", "1") as t:
+        res = lab.traffic(tlab.name, to=8000, count=3, family=6)
+    assert res["answered"] == 3
+    flows = [f for f in t.flows if f["family"] == 6]
+    assert len(flows) == 3
+    assert all(f["node_ip"] == tlab.node_ip6 and f["pod_ip"] == pod.ips[1] and f["answered"] for f in flows)
+    m = [m for m in t.summary["mappings"] if m["family"] == 6]
+    assert m and m[0]["flows"] == 3
+
+
+def test_hostnetwork_port_counts_misses_not_flows(tlab):
+    with tracing("--lab", tlab.name, "--timeout", "1") as t:
+        res = lab.traffic(tlab.name, to=9100, count=4)
+    assert res["answered"] == 4          # the hostNetwork pod's own socket answers
+    assert not [f for f in t.flows if f["host_port"] == 9100]
+    assert sum(m["count"] for m in t.misses if m["host_port"] == 9100) == 4
+    rows = [m for m in t.summary["mappings"] if m["host_port"] == 9100]
+    assert rows and rows[0]["misses"] == 4 and rows[0]["pod_ip"] is None
+
+
+def test_host_port_filter_and_client_filter(tlab):
+    with tracing("--lab", tlab.name, "--timeout", "1", "--host-port", "44300") as t:
+        lab.traffic(tlab.name, to=8000, count=3)
+        lab.traffic(tlab.name, to=44300, count=2)
+    assert {f["host_port"] for f in t.flows} == {44300} and len(t.flows) == 2
+    with tracing("--lab", tlab.name, "--timeout", "1", "--client", "192.0.2.0/24") as t:
+        lab.traffic(tlab.name, to=8000, count=3)
+    assert t.flows == []
+
+
+def test_forward_drop_is_attributed_with_reason(tlab):
+    ns = tlab.node_netns
+    subprocess.run(["ip", "netns", "exec", ns, "iptables", "-P", "FORWARD", "DROP"], check=True)
+    try:
+        with tracing("--lab", tlab.name, "--timeout", "1") as t:
+            res = lab.traffic(tlab.name, to=8000, count=2, timeout=1.0)
+    finally:
+        subprocess.run(["ip", "netns", "exec", ns, "iptables", "-P", "FORWARD", "ACCEPT"], check=True)
+    assert res["answered"] == 0
+    flows = [f for f in t.flows if f["host_port"] == 8000]
+    assert len(flows) == 2
+    assert all(not f["answered"] and f["latency_us"] is None and f["drop_reason"] == "NETFILTER_DROP"
+               for f in flows), flows
+    m = [m for m in t.summary["mappings"] if m["host_port"] == 8000 and m["family"] == 4][0]
+    assert m["drops"].get("NETFILTER_DROP", 0) >= 2 and m["answered"] == 0
+
+
+def test_conntrack_backend_sees_the_same_translation(tlab):
+    with tracing("--lab", tlab.name, "--timeout", "1", "--backend", "conntrack") as t:
+        lab.traffic(tlab.name, to=8000, count=3)
+    flows = [f for f in t.flows if f["host_port"] == 8000]
+    assert len(flows) == 3 and all(f["answered"] and f["latency_us"] is None for f in flows)
+    assert t.summary["backend"] == "conntrack"
+
+
+def test_bad_input_is_one_sentence_exit_2(tlab, tmp_path):
+    p = cli("trace", "--netns", "no-such-ns-here", "--duration", "1", check=False)
+    assert p.returncode == 2 and "No network namespace named 'no-such-ns-here'" in p.stderr
+    assert "Traceback" not in p.stderr
+    bad = tmp_path / "pods.json"
+    bad.write_text("{not json")
+    p = cli("trace", "--lab", tlab.name, "--pods", str(bad), "--duration", "1", check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    p = cli("trace", "--host-port", "70000", "--duration", "1", check=False)
+    assert p.returncode == 2 and "out of range" in p.stderr
+
+
+def test_not_root_is_a_plain_sentence():
+    require_kernel()
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    p = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                        os.sys.executable, "-m", "bpftrace_hostport", "trace", "--duration", "1"],
+                       capture_output=True, text=True, env=env, cwd="/")
+    assert p.returncode == 2, p.stderr
+    assert "needs root" in p.stderr and "Traceback" not in p.stderr
