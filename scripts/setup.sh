@@ -18,7 +18,7 @@ command -v apt-get >/dev/null || die "needs a Debian or Ubuntu system with apt-g
 
 # 1. Debian packages. bcc is not on PyPI: python3-bpfcc is built for /usr/bin/python3.
 pkgs=(python3-bpfcc python3-venv python3-pip iproute2 iptables nftables conntrack
-      containernetworking-plugins procps wrk iperf3 ca-certificates)
+      containernetworking-plugins procps util-linux wrk iperf3 ca-certificates ${SETUP_EXTRA_PKGS:-})
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -69,7 +69,12 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   say "installing bpftrace-hostport into $venv"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$here[test]"
+  log=$(mktemp)
+  if ! "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$here[test]" >"$log" 2>&1; then
+    cat "$log" >&2; rm -f "$log"
+    die "pip could not install the package into $venv (output above)."
+  fi
+  rm -f "$log"
   echo "$want" > "$stamp"
 else
   say "virtualenv up to date"

@@ -1,0 +1,53 @@
+"""The CLI: every command has help with an example and appears in the README; bad values exit 2."""
+import re
+from pathlib import Path
+
+import click
+from click.testing import CliRunner
+
+from bpftrace_hostport.cli import cli
+
+README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+
+
+def all_commands(group=cli, prefix=()):
+    for name, cmd in group.commands.items():
+        path = prefix + (name,)
+        if isinstance(cmd, click.Group):
+            yield from all_commands(cmd, path)
+        else:
+            yield path, cmd
+
+
+def test_every_command_has_help_with_example_and_is_in_readme():
+    runner = CliRunner()
+    paths = list(all_commands())
+    assert len(paths) >= 7
+    for path, cmd in paths:
+        res = runner.invoke(cli, [*path, "--help"])
+        assert res.exit_code == 0, path
+        assert "Example" in res.output, f"{' '.join(path)} --help has no example"
+        assert f"bpftrace-hostport {' '.join(path)}" in README, f"README lacks `bpftrace-hostport {' '.join(path)}`"
+
+
+def test_bad_option_values_exit_2_with_one_sentence():
+    runner = CliRunner()
+    for args, text in ((["trace", "--host-port", "abc"], "not a port number"),
+                       (["trace", "--host-port", "8000/icmp"], "tcp, udp or sctp"),
+                       (["trace", "--client", "10.0.0.0/99"], "not an address or CIDR")):
+        res = runner.invoke(cli, args)
+        assert res.exit_code == 2 and text in res.output, res.output
+
+
+def test_summary_of_a_capture(tmp_path):
+    cap = tmp_path / "c.jsonl"
+    cap.write_text('{"type":"flow","ts":"2026-01-01T00:00:00Z","proto":"tcp","family":4,"client_ip":"10.0.0.10",'
+                   '"client_port":1,"node_ip":"10.0.0.1","host_port":8000,"pod_ip":"10.0.1.2","pod_port":80,'
+                   '"hook":"prerouting","answered":true,"latency_us":100.0,"masqueraded":false,"snat_ip":null,'
+                   '"packets":2,"bytes":120,"pod_namespace":null,"pod_name":null,"port_name":null,"drop_reason":null}\n')
+    res = CliRunner().invoke(cli, ["summary", str(cap)])
+    assert res.exit_code == 0 and "tcp :8000" in res.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("oops\n")
+    res = CliRunner().invoke(cli, ["summary", str(bad)])
+    assert res.exit_code == 2 and "line 1" in res.output

@@ -1,0 +1,68 @@
+"""events.py decodes raw map records; fakes with the same attribute names stand in for bcc's."""
+import ipaddress
+import socket
+from datetime import datetime, timezone
+from types import SimpleNamespace
+
+from bpftrace_hostport import events as ev
+
+
+class FixedClock(ev.Clock):
+    def __init__(self):
+        self.offset_ns = 1_700_000_000 * 10**9
+
+
+def a16(ip):
+    b = ipaddress.ip_address(ip).packed
+    return list(b + bytes(16 - len(b)))
+
+
+def key(client="10.0.0.10", cport=41234, node="10.0.0.1", hport=8000, fam=4, proto=6):
+    return SimpleNamespace(family=fam, proto=proto, client_port=socket.htons(cport),
+                           host_port=socket.htons(hport), client_addr=a16(client), node_addr=a16(node))
+
+
+def val(pod="10.0.1.2", pport=80, first=1_000_000, reply=1_250_000, flags=1, snat="0.0.0.0", reason=0):
+    return SimpleNamespace(ct=1, first_ns=first, reply_ns=reply, last_ns=reply, packets_orig=1, bytes_orig=60,
+                           packets_reply=1, bytes_reply=60, drops=0, pod_addr=a16(pod), snat_addr=a16(snat),
+                           pod_port=socket.htons(pport), snat_port=0, drop_reason=reason, hook=0, flags=flags)
+
+
+def test_answered_flow_record():
+    f = ev.decode_flow(key(), val(), FixedClock(), {})
+    r = ev.flow_record(f, lambda proto, ip, port: ("ns", "pod", "http") if (proto, ip, port) == ("tcp", "10.0.1.2", 80) else None)
+    assert r["client_ip"] == "10.0.0.10" and r["client_port"] == 41234
+    assert r["node_ip"] == "10.0.0.1" and r["host_port"] == 8000
+    assert r["pod_ip"] == "10.0.1.2" and r["pod_port"] == 80
+    assert r["answered"] is True and r["latency_us"] == 250.0
+    assert (r["pod_namespace"], r["pod_name"], r["port_name"]) == ("ns", "pod", "http")
+    assert r["masqueraded"] is False and r["snat_ip"] is None and r["drop_reason"] is None
+    assert r["packets"] == 2 and r["bytes"] == 120 and r["hook"] == "prerouting"
+    assert r["ts"].endswith("Z") and datetime.fromisoformat(r["ts"].replace("Z", "+00:00")).tzinfo == timezone.utc
+
+
+def test_unanswered_masqueraded_dropped_ipv6():
+    f = ev.decode_flow(key("fd00::a", 5, "fd00::1", 8000, fam=6, proto=17),
+                       val("fd00:1::2", 53, reply=0, flags=2, snat="fd00:1::1", reason=12),
+                       FixedClock(), {12: "NETFILTER_DROP"})
+    r = ev.flow_record(f)
+    assert r["family"] == 6 and r["proto"] == "udp" and r["client_ip"] == "fd00::a"
+    assert r["answered"] is False and r["latency_us"] is None
+    assert r["masqueraded"] is True and r["snat_ip"] == "fd00:1::1"
+    assert r["drop_reason"] == "NETFILTER_DROP" and r["pod_name"] is None
+
+
+def test_unknown_drop_reason_keeps_its_number():
+    f = ev.decode_flow(key(), val(reason=999), FixedClock(), {})
+    assert f.drop_reason == "REASON_999"
+
+
+def test_miss_and_mapping_keys():
+    mk = SimpleNamespace(family=4, proto=6, host_port=socket.htons(9100), hook=1,
+                         client_addr=a16("10.0.0.10"), node_addr=a16("10.0.0.1"))
+    m = ev.decode_miss(mk)
+    rec = ev.miss_record(m, 3, datetime(2026, 1, 1, tzinfo=timezone.utc))
+    assert rec == {"type": "miss", "ts": "2026-01-01T00:00:00.000000Z", "proto": "tcp", "family": 4,
+                   "client_ip": "10.0.0.10", "node_ip": "10.0.0.1", "host_port": 9100, "hook": "output", "count": 3}
+    mp = SimpleNamespace(family=4, proto=17, host_port=socket.htons(5353), pod_port=socket.htons(53), pod_addr=a16("10.0.1.9"))
+    assert ev.decode_mapping(mp) == {"proto": "udp", "family": 4, "host_port": 5353, "pod_ip": "10.0.1.9", "pod_port": 53}
