@@ -22,7 +22,7 @@ from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 from . import nflink, netns as netns_mod
 from .btf import BTF, BTFError
-from .errors import UserError
+from .errors import KernelFeatureMissing, UserError
 
 PROTO_NUMBERS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP, "sctp": 132}
 PROTO_MASK_BITS = {"tcp": 1, "udp": 2, "sctp": 4}
@@ -92,6 +92,10 @@ def preflight() -> None:
     if os.geteuid() != 0:
         raise UserError("bpftrace-hostport needs root (CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN): "
                         "run it with sudo.")
+    missing = missing_capabilities()
+    if missing:
+        raise UserError(f"This process lacks {', '.join(missing)}: run as root with all capabilities "
+                        "(in a container: --privileged, or --cap-add BPF,PERFMON,NET_ADMIN,SYS_ADMIN).")
     try:
         import bcc  # noqa: F401
     except ImportError:
@@ -102,6 +106,24 @@ def preflight() -> None:
     if not build.exists():
         raise UserError(f"No kernel headers for {kver} at {build}: install linux-headers-{kver} "
                         "(or run scripts/setup.sh, which links Debian's generic headers as a fallback).")
+
+
+# include/uapi/linux/capability.h
+CAPS = {"CAP_NET_ADMIN": 12, "CAP_SYS_ADMIN": 21, "CAP_PERFMON": 38, "CAP_BPF": 39}
+
+
+def missing_capabilities(status_path: str = "/proc/self/status") -> List[str]:
+    """CAP_NET_ADMIN, plus CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN, which implies both)."""
+    try:
+        eff = next(int(line.split()[1], 16) for line in Path(status_path).read_text().splitlines()
+                   if line.startswith("CapEff:"))
+    except (OSError, StopIteration, ValueError):
+        return []
+    has = {name: bool(eff >> bit & 1) for name, bit in CAPS.items()}
+    missing = [] if has["CAP_NET_ADMIN"] else ["CAP_NET_ADMIN"]
+    if not has["CAP_SYS_ADMIN"]:
+        missing += [c for c in ("CAP_BPF", "CAP_PERFMON") if not has[c]]
+    return missing
 
 
 def ensure_tracefs() -> bool:
@@ -226,7 +248,7 @@ class Probe:
                                                  attach_type=nflink.BPF_NETFILTER)
                         for name, _, _ in ATTACH_POINTS}
         except Exception as e:
-            raise UserError(f"The kernel refused the netfilter BPF programs ({e}); "
+            raise KernelFeatureMissing(f"The kernel refused the netfilter BPF programs ({e}); "
                             "the full tracer needs Linux >= 6.4 (BPF_PROG_TYPE_NETFILTER); "
                             "use --backend conntrack on older kernels.") from None
 
@@ -240,7 +262,7 @@ class Probe:
                         self.links.append(nflink.link_create(self.fns[name].fd, pf, hook, prio))
                     except nflink.LinkError as e:
                         self.close()
-                        raise UserError(
+                        raise KernelFeatureMissing(
                             f"Could not create the netfilter BPF link at {nflink.HOOK_NAMES[hook]} "
                             f"({e.strerror}); it needs Linux >= 6.4 with CONFIG_NETFILTER_BPF_LINK; "
                             "use --backend conntrack on older kernels.") from None

@@ -11,6 +11,7 @@ any difference is reported as lost_events, never silently dropped.
 from __future__ import annotations
 
 import json
+from collections import deque
 import os
 import signal
 import sys
@@ -113,6 +114,8 @@ def run_trace(opts: TraceOptions, index: PodIndex, out: TextIO = sys.stdout,
         if opts.fmt == "table" and out.isatty():
             live = _LiveTable(out)
 
+        recent = deque(maxlen=8)
+
         def emit_flow(key, val):
             rec = ev.flow_record(ev.decode_flow(key, val, clock, probe.drop_names), names)
             res.flows.append(rec)
@@ -120,6 +123,8 @@ def run_trace(opts: TraceOptions, index: PodIndex, out: TextIO = sys.stdout,
                 out.write(json.dumps(rec) + "\n")
             elif live is None:
                 out.write(_flow_line(rec) + "\n")
+            else:
+                recent.append(_flow_line(rec))
 
         miss_seen: Dict[ev.MissKey, int] = {}
 
@@ -161,8 +166,9 @@ def run_trace(opts: TraceOptions, index: PodIndex, out: TextIO = sys.stdout,
                 poll_misses()
                 probe.set_local_addrs(netns_mod.local_addresses(ipr))
                 if live is not None:
-                    live.update(_summary(probe, res, time.monotonic() - start, names))
-                out.flush()
+                    live.update(_summary(probe, res, time.monotonic() - start, names), recent)
+            # Flush each round (<= 0.1 s of records): a capture killed with -9 keeps what was written.
+            out.flush()
         # Drain: answered records still in the ring, then every flow still unanswered.
         for k, v in probe.consume():
             emit_flow(k, v)
@@ -223,19 +229,23 @@ def _flow_line(r: dict) -> str:
 
 
 class _LiveTable:
-    """A rich Live view of the running summary, refreshed once a second."""
+    """A rich Live view: the running summary and the latest flows, refreshed once a second."""
 
     def __init__(self, out: TextIO):
         from rich.console import Console
         from rich.live import Live
         from rich.text import Text
         self._Text = Text
-        self.live = Live(Text("waiting for hostPort traffic..."), console=Console(file=out),
+        self.console = Console(file=out)
+        self.live = Live(Text("waiting for hostPort traffic..."), console=self.console,
                          auto_refresh=False, transient=True)
         self.live.start()
 
-    def update(self, summary: dict) -> None:
-        self.live.update(self._Text(render_summary(summary)), refresh=True)
+    def update(self, summary: dict, recent) -> None:
+        text = render_summary(summary, width=self.console.width)
+        if recent:
+            text += "\n\nlatest flows:\n" + "\n".join(recent)
+        self.live.update(self._Text(text), refresh=True)
 
     def stop(self) -> None:
         self.live.stop()

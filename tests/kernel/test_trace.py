@@ -5,6 +5,7 @@ dual-stack. Each test starts `trace` as a user would, sends traffic with `lab tr
 stops the tracer with SIGTERM and checks its JSON records against what was sent.
 """
 import ipaddress
+import json
 import os
 import subprocess
 
@@ -220,3 +221,28 @@ def test_not_root_is_a_plain_sentence():
                        capture_output=True, text=True, env=env, cwd="/")
     assert p.returncode == 2, p.stderr
     assert "needs root" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_capture_survives_kill_9(tlab, tmp_path):
+    import signal
+    import time
+    ready = tmp_path / "ready"
+    out = open(tmp_path / "cap.jsonl", "w")
+    proc = subprocess.Popen([os.sys.executable, "-m", "bpftrace_hostport", "trace", "--lab", tlab.name,
+                             "--format", "json", "--ready-file", str(ready)], stdout=out, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        assert lab.traffic(tlab.name, to=8000, count=5)["answered"] == 5
+        time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        out.close()
+    lines = (tmp_path / "cap.jsonl").read_text().splitlines()
+    assert len([json.loads(x) for x in lines if '"flow"' in x]) == 5
+    p = cli("summary", str(tmp_path / "cap.jsonl"), "--json")
+    s = json.loads(p.stdout)
+    assert [m["flows"] for m in s["mappings"] if m["host_port"] == 8000] == [5]

@@ -51,3 +51,21 @@ def test_summary_of_a_capture(tmp_path):
     bad.write_text("oops\n")
     res = CliRunner().invoke(cli, ["summary", str(bad)])
     assert res.exit_code == 2 and "line 1" in res.output
+
+
+def test_auto_backend_falls_back_to_conntrack_after_one_warning(monkeypatch):
+    from bpftrace_hostport import ctbackend, trace
+    from bpftrace_hostport.errors import KernelFeatureMissing
+
+    def no_link(opts, index):
+        raise KernelFeatureMissing("Could not create the netfilter BPF link (Invalid argument); it needs Linux >= 6.4.")
+
+    called = {}
+    monkeypatch.setattr(trace, "run_trace", no_link)
+    monkeypatch.setattr(ctbackend, "run_conntrack_trace", lambda opts, index: called.setdefault("ct", opts))
+    res = CliRunner().invoke(cli, ["trace", "--duration", "1", "--format", "json"])
+    assert res.exit_code == 0, res.output
+    assert "warning: Could not create the netfilter BPF link" in res.output and "Falling back" in res.output
+    assert called["ct"].duration == 1
+    res = CliRunner().invoke(cli, ["trace", "--duration", "1", "--backend", "netfilter"])
+    assert res.exit_code == 2 and "Linux >= 6.4" in res.output

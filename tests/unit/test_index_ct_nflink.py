@@ -66,3 +66,14 @@ def test_link_create_error(monkeypatch):
     with pytest.raises(nflink.LinkError) as e:
         nflink.link_create(7, 2, 0, -99)
     assert e.value.errno == 22
+
+
+def test_missing_capabilities(tmp_path):
+    from bpftrace_hostport.loader import missing_capabilities
+    f = tmp_path / "status"
+    f.write_text("Name:\tx\nCapEff:\t000001ffffffffff\n")
+    assert missing_capabilities(str(f)) == []
+    f.write_text("CapEff:\t0000000000001000\n")            # CAP_NET_ADMIN only
+    assert missing_capabilities(str(f)) == ["CAP_BPF", "CAP_PERFMON"]
+    f.write_text("CapEff:\t0000000000200000\n")            # CAP_SYS_ADMIN only
+    assert missing_capabilities(str(f)) == ["CAP_NET_ADMIN"]
