@@ -17,6 +17,7 @@
 /* flow_val.flags */
 #define FLOW_ANSWERED    1
 #define FLOW_MASQUERADED 2
+#define FLOW_MIDSTREAM   4   /* first seen mid-connection: it began before the tracer attached */
 
 /* Indexes into the per-CPU `stats` array. */
 #define STAT_RINGBUF_LOST    0  /* a flow record could not be reserved in the ring buffer */

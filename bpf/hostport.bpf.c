@@ -22,10 +22,14 @@
 #include "events.h"
 
 /* Conntrack facts (include/uapi/linux/netfilter/nf_conntrack_common.h): stable UAPI values. */
+#define IPS_CONFIRMED   0x08
 #define IPS_SRC_NAT     0x10
 #define IPS_DST_NAT     0x20
-#define IP_CT_NEW       2
-#define IP_CT_IS_REPLY  3      /* ctinfo >= 3: the packet travels in the reply direction */
+#define IP_CT_ESTABLISHED 0
+#define IP_CT_RELATED     1
+#define IP_CT_NEW         2
+#define IP_CT_ESTABLISHED_REPLY 3
+#define IP_CT_RELATED_REPLY     4
 #define NFCT_PTRMASK    (~7UL) /* skb->_nfct keeps ctinfo in its low 3 bits */
 #define NF_AF_INET      2
 #define NF_AF_INET6     10
@@ -214,7 +218,11 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
     if (!cfg)
         return 1;
 
-    int reply = ctinfo >= IP_CT_IS_REPLY;
+    /* ICMP errors about a flow (RELATED, RELATED_REPLY) are neither requests nor answers:
+     * a "port unreachable" from the pod must not count as the pod answering. */
+    if (ctinfo == IP_CT_RELATED || ctinfo == IP_CT_RELATED_REPLY)
+        return 1;
+    int reply = ctinfo == IP_CT_ESTABLISHED_REPLY;
     if (!(status & IPS_DST_NAT)) {
         /* Not translated: only the first packet of a new connection can be a miss. */
         if (reply || ctinfo != IP_CT_NEW || cfg->watch_all)
@@ -249,10 +257,17 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
     u64 now = bpf_ktime_get_ns();
 
     struct flow_val *v = flows.lookup(&k);
+    if (v && ctinfo == IP_CT_NEW && !(status & IPS_CONFIRMED) && !pending.lookup(&k)) {
+        /* The first packet of a new conntrack entry whose tuple an earlier, already reported
+         * flow used (a client port reused after TIME_WAIT, a retry after the timeout): a new
+         * flow. A retry of a flow still pending (a SYN retransmitted after a drop) is not. */
+        v = 0;
+    }
     if (!v) {
         if (reply) {
             /* Only flows we saw start are tracked; a reply with no flow means the flow
              * table evicted it (or it began before we attached). */
+            stat_inc(STAT_REPLY_NO_FLOW);
             return 1;
         }
         if (!proto_allowed(cfg, k.proto) || !is_local(family, k.node_addr))
@@ -261,8 +276,6 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
             return 1;
         if (!client_allowed(cfg, &k))
             return 1;
-        if (ctinfo != IP_CT_NEW)
-            return 1;   /* began before we attached: no first packet, no latency */
 
         u8 r[TUPLE_BUF] = {};
         if (read_tuple(ct, CT_TUPLE_REPLY, r))
@@ -274,6 +287,8 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
         nv.packets_orig = 1;
         nv.bytes_orig = len;
         nv.hook = hook;
+        if (ctinfo != IP_CT_NEW)
+            nv.flags = FLOW_MIDSTREAM;   /* began before we attached: no latency to measure */
         copy_addr(nv.pod_addr, r + TUP_SRC_U3, family);
         nv.pod_port = *(u16 *)(r + TUP_SRC_PORT);
         if (flows.update(&k, &nv)) {

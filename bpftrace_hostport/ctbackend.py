@@ -73,7 +73,7 @@ def flow_from_conntrack(orig, reply, status: int, local: set, ts: datetime, answ
         "client_ip": csrc, "client_port": cport, "node_ip": cdst, "host_port": hport,
         "pod_ip": psrc, "pod_port": pport,
         "hook": "output" if csrc in local else "prerouting",
-        "answered": answered, "latency_us": None, "masqueraded": masq,
+        "answered": answered, "latency_us": None, "midstream": False, "masqueraded": masq,
         "snat_ip": pdst if masq else None, "packets": packets, "bytes": nbytes,
         "pod_namespace": ns, "pod_name": name, "port_name": port_name, "drop_reason": None,
     }

@@ -18,6 +18,7 @@ PROTO_NAMES = {6: "tcp", 17: "udp", 132: "sctp"}
 HOOK_NAMES = {0: "prerouting", 1: "output"}
 FLOW_ANSWERED = 1
 FLOW_MASQUERADED = 2
+FLOW_MIDSTREAM = 4
 
 PodNames = Callable[[str, str, int], Optional[Tuple[Optional[str], Optional[str], Optional[str]]]]
 
@@ -64,6 +65,7 @@ class Flow:
     hook: str
     answered: bool
     latency_us: Optional[float]
+    midstream: bool
     masqueraded: bool
     snat_ip: Optional[str]
     packets: int
@@ -76,6 +78,7 @@ class Flow:
 def decode_flow(key, val, clock: Clock, drop_names: Dict[int, str]) -> Flow:
     fam = int(key.family)
     answered = bool(val.flags & FLOW_ANSWERED) and val.reply_ns > 0
+    midstream = bool(val.flags & FLOW_MIDSTREAM)
     masq = bool(val.flags & FLOW_MASQUERADED)
     reason = int(val.drop_reason)
     return Flow(
@@ -90,7 +93,9 @@ def decode_flow(key, val, clock: Clock, drop_names: Dict[int, str]) -> Flow:
         pod_port=port(val.pod_port),
         hook=HOOK_NAMES.get(int(val.hook), str(int(val.hook))),
         answered=answered,
-        latency_us=round((val.reply_ns - val.first_ns) / 1000.0, 1) if answered else None,
+        latency_us=(round((val.reply_ns - val.first_ns) / 1000.0, 1)
+                    if answered and not midstream else None),
+        midstream=midstream,
         masqueraded=masq,
         snat_ip=addr(val.snat_addr, fam) if masq else None,
         packets=int(val.packets_orig + val.packets_reply),
@@ -112,7 +117,7 @@ def flow_record(f: Flow, pod_names: Optional[PodNames] = None) -> dict:
         "client_ip": f.client_ip, "client_port": f.client_port,
         "node_ip": f.node_ip, "host_port": f.host_port,
         "pod_ip": f.pod_ip, "pod_port": f.pod_port, "hook": f.hook,
-        "answered": f.answered, "latency_us": f.latency_us,
+        "answered": f.answered, "latency_us": f.latency_us, "midstream": f.midstream,
         "masqueraded": f.masqueraded, "snat_ip": f.snat_ip,
         "packets": f.packets, "bytes": f.bytes,
         "pod_namespace": ns, "pod_name": name, "port_name": port_name,

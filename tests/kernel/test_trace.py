@@ -8,6 +8,7 @@ import ipaddress
 import json
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -246,3 +247,34 @@ def test_capture_survives_kill_9(tlab, tmp_path):
     p = cli("summary", str(tmp_path / "cap.jsonl"), "--json")
     s = json.loads(p.stdout)
     assert [m["flows"] for m in s["mappings"] if m["host_port"] == 8000] == [5]
+
+
+def test_reused_client_port_is_a_new_flow_each_time(tlab):
+    with tracing("--lab", tlab.name, "--timeout", "1") as t:
+        for _ in range(3):
+            assert lab.traffic(tlab.name, to=8000, count=1, source_port=42424)["answered"] == 1
+    flows = [f for f in t.flows if f["client_port"] == 42424]
+    assert len(flows) == 3 and all(f["answered"] for f in flows)
+    assert t.summary["lost_events"] == 0
+
+
+def test_stale_udp_flow_goes_to_the_dead_pod_unanswered():
+    require_kernel()
+    name = unique("stl")
+    lab.down(name)
+    st = lab.up(name=name, scenario="stale-udp", ipv6=False)
+    try:
+        dead = next(p for p in st.pods if p.name == "dns-v1")
+        with tracing("--lab", name, "--timeout", "1") as t:
+            res = lab.traffic(name, to=5353, proto="udp", count=2, timeout=0.3)   # fresh ports: new pod
+            time.sleep(2.5)      # the scenario's own client keeps streaming from a fixed port
+        assert res["answered"] == 2
+        stale = [f for f in t.flows if f["client_port"] == lab.STALE_UDP_SOURCE_PORT]
+        assert len(stale) == 1, t.flows
+        f = stale[0]
+        assert f["pod_ip"] == dead.ips[0] and not f["answered"] and f["packets"] >= 3 and f["midstream"]
+        fresh = [f for f in t.flows if f["client_port"] != lab.STALE_UDP_SOURCE_PORT]
+        assert len(fresh) == 2 and all(x["answered"] and x["pod_name"] == "dns-v2" for x in fresh)
+        assert f["pod_name"] is None       # no live pod has that IP any more
+    finally:
+        lab.down(name)
