@@ -69,6 +69,32 @@ def _load_pods(files: Sequence[str]):
     return index
 
 
+def pod_options(fn):
+    """--pods / --pods-from / --kubeconfig / --node-name: where pod metadata comes from."""
+    fn = click.option("--node-name", metavar="NAME", help="This node's name in the API (default: $NODE_NAME or the host name).")(fn)
+    fn = click.option("--kubeconfig", type=click.Path(), help="Kubeconfig for --pods-from kube (default: $KUBECONFIG, ~/.kube/config, in-cluster).")(fn)
+    fn = click.option("--pods-from", type=click.Choice(["auto", "file", "kube", "cri", "cni", "none"]), default=None,
+                      help="Pod metadata source. auto (default): --pods files, else the Kubernetes API, crictl, "
+                           "or CNI state, the first that answers; with --lab: the lab's pod list.")(fn)
+    fn = click.option("--pods", "pod_files", multiple=True, type=click.Path(), metavar="FILE",
+                      help="Pod list (kubectl get pods -o json, a Pod or PodList; YAML or JSON) naming pods and ports (repeatable).")(fn)
+    return fn
+
+
+def _resolver(pod_files, pods_from, netns, node_name, kubeconfig):
+    """A started Resolver over the chosen sources; notes about skipped sources go to stderr."""
+    from .pods.sources import Resolver, resolve_sources
+    if pods_from is None:
+        pods_from = "file" if pod_files else "auto"
+    sources, notes = resolve_sources(list(pod_files), pods_from=pods_from, netns=netns,
+                                     node_name=node_name, kubeconfig=kubeconfig)
+    for n in notes:
+        click.echo(f"note: {n}", err=True)
+    resolver = Resolver(sources)
+    resolver.start()
+    return resolver
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="bpftrace-hostport")
 def cli():
@@ -93,8 +119,7 @@ def cli():
                    "with none known, every DNAT to a local address.")
 @click.option("--proto", "protos", multiple=True, type=click.Choice(["tcp", "udp", "sctp"]), help="Only these protocols (repeatable).")
 @click.option("--client", "clients", multiple=True, metavar="CIDR", help="Only clients in CIDR (repeatable).")
-@click.option("--pods", "pod_files", multiple=True, type=click.Path(), metavar="FILE",
-              help="Pod list (kubectl get pods -o json, a Pod or PodList; YAML or JSON) naming pods and ports.")
+@pod_options
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default=None,
               help="table: live view (default on a terminal); json: one object per line (default otherwise).")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True, metavar="S",
@@ -110,8 +135,8 @@ def cli():
 @click.option("--ready-file", type=click.Path(), help="Write this file once the probes are attached.")
 @click.option("--print-program", is_flag=True, hidden=True, help="Print the eBPF program and its -D constants.")
 @user_errors
-def trace(netns, lab_name, duration, host_ports, protos, clients, pod_files, fmt, timeout, flow_table,
-          ringbuf_kb, no_drops, no_rules, backend, ready_file, print_program):
+def trace(netns, lab_name, duration, host_ports, protos, clients, pod_files, pods_from, kubeconfig, node_name,
+          fmt, timeout, flow_table, ringbuf_kb, no_drops, no_rules, backend, ready_file, print_program):
     """Trace hostPort translations live: client -> nodeIP:hostPort became podIP:containerPort.
 
     \b
@@ -120,7 +145,6 @@ def trace(netns, lab_name, duration, host_ports, protos, clients, pod_files, fmt
       sudo bpftrace-hostport trace --lab demo --duration 10 --format json
       sudo bpftrace-hostport trace --netns node1 --host-port 5353/udp --client 10.0.0.0/8
     """
-    from .trace import TraceOptions, run_trace
     pod_files = list(pod_files)
     if lab_name:
         from .lab import LabState
@@ -129,7 +153,19 @@ def trace(netns, lab_name, duration, host_ports, protos, clients, pod_files, fmt
             raise Fail("--lab and --netns name different namespaces; give one of them.")
         netns = st.node_netns
         pod_files.append(str(st.pods_file))
-    index = _load_pods(pod_files)
+    from .netns import require
+    require(netns)
+    index = _resolver(pod_files, pods_from, netns, node_name, kubeconfig)
+    try:
+        _trace(index, netns, duration, host_ports, protos, clients, fmt, timeout, flow_table, ringbuf_kb,
+               no_drops, no_rules, backend, ready_file, print_program)
+    finally:
+        index.stop()
+
+
+def _trace(index, netns, duration, host_ports, protos, clients, fmt, timeout, flow_table, ringbuf_kb,
+           no_drops, no_rules, backend, ready_file, print_program):
+    from .trace import TraceOptions, run_trace
     if fmt is None:
         fmt = "table" if sys.stdout.isatty() else "json"
     pages = 1
