@@ -143,6 +143,7 @@ def run_trace(opts: TraceOptions, index: PodIndex, out: TextIO = sys.stdout,
                     out.write(f"MISS {rec['proto']} {rec['client_ip']} -> {rec['node_ip']}:"
                               f"{rec['host_port']} x{delta} (no DNAT)\n")
 
+        watched = set(watch)
         start = time.monotonic()
         next_pending = next_slow = start
         timeout_ns = int(opts.timeout * 1e9)
@@ -165,6 +166,12 @@ def run_trace(opts: TraceOptions, index: PodIndex, out: TextIO = sys.stdout,
                 next_slow = now + 1.0
                 poll_misses()
                 probe.set_local_addrs(netns_mod.local_addresses(ipr))
+                if watch and not opts.host_ports:
+                    # pods come and go (API watch, CRI): watch the hostPorts of new ones too
+                    new = set(index.host_ports()) - watched
+                    if new:
+                        probe.set_watch_ports(sorted(new))
+                        watched |= new
                 if live is not None:
                     live.update(_summary(probe, res, time.monotonic() - start, names), recent)
             # Flush each round (<= 0.1 s of records): a capture killed with -9 keeps what was written.

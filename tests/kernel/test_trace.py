@@ -55,8 +55,11 @@ def tlab():
         yield st
     finally:
         lab.down(name)
-        # Nothing of the lab may be visible in the root namespace, before or after.
-        assert root_link_names() <= before | set(), "the lab left a link in the root namespace"
+        # Nothing of the lab may be visible in the root namespace, before or after: no link,
+        # and not one connection of its traffic in the root namespace's conntrack table.
+        assert root_link_names() <= before, "the lab left a link in the root namespace"
+        ct = subprocess.run(["conntrack", "-L"], capture_output=True, text=True).stdout
+        assert f"10.{st.subnet}." not in ct and f"fd00:{st.subnet}:" not in ct
 
 
 def nginx(st):
