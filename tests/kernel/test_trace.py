@@ -281,3 +281,19 @@ def test_stale_udp_flow_goes_to_the_dead_pod_unanswered():
         assert f["pod_name"] is None       # no live pod has that IP any more
     finally:
         lab.down(name)
+
+
+def test_run_inside_ip_netns_exec_with_drops(tlab):
+    """`ip netns exec NODE bpftrace-hostport trace` (a fresh /sys without tracefs) works too."""
+    ns = tlab.node_netns
+    subprocess.run(["ip", "netns", "exec", ns, "iptables", "-P", "FORWARD", "DROP"], check=True)
+    try:
+        with tracing("--pods", str(tlab.pods_file), "--timeout", "1",
+                     prefix=("ip", "netns", "exec", ns)) as t:
+            lab.traffic(tlab.name, to=8000, count=1, timeout=0.5)
+    finally:
+        subprocess.run(["ip", "netns", "exec", ns, "iptables", "-P", "FORWARD", "ACCEPT"], check=True)
+    assert "drops via skb:kfree_skb" in t.stderr
+    flows = [f for f in t.flows if f["host_port"] == 8000]
+    assert len(flows) == 1 and flows[0]["drop_reason"] == "NETFILTER_DROP"
+    assert flows[0]["pod_name"].startswith("nginx-hostport-")
