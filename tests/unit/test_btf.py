@@ -28,17 +28,35 @@ Member = Tuple[str, int, int, int]  # (name, type_id, bit_offset, bitfield_size)
 
 
 class BTFBuilder:
-    """Minimal raw-BTF encoder. Type IDs are assigned in add order starting at 1."""
+    """Minimal raw-BTF encoder. Type IDs are assigned in add order starting at 1.
 
-    def __init__(self, endian: str = "<") -> None:
+    With `base` (a finished builder) it encodes split BTF, as the kernel does for
+    modules and as libbpf's btf_new() numbers it: type IDs continue at
+    btf__type_cnt(base) = base types + 1 (void), and string offsets continue at the
+    base's str_len; a name the base already has reuses the base's offset, and the
+    split string section does not start with an empty string.
+    """
+
+    def __init__(self, endian: str = "<", base: Optional["BTFBuilder"] = None) -> None:
         self.e = endian
-        self.strings = bytearray(b"\0")  # offset 0 is the empty name (btf.rst 2.1)
-        self._str_offs = {"": 0}
+        self.base = base
+        if base is None:
+            self.first_id = 1
+            self.str_start = 0
+            self.strings = bytearray(b"\0")  # offset 0 is the empty name (btf.rst 2.1)
+            self._str_offs = {"": 0}
+        else:
+            self.first_id = base.first_id + len(base.types)
+            self.str_start = base.str_start + len(base.strings)
+            self.strings = bytearray()
+            self._str_offs = {}
         self.types: List[bytes] = []
 
     def s(self, name: str) -> int:
+        if self.base is not None and (name == "" or name in self.base._str_offs):
+            return self.base.s(name)
         if name not in self._str_offs:
-            self._str_offs[name] = len(self.strings)
+            self._str_offs[name] = self.str_start + len(self.strings)
             self.strings += name.encode() + b"\0"
         return self._str_offs[name]
 
@@ -46,7 +64,7 @@ class BTFBuilder:
             size_or_type: int = 0, tail: bytes = b"") -> int:
         info = (kflag << 31) | (kind << 24) | vlen
         self.types.append(struct.pack(self.e + "III", self.s(name), info, size_or_type) + tail)
-        return len(self.types)
+        return self.first_id + len(self.types) - 1
 
     def u32(self, *vals: int) -> bytes:
         return struct.pack(self.e + "I" * len(vals), *vals)
@@ -458,6 +476,292 @@ def test_load_offsets(sample: BTF) -> None:
         load_offsets({"X": ("sk", "nope")}, sample)
 
 
+# ------------------------------------------------------------ split (module) BTF
+
+def build_split_base(endian: str = "<") -> Tuple[BTFBuilder, dict]:
+    """A vmlinux-like base: it only forward-declares nf_conn, as distro kernels do."""
+    b = BTFBuilder(endian)
+    t = {}
+    t["u8"] = b.int_("unsigned char", 1)
+    t["u16"] = b.int_("short unsigned int", 2)
+    t["u32"] = b.int_("unsigned int", 4)
+    t["ulong"] = b.int_("long unsigned int", 8)
+    t["tu32"] = b.typedef("u32", t["u32"])
+    t["be16"] = b.typedef("__be16", t["u16"])
+    t["vptr"] = b.ptr(0)
+    b.fwd("nf_conn")
+    b.struct("nf_ct_ext", 0, [])           # empty struct: how BTF spells an incomplete one
+    arr4 = b.array(t["u32"], t["u32"], 4)
+    # union nf_inet_addr { u32 all[4]; u32 ip; }  size 16
+    t["inet"] = b.union("nf_inet_addr", 16, [("all", arr4, 0, 0), ("ip", t["tu32"], 0, 0)])
+    # struct hlist_nulls_node { void *next; void *pprev; }  size 16
+    t["hnode"] = b.struct("hlist_nulls_node", 16, [("next", t["vptr"], 0, 0), ("pprev", t["vptr"], 64, 0)])
+    b.struct("sk_buff", 16, [("len", t["u32"], 0, 0), ("_nfct", t["ulong"], 64, 0)])
+    return b, t
+
+
+def build_nf_conntrack(base: BTFBuilder, t: dict) -> BTFBuilder:
+    """Module BTF whose structs use base types and each other (nf_conntrack-like)."""
+    m = BTFBuilder(base.e, base=base)
+    # struct nf_conntrack_man { union nf_inet_addr u3; __be16 all; u16 l3num; }  size 20
+    man = m.struct("nf_conntrack_man", 20, [("u3", t["inet"], 0, 0), ("all", t["be16"], 128, 0),
+                                            ("l3num", t["u16"], 144, 0)])
+    dst = m.struct("", 20, [("u3", t["inet"], 0, 0), ("all", t["be16"], 128, 0),
+                            ("protonum", t["u8"], 144, 0), ("dir", t["u8"], 152, 0)])
+    tup = m.struct("nf_conntrack_tuple", 40, [("src", man, 0, 0), ("dst", dst, 160, 0)])
+    th = m.struct("nf_conntrack_tuple_hash", 56, [("hnnode", t["hnode"], 0, 0), ("tuple", tup, 128, 0)])
+    th2 = m.array(th, t["u32"], 2)
+    ext = m.struct("nf_ct_ext", 8, [("offset", m.array(t["u8"], t["u32"], 4), 0, 0),
+                                    ("len", t["u8"], 32, 0)])
+    conn = m.struct("nf_conn", 144, [
+        ("use", t["tu32"], 0, 0),
+        ("tuplehash", th2, 128, 0),                 # byte 16, 2 * 56 bytes
+        ("status", t["ulong"], 128 * 8, 0),         # byte 128
+        ("ext", m.ptr(ext), 136 * 8, 0),            # byte 136
+    ])
+    m.typedef("nf_conn_t", conn)
+    m.enum("ip_conntrack_status", 4, [("IPS_EXPECTED", 1), ("IPS_SEEN_REPLY", 2)])
+    return m
+
+
+def one_struct_module(base: BTFBuilder, t: dict, structs: Sequence[Tuple[str, int]]) -> bytes:
+    """Split BTF defining struct NAME { u8 pad[SIZE]; } for each (NAME, SIZE); SIZE 0 = empty."""
+    m = BTFBuilder(base.e, base=base)
+    for name, size in structs:
+        if size:
+            m.struct(name, size, [("pad", m.array(t["u8"], t["u32"], size), 0, 0)])
+        else:
+            m.struct(name, 0, [])
+    return m.blob()
+
+
+def make_btf_dir(tmp_path: Path, endian: str = "<") -> Path:
+    """A stand-in for /sys/kernel/btf: vmlinux plus module files."""
+    base, t = build_split_base(endian)
+    d = tmp_path / "btf"
+    d.mkdir()
+    (d / "vmlinux").write_bytes(base.blob())
+    (d / "nf_conntrack").write_bytes(build_nf_conntrack(base, t).blob())
+    (d / "nf_nat").write_bytes(one_struct_module(
+        base, t, [("nf_conn_nat", 24), ("shared_s", 2), ("nf_conntrack_tuple", 99)]))
+    (d / "aaa_mod").write_bytes(one_struct_module(base, t, [("shared_s", 3), ("alpha_s", 5)]))
+    (d / "bbb").write_bytes(one_struct_module(base, t, [("alpha_s", 6), ("late_s", 0)]))
+    (d / "ccc").write_bytes(one_struct_module(base, t, [("late_s", 7)]))
+    return d
+
+
+def test_split_numbering_matches_libbpf() -> None:
+    # libbpf btf_new(): start_id = btf__type_cnt(base) (types + void),
+    # start_str_off = base hdr.str_len. The encoder follows that; check the reader agrees.
+    base, t = build_split_base()
+    mod = build_nf_conntrack(base, t)
+    assert mod.first_id == len(base.types) + 1
+    assert mod.s("tuplehash") >= len(base.strings)          # a new string: past the base's
+    assert mod.s("nf_conn") < len(base.strings)             # reused from the base (its FWD)
+    assert mod.s("len") < len(base.strings)                 # member name reused from the base
+    vmlinux = BTF.from_bytes(base.blob())
+    split = BTF.from_bytes(mod.blob(), base=vmlinux)
+    assert split.start_id == vmlinux.type_count + 1 == len(base.types) + 1
+    assert split.type_count == len(mod.types)
+    # struct nf_conn in the module, with members typed by base and module IDs.
+    assert split.offsetof("nf_conn", "status") == 128
+    assert split.offsetof("nf_conn", "tuplehash[1].tuple.dst.protonum") == 16 + 56 + 16 + 20 + 18
+    assert split.offsetof("nf_conn", "tuplehash[0].tuple.src.u3.ip") == 16 + 16
+    assert split.member_size("nf_conn", "tuplehash") == 112
+    assert split.member_size("nf_conn", "use") == 4           # base typedef u32
+    assert split.member_size("nf_conn", "ext") == 8           # pointer: base `long`
+    assert split.member_size("nf_conntrack_tuple", "src.u3") == 16
+    assert split.sizeof("nf_conntrack_tuple_hash") == 56
+    assert split.sizeof("u32") == 4                           # base name, via the split BTF
+    assert split.enum_values("ip_conntrack_status") == {"IPS_EXPECTED": 1, "IPS_SEEN_REPLY": 2}
+    # The base alone knows nothing about the module.
+    with pytest.raises(BTFError, match="only has a forward declaration of struct nf_conn"):
+        vmlinux.offsetof("nf_conn", "status")
+
+
+def test_split_boundaries_by_hand() -> None:
+    # Numbers written out by hand, independent of the encoder's bookkeeping: the base
+    # has types 1-2 and strings "\0int\0x\0s\0" (str_len 9), so the split's first
+    # type is ID 3 and its first string is at offset 9.
+    base = BTFBuilder()
+    assert base.int_("int", 4, signed=True) == 1
+    assert base.struct("s", 4, [("x", 1, 0, 0)]) == 2
+    assert bytes(base.strings) == b"\0int\0x\0s\0"   # "x"@5, "s"@7
+    strs = b"m\0a\0b\0"                                    # "m"@9, "a"@11, "b"@13
+    STRUCT_INFO = STRUCT << 24
+    types = (
+        # ID 3: struct x { int a; }  -- named by the base's string "x"@5
+        struct.pack("<III", 5, STRUCT_INFO | 1, 4) + struct.pack("<III", 11, 1, 0)
+        # ID 4: struct m { struct s a; struct x b; }  -- base ID 2, split ID 3
+        + struct.pack("<III", 9, STRUCT_INFO | 2, 8)
+        + struct.pack("<III", 11, 2, 0) + struct.pack("<III", 13, 3, 32))
+    hdr = struct.pack("<HBBIIIII", 0xEB9F, 1, 0, 24, 0, len(types), len(types), len(strs))
+    split = BTF.from_bytes(hdr + types + strs, base=BTF.from_bytes(base.blob()))
+    assert split.start_id == 3 and split.type_count == 2
+    assert split.offsetof("m", "a") == 0 and split.member_size("m", "a") == 4
+    assert split.offsetof("m", "a.x") == 0
+    assert split.offsetof("m", "b") == 4 and split.offsetof("m", "b.a") == 4
+    assert split.sizeof("struct x") == 4 and split.sizeof("m") == 8 and split.sizeof("s") == 4
+    with pytest.raises(BTFError, match="struct m has no member x"):
+        split.offsetof("m", "x")
+
+
+def test_split_big_endian() -> None:
+    base, t = build_split_base(">")
+    split = BTF.from_bytes(build_nf_conntrack(base, t).blob(), base=BTF.from_bytes(base.blob()))
+    assert split.offsetof("nf_conntrack_tuple", "dst.u3") == 20
+    assert split.member_size("nf_conn", "status") == 8
+
+
+def test_split_byte_order_must_match_base() -> None:
+    base, t = build_split_base(">")
+    little = build_split_base("<")[0]
+    with pytest.raises(BTFError, match="different byte order"):
+        BTF.from_bytes(build_nf_conntrack(base, t).blob(), base=BTF.from_bytes(little.blob()))
+
+
+def test_split_bad_references_are_corrupt() -> None:
+    base, t = build_split_base()
+    m = BTFBuilder(base=base)
+    m.struct("broken", 8, [("x", m.first_id + 50, 0, 0)])
+    split = BTF.from_bytes(m.blob(), base=BTF.from_bytes(base.blob()))
+    with pytest.raises(BTFError, match=f"refers to type {m.first_id + 50}, which does not exist"):
+        split.member_size("broken", "x")
+    m2 = BTFBuilder(base=base)
+    m2.add(STRUCT, "", size_or_type=4)
+    data = bytearray(m2.blob())
+    struct.pack_into("<I", data, 24, len(base.strings) + 1000)  # name_off past both sections
+    with pytest.raises(BTFError, match="name outside the string section"):
+        BTF.from_bytes(bytes(data), base=BTF.from_bytes(base.blob()))
+
+
+def test_load_finds_module_structs(tmp_path: Path) -> None:
+    d = make_btf_dir(tmp_path)
+    for btf in (BTF.load(str(d / "vmlinux"), module_dir=str(d)),
+                BTF.load(str(d / "vmlinux"))):            # module_dir defaults to path's directory
+        assert btf.type_count == len(build_split_base()[0].types)
+        assert btf.offsetof("sk_buff", "_nfct") == 8       # vmlinux
+        assert btf.offsetof("nf_conn", "status") == 128    # FWD in vmlinux, struct in nf_conntrack
+        assert btf.offsetof("struct nf_conn", "tuplehash[1]") == 16 + 56
+        assert btf.member_size("nf_conn", "tuplehash[1].tuple.dst.u3") == 16
+        assert btf.member_size("nf_conn", "ext") == 8
+        assert btf.offsetof("nf_conn_t", "ext") == 136     # typedef defined in the module
+        assert btf.sizeof("nf_ct_ext") == 8                # empty in vmlinux, complete in module
+        assert btf.sizeof("nf_conntrack_tuple_hash") == 56
+        assert btf.enum_values("ip_conntrack_status")["IPS_SEEN_REPLY"] == 2
+        got = load_offsets({"STATUS": ("nf_conn", "status"), "LEN": ("sk_buff", "len"),
+                            "HASH": ("sizeof", "nf_conntrack_tuple_hash")}, btf)
+        assert got == {"STATUS": 128, "LEN": 0, "HASH": 56}
+
+
+def test_module_search_order(tmp_path: Path) -> None:
+    btf = BTF.load(str(make_btf_dir(tmp_path) / "vmlinux"))
+    assert btf.sizeof("nf_conntrack_tuple") == 40   # nf_conntrack beats nf_nat (99)
+    assert btf.sizeof("shared_s") == 2              # nf_nat beats aaa_mod (alphabetical) (3)
+    assert btf.sizeof("alpha_s") == 5               # aaa_mod beats bbb (6)
+    assert btf.sizeof("late_s") == 7                # bbb only has an empty one; ccc is complete
+    assert btf.sizeof("nf_conn_nat") == 24
+
+
+def test_modules_are_read_lazily(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    d = make_btf_dir(tmp_path)
+    opened: List[str] = []
+    real_open = builtins.open
+
+    def spy_open(path, *a, **kw):  # type: ignore[no-untyped-def]
+        opened.append(os.path.basename(str(path)))
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr(builtins, "open", spy_open)
+    btf = BTF.load(str(d / "vmlinux"))
+    assert btf.offsetof("sk_buff", "len") == 0
+    assert btf.sizeof("u32") == 4
+    assert opened == ["vmlinux"]                    # found in vmlinux: no module touched
+    btf.offsetof("nf_conn", "status")
+    btf.sizeof("nf_conntrack_tuple")
+    assert opened == ["vmlinux", "nf_conntrack"]    # first in order, and read only once
+    btf.sizeof("alpha_s")
+    assert opened == ["vmlinux", "nf_conntrack", "nf_nat", "aaa_mod"]
+
+
+def test_modules_disabled_or_listed(tmp_path: Path) -> None:
+    d = make_btf_dir(tmp_path)
+    vml = str(d / "vmlinux")
+    off = BTF.load(vml, modules=[])
+    with pytest.raises(BTFError) as ei:
+        off.offsetof("nf_conn", "status")
+    assert str(ei.value) == (f"The kernel BTF ({vml}) only has a forward declaration of "
+                             "struct nf_conn, not its layout.")
+    assert off.sizeof("nf_ct_ext") == 0             # vmlinux's empty struct, as before
+    only_nat = BTF.load(vml, modules=["nf_nat"])
+    assert only_nat.sizeof("shared_s") == 2
+    assert only_nat.sizeof("nf_conntrack_tuple") == 99
+    with pytest.raises(BTFError, match=r"forward declaration of struct nf_conn.*module BTF files nf_nat"):
+        only_nat.offsetof("nf_conn", "status")
+    # A path works too, and a single name is not split into characters.
+    assert BTF.load(vml, modules=[str(d / "ccc")]).sizeof("late_s") == 7
+    assert BTF.load(vml, modules="ccc").sizeof("late_s") == 7
+
+
+def test_missing_struct_message_with_modules(tmp_path: Path) -> None:
+    d = make_btf_dir(tmp_path)
+    vml = str(d / "vmlinux")
+    btf = BTF.load(vml)
+    with pytest.raises(BTFError) as ei:
+        btf.offsetof("nf_conntrack_expect", "tuple")
+    msg = str(ei.value)
+    assert msg.startswith(f"The kernel BTF has no struct named nf_conntrack_expect (looked in {vml} "
+                          f"and 5 module BTF files in {d}).")
+    assert "modprobe nf_conntrack" in msg
+    assert isinstance(ei.value, UserError)
+    with pytest.raises(BTFError) as ei:
+        btf.sizeof("task_struct")
+    assert str(ei.value) == (f"The kernel BTF has no type named task_struct (looked in {vml} "
+                             f"and 5 module BTF files in {d}).")
+    with pytest.raises(BTFError, match="no enum named nf_nope"):
+        btf.enum_values("nf_nope")
+    # No module files at all (this machine's /sys/kernel/btf).
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "vmlinux").write_bytes((d / "vmlinux").read_bytes())
+    with pytest.raises(BTFError) as ei:
+        BTF.load(str(lone / "vmlinux")).offsetof("nf_conn", "status")
+    assert str(ei.value) == (
+        "The kernel BTF only has a forward declaration of struct nf_conn, not its layout "
+        f"(looked in {lone / 'vmlinux'} and found no module BTF files in {lone}). Names starting "
+        "with nf_ come from netfilter, which distributions build as modules; load it with "
+        "`modprobe nf_conntrack` and try again.")
+
+
+def test_unusable_module_files_are_skipped_and_reported(tmp_path: Path) -> None:
+    d = make_btf_dir(tmp_path)
+    (d / "aa_garbage").write_bytes(b"\x7fELF" + b"\0" * 60)
+    (d / "aa_big_endian").write_bytes(one_struct_module(build_split_base(">")[0], {"u8": 1, "u32": 3},
+                                                        [("alpha_s", 9)]))
+    (d / "subdir").mkdir()                          # not a file: ignored
+    btf = BTF.load(str(d / "vmlinux"))
+    assert btf.sizeof("alpha_s") == 5               # the two bad files before aaa_mod are skipped
+    with pytest.raises(BTFError) as ei:
+        btf.offsetof("nf_nope", "x")
+    msg = str(ei.value)
+    assert "7 module BTF files" in msg
+    assert "2 module BTF files could not be used; the first: " in msg
+    assert "different byte order" in msg           # aa_big_endian sorts first
+
+
+def test_module_file_vanishes(tmp_path: Path) -> None:
+    # Modules can be unloaded between listing the directory and reading a file.
+    d = make_btf_dir(tmp_path)
+    btf = BTF.load(str(d / "vmlinux"))
+    assert btf.sizeof("nf_conn") == 144             # lists the directory, reads nf_conntrack
+    (d / "nf_nat").unlink()
+    assert btf.sizeof("alpha_s") == 5
+    with pytest.raises(BTFError, match=r"could not be used; the first: No BTF file at .*nf_nat\."):
+        btf.sizeof("nf_conn_nat")
+
+
 # ------------------------------------------------------------ the running kernel
 
 REAL_SPEC = {
@@ -547,3 +851,54 @@ def test_this_machines_kernel_reference_values(kernel_btf: BTF) -> None:
     assert b.offsetof("nf_conn", "tuplehash") == 16
     assert b.offsetof("nf_conn", "status") == 128
     assert b.sizeof("nf_conntrack_tuple_hash") == 56
+
+
+def module_btf_files() -> List[str]:
+    try:
+        return sorted(n for n in os.listdir(os.path.dirname(VMLINUX)) if n != "vmlinux")
+    except OSError:
+        return []
+
+
+@needs_vmlinux
+@pytest.mark.skipif(not module_btf_files(), reason="/sys/kernel/btf has no module BTF files")
+def test_real_module_btf() -> None:
+    """One struct from a real module's split BTF, resolved against the real vmlinux."""
+    mods = module_btf_files()
+    name = "nf_conntrack" if "nf_conntrack" in mods else mods[0]
+    path = os.path.join(os.path.dirname(VMLINUX), name)
+    vmlinux = BTF.load(modules=[])
+    with open(path, "rb") as f:
+        mod = BTF.from_bytes(f.read(), source=path, base=vmlinux)
+    assert mod.start_id == vmlinux.type_count + 1
+    # Pick the module's largest struct with named members (reaching into the index:
+    # there is no public "list types" API).
+    best: Optional[Tuple[int, str, int]] = None
+    for key, ids in mod._by_name.items():
+        for tid in ids:
+            kind, _kf, vlen, _n, size = mod._hdr(tid)
+            if kind == STRUCT and vlen and (best is None or size > best[0]):
+                best = (size, key.decode(), tid)
+    if best is None:
+        pytest.skip(f"module BTF {name} defines no struct")
+    size, sname, tid = best
+    checked = 0
+    for mname, _mtype, _bits, _bf in mod._members(tid):
+        if not mname:
+            continue
+        try:
+            off = mod.offsetof(sname, mname)
+        except BTFError as err:
+            assert "bitfield" in str(err)
+            continue
+        # Member types are often vmlinux IDs (u32, list_head, ...): sizes must resolve.
+        assert 0 <= off and off + mod.member_size(sname, mname) <= size, (sname, mname)
+        checked += 1
+    assert checked
+    # Through BTF.load(): found in vmlinux if it is complete there, else in a module.
+    assert BTF.load().sizeof(f"struct {sname}") > 0
+    if name == "nf_conntrack":
+        btf = BTF.load()
+        hash_size = btf.sizeof("nf_conntrack_tuple_hash")
+        assert btf.offsetof("nf_conn", "tuplehash[1]") == btf.offsetof("nf_conn", "tuplehash") + hash_size
+        assert btf.offsetof("nf_conntrack_tuple", "dst.u3") == 20
