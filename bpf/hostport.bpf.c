@@ -162,8 +162,10 @@ static __always_inline void mapping_add(struct mapping_key *m, u64 flows_inc, u6
 {
     struct mapping_val zero = {};
     struct mapping_val *mv = mappings.lookup_or_try_init(m, &zero);
-    if (!mv)
+    if (!mv) {
+        stat_inc(STAT_COUNTER_FULL);
         return;
+    }
     mv->flows += flows_inc;      /* per-CPU value: no atomics needed */
     mv->packets += 1;
     mv->bytes += bytes;
@@ -182,8 +184,10 @@ static __always_inline void count_miss(struct flow_key *k, u8 hook)
     __builtin_memcpy(mk.node_addr, k->node_addr, 16);
     struct miss_val zero = {};
     struct miss_val *mv = misses.lookup_or_try_init(&mk, &zero);
-    if (!mv)
+    if (!mv) {
+        stat_inc(STAT_COUNTER_FULL);
         return;
+    }
     __sync_fetch_and_add(&mv->count, 1);
     mv->last_ns = bpf_ktime_get_ns();
 }
@@ -426,10 +430,12 @@ int tp_kfree_skb(void *ctx)
         return 0;
     }
     u64 one = 1;
-    if (drops.insert(&dk, &one)) {      /* another CPU inserted it first */
+    if (drops.insert(&dk, &one)) {      /* another CPU inserted it first, or the map is full */
         c = drops.lookup(&dk);
         if (c)
             __sync_fetch_and_add(c, 1);
+        else
+            stat_inc(STAT_COUNTER_FULL);
     }
     return 0;
 }

@@ -57,7 +57,7 @@ OFFSETS = {
 }
 
 STAT_NAMES = ("ringbuf_lost", "flows_created", "pending_full", "flow_insert_errors",
-              "reply_without_flow", "drops_seen")
+              "reply_without_flow", "drops_seen", "counter_full")
 
 
 def bpf_source_dir() -> Path:

@@ -215,7 +215,9 @@ def _summary(probe, res: TraceResult, duration: float, names) -> dict:
         drops.append(d)
     # Every flow the kernel created must have been reported once; the rest were lost
     # (ring buffer full, pending queue full, evicted from the flow table before reported).
-    lost = max(0, stats["flows_created"] - len(res.flows))
+    # Flows the table refused and counters that could not be created are lost too.
+    lost = (max(0, stats["flows_created"] - len(res.flows)) + stats["flow_insert_errors"]
+            + stats["counter_full"])
     s = summarize(res.flows, res.misses, counters, drops, duration, lost, pod_names=names)
     s["kernel"] = stats
     return s
