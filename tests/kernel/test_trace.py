@@ -297,3 +297,19 @@ def test_run_inside_ip_netns_exec_with_drops(tlab):
     flows = [f for f in t.flows if f["host_port"] == 8000]
     assert len(flows) == 1 and flows[0]["drop_reason"] == "NETFILTER_DROP"
     assert flows[0]["pod_name"].startswith("nginx-hostport-")
+
+
+def test_flow_table_overflow_is_counted_as_lost_never_silent(tlab):
+    ns = tlab.node_netns
+    subprocess.run(["ip", "netns", "exec", ns, "iptables", "-P", "FORWARD", "DROP"], check=True)
+    try:
+        with tracing("--lab", tlab.name, "--timeout", "30", "--flow-table", "1024") as t:
+            res = lab.traffic(tlab.name, to=8000, count=1500, concurrency=300, timeout=0.5)
+    finally:
+        subprocess.run(["ip", "netns", "exec", ns, "iptables", "-P", "FORWARD", "ACCEPT"], check=True)
+    assert res["sent"] == 1500 and res["answered"] == 0
+    s = t.summary
+    flows = [f for f in t.flows if f["host_port"] == 8000]
+    assert s["kernel"]["flows_created"] == 1500
+    assert s["lost_events"] > 0                         # 1500 unanswered flows cannot fit in 1024
+    assert len(flows) + s["lost_events"] == 1500        # every flow is either reported or counted lost
