@@ -15,22 +15,8 @@ from typing import List, Optional, Sequence, Tuple
 import click
 
 from . import __version__
+from .cliutil import Fail, user_errors
 from .errors import UserError
-
-
-class Fail(click.ClickException):
-    exit_code = 2
-
-
-def user_errors(fn):
-    """Library errors (UserError) become `Error: <sentence>` and exit 2, never a traceback."""
-    @functools.wraps(fn)
-    def wrapper(*a, **kw):
-        try:
-            return fn(*a, **kw)
-        except UserError as e:
-            raise Fail(str(e)) from None
-    return wrapper
 
 
 def _host_ports(values: Sequence[str], protos: Sequence[str]) -> List[Tuple[str, int]]:
@@ -356,6 +342,15 @@ def lab_demo(name, keep):
     """
     from .demo import run_demo
     sys.exit(run_demo(name, keep))
+
+
+def _register_node_commands():
+    from .cli_node import check_cmd, rules_cmd
+    cli.add_command(rules_cmd)
+    cli.add_command(check_cmd)
+
+
+_register_node_commands()
 
 
 def main(argv=None):

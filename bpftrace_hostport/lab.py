@@ -18,6 +18,8 @@ rule and address is set inside a namespace the lab created.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import fcntl
 import hashlib
 import ipaddress
 import json
@@ -406,7 +408,10 @@ def _write_pods(st: LabState) -> None:
         uid = hashlib.md5(f"{st.run_id}/{p.namespace}/{p.name}".encode()).hexdigest()
         uid = f"{uid[:8]}-{uid[8:12]}-{uid[12:16]}-{uid[16:20]}-{uid[20:32]}"
         start = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(st.created))
-        pods.append(plan_to_pod(plan, tuple(p.ips), st.node_name, uid=uid, start_time=start))
+        pod = plan_to_pod(plan, tuple(p.ips), st.node_name, uid=uid, start_time=start)
+        if p.container_id:   # the sandbox id portmap put in its rule comments
+            pod = dataclasses.replace(pod, container_ids=(p.container_id,))
+        pods.append(pod)
     write_pod_list(pods, str(st.pods_file))
 
 
@@ -433,18 +438,20 @@ def up(manifests: Sequence[str] = (), name: str = "lab", scenario: str = "basic"
     if len(set(names)) != len(names):
         raise LabError("Two pods in the manifests would get the same namespace/name; rename one.")
 
-    if (STATE_ROOT / name / "state.json").exists():
-        raise LabError(f"A lab named {name!r} is already up: take it down with "
-                       f"`bpftrace-hostport lab down --name {name}` or choose another --name.")
-    _remove_orphans(name)
     run_id = secrets.token_hex(2)
-    b = _subnet_for(name)
-    st = LabState(name=name, run_id=run_id, subnet=b, scenario=scenario, ipv6=ipv6,
-                  node_netns=f"bhp-{name}-{run_id}-node", node_name=f"lab-{name}",
-                  node_ip=f"10.{b}.0.1", node_ip6=f"fd00:{b}::1" if ipv6 else None,
-                  pod_cidr=f"10.{b}.1.0/24", pod_cidr6=f"fd00:{b}:1::/64" if ipv6 else None)
-    st.dir.mkdir(parents=True, exist_ok=True)
-    st.save()
+    STATE_ROOT.mkdir(parents=True, exist_ok=True)
+    # One lab at a time picks its subnet and claims its name: two `lab up` at once never
+    # get the same /16 or the same name.
+    with open(STATE_ROOT / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (STATE_ROOT / name / "state.json").exists():
+            raise LabError(f"A lab named {name!r} is already up: take it down with "
+                           f"`bpftrace-hostport lab down --name {name}` or choose another --name.")
+        _remove_orphans(name)      # namespaces of a run of this name that died unrecorded
+        b = _subnet_for(name)
+        st = _new_state(name, run_id, b, scenario, ipv6)
+        st.dir.mkdir(parents=True, exist_ok=True)
+        st.save()
     try:
         _build(st, plans, clients)
     except BaseException:
@@ -452,6 +459,13 @@ def up(manifests: Sequence[str] = (), name: str = "lab", scenario: str = "basic"
             down(name)
         raise
     return st
+
+
+def _new_state(name: str, run_id: str, b: int, scenario: str, ipv6: bool) -> LabState:
+    return LabState(name=name, run_id=run_id, subnet=b, scenario=scenario, ipv6=ipv6,
+                    node_netns=f"bhp-{name}-{run_id}-node", node_name=f"lab-{name}",
+                    node_ip=f"10.{b}.0.1", node_ip6=f"fd00:{b}::1" if ipv6 else None,
+                    pod_cidr=f"10.{b}.1.0/24", pod_cidr6=f"fd00:{b}:1::/64" if ipv6 else None)
 
 
 def _build(st: LabState, plans: List[PodPlan], clients: int) -> None:
@@ -507,8 +521,8 @@ def _stale_udp(st: LabState) -> None:
     old = next(p for p in st.pods if p.name == "dns-v1")
     client = st.clients[0]
     args = ["bpftrace_hostport.labclient", "--host", st.node_ip, "--port", "5353", "--proto", "udp",
-            "--source-port", str(STALE_UDP_SOURCE_PORT), "--count", "3000", "--rate", "10",
-            "--timeout", "0.2", "--max-seconds", "300", "--ready-after", "1"]
+            "--source-port", str(STALE_UDP_SOURCE_PORT), "--count", "36000", "--rate", "10",
+            "--timeout", "0.2", "--max-seconds", "3600", "--ready-after", "1"]
     _start_process(st, client["netns"], args, "stale-udp-client.log", ready=True)
     time.sleep(0.3)
     plan = parse_manifests(_SCENARIO_PODS["stale-udp"].replace("dns-v1", "dns-v2"), "<scenario>")[0]
@@ -555,7 +569,7 @@ def _remove_orphans(name: str) -> List[str]:
     if not os.path.isdir(NETNS_DIR):
         return removed
     for ns in sorted(os.listdir(NETNS_DIR)):
-        if re.match(rf"^bhp-{re.escape(name)}-[0-9a-f]{{4}}-", ns):
+        if re.match(rf"^bhp-{re.escape(name)}-[0-9a-f]{{4}}-(node|c\d+|p\d+)$", ns):
             _kill_netns_procs(ns)
             _run(["ip", "netns", "del", ns], check=False)
             removed.append(ns)

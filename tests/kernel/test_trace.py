@@ -310,6 +310,8 @@ def test_flow_table_overflow_is_counted_as_lost_never_silent(tlab):
     assert res["sent"] == 1500 and res["answered"] == 0
     s = t.summary
     flows = [f for f in t.flows if f["host_port"] == 8000]
-    assert s["kernel"]["flows_created"] == 1500
-    assert s["lost_events"] > 0                         # 1500 unanswered flows cannot fit in 1024
-    assert len(flows) + s["lost_events"] == 1500        # every flow is either reported or counted lost
+    created = s["kernel"]["flows_created"]
+    # Under load a client may give up (0.5 s) before its SYN leaves; every SYN that left is a flow.
+    assert 1400 <= created <= 1500, (s["kernel"], res)
+    assert s["lost_events"] > 0, s["kernel"]            # ~1500 unanswered flows cannot fit in 1024
+    assert len(flows) + s["lost_events"] == created, (len(flows), s["kernel"])   # reported or counted lost
