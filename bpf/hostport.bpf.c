@@ -201,7 +201,9 @@ static __always_inline void emit_answered(struct flow_key *k, struct flow_val *v
     }
     __builtin_memcpy(&e->key, k, sizeof(*k));
     __builtin_memcpy(&e->val, v, sizeof(*v));
-    events.ringbuf_submit(e, 0);
+    /* No wakeup: user space drains the ring on a timer, in batches (a wakeup per flow
+     * would cost a context switch per flow at high connection rates). */
+    events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
 }
 
 /* Runs just after DNAT (priority NF_IP_PRI_NAT_DST + 1 = -99): the packet's destination is

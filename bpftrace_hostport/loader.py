@@ -331,25 +331,26 @@ class Probe:
     def _on_event(self, ctx, data, size):
         # struct flow_event is {flow_key; flow_val}: the flows map's own Key and Leaf types
         # (built by bcc from events.h) decode it. Copy now: the ring memory is reused.
-        raw = ctypes.string_at(data, size)
-        self._events.append((raw[:self._key_size], raw[self._val_off:self._val_off + self._val_size]))
+        self._events.append(ctypes.string_at(data, size))
 
-    def poll(self, timeout_ms: int) -> List[Tuple[object, object]]:
-        """Answered-flow records from the ring buffer, as (flow_key, flow_val) ctypes."""
-        self.bpf.ring_buffer_poll(timeout_ms)
-        return self._take_events()
+    def event_layout(self):
+        """(flow_key ctypes class, flow_val ctypes class, offset of val in flow_event)."""
+        return self.bpf["flows"].Key, self.bpf["flows"].Leaf, self._val_off
 
-    def consume(self) -> List[Tuple[object, object]]:
+    def consume(self) -> List[bytes]:
+        """Answered-flow records waiting in the ring buffer, as raw flow_event bytes.
+
+        The kernel submits them without a wakeup (BPF_RB_NO_WAKEUP): reading them in batches
+        on a timer costs one syscall per batch instead of a wakeup per flow.
+        """
         self.bpf.ring_buffer_consume()
-        return self._take_events()
-
-    def _take_events(self):
-        fk, fv = self.bpf["flows"].Key, self.bpf["flows"].Leaf
-        out = [(fk.from_buffer_copy(k), fv.from_buffer_copy(v)) for k, v in self._events]
-        self._events.clear()
+        out, self._events = self._events, []
         return out
 
-    def take_pending(self, older_than_ns: Optional[int]) -> List[Tuple[object, Optional[object]]]:
+    def _raw_event(self, k, v) -> bytes:
+        return bytes(k) + bytes(self._val_off - self._key_size) + bytes(v)
+
+    def take_pending(self, older_than_ns: Optional[int]) -> List[Optional[bytes]]:
         """Claims unanswered flows queued before `older_than_ns` (None: all of them).
 
         Deleting the pending entry is the claim: the kernel reports a flow as answered only
@@ -365,10 +366,9 @@ class Probe:
             except KeyError:
                 continue          # answered meanwhile: the kernel reported it
             try:
-                val = flows[k]
+                out.append(self._raw_event(k, flows[k]))
             except KeyError:
-                val = None        # evicted from the flow table before its timeout
-            out.append((k, val))
+                out.append(None)  # evicted from the flow table before its timeout
         return out
 
     def pending_count(self) -> int:

@@ -17,12 +17,14 @@ Public API:
 from __future__ import annotations
 
 import io
+from array import array
 import ipaddress
 import json
 import math
 import os
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
+import numpy as np
 import pandas as pd
 
 from bpftrace_hostport.errors import UserError
@@ -264,6 +266,61 @@ def _sort_key(m: dict) -> tuple:
     )
 
 
+class FlowAggregate:
+    """Flow records folded per mapping as they arrive, in O(mappings) memory.
+
+    A long trace at tens of thousands of flows per second cannot keep every record: this keeps
+    per mapping the counts, the first pod names, the drop reasons and the latencies (8 bytes
+    each, for exact percentiles). `summarize` accepts it in place of the list of records.
+    """
+
+    def __init__(self) -> None:
+        self.stats: Dict[Key, dict] = {}
+        self.count = 0
+
+    def add(self, r: dict) -> None:
+        key = (str(r.get("proto") or "").lower(), r.get("family"), r.get("host_port"),
+               r.get("pod_ip"), r.get("pod_port"))
+        st = self.stats.get(key)
+        if st is None:
+            st = self.stats[key] = {"flows": 0, "answered": 0, "packets": 0, "bytes": 0,
+                                    "pod_namespace": None, "pod_name": None, "port_name": None,
+                                    "lat": array("d"), "drops": {}}
+        self.count += 1
+        st["flows"] += 1
+        st["packets"] += int(r.get("packets") or 0)
+        st["bytes"] += int(r.get("bytes") or 0)
+        if r.get("answered"):
+            st["answered"] += 1
+            lat = r.get("latency_us")
+            if lat is not None:
+                st["lat"].append(float(lat))
+        for f in ("pod_namespace", "pod_name", "port_name"):
+            if st[f] is None and r.get(f) is not None:
+                st[f] = r[f]
+        reason = r.get("drop_reason")
+        if reason:
+            st["drops"][reason] = st["drops"].get(reason, 0) + 1
+
+    def __len__(self) -> int:
+        return self.count
+
+    def flow_stats(self) -> Dict[Key, dict]:
+        out: Dict[Key, dict] = {}
+        for key, st in self.stats.items():
+            lat = None
+            if len(st["lat"]):
+                series = pd.Series(np.frombuffer(st["lat"], dtype="float64"))
+                quant = series.quantile([q for _, q in PERCENTILES], interpolation="linear")
+                lat = {name: _round(quant.loc[q], 1) for name, q in PERCENTILES}
+                lat["max"] = _round(series.max(), 1)
+            out[key] = {k: st[k] for k in ("flows", "answered", "packets", "bytes",
+                                           "pod_namespace", "pod_name", "port_name")}
+            out[key]["latency_us"] = lat
+            out[key]["drops"] = dict(st["drops"])
+        return out
+
+
 def summarize(
     flows: List[dict],
     misses: List[dict],
@@ -289,9 +346,11 @@ def summarize(
 
     The result only holds plain JSON-serialisable Python values (no numpy types, no NaN).
     """
-    flows = list(flows or [])
     misses = list(misses or [])
-    flow_stats = _flow_stats(flows)
+    if isinstance(flows, FlowAggregate):
+        flow_stats = flows.flow_stats()
+    else:
+        flow_stats = _flow_stats(list(flows or []))
     counter_stats = _counter_stats(list(counters)) if counters is not None else {}
     kernel_drops = _drop_stats(list(drops)) if drops is not None else None
     miss_stats = _miss_stats(misses)

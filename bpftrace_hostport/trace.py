@@ -11,19 +11,21 @@ any difference is reported as lost_events, never silently dropped.
 from __future__ import annotations
 
 import json
-from collections import deque
 import os
 import signal
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, TextIO, Tuple
+from typing import Dict, List, Optional, Sequence, TextIO, Tuple
+
+import orjson
 
 from . import events as ev
 from . import netns as netns_mod
 from .errors import UserError
 from .pods.index import PodIndex
-from .summary import render_summary, summarize
+from .summary import FlowAggregate, render_summary, summarize
 
 
 @dataclass
@@ -53,7 +55,7 @@ class _Stop:
 
 @dataclass
 class TraceResult:
-    flows: List[dict] = field(default_factory=list)
+    agg: FlowAggregate = field(default_factory=FlowAggregate)   # flows, folded per mapping
     misses: List[dict] = field(default_factory=list)
     summary: Optional[dict] = None
     notes: List[str] = field(default_factory=list)
@@ -115,16 +117,28 @@ def run_trace(opts: TraceOptions, index: PodIndex, out: TextIO = sys.stdout,
             live = _LiveTable(out)
 
         recent = deque(maxlen=8)
+        key_t, val_t, val_off = probe.event_layout()
+        encoder = ev.FlowEncoder(key_t, val_t, val_off, clock, probe.drop_names, names)
+        binary = getattr(out, "buffer", None) if opts.fmt == "json" else None
 
-        def emit_flow(key, val):
-            rec = ev.flow_record(ev.decode_flow(key, val, clock, probe.drop_names), names)
-            res.flows.append(rec)
-            if opts.fmt == "json":
-                out.write(json.dumps(rec) + "\n")
-            elif live is None:
-                out.write(_flow_line(rec) + "\n")
-            else:
-                recent.append(_flow_line(rec))
+        def emit_flows(raws):
+            lines = []
+            for raw in raws:
+                rec = encoder.record(raw)
+                res.agg.add(rec)
+                if opts.fmt == "json":
+                    lines.append(orjson.dumps(rec))
+                elif live is None:
+                    out.write(_flow_line(rec) + "\n")
+                else:
+                    recent.append(_flow_line(rec))
+            if lines:
+                lines.append(b"")
+                if binary is not None:
+                    out.flush()
+                    binary.write(b"\n".join(lines))
+                else:
+                    out.write(b"\n".join(lines).decode())
 
         miss_seen: Dict[ev.MissKey, int] = {}
 
@@ -147,24 +161,21 @@ def run_trace(opts: TraceOptions, index: PodIndex, out: TextIO = sys.stdout,
         start = time.monotonic()
         next_pending = next_slow = start
         timeout_ns = int(opts.timeout * 1e9)
-        evicted = 0
         while not stop.flag:
             now = time.monotonic()
             if opts.duration is not None and now - start >= opts.duration:
                 break
-            for k, v in probe.poll(100):
-                emit_flow(k, v)
+            time.sleep(0.05)
+            emit_flows(probe.consume())
             now = time.monotonic()
             if now >= next_pending:
                 next_pending = now + 0.25
-                for k, v in probe.take_pending(ev.Clock.now_mono_ns() - timeout_ns):
-                    if v is None:
-                        evicted += 1
-                    else:
-                        emit_flow(k, v)
+                pend = probe.take_pending(ev.Clock.now_mono_ns() - timeout_ns)
+                emit_flows([raw for raw in pend if raw is not None])   # None: evicted, counted lost
             if now >= next_slow:
                 next_slow = now + 1.0
                 poll_misses()
+                encoder.forget_names()
                 probe.set_local_addrs(netns_mod.local_addresses(ipr))
                 if watch and not opts.host_ports:
                     # pods come and go (API watch, CRI): watch the hostPorts of new ones too
@@ -174,16 +185,13 @@ def run_trace(opts: TraceOptions, index: PodIndex, out: TextIO = sys.stdout,
                         watched |= new
                 if live is not None:
                     live.update(_summary(probe, res, time.monotonic() - start, names), recent)
-            # Flush each round (<= 0.1 s of records): a capture killed with -9 keeps what was written.
+            # Flush each round (<= 0.05 s of records): a capture killed with -9 keeps what was written.
             out.flush()
+            if binary is not None:
+                binary.flush()
         # Drain: answered records still in the ring, then every flow still unanswered.
-        for k, v in probe.consume():
-            emit_flow(k, v)
-        for k, v in probe.take_pending(None):
-            if v is None:
-                evicted += 1
-            else:
-                emit_flow(k, v)
+        emit_flows(probe.consume())
+        emit_flows([raw for raw in probe.take_pending(None) if raw is not None])
         poll_misses()
         res.summary = _summary(probe, res, time.monotonic() - start, names)
     finally:
@@ -216,9 +224,9 @@ def _summary(probe, res: TraceResult, duration: float, names) -> dict:
     # Every flow the kernel created must have been reported once; the rest were lost
     # (ring buffer full, pending queue full, evicted from the flow table before reported).
     # Flows the table refused and counters that could not be created are lost too.
-    lost = (max(0, stats["flows_created"] - len(res.flows)) + stats["flow_insert_errors"]
+    lost = (max(0, stats["flows_created"] - len(res.agg)) + stats["flow_insert_errors"]
             + stats["counter_full"])
-    s = summarize(res.flows, res.misses, counters, drops, duration, lost, pod_names=names)
+    s = summarize(res.agg, res.misses, counters, drops, duration, lost, pod_names=names)
     s["kernel"] = stats
     return s
 

@@ -66,3 +66,44 @@ def test_miss_and_mapping_keys():
                    "client_ip": "10.0.0.10", "node_ip": "10.0.0.1", "host_port": 9100, "hook": "output", "count": 3}
     mp = SimpleNamespace(family=4, proto=17, host_port=socket.htons(5353), pod_port=socket.htons(53), pod_addr=a16("10.0.1.9"))
     assert ev.decode_mapping(mp) == {"proto": "udp", "family": 4, "host_port": 5353, "pod_ip": "10.0.1.9", "pod_port": 53}
+
+
+def test_fast_encoder_matches_the_reference_decoder():
+    """FlowEncoder (struct over the compiled layout) == decode_flow + flow_record."""
+    import ctypes as C
+
+    class Key(C.Structure):      # as bcc builds it from bpf/events.h
+        _fields_ = [("family", C.c_ubyte), ("proto", C.c_ubyte), ("client_port", C.c_ushort),
+                    ("host_port", C.c_ushort), ("_pad", C.c_ushort),
+                    ("client_addr", C.c_ubyte * 16), ("node_addr", C.c_ubyte * 16)]
+
+    class Val(C.Structure):
+        _fields_ = [(n, C.c_ulonglong) for n in ("ct", "first_ns", "reply_ns", "last_ns", "packets_orig",
+                                                 "bytes_orig", "packets_reply", "bytes_reply", "drops")] + [
+                   ("pod_addr", C.c_ubyte * 16), ("snat_addr", C.c_ubyte * 16), ("pod_port", C.c_ushort),
+                   ("snat_port", C.c_ushort), ("drop_reason", C.c_uint), ("hook", C.c_ubyte),
+                   ("flags", C.c_ubyte), ("_pad", C.c_ubyte * 6)]
+
+    def fill(ctype, ns):
+        obj = ctype()
+        for name, *_ in ctype._fields_:
+            if name.startswith("_"):
+                continue
+            v = getattr(ns, name)
+            if isinstance(v, list):
+                getattr(obj, name)[:] = v
+            else:
+                setattr(obj, name, v)
+        return obj
+
+    names = lambda proto, ip, port: ("ns", "web", "http") if ip == "10.0.1.2" else None  # noqa: E731
+    clock = FixedClock()
+    enc = ev.FlowEncoder(Key, Val, C.sizeof(Key), clock, {12: "NETFILTER_DROP"}, names)
+    cases = [(key(), val()),
+             (key("fd00::a", 5, "fd00::1", 8000, fam=6, proto=17),
+              val("fd00:1::2", 53, reply=0, flags=2, snat="fd00:1::1", reason=12)),
+             (key(), val(flags=1 | 4))]
+    for k, v in cases:
+        raw = bytes(fill(Key, k)) + bytes(fill(Val, v))
+        ref = ev.flow_record(ev.decode_flow(k, v, clock, {12: "NETFILTER_DROP"}), names)
+        assert enc.record(raw) == ref

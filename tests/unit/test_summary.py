@@ -445,3 +445,25 @@ def test_read_then_summarize_roundtrip(tmp_path):
     s = summarize(flows, misses, None, None, 2, 0)
     p.write_text(p.read_text() + json.dumps(s) + "\n")
     assert read_jsonl(p)[2] == s
+
+
+def test_flow_aggregate_gives_the_same_summary_as_the_records():
+    from bpftrace_hostport.summary import FlowAggregate
+    import random
+    rnd = random.Random(7)
+    recs = []
+    for i in range(500):
+        answered = rnd.random() > 0.2
+        recs.append({"type": "flow", "proto": "tcp", "family": 4, "host_port": 8000 + i % 3,
+                     "pod_ip": f"10.0.1.{i % 3}", "pod_port": 80, "answered": answered,
+                     "latency_us": round(rnd.uniform(10, 5000), 1) if answered else None,
+                     "packets": 2, "bytes": 120, "pod_namespace": "ns" if i > 5 else None,
+                     "pod_name": f"p{i % 3}", "port_name": "http",
+                     "drop_reason": None if answered else "NETFILTER_DROP"})
+    agg = FlowAggregate()
+    for r in recs:
+        agg.add(r)
+    assert len(agg) == 500
+    a = summarize(recs, [], None, None, 10.0, 0)
+    b = summarize(agg, [], None, None, 10.0, 0)
+    assert a == b
