@@ -1,21 +1,16 @@
 """The command line: a thin click layer over the library. Errors become one sentence, exit 2."""
 from __future__ import annotations
 
-import functools
 import ipaddress
 import json
 import os
-import signal
-import subprocess
 import sys
-import tempfile
-import time
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import click
 
 from . import __version__
-from .cliutil import Fail, user_errors
+from .cliutil import Fail, lab_target, user_errors
 from .errors import UserError
 
 
@@ -133,12 +128,8 @@ def trace(netns, lab_name, duration, host_ports, protos, clients, pod_files, pod
     """
     pod_files = list(pod_files)
     if lab_name:
-        from .lab import LabState
-        st = LabState.load(lab_name)
-        if netns and netns != st.node_netns:
-            raise Fail("--lab and --netns name different namespaces; give one of them.")
-        netns = st.node_netns
-        pod_files.append(str(st.pods_file))
+        netns, pods_file, _ = lab_target(lab_name, netns)
+        pod_files.append(pods_file)
     from .netns import require
     require(netns)
     index = _resolver(pod_files, pods_from, netns, node_name, kubeconfig)

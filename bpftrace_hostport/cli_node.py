@@ -12,7 +12,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import click
 
-from .cliutil import Fail, user_errors
+from .cliutil import lab_target, user_errors
 from .errors import UserError
 
 PODS_FROM = ("auto", "file", "kube", "cri", "cni", "none")
@@ -63,14 +63,10 @@ def _view(netns: Optional[str], lab_name: Optional[str], pod_files: Sequence[str
     from .nodeview import gather
     pod_files = list(pod_files)
     if lab_name:
-        from .lab import LabState
-        st = LabState.load(lab_name)
-        if netns and netns != st.node_netns:
-            raise Fail("--lab and --netns name different namespaces; give one of them.")
-        netns = st.node_netns
-        node_name = node_name or st.node_name
+        netns, pods_file, lab_node = lab_target(lab_name, netns)
+        node_name = node_name or lab_node
         if pods_from != "none":
-            pod_files.append(str(st.pods_file))
+            pod_files.append(pods_file)
         if pods_from == "auto":
             pods_from = "file"     # the host's API server, runtime or CNI state know nothing of a lab
     if netns is not None and os.geteuid() != 0:

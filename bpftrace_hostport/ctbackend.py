@@ -115,7 +115,6 @@ def run_conntrack_trace(opts, index, out: TextIO = sys.stdout, err: TextIO = sys
         if watch and (pname, orig[4]) not in watch:
             return
         key = orig
-        now = datetime.now(timezone.utc)
         if kind == IPCTNL_MSG_CT_NEW and key not in pending and not status & IPS_SEEN_REPLY:
             pending[key] = (time.time(), orig, reply, status)
             return
@@ -129,7 +128,6 @@ def run_conntrack_trace(opts, index, out: TextIO = sys.stdout, err: TextIO = sys
             pass   # an update of a flow already reported
 
     async def main():
-        nonlocal lost
         with netns_mod.entered(opts.netns):
             sock = AsyncNFCTSocket(nfgen_family=socket.AF_UNSPEC)
             await sock.setup_endpoint()

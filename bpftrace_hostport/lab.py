@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
-import ipaddress
 import json
 import os
 import re
@@ -33,7 +32,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 from .errors import UserError
 from .model import ContainerPort

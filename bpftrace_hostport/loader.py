@@ -7,6 +7,7 @@ Everything this module returns is raw (bcc ctypes records); events.py gives them
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import ctypes
 import ipaddress
 import os
@@ -16,9 +17,9 @@ import socket
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 from . import nflink, netns as netns_mod
 from .btf import BTF, BTFError
@@ -96,9 +97,7 @@ def preflight() -> None:
     if missing:
         raise UserError(f"This process lacks {', '.join(missing)}: run as root with all capabilities "
                         "(in a container: --privileged, or --cap-add BPF,PERFMON,NET_ADMIN,SYS_ADMIN).")
-    try:
-        import bcc  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("bcc") is None:
         raise UserError("The bcc Python module is missing: install Debian's python3-bpfcc and run "
                         "from a virtualenv made with --system-site-packages (scripts/setup.sh does both).")
     kver = platform.release()

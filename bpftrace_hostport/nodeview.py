@@ -32,6 +32,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .errors import UserError
 from .model import ContainerPort, HostPortRule, PodInfo
+from .rules import tokenize
 
 __all__ = [
     "NodeView", "CtEntry", "NatSummary", "FilterTable", "NftForwardChain",
@@ -159,39 +160,13 @@ class IptRule:
         return self.value("-j", "--jump") or self.value("-g", "--goto")
 
 
-def _tokens(line: str) -> List[Tuple[str, bool]]:
-    out: List[Tuple[str, bool]] = []
-    i, n = 0, len(line)
-    while i < n:
-        if line[i].isspace():
-            i += 1
-            continue
-        buf: List[str] = []
-        quoted = False
-        while i < n and not line[i].isspace():
-            if line[i] == '"':
-                quoted = True
-                i += 1
-                while i < n and line[i] != '"':
-                    if line[i] == "\\" and i + 1 < n:
-                        i += 1
-                    buf.append(line[i])
-                    i += 1
-                i += 1
-            else:
-                buf.append(line[i])
-                i += 1
-        out.append(("".join(buf), quoted))
-    return out
-
-
 def parse_rule_line(line: str) -> Optional[IptRule]:
     """`[p:b] -A CHAIN args...` -> IptRule (options with their values and `!`), else None."""
     text = line.strip()
     body = text
     if body.startswith("[") and "]" in body:
         body = body[body.index("]") + 1:].strip()
-    toks = _tokens(body)
+    toks = tokenize(body)
     if len(toks) < 2 or toks[0][0] not in ("-A", "-I"):
         return None
     rest = toks[2:]

@@ -81,7 +81,7 @@ class _Rule:
         return self.get("--comment")
 
 
-def _tokenize(line: str) -> List[Tuple[str, bool]]:
+def tokenize(line: str) -> List[Tuple[str, bool]]:
     """Split like iptables-save quotes: "..." with backslash escapes; a bare ' is a plain character.
 
     Returns (token, was_quoted); a quoted token is always an option's value, never an option.
@@ -118,7 +118,7 @@ def _parse_rule_line(line: str) -> Optional[_Rule]:
     if m:
         packets, bytes_ = int(m.group(1)), int(m.group(2))
         line = line[m.end():]
-    tokens = _tokenize(line)
+    tokens = tokenize(line)
     if len(tokens) < 2 or tokens[0][0] not in ("-A", "-I"):
         return None
     chain = tokens[1][0]

@@ -1,5 +1,4 @@
 """The CLI: every command has help with an example and appears in the README; bad values exit 2."""
-import re
 from pathlib import Path
 
 import click
