@@ -114,6 +114,18 @@ static __always_inline void key_from_orig(struct flow_key *k, u8 *o, u8 family)
     copy_addr(k->node_addr, o + TUP_DST_U3, family);
 }
 
+/* The flow key (the ORIGINAL tuple) of a conntrack entry; its raw tuple stays in `o`.
+ * Returns the family (4 or 6), 0 when the entry cannot be read or is of another family. */
+static __always_inline u8 flow_key_of(void *ct, u8 *o, struct flow_key *k)
+{
+    if (read_tuple(ct, CT_TUPLE_ORIG, o))
+        return 0;
+    u8 family = tuple_family(o);
+    if (family)
+        key_from_orig(k, o, family);
+    return family;
+}
+
 static __always_inline void mapping_from(struct mapping_key *m, struct flow_key *k, u8 *r)
 {
     m->family = k->family;
@@ -234,13 +246,10 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
         if (reply || ctinfo != IP_CT_NEW || cfg->watch_all)
             return 1;
         u8 o[TUPLE_BUF] = {};
-        if (read_tuple(ct, CT_TUPLE_ORIG, o))
-            return 1;
-        u8 family = tuple_family(o);
+        struct flow_key k = {};
+        u8 family = flow_key_of(ct, o, &k);
         if (!family)
             return 1;
-        struct flow_key k = {};
-        key_from_orig(&k, o, family);
         if (!proto_allowed(cfg, k.proto) || !port_watched(k.proto, k.host_port))
             return 1;
         if (!is_local(family, k.node_addr) || !client_allowed(cfg, &k))
@@ -250,13 +259,10 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
     }
 
     u8 o[TUPLE_BUF] = {};
-    if (read_tuple(ct, CT_TUPLE_ORIG, o))
-        return 1;
-    u8 family = tuple_family(o);
+    struct flow_key k = {};
+    u8 family = flow_key_of(ct, o, &k);
     if (!family)
         return 1;
-    struct flow_key k = {};
-    key_from_orig(&k, o, family);
 
     u32 len = 0;
     bpf_probe_read_kernel(&len, sizeof(len), (char *)skb + SKB_LEN);
@@ -370,13 +376,10 @@ int nf_postrouting_post_snat(void *ctx)
     if ((status & (IPS_DST_NAT | IPS_SRC_NAT)) != (IPS_DST_NAT | IPS_SRC_NAT))
         return 1;
     u8 o[TUPLE_BUF] = {};
-    if (read_tuple(ct, CT_TUPLE_ORIG, o))
-        return 1;
-    u8 family = tuple_family(o);
+    struct flow_key k = {};
+    u8 family = flow_key_of(ct, o, &k);
     if (!family)
         return 1;
-    struct flow_key k = {};
-    key_from_orig(&k, o, family);
     struct flow_val *v = flows.lookup(&k);
     if (!v || (v->flags & FLOW_MASQUERADED))
         return 1;
@@ -407,13 +410,9 @@ int tp_kfree_skb(void *ctx)
     if (!(status & IPS_DST_NAT))
         return 0;
     u8 o[TUPLE_BUF] = {};
-    if (read_tuple(ct, CT_TUPLE_ORIG, o))
-        return 0;
-    u8 family = tuple_family(o);
-    if (!family)
-        return 0;
     struct flow_key k = {};
-    key_from_orig(&k, o, family);
+    if (!flow_key_of(ct, o, &k))
+        return 0;
     struct flow_val *v = flows.lookup(&k);
     if (!v || v->ct != (u64)ct)
         return 0;
