@@ -32,7 +32,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .errors import UserError
 from .model import ContainerPort, HostPortRule, PodInfo
-from .rules import tokenize
+from . import rules as rules_mod
 
 __all__ = [
     "NodeView", "CtEntry", "NatSummary", "FilterTable", "NftForwardChain",
@@ -162,36 +162,11 @@ class IptRule:
 
 def parse_rule_line(line: str) -> Optional[IptRule]:
     """`[p:b] -A CHAIN args...` -> IptRule (options with their values and `!`), else None."""
-    text = line.strip()
-    body = text
+    body = line.strip()
     if body.startswith("[") and "]" in body:
         body = body[body.index("]") + 1:].strip()
-    toks = tokenize(body)
-    if len(toks) < 2 or toks[0][0] not in ("-A", "-I"):
-        return None
-    rest = toks[2:]
-    if toks[0][0] == "-I" and rest and rest[0][0].isdigit():
-        rest = rest[1:]
-    args: List[Tuple[bool, str, List[str]]] = []
-    neg = False
-    i = 0
-    while i < len(rest):
-        tok, quoted = rest[i]
-        i += 1
-        if tok == "!" and not quoted:
-            neg = True
-            continue
-        if quoted or not tok.startswith("-"):
-            if args:
-                args[-1][2].append(tok)
-            continue
-        values: List[str] = []
-        while i < len(rest) and (rest[i][1] or (not rest[i][0].startswith("-") and rest[i][0] != "!")):
-            values.append(rest[i][0])
-            i += 1
-        args.append((neg, tok, values))
-        neg = False
-    return IptRule(chain=toks[1][0], args=args, text=body)
+    r = rules_mod.parse_rule_line(line.strip())
+    return IptRule(chain=r.chain, args=r.args, text=body) if r is not None else None
 
 
 def _table_lines(text: str, table: str) -> Tuple[List[str], Dict[str, str], List[str]]:

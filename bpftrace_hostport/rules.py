@@ -111,7 +111,7 @@ def tokenize(line: str) -> List[Tuple[str, bool]]:
     return tokens
 
 
-def _parse_rule_line(line: str) -> Optional[_Rule]:
+def parse_rule_line(line: str) -> Optional[_Rule]:
     """`[p:b] -A CHAIN args...` (also `-I`, and `iptables -S -v`'s `-c P B`) -> _Rule."""
     packets = bytes_ = None
     m = _COUNTERS.match(line)
@@ -248,7 +248,7 @@ def parse_iptables_save(text: str, family: int = 4, source: str = "iptables") ->
         elif body.startswith(("-A ", "-I ")) and (table == "nat" or not has_tables):
             rule_lines.append(ln)
 
-    rules = [r for r in (_parse_rule_line(ln) for ln in rule_lines) if r is not None]
+    rules = [r for r in (parse_rule_line(ln) for ln in rule_lines) if r is not None]
     parents: Dict[str, List[_Rule]] = {}
     for r in rules:
         if r.target:
