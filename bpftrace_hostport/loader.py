@@ -1,8 +1,10 @@
-"""Compile, load, attach, read and detach the kernel side. The only module that imports bcc.
+"""Compile, load, attach, read and detach the kernel side.
 
 Struct offsets come from BTF (btf.py) and are handed to the compile as -D constants; the
 kernel headers bcc needs are used only for its own helper definitions, never for a layout.
-Everything this module returns is raw (bcc ctypes records); events.py gives them meaning.
+bcc itself runs in a child process (compiler.py, the only module that imports it); this module
+keeps the descriptors it hands over. Everything it returns is raw (ctypes records with bcc's
+layouts); events.py gives them meaning.
 """
 from __future__ import annotations
 
@@ -10,18 +12,18 @@ import contextlib
 import importlib.util
 import ctypes
 import ipaddress
+import json
 import os
 import platform
 import re
 import socket
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple
 
-from . import nflink, netns as netns_mod
+from . import bpfsys, nflink, netns as netns_mod
 from .btf import BTF, BTFError
 from .errors import KernelFeatureMissing, UserError
 
@@ -163,36 +165,35 @@ def drop_reason_names(btf: BTF) -> dict:
     return names
 
 
-@contextlib.contextmanager
-def _stderr_to(path: str):
-    """clang prints straight to fd 2; keep it out of the user's terminal unless asked."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(path, "w") as f:
-        os.dup2(f.fileno(), 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+MAPS = ("flows", "pending", "mappings", "drops", "misses", "watch_ports", "local_addrs",
+        "client_cidrs", "config", "stats", "events")
 
 
 class Probe:
-    """The loaded kernel side. Use as a context manager; close() detaches everything."""
+    """The loaded kernel side. Use as a context manager; close() detaches everything.
+
+    bcc compiles and loads in a child process (compiler.py); this object holds the program,
+    map and perf-event descriptors it handed over, and works the maps through bpfsys.py.
+    """
 
     def __init__(self, opts: ProbeOptions):
         self.opts = opts
         self.links: List[nflink.NetfilterLink] = []
-        self.bpf = None
+        self.fds: List[int] = []
+        self.maps = {}
+        self.ring = None
         self.drops_enabled = False
-        self._events: list = []
         preflight()
         try:
             self.btf = BTF.load()
         except BTFError as e:
             raise UserError(str(e)) from None
         self.drop_names = drop_reason_names(self.btf)
-        self._compile()
+        try:
+            self._load()
+        except BaseException:
+            self.close()
+            raise
 
     # -- compile & load -------------------------------------------------------------------
     def cflags(self) -> List[str]:
@@ -221,35 +222,74 @@ class Probe:
     def program_text(self) -> str:
         return (bpf_source_dir() / "hostport.bpf.c").read_text()
 
-    def _compile(self) -> None:
-        from bcc import BPF
+    def _load(self) -> None:
         cflags = self.cflags()
         text = self.program_text()
         if self.opts.debug_print_program:
             print("\n".join(f"#define {k} {v}" for k, v in sorted(self.defines.items())))
             print(text)
-        with tempfile.NamedTemporaryFile("r", suffix=".log") as log:
-            try:
-                with _stderr_to(log.name):
-                    self.bpf = BPF(text=text, cflags=cflags)
-            except Exception as e:
-                out = Path(log.name).read_text()
-                if "file not found" in out:
-                    missing = re.search(r"'([^']+)' file not found", out)
-                    raise UserError(
-                        f"bcc could not compile the tracer: kernel header {missing.group(1) if missing else ''} "
-                        f"is missing; install linux-headers-{platform.release()} or run scripts/setup.sh."
-                    ) from None
-                tail = " | ".join(out.strip().splitlines()[-3:])
-                raise UserError(f"bcc could not compile the tracer ({e}): {tail}") from None
+        request = {"text": text, "cflags": cflags, "netfilter": [n for n, _, _ in ATTACH_POINTS],
+                   "prog_type": nflink.BPF_PROG_TYPE_NETFILTER, "attach_type": nflink.BPF_NETFILTER,
+                   "maps": list(MAPS),
+                   "tracepoint": {"tp": "skb:kfree_skb", "fn": "tp_kfree_skb"} if self.drops_enabled else None}
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            self.fns = {name: self.bpf.load_func(name, nflink.BPF_PROG_TYPE_NETFILTER,
-                                                 attach_type=nflink.BPF_NETFILTER)
-                        for name, _, _ in ATTACH_POINTS}
-        except Exception as e:
-            raise KernelFeatureMissing(f"The kernel refused the netfilter BPF programs ({e}); "
-                            "the full tracer needs Linux >= 6.4 (BPF_PROG_TYPE_NETFILTER); "
-                            "use --backend conntrack on older kernels.") from None
+            proc = subprocess.Popen([sys.executable, "-m", "bpftrace_hostport.compiler", str(child.fileno())],
+                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, pass_fds=(child.fileno(),))
+            child.close()
+            proc.stdin.write(json.dumps(request).encode())
+            proc.stdin.close()
+            parent.settimeout(300)
+            try:
+                msg, fds, _flags, _addr = bpfsys.recv_fds(parent)
+            except socket.timeout:
+                proc.kill()
+                raise UserError("Compiling the eBPF programs took more than 300 s; is the machine overloaded?") from None
+            self.fds = list(fds)
+            if msg:
+                with contextlib.suppress(OSError):
+                    parent.send(b"k")
+            err = proc.stderr.read().decode(errors="replace")
+            proc.wait(timeout=60)
+        finally:
+            parent.close()
+        if not msg:
+            tail = " | ".join(err.strip().splitlines()[-2:]) or f"exit status {proc.returncode}"
+            raise UserError(f"The eBPF compiler process failed ({tail}); is python3-bpfcc installed?")
+        reply = json.loads(msg)
+        if not reply["ok"]:
+            self._explain(reply)
+        it = iter(self.fds)
+        self.prog_fds = {name: next(it) for name in reply["progs"]}
+        for m in reply["maps"]:
+            self.maps[m["name"]] = bpfsys.BpfMap(m["name"], next(it),
+                                                 bpfsys.ctype_from_desc(m["key"], m["name"] + "_key"),
+                                                 bpfsys.ctype_from_desc(m["leaf"], m["name"] + "_val"))
+        self.drops_enabled = bool(reply["tracepoint"])
+        ev = self.maps["events"]
+        self.ring = bpfsys.RingBuffer(ev.fd, ev.max_entries)
+        fk = self.maps["flows"].Key
+        self._key_size = ctypes.sizeof(fk)
+        # struct flow_event {flow_key key; flow_val val;}: val starts at flow_val's alignment
+        # (its first member is a u64).
+        self._val_off = (self._key_size + 7) // 8 * 8
+
+    def _explain(self, reply: dict) -> None:
+        out = reply.get("log", "")
+        if reply["kind"] == "compile":
+            if "file not found" in out:
+                missing = re.search(r"'([^']+)' file not found", out)
+                raise UserError(
+                    f"bcc could not compile the tracer: kernel header {missing.group(1) if missing else ''} "
+                    f"is missing; install linux-headers-{platform.release()} or run scripts/setup.sh.")
+            tail = " | ".join(out.strip().splitlines()[-3:])
+            raise UserError(f"bcc could not compile the tracer ({reply['message']}): {tail}")
+        if reply["kind"] == "load":
+            raise KernelFeatureMissing(f"The kernel refused the netfilter BPF programs ({reply['message']}); "
+                                       "the full tracer needs Linux >= 6.4 (BPF_PROG_TYPE_NETFILTER); "
+                                       "use --backend conntrack on older kernels.")
+        raise UserError(f"Could not attach skb:kfree_skb ({reply['message']}); rerun with --no-drops.")
 
     # -- attach ------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -258,23 +298,16 @@ class Probe:
             for name, hook, prio in ATTACH_POINTS:
                 for pf in (nflink.NFPROTO_IPV4, nflink.NFPROTO_IPV6):
                     try:
-                        self.links.append(nflink.link_create(self.fns[name].fd, pf, hook, prio))
+                        self.links.append(nflink.link_create(self.prog_fds[name], pf, hook, prio))
                     except nflink.LinkError as e:
                         self.close()
                         raise KernelFeatureMissing(
                             f"Could not create the netfilter BPF link at {nflink.HOOK_NAMES[hook]} "
                             f"({e.strerror}); it needs Linux >= 6.4 with CONFIG_NETFILTER_BPF_LINK; "
                             "use --backend conntrack on older kernels.") from None
-        if self.drops_enabled:
-            self.bpf.attach_tracepoint(tp="skb:kfree_skb", fn_name="tp_kfree_skb")
-        fk, fv = self.bpf["flows"].Key, self.bpf["flows"].Leaf
-        self._key_size, self._val_size = ctypes.sizeof(fk), ctypes.sizeof(fv)
-        align = ctypes.alignment(fv)
-        self._val_off = (self._key_size + align - 1) // align * align
-        self.bpf["events"].open_ring_buffer(self._on_event)
 
     def configure(self) -> None:
-        cfg = self.bpf["config"]
+        cfg = self.maps["config"]
         c = cfg.Leaf()
         c.watch_all = 0 if self.opts.watch_ports else 1
         c.client_filter = 1 if self.opts.client_cidrs else 0
@@ -282,69 +315,55 @@ class Probe:
         for p in self.opts.protos:
             mask |= PROTO_MASK_BITS[p]
         c.proto_mask = mask
-        cfg[ctypes.c_int(0)] = c
+        cfg.update(ctypes.c_uint32(0), c)
         self.set_watch_ports(self.opts.watch_ports)
-        cl = self.bpf["client_cidrs"]
+        cl = self.maps["client_cidrs"]
         for cidr in self.opts.client_cidrs:
             net = ipaddress.ip_network(cidr, strict=False)
             k = cl.Key()
             k.prefixlen = 8 + net.prefixlen
             k.family = net.version
-            packed = net.network_address.packed
-            for i, b in enumerate(packed):
-                k.addr[i] = b
-            cl[k] = ctypes.c_uint8(1)
+            ctypes.memmove(k.addr, net.network_address.packed, len(net.network_address.packed))
+            cl.update(k, ctypes.c_uint8(1))
 
     def set_watch_ports(self, ports: Iterable[Tuple[str, int]]) -> None:
-        wp = self.bpf["watch_ports"]
+        wp = self.maps["watch_ports"]
         for proto, port in ports:
             k = wp.Key()
             k.port = socket.htons(int(port))
             k.proto = PROTO_NUMBERS[proto]
-            wp[k] = ctypes.c_uint8(1)
+            wp.update(k, ctypes.c_uint8(1))
+
+    def _addr_key(self, fam: int, packed: bytes):
+        k = self.maps["local_addrs"].Key()
+        k.family = fam
+        ctypes.memmove(k.addr, packed, len(packed))
+        return k
 
     def set_local_addrs(self, addrs: Iterable[str]) -> None:
-        la = self.bpf["local_addrs"]
+        la = self.maps["local_addrs"]
         want = set()
         for a in addrs:
             ip = ipaddress.ip_address(a.split("%")[0])
             want.add((ip.version, ip.packed))
-        have = set()
-        for k in list(la.keys()):
-            have.add((k.family, bytes(k.addr)[:_tuple_len(k.family)]))
+        have = {(k.family, bytes(k.addr)[:_tuple_len(k.family)]) for k in la.keys()}
         for fam, packed in want - have:
-            k = la.Key()
-            k.family = fam
-            for i, b in enumerate(packed):
-                k.addr[i] = b
-            la[k] = ctypes.c_uint8(1)
+            la.update(self._addr_key(fam, packed), ctypes.c_uint8(1))
         for fam, packed in have - want:
-            k = la.Key()
-            k.family = fam
-            for i, b in enumerate(packed):
-                k.addr[i] = b
-            with contextlib.suppress(KeyError):
-                del la[k]
+            la.delete(self._addr_key(fam, packed))
 
     # -- reading -------------------------------------------------------------------------------
-    def _on_event(self, ctx, data, size):
-        # struct flow_event is {flow_key; flow_val}: the flows map's own Key and Leaf types
-        # (built by bcc from events.h) decode it. Copy now: the ring memory is reused.
-        self._events.append(ctypes.string_at(data, size))
-
     def event_layout(self):
         """(flow_key ctypes class, flow_val ctypes class, offset of val in flow_event)."""
-        return self.bpf["flows"].Key, self.bpf["flows"].Leaf, self._val_off
+        return self.maps["flows"].Key, self.maps["flows"].Leaf, self._val_off
 
     def consume(self) -> List[bytes]:
         """Answered-flow records waiting in the ring buffer, as raw flow_event bytes.
 
         The kernel submits them without a wakeup (BPF_RB_NO_WAKEUP): reading them in batches
-        on a timer costs one syscall per batch instead of a wakeup per flow.
+        on a timer costs a few memory reads per batch instead of a wakeup per flow.
         """
-        self.bpf.ring_buffer_consume()
-        out, self._events = self._events, []
-        return out
+        return self.ring.consume()
 
     def _raw_event(self, k, v) -> bytes:
         return bytes(k) + bytes(self._val_off - self._key_size) + bytes(v)
@@ -355,57 +374,45 @@ class Probe:
         Deleting the pending entry is the claim: the kernel reports a flow as answered only
         if it can still delete that entry, so each flow is reported exactly once.
         """
-        pending, flows = self.bpf["pending"], self.bpf["flows"]
+        pending, flows = self.maps["pending"], self.maps["flows"]
         out = []
-        for k, v in list(pending.items()):
+        for k, v in pending.items():
             if older_than_ns is not None and v.value > older_than_ns:
                 continue
-            try:
-                del pending[k]
-            except KeyError:
+            if not pending.delete(k):
                 continue          # answered meanwhile: the kernel reported it
-            try:
-                out.append(self._raw_event(k, flows[k]))
-            except KeyError:
-                out.append(None)  # evicted from the flow table before its timeout
+            val = flows.lookup(k)
+            out.append(self._raw_event(k, val) if val is not None else None)   # None: evicted
         return out
 
-    def pending_count(self) -> int:
-        return len(list(self.bpf["pending"].keys()))
-
     def read_misses(self):
-        return list(self.bpf["misses"].items())
+        return self.maps["misses"].items()
 
     def read_mappings(self):
         """(mapping_key, flows, packets, bytes) summed over CPUs."""
-        out = []
-        table = self.bpf["mappings"]
-        for k, per_cpu in table.items():
-            out.append((k, sum(v.flows for v in per_cpu), sum(v.packets for v in per_cpu),
-                        sum(v.bytes for v in per_cpu)))
-        return out
+        return [(k, sum(v.flows for v in per_cpu), sum(v.packets for v in per_cpu),
+                 sum(v.bytes for v in per_cpu)) for k, per_cpu in self.maps["mappings"].items()]
 
     def read_drops(self):
-        return [(k.mapping, k.reason, v.value) for k, v in self.bpf["drops"].items()]
+        return [(k.mapping, k.reason, v.value) for k, v in self.maps["drops"].items()]
 
     def read_stats(self) -> dict:
-        st = self.bpf["stats"]
-        out = {}
-        for i, name in enumerate(STAT_NAMES):
-            out[name] = int(sum(st[ctypes.c_int(i)]))
-        return out
-
-    def flow_table_len(self) -> int:
-        return len(list(self.bpf["flows"].keys()))
+        st = self.maps["stats"]
+        return {name: int(sum(v.value for v in st.lookup(ctypes.c_uint32(i)) or []))
+                for i, name in enumerate(STAT_NAMES)}
 
     def close(self) -> None:
         for link in self.links:
             link.close()
         self.links = []
-        if self.bpf is not None:
-            with contextlib.suppress(Exception):
-                self.bpf.cleanup()
-            self.bpf = None
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds = []
+        self.maps = {}
 
     def __enter__(self):
         return self

@@ -1,0 +1,261 @@
+"""The raw bpf() syscall: maps by file descriptor, the ring buffer by mmap, object info.
+
+The tracer's own process never loads bcc (and with it LLVM and clang, 60+ MB resident, plus
+the compile's heap): compiler.py compiles and loads the programs in a short-lived child and
+hands over the file descriptors. Everything the tracer then does with maps goes through here,
+with the key and value layouts as bcc compiled them (rebuilt by `ctype_from_desc`).
+
+Kernel ABI references: include/uapi/linux/bpf.h (union bpf_attr, struct bpf_map_info,
+BPF_RINGBUF_*), kernel/bpf/ringbuf.c (the mmap layout of a ring buffer map).
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import platform
+import struct
+from functools import lru_cache
+from typing import Iterator, List, Optional, Tuple
+
+# enum bpf_cmd
+BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
+BPF_MAP_DELETE_ELEM = 3
+BPF_MAP_GET_NEXT_KEY = 4
+BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_LINK_CREATE = 28
+
+# enum bpf_map_type (the ones we use)
+PERCPU_TYPES = {5, 6, 10}          # PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH
+BPF_MAP_TYPE_RINGBUF = 27
+
+BPF_ANY, BPF_NOEXIST = 0, 1
+
+_SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x": 351,
+            "riscv64": 280}
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class BpfError(OSError):
+    pass
+
+
+def sys_bpf(cmd: int, attr: ctypes.Array) -> int:
+    """bpf(cmd, attr, sizeof attr); raises BpfError with errno on failure."""
+    machine = platform.machine()
+    if machine not in _SYS_BPF:
+        raise BpfError(errno.ENOSYS, f"unknown bpf() syscall number on {machine}")
+    ret = _libc.syscall(_SYS_BPF[machine], cmd, attr, ctypes.sizeof(attr))
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise BpfError(err, os.strerror(err))
+    return ret
+
+
+@lru_cache(maxsize=1)
+def possible_cpus() -> int:
+    """Per-CPU map values have one slot per *possible* CPU (e.g. "0-3,8")."""
+    text = open("/sys/devices/system/cpu/possible").read().strip()
+    n = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        n += (int(hi) if hi else int(lo)) - int(lo) + 1
+    return n
+
+
+# -- layouts --------------------------------------------------------------------------------
+_INT_TYPES = {(1, False): ctypes.c_uint8, (2, False): ctypes.c_uint16, (4, False): ctypes.c_uint32,
+              (8, False): ctypes.c_uint64, (1, True): ctypes.c_int8, (2, True): ctypes.c_int16,
+              (4, True): ctypes.c_int32, (8, True): ctypes.c_int64}
+
+
+def desc_from_ctype(t) -> dict:
+    """A JSON description of a ctypes type as bcc built it from the compiled program."""
+    if isinstance(t, type) and issubclass(t, (ctypes.Structure, ctypes.Union)):
+        return {"kind": "struct", "size": ctypes.sizeof(t),
+                "fields": [{"name": f[0], "offset": getattr(t, f[0]).offset, "type": desc_from_ctype(f[1])}
+                           for f in t._fields_]}
+    if isinstance(t, type) and issubclass(t, ctypes.Array):
+        return {"kind": "array", "len": t._length_, "elem": desc_from_ctype(t._type_)}
+    size = ctypes.sizeof(t)
+    signed = t in (ctypes.c_int8, ctypes.c_int16, ctypes.c_int32, ctypes.c_int64, ctypes.c_long,
+                   ctypes.c_longlong, ctypes.c_int, ctypes.c_short, ctypes.c_byte, ctypes.c_char)
+    return {"kind": "int", "size": size, "signed": signed}
+
+
+def ctype_from_desc(d: dict, name: str = "Rec"):
+    """Rebuilds a ctypes type with the exact offsets and size of the description."""
+    if d["kind"] == "int":
+        return _INT_TYPES[(d["size"], d["signed"])]
+    if d["kind"] == "array":
+        return ctype_from_desc(d["elem"]) * d["len"]
+    fields, pos, gap = [], 0, 0
+    for f in sorted(d["fields"], key=lambda f: f["offset"]):
+        ft = ctype_from_desc(f["type"], f["name"])
+        if f["offset"] > pos:
+            fields.append((f"_gap{gap}", ctypes.c_uint8 * (f["offset"] - pos)))
+            gap += 1
+        fields.append((f["name"], ft))
+        pos = f["offset"] + ctypes.sizeof(ft)
+    if d["size"] > pos:
+        fields.append((f"_gap{gap}", ctypes.c_uint8 * (d["size"] - pos)))
+    cls = type(name, (ctypes.Structure,), {"_pack_": 1, "_fields_": fields})
+    if ctypes.sizeof(cls) != d["size"]:
+        raise ValueError(f"layout of {name} rebuilt as {ctypes.sizeof(cls)} bytes, expected {d['size']}")
+    return cls
+
+
+# -- maps -------------------------------------------------------------------------------------
+class _MapInfo(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
+                ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32),
+                ("map_flags", ctypes.c_uint32), ("name", ctypes.c_char * 16)]
+
+
+def map_info(fd: int) -> _MapInfo:
+    info = _MapInfo()
+    attr = ctypes.create_string_buffer(16)
+    struct.pack_into("<IIQ", attr, 0, fd, ctypes.sizeof(info), ctypes.addressof(info))
+    sys_bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
+    return info
+
+
+class BpfMap:
+    """A map by file descriptor, with bcc's key/value types. Values of per-CPU maps are lists."""
+
+    def __init__(self, name: str, fd: int, key_type, value_type):
+        self.name, self.fd = name, fd
+        self.Key, self.Leaf = key_type, value_type
+        info = map_info(fd)
+        self.type, self.max_entries = info.type, info.max_entries
+        self.percpu = info.type in PERCPU_TYPES
+        self.key_size = info.key_size
+        self.value_size = info.value_size
+        if self.key_size != ctypes.sizeof(key_type) and info.type != BPF_MAP_TYPE_RINGBUF:
+            raise ValueError(f"map {name}: key is {self.key_size} bytes, layout says {ctypes.sizeof(key_type)}")
+        self._slot = (self.value_size + 7) // 8 * 8
+        self._vbuf_size = self._slot * possible_cpus() if self.percpu else self.value_size
+
+    def _attr(self, key: bytes, val_addr: int = 0, flags: int = 0):
+        kbuf = ctypes.create_string_buffer(key, len(key))
+        attr = ctypes.create_string_buffer(32)
+        struct.pack_into("<IIQQQ", attr, 0, self.fd, 0, ctypes.addressof(kbuf), val_addr, flags)
+        return attr, kbuf
+
+    def lookup_raw(self, key: bytes) -> Optional[bytes]:
+        vbuf = ctypes.create_string_buffer(self._vbuf_size)
+        attr, _k = self._attr(key, ctypes.addressof(vbuf))
+        try:
+            sys_bpf(BPF_MAP_LOOKUP_ELEM, attr)
+        except BpfError as e:
+            if e.errno == errno.ENOENT:
+                return None
+            raise
+        return vbuf.raw
+
+    def lookup(self, key):
+        raw = self.lookup_raw(bytes(key))
+        if raw is None:
+            return None
+        if self.percpu:
+            return [self.Leaf.from_buffer_copy(raw, i * self._slot) for i in range(possible_cpus())]
+        return self.Leaf.from_buffer_copy(raw)
+
+    def update(self, key, value, flags: int = BPF_ANY) -> None:
+        vbytes = bytes(value)
+        if self.percpu:
+            one = vbytes.ljust(self._slot, b"\0")
+            vbytes = one * possible_cpus()
+        vbuf = ctypes.create_string_buffer(vbytes, len(vbytes))
+        attr, _k = self._attr(bytes(key), ctypes.addressof(vbuf), flags)
+        sys_bpf(BPF_MAP_UPDATE_ELEM, attr)
+
+    def delete(self, key) -> bool:
+        """True if this call removed the key (the atomic claim trace.py relies on)."""
+        attr, _k = self._attr(bytes(key))
+        try:
+            sys_bpf(BPF_MAP_DELETE_ELEM, attr)
+            return True
+        except BpfError as e:
+            if e.errno == errno.ENOENT:
+                return False
+            raise
+
+    def keys(self) -> Iterator:
+        prev = None
+        nbuf = ctypes.create_string_buffer(self.key_size)
+        while True:
+            attr = ctypes.create_string_buffer(32)
+            if prev is None:
+                struct.pack_into("<IIQQ", attr, 0, self.fd, 0, 0, ctypes.addressof(nbuf))
+                kbuf = None
+            else:
+                kbuf = ctypes.create_string_buffer(prev, len(prev))
+                struct.pack_into("<IIQQ", attr, 0, self.fd, 0, ctypes.addressof(kbuf), ctypes.addressof(nbuf))
+            try:
+                sys_bpf(BPF_MAP_GET_NEXT_KEY, attr)
+            except BpfError as e:
+                if e.errno == errno.ENOENT:
+                    return
+                raise
+            prev = nbuf.raw
+            yield self.Key.from_buffer_copy(prev)
+
+    def items(self) -> List[Tuple[object, object]]:
+        out = []
+        for k in list(self.keys()):
+            v = self.lookup(k)
+            if v is not None:
+                out.append((k, v))
+        return out
+
+
+# -- ring buffer ------------------------------------------------------------------------------
+BPF_RINGBUF_BUSY_BIT = 1 << 31
+BPF_RINGBUF_DISCARD_BIT = 1 << 30
+BPF_RINGBUF_HDR_SZ = 8
+
+
+class RingBuffer:
+    """Consumer side of a BPF_MAP_TYPE_RINGBUF map, read through its mmap (kernel/bpf/ringbuf.c).
+
+    Page 0: consumer position (read-write). Page 1: producer position, then the data area,
+    mapped twice in a row by the kernel so that a record never wraps for the reader.
+    """
+
+    def __init__(self, fd: int, size: int):
+        self.size = size
+        self.mask = size - 1
+        self.page = mmap.PAGESIZE
+        self.cons = mmap.mmap(fd, self.page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
+        self.prod = mmap.mmap(fd, self.page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=self.page)
+
+    def consume(self) -> List[bytes]:
+        cons_pos = struct.unpack_from("<Q", self.cons, 0)[0]
+        prod_pos = struct.unpack_from("<Q", self.prod, 0)[0]
+        out = []
+        start = cons_pos
+        while cons_pos < prod_pos:
+            off = self.page + (cons_pos & self.mask)
+            hdr = struct.unpack_from("<I", self.prod, off)[0]
+            if hdr & BPF_RINGBUF_BUSY_BIT:
+                break                      # reserved, not yet submitted
+            length = hdr & ~(BPF_RINGBUF_BUSY_BIT | BPF_RINGBUF_DISCARD_BIT)
+            if not hdr & BPF_RINGBUF_DISCARD_BIT:
+                out.append(self.prod[off + BPF_RINGBUF_HDR_SZ: off + BPF_RINGBUF_HDR_SZ + length])
+            cons_pos += (length + BPF_RINGBUF_HDR_SZ + 7) // 8 * 8
+        if cons_pos != start:
+            struct.pack_into("<Q", self.cons, 0, cons_pos)
+        return out
+
+    def close(self) -> None:
+        for m in (self.cons, self.prod):
+            m.close()
+
+
+def recv_fds(sock, msglen: int = 1 << 20, maxfds: int = 64):
+    """One message and the file descriptors sent with it (SCM_RIGHTS)."""
+    import socket
+    return socket.recv_fds(sock, msglen, maxfds)
