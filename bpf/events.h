@@ -43,7 +43,7 @@ struct flow_val {
     u64 ct;                  /* struct nf_conn * of the flow, to match drops to it */
     u64 first_ns;            /* bpf_ktime_get_ns() of the first packet */
     u64 reply_ns;            /* first packet in the reply direction, 0 = none yet */
-    u64 last_ns;
+    u64 last_ns;             /* last change of state (first packet, first reply); not per packet */
     u64 packets_orig, bytes_orig;
     u64 packets_reply, bytes_reply;
     u64 drops;
@@ -95,7 +95,7 @@ struct miss_key {            /* a connection to a watched hostPort that was NOT 
 
 struct miss_val {
     u64 count;
-    u64 last_ns;
+    u64 last_ns;             /* last change of state (first packet, first reply); not per packet */
 };
 
 struct port_key {

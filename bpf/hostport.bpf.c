@@ -42,7 +42,9 @@
 #define TUPLE_BUF 64
 #endif
 
-BPF_TABLE("lru_hash", struct flow_key, struct flow_val, flows, FLOW_TABLE_SIZE);
+/* Per-CPU LRU lists (no common list): inserts at high connection rates do not contend on
+ * one lock; any CPU still finds any flow. */
+BPF_F_TABLE("lru_hash", struct flow_key, struct flow_val, flows, FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
 BPF_HASH(pending, struct flow_key, u64, PENDING_SIZE);
 BPF_PERCPU_HASH(mappings, struct mapping_key, struct mapping_val, MAP_SIZE);
 BPF_HASH(drops, struct drop_key, u64, MAP_SIZE);
@@ -133,6 +135,16 @@ static __always_inline void mapping_from(struct mapping_key *m, struct flow_key 
     m->host_port = k->host_port;
     m->pod_port = *(u16 *)(r + TUP_SRC_PORT);
     copy_addr(m->pod_addr, r + TUP_SRC_U3, k->family);
+}
+
+static __always_inline void mapping_of_flow(struct mapping_key *m, struct flow_key *k,
+                                            struct flow_val *v)
+{
+    m->family = k->family;
+    m->proto = k->proto;
+    m->host_port = k->host_port;
+    m->pod_port = v->pod_port;
+    __builtin_memcpy(m->pod_addr, v->pod_addr, 16);
 }
 
 static __always_inline int proto_allowed(struct config *cfg, u8 proto)
@@ -266,7 +278,6 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
 
     u32 len = 0;
     bpf_probe_read_kernel(&len, sizeof(len), (char *)skb + SKB_LEN);
-    u64 now = bpf_ktime_get_ns();
 
     struct flow_val *v = flows.lookup(&k);
     if (v && ctinfo == IP_CT_NEW && !(status & IPS_CONFIRMED) && !pending.lookup(&k)) {
@@ -292,6 +303,7 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
         u8 r[TUPLE_BUF] = {};
         if (read_tuple(ct, CT_TUPLE_REPLY, r))
             return 1;
+        u64 now = bpf_ktime_get_ns();
         struct flow_val nv = {};
         nv.ct = (u64)ct;
         nv.first_ns = now;
@@ -317,26 +329,29 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
         return 1;
     }
 
-    u8 r[TUPLE_BUF] = {};
-    if (read_tuple(ct, CT_TUPLE_REPLY, r))
-        return 1;
+    /* The hot path, every packet of a known flow: its mapping is the one recorded at its
+     * first packet, so the reply tuple is read only once, at the first reply. */
     struct mapping_key m = {};
-    mapping_from(&m, &k, r);
+    mapping_of_flow(&m, &k, v);
     mapping_add(&m, 0, len);
 
-    v->last_ns = now;
     if (!reply) {
         __sync_fetch_and_add(&v->packets_orig, 1);
         __sync_fetch_and_add(&v->bytes_orig, len);
-        v->ct = (u64)ct;   /* a retransmitted first packet may carry a fresh entry */
+        if (ctinfo == IP_CT_NEW)
+            v->ct = (u64)ct;   /* a retransmitted first packet may carry a fresh entry */
         return 1;
     }
     __sync_fetch_and_add(&v->packets_reply, 1);
     __sync_fetch_and_add(&v->bytes_reply, len);
     if (v->reply_ns)
         return 1;
-    v->reply_ns = now;
+    v->reply_ns = bpf_ktime_get_ns();
+    v->last_ns = v->reply_ns;
     v->flags |= FLOW_ANSWERED;
+    u8 r[TUPLE_BUF] = {};
+    if (read_tuple(ct, CT_TUPLE_REPLY, r))
+        return 1;
     /* By the first reply both NAT manips are settled: a reply tuple whose destination is
      * not the client means the request was masqueraded on its way to the pod. */
     if (!addr_equal(r + TUP_DST_U3, o + TUP_SRC_U3, family) ||
