@@ -219,6 +219,7 @@ class FlowEncoder:
         self._names: Dict[tuple, Optional[tuple]] = {}
         self._sec = -1
         self._prefix = ""
+        self._ix: Optional[tuple] = None
 
     def forget_names(self) -> None:
         """Pods change: drop the cached lookups (called once a second)."""
@@ -243,17 +244,21 @@ class FlowEncoder:
         return f"{self._prefix}.{rem // 1000:06d}Z"
 
     def record(self, raw: bytes) -> dict:
+        ix = self._ix
+        if ix is None:
+            ix = self._ix = tuple(self.ix[n] for n in _FIELDS)
+        (i_fam, i_proto, i_flags, i_reply, i_first, i_pod, i_pport, i_reason, i_client, i_cport,
+         i_node, i_hport, i_hook, i_snat, i_po, i_pr, i_bo, i_br) = ix
         t = self.struct.unpack_from(raw)
-        ix = self.ix
-        fam = t[ix["family"]]
-        proto = PROTO_NAMES.get(t[ix["proto"]], str(t[ix["proto"]]))
-        flags = t[ix["v.flags"]]
-        reply_ns, first_ns = t[ix["v.reply_ns"]], t[ix["v.first_ns"]]
+        fam = t[i_fam]
+        proto = PROTO_NAMES.get(t[i_proto]) or str(t[i_proto])
+        flags = t[i_flags]
+        reply_ns, first_ns = t[i_reply], t[i_first]
         answered = bool(flags & FLOW_ANSWERED) and reply_ns > 0
         midstream = bool(flags & FLOW_MIDSTREAM)
         masq = bool(flags & FLOW_MASQUERADED)
-        pod_ip = self._ip(t[ix["v.pod_addr"]], fam)
-        pod_port = socket.ntohs(t[ix["v.pod_port"]])
+        pod_ip = self._ip(t[i_pod], fam)
+        pod_port = socket.ntohs(t[i_pport])
         names = None
         if self.pod_names is not None:
             nk = (proto, pod_ip, pod_port)
@@ -262,21 +267,28 @@ class FlowEncoder:
             else:
                 names = self._names[nk] = self.pod_names(proto, pod_ip, pod_port)
         ns, name, port_name = names if names else (None, None, None)
-        reason = t[ix["v.drop_reason"]]
+        reason = t[i_reason]
+        hook = t[i_hook]
         return {
             "type": "flow", "ts": self._ts(first_ns), "proto": proto, "family": fam,
-            "client_ip": self._ip(t[ix["client_addr"]], fam),
-            "client_port": socket.ntohs(t[ix["client_port"]]),
-            "node_ip": self._ip(t[ix["node_addr"]], fam),
-            "host_port": socket.ntohs(t[ix["host_port"]]),
+            "client_ip": self._ip(t[i_client], fam),
+            "client_port": socket.ntohs(t[i_cport]),
+            "node_ip": self._ip(t[i_node], fam),
+            "host_port": socket.ntohs(t[i_hport]),
             "pod_ip": pod_ip, "pod_port": pod_port,
-            "hook": HOOK_NAMES.get(t[ix["v.hook"]], str(t[ix["v.hook"]])),
+            "hook": HOOK_NAMES.get(hook) or str(hook),
             "answered": answered,
             "latency_us": round((reply_ns - first_ns) / 1000.0, 1) if answered and not midstream else None,
             "midstream": midstream, "masqueraded": masq,
-            "snat_ip": self._ip(t[ix["v.snat_addr"]], fam) if masq else None,
-            "packets": t[ix["v.packets_orig"]] + t[ix["v.packets_reply"]],
-            "bytes": t[ix["v.bytes_orig"]] + t[ix["v.bytes_reply"]],
+            "snat_ip": self._ip(t[i_snat], fam) if masq else None,
+            "packets": t[i_po] + t[i_pr],
+            "bytes": t[i_bo] + t[i_br],
             "pod_namespace": ns, "pod_name": name, "port_name": port_name,
             "drop_reason": (self.drop_names.get(reason, f"REASON_{reason}") if reason else None),
         }
+
+
+# The fields FlowEncoder.record reads, in the order of its index tuple.
+_FIELDS = ("family", "proto", "v.flags", "v.reply_ns", "v.first_ns", "v.pod_addr", "v.pod_port",
+           "v.drop_reason", "client_addr", "client_port", "node_addr", "host_port", "v.hook",
+           "v.snat_addr", "v.packets_orig", "v.packets_reply", "v.bytes_orig", "v.bytes_reply")

@@ -279,8 +279,7 @@ class FlowAggregate:
         self.count = 0
 
     def add(self, r: dict) -> None:
-        key = (str(r.get("proto") or "").lower(), r.get("family"), r.get("host_port"),
-               r.get("pod_ip"), r.get("pod_port"))
+        key = (r["proto"], r["family"], r["host_port"], r["pod_ip"], r["pod_port"])
         st = self.stats.get(key)
         if st is None:
             st = self.stats[key] = {"flows": 0, "answered": 0, "packets": 0, "bytes": 0,
@@ -288,17 +287,18 @@ class FlowAggregate:
                                     "lat": array("d"), "drops": {}}
         self.count += 1
         st["flows"] += 1
-        st["packets"] += int(r.get("packets") or 0)
-        st["bytes"] += int(r.get("bytes") or 0)
-        if r.get("answered"):
+        st["packets"] += r["packets"] or 0
+        st["bytes"] += r["bytes"] or 0
+        if r["answered"]:
             st["answered"] += 1
-            lat = r.get("latency_us")
+            lat = r["latency_us"]
             if lat is not None:
-                st["lat"].append(float(lat))
-        for f in ("pod_namespace", "pod_name", "port_name"):
-            if st[f] is None and r.get(f) is not None:
-                st[f] = r[f]
-        reason = r.get("drop_reason")
+                st["lat"].append(lat)
+        if st["pod_name"] is None or st["pod_namespace"] is None or st["port_name"] is None:
+            for f in ("pod_namespace", "pod_name", "port_name"):
+                if st[f] is None and r.get(f) is not None:
+                    st[f] = r[f]
+        reason = r["drop_reason"]
         if reason:
             st["drops"][reason] = st["drops"].get(reason, 0) + 1
 
