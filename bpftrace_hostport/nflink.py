@@ -1,7 +1,7 @@
 """The netfilter BPF link: bpf(BPF_LINK_CREATE) with attach type BPF_NETFILTER.
 
-The only module that makes a raw bpf() syscall. bcc 0.26 knows no netfilter attach, so the
-link is created here through ctypes (include/uapi/linux/bpf.h, kernel >= 6.4):
+bcc 0.26 knows no netfilter attach, so the link is created here through the raw syscall of
+bpfsys.py (include/uapi/linux/bpf.h, kernel >= 6.4):
 
     union bpf_attr.link_create = {
         __u32 prog_fd; __u32 target_fd; __u32 attach_type; __u32 flags;
@@ -14,11 +14,11 @@ as long as its file descriptor (see kernel net/netfilter/nf_bpf_link.c).
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
-import platform
 import struct
 from dataclasses import dataclass
+
+from . import bpfsys
 
 BPF_PROG_TYPE_NETFILTER = 32
 BPF_NETFILTER = 45            # enum bpf_attach_type
@@ -47,12 +47,6 @@ NF_IP_PRI_CONNTRACK = -200
 NF_IP_PRI_NAT_DST = -100
 NF_IP_PRI_NAT_SRC = 100
 
-_SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x": 351,
-            "riscv64": 280}
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
 class LinkError(OSError):
     pass
 
@@ -74,20 +68,12 @@ class NetfilterLink:
         return f"{fam} {HOOK_NAMES.get(self.hook, self.hook)} priority {self.priority:+d}"
 
 
-def _sys_bpf_nr() -> int:
-    machine = platform.machine()
-    try:
-        return _SYS_BPF[machine]
-    except KeyError:
-        raise LinkError(errno.ENOSYS, f"unknown bpf() syscall number on {machine}") from None
-
-
 def link_create(prog_fd: int, pf: int, hook: int, priority: int) -> NetfilterLink:
     """Attach a loaded BPF_PROG_TYPE_NETFILTER program; raises LinkError with errno."""
     attr = ctypes.create_string_buffer(64)   # zero-filled: unused bpf_attr bytes must be 0
     struct.pack_into("<IIIIIIiI", attr, 0, prog_fd, 0, BPF_NETFILTER, 0, pf, hook, priority, 0)
-    fd = _libc.syscall(_sys_bpf_nr(), BPF_LINK_CREATE, attr, ctypes.sizeof(attr))
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise LinkError(err, os.strerror(err))
+    try:
+        fd = bpfsys.sys_bpf(BPF_LINK_CREATE, attr)
+    except bpfsys.BpfError as e:
+        raise LinkError(e.errno, e.strerror) from None
     return NetfilterLink(fd, pf, hook, priority)

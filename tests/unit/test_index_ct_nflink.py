@@ -5,7 +5,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from bpftrace_hostport import ctbackend, nflink
+from bpftrace_hostport import bpfsys, ctbackend, nflink
 from bpftrace_hostport.model import ContainerPort, PodInfo
 from bpftrace_hostport.pods.index import PodIndex
 
@@ -51,8 +51,8 @@ def test_link_create_packs_bpf_attr(monkeypatch):
         seen.update(nr=nr, cmd=cmd, raw=bytes(attr)[:32], size=size)
         return 42
 
-    monkeypatch.setattr(nflink._libc, "syscall", fake_syscall)
-    monkeypatch.setattr(nflink.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(bpfsys._libc, "syscall", fake_syscall)
+    monkeypatch.setattr(bpfsys.platform, "machine", lambda: "x86_64")
     link = nflink.link_create(7, nflink.NFPROTO_IPV6, nflink.NF_INET_LOCAL_OUT, -99)
     assert link.fd == 42 and seen["nr"] == 321 and seen["cmd"] == nflink.BPF_LINK_CREATE
     assert struct.unpack("<IIIIIIiI", seen["raw"]) == (7, 0, 45, 0, 10, 3, -99, 0)
@@ -61,7 +61,7 @@ def test_link_create_packs_bpf_attr(monkeypatch):
 
 
 def test_link_create_error(monkeypatch):
-    monkeypatch.setattr(nflink._libc, "syscall", lambda *a: -1)
+    monkeypatch.setattr(bpfsys._libc, "syscall", lambda *a: -1)
     monkeypatch.setattr(ctypes, "get_errno", lambda: 22)
     with pytest.raises(nflink.LinkError) as e:
         nflink.link_create(7, 2, 0, -99)

@@ -1,0 +1,43 @@
+"""Layouts survive the trip from the compiler child to the tracer exactly."""
+import ctypes as C
+
+from bpftrace_hostport import bpfsys
+
+
+class Inner(C.Structure):
+    _fields_ = [("family", C.c_ubyte), ("proto", C.c_ubyte), ("port", C.c_ushort), ("addr", C.c_ubyte * 16)]
+
+
+class Outer(C.Structure):      # natural alignment: padding after `a` and at the end
+    _fields_ = [("a", C.c_ubyte), ("n", C.c_ulonglong), ("inner", Inner), ("reason", C.c_uint),
+                ("s", C.c_int), ("tail", C.c_ubyte)]
+
+
+def offsets(t, base=0, prefix=""):
+    out = {}
+    for name, ft in t._fields_:
+        off = base + getattr(t, name).offset
+        if isinstance(ft, type) and issubclass(ft, C.Structure):
+            out.update(offsets(ft, off, prefix + name + "."))
+        else:
+            out[prefix + name] = (off, C.sizeof(ft))
+    return out
+
+
+def test_layout_round_trip_keeps_offsets_sizes_and_values():
+    desc = bpfsys.desc_from_ctype(Outer)
+    rebuilt = bpfsys.ctype_from_desc(desc, "Outer")
+    assert C.sizeof(rebuilt) == C.sizeof(Outer)
+    assert {k: v for k, v in offsets(rebuilt).items() if not k.split(".")[-1].startswith("_")} == offsets(Outer)
+    o = Outer(a=1, n=2**40, reason=12, s=-5, tail=9)
+    o.inner.port = 8000
+    o.inner.addr[3] = 7
+    r = rebuilt.from_buffer_copy(bytes(o))
+    assert (r.a, r.n, r.reason, r.s, r.tail, r.inner.port, r.inner.addr[3]) == (1, 2**40, 12, -5, 9, 8000, 7)
+    assert bytes(r) == bytes(o)
+
+
+def test_possible_cpus_parses_ranges(monkeypatch, tmp_path):
+    bpfsys.possible_cpus.cache_clear()
+    assert bpfsys.possible_cpus() >= 1
+    bpfsys.possible_cpus.cache_clear()
