@@ -39,7 +39,7 @@ class TraceOptions:
     fmt: str = "json"                              # json | table
     ready_file: Optional[str] = None
     flow_table_size: int = 65536
-    ringbuf_pages: int = 256
+    ringbuf_pages: int = 1024
     drops: bool = True
     use_rules: bool = True
     debug_print_program: bool = False
