@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -99,6 +100,7 @@ def run_trace(opts: TraceOptions, index: PodIndex, out: TextIO = sys.stdout,
     clock = ev.Clock()
     names = index.names
     live = None
+    drain = None
     try:
         probe.set_local_addrs(netns_mod.local_addresses(ipr))
         probe.attach()
@@ -158,6 +160,7 @@ def run_trace(opts: TraceOptions, index: PodIndex, out: TextIO = sys.stdout,
                               f"{rec['host_port']} x{delta} (no DNAT)\n")
 
         watched = set(watch)
+        drain = _RingDrain(probe)
         start = time.monotonic()
         next_pending = next_slow = start
         timeout_ns = int(opts.timeout * 1e9)
@@ -166,7 +169,7 @@ def run_trace(opts: TraceOptions, index: PodIndex, out: TextIO = sys.stdout,
             if opts.duration is not None and now - start >= opts.duration:
                 break
             time.sleep(0.05)
-            emit_flows(probe.consume())
+            emit_flows(drain.take())
             now = time.monotonic()
             if now >= next_pending:
                 next_pending = now + 0.25
@@ -190,7 +193,8 @@ def run_trace(opts: TraceOptions, index: PodIndex, out: TextIO = sys.stdout,
             if binary is not None:
                 binary.flush()
         # Drain: answered records still in the ring, then every flow still unanswered.
-        emit_flows(probe.consume())
+        drain.stop()
+        emit_flows(drain.take() + probe.consume())
         emit_flows([raw for raw in probe.take_pending(None) if raw is not None])
         poll_misses()
         res.summary = _summary(probe, res, time.monotonic() - start, names)
@@ -199,6 +203,8 @@ def run_trace(opts: TraceOptions, index: PodIndex, out: TextIO = sys.stdout,
         signal.signal(signal.SIGINT, old_int)
         if live is not None:
             live.stop()
+        if drain is not None:
+            drain.stop()      # before the ring's mmap goes away
         probe.close()
         ipr.close()
     if opts.fmt == "json":
@@ -207,6 +213,41 @@ def run_trace(opts: TraceOptions, index: PodIndex, out: TextIO = sys.stdout,
         out.write(render_summary(res.summary) + "\n")
     out.flush()
     return res
+
+
+class _RingDrain:
+    """Copies answered-flow records out of the ring buffer every 10 ms, in its own thread.
+
+    The main loop encodes and writes them; when it stalls (a slow disk, a summary, a pause),
+    the ring keeps draining into memory instead of filling up and losing records.
+    """
+
+    def __init__(self, probe):
+        self.probe = probe
+        self.buf: deque = deque()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="ring-drain", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.done.wait(0.01):
+            recs = self.probe.consume()
+            if recs:
+                self.buf.extend(recs)
+
+    def take(self) -> List[bytes]:
+        out = []
+        pop = self.buf.popleft
+        try:
+            for _ in range(len(self.buf)):
+                out.append(pop())
+        except IndexError:
+            pass
+        return out
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join()
 
 
 def _summary(probe, res: TraceResult, duration: float, names) -> dict:
