@@ -667,7 +667,7 @@ def accounting(t: dict) -> dict:
         "tracer_flow_records": s["http_flow_records"],
         "lost_events": int(s.get("lost_events") or 0),
         "kernel_flows_created": k.get("flows_created"),
-        "kernel_ringbuf_lost": k.get("ringbuf_lost"),
+        "kernel_ringbuf_deferred": k.get("ringbuf_deferred"),
         "kernel_pending_full": k.get("pending_full"),
         "kernel_flow_insert_errors": k.get("flow_insert_errors"),
         "unaccounted_vs_wrk": max(0, w["sent"] - s["http_flows"]),
@@ -788,7 +788,7 @@ def analyse(trials: List[dict], cfg) -> dict:
             "tracer_flows": sum(a["tracer_flows"] for a in acc),
             "server_accepted": sum(a["server_accepted"] for a in acc),
             "lost_events": sum(a["lost_events"] for a in acc),
-            "kernel_ringbuf_lost": sum(int(a["kernel_ringbuf_lost"] or 0) for a in acc),
+            "kernel_ringbuf_deferred": sum(int(a["kernel_ringbuf_deferred"] or 0) for a in acc),
             "unaccounted": sum(a["unaccounted"] for a in acc),
             "unaccounted_vs_wrk": sum(a["unaccounted_vs_wrk"] for a in acc),
             "unaccounted_vs_server": sum(a["unaccounted_vs_server"] for a in acc),
@@ -874,12 +874,12 @@ def markdown(res: dict) -> str:
     L.append("")
     L.append("## Flows lost or unaccounted (trace trials of the conn/s test, full rate)")
     L.append("")
-    L.append("| round | conn/s | wrk sent | server accepted | tracer flows | answered | lost_events | ringbuf_lost | unaccounted |")
+    L.append("| round | conn/s | wrk sent | server accepted | tracer flows | answered | lost_events | ringbuf deferred | unaccounted |")
     L.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for t in acc["trials"]:
         L.append(f"| {t['round']} | {_f(t['conn_per_s'], 0)} | {_f(t['wrk_sent'])} | {_f(t['server_accepted'])} | "
                  f"{_f(t['tracer_flows'])} | {_f(t['tracer_answered'])} | {_f(t['lost_events'])} | "
-                 f"{_f(t['kernel_ringbuf_lost'])} | {_f(t['unaccounted'])} |")
+                 f"{_f(t['kernel_ringbuf_deferred'])} | {_f(t['unaccounted'])} |")
     if acc["burst_trials"]:
         L.append("")
         L.append(f"Burst trials (same full rate, capped below the client's {TUPLE_BUDGET:,} distinct source "

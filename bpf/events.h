@@ -20,7 +20,7 @@
 #define FLOW_MIDSTREAM   4   /* first seen mid-connection: it began before the tracer attached */
 
 /* Indexes into the per-CPU `stats` array. */
-#define STAT_RINGBUF_LOST    0  /* a flow record could not be reserved in the ring buffer */
+#define STAT_RINGBUF_DEFERRED 0 /* no ring-buffer slot: the flow is reported from pending instead */
 #define STAT_FLOWS_CREATED   1  /* new flows inserted into the flow table */
 #define STAT_PENDING_FULL    2  /* a new flow could not be queued for its no-answer timeout */
 #define STAT_FLOW_INSERT_ERR 3  /* the flow table refused an insert */

@@ -216,11 +216,21 @@ static __always_inline void count_miss(struct flow_key *k, u8 hook)
     mv->last_ns = bpf_ktime_get_ns();
 }
 
-static __always_inline void emit_answered(struct flow_key *k, struct flow_val *v)
+/* Reports an answered flow, at most once. The pending entry is the token for "not yet
+ * reported": whoever deletes it reports the flow (user space deletes it to report a timed-out
+ * flow). The slot is reserved first: if the ring buffer cannot give one (full, or its lock
+ * busy: since 6.15 a ring-buffer reservation can fail under contention), the pending entry
+ * stays and user space reports the flow, answered, after --timeout. Nothing is lost. */
+static __always_inline void report_answered(struct flow_key *k, struct flow_val *v)
 {
     struct flow_event *e = events.ringbuf_reserve(sizeof(struct flow_event));
     if (!e) {
-        stat_inc(STAT_RINGBUF_LOST);
+        stat_inc(STAT_RINGBUF_DEFERRED);
+        return;
+    }
+    if (pending.delete(k) != 0) {
+        /* already reported as unanswered by user space, or never queued */
+        events.ringbuf_discard(e, BPF_RB_NO_WAKEUP);
         return;
     }
     __builtin_memcpy(&e->key, k, sizeof(*k));
@@ -360,10 +370,7 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
         copy_addr(v->snat_addr, r + TUP_DST_U3, family);
         v->snat_port = *(u16 *)(r + TUP_DST_PORT);
     }
-    /* The pending entry is the token for "not yet reported": whoever deletes it reports the
-     * flow. If user space already reported it as unanswered, no second record is sent. */
-    if (pending.delete(&k) == 0)
-        emit_answered(&k, v);
+    report_answered(&k, v);
     return 1;
 }
 

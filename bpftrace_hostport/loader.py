@@ -59,7 +59,7 @@ OFFSETS = {
     "TUP_PROTONUM": ("nf_conntrack_tuple", "dst.protonum"),
 }
 
-STAT_NAMES = ("ringbuf_lost", "flows_created", "pending_full", "flow_insert_errors",
+STAT_NAMES = ("ringbuf_deferred", "flows_created", "pending_full", "flow_insert_errors",
               "reply_without_flow", "drops_seen", "counter_full")
 
 

@@ -76,7 +76,7 @@ def test_bench_quick(tmp_path):
     assert acc["trials"], "no trace trial was accounted"
     for t in acc["trials"]:
         for key in ("wrk_sent", "server_accepted", "tracer_flows", "tracer_answered", "lost_events",
-                    "kernel_flows_created", "kernel_ringbuf_lost", "unaccounted", "lost_flows"):
+                    "kernel_flows_created", "kernel_ringbuf_deferred", "unaccounted", "lost_flows"):
             assert number(t[key]), key
         assert t["wrk_sent"] > 0 and t["tracer_flows"] > 0
     assert acc["lost_flows"] == 0, f"the tracer lost or did not account for flows: {acc['trials']}"
