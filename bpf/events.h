@@ -27,6 +27,7 @@
 #define STAT_REPLY_NO_FLOW   4  /* a reply for a flow no longer in the table (evicted) */
 #define STAT_DROPS_SEEN      5  /* translated packets freed with a drop reason */
 #define STAT_COUNTER_FULL    6  /* a mapping/miss/drop counter could not be created (map full) */
+#define STAT_REUSE_LOST      7  /* a deferred answered flow whose tuple was reused before its report */
 #define STAT_MAX             8
 
 struct flow_key {            /* the conntrack ORIGINAL tuple: client -> node:hostPort */

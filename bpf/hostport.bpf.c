@@ -221,23 +221,24 @@ static __always_inline void count_miss(struct flow_key *k, u8 hook)
  * flow). The slot is reserved first: if the ring buffer cannot give one (full, or its lock
  * busy: since 6.15 a ring-buffer reservation can fail under contention), the pending entry
  * stays and user space reports the flow, answered, after --timeout. Nothing is lost. */
-static __always_inline void report_answered(struct flow_key *k, struct flow_val *v)
+static __always_inline int report_answered(struct flow_key *k, struct flow_val *v)
 {
     struct flow_event *e = events.ringbuf_reserve(sizeof(struct flow_event));
     if (!e) {
         stat_inc(STAT_RINGBUF_DEFERRED);
-        return;
+        return -1;
     }
     if (pending.delete(k) != 0) {
         /* already reported as unanswered by user space, or never queued */
         events.ringbuf_discard(e, BPF_RB_NO_WAKEUP);
-        return;
+        return 0;
     }
     __builtin_memcpy(&e->key, k, sizeof(*k));
     __builtin_memcpy(&e->val, v, sizeof(*v));
     /* No wakeup: user space drains the ring on a timer, in batches (a wakeup per flow
      * would cost a context switch per flow at high connection rates). */
     events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+    return 0;
 }
 
 /* Runs just after DNAT (priority NF_IP_PRI_NAT_DST + 1 = -99): the packet's destination is
@@ -290,11 +291,20 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
     bpf_probe_read_kernel(&len, sizeof(len), (char *)skb + SKB_LEN);
 
     struct flow_val *v = flows.lookup(&k);
-    if (v && ctinfo == IP_CT_NEW && !(status & IPS_CONFIRMED) && !pending.lookup(&k)) {
-        /* The first packet of a new conntrack entry whose tuple an earlier, already reported
-         * flow used (a client port reused after TIME_WAIT, a retry after the timeout): a new
-         * flow. A retry of a flow still pending (a SYN retransmitted after a drop) is not. */
-        v = 0;
+    if (v && ctinfo == IP_CT_NEW && !(status & IPS_CONFIRMED)) {
+        /* The first packet of a new conntrack entry on a tuple an earlier flow used (a client
+         * port reused after TIME_WAIT, a retry after the timeout) starts a new flow, unless it
+         * is a retry of the same unanswered attempt (a SYN retransmitted after a drop). An
+         * earlier flow that was answered but whose report was deferred is reported now. */
+        if (!pending.lookup(&k)) {
+            v = 0;
+        } else if (v->reply_ns) {
+            if (report_answered(&k, v)) {
+                pending.delete(&k);
+                stat_inc(STAT_REUSE_LOST);
+            }
+            v = 0;
+        }
     }
     if (!v) {
         if (reply) {
@@ -370,7 +380,7 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
         copy_addr(v->snat_addr, r + TUP_DST_U3, family);
         v->snat_port = *(u16 *)(r + TUP_DST_PORT);
     }
-    report_answered(&k, v);
+    report_answered(&k, v);   /* on failure the flow stays pending: reported after --timeout */
     return 1;
 }
 

@@ -60,7 +60,7 @@ OFFSETS = {
 }
 
 STAT_NAMES = ("ringbuf_deferred", "flows_created", "pending_full", "flow_insert_errors",
-              "reply_without_flow", "drops_seen", "counter_full")
+              "reply_without_flow", "drops_seen", "counter_full", "reuse_lost")
 
 
 def bpf_source_dir() -> Path:
