@@ -25,14 +25,15 @@ def _step(i: int, n: int, text: str) -> None:
 
 
 def run_demo(name: str = "demo", keep: bool = False) -> int:
-    steps = 6
+    steps = 7
     t0 = time.monotonic()
     if os.geteuid() != 0:
         raise labmod.LabError("The demo builds network namespaces and loads eBPF: run it with sudo.")
     labmod.down(name)    # a previous demo that was killed leaves nothing in the way
     _step(1, steps, "building a lab node: network namespaces, Debian's CNI plugins "
-                    "(bridge, host-local, portmap), the nginx-hostport Deployment's pod")
-    st = labmod.up(name=name)
+                    "(bridge, host-local, portmap), the nginx-hostport Deployment's pod, "
+                    "and a hostNetwork pod with hostPort 9000")
+    st = labmod.up(name=name, scenario="hostnetwork")
     pod = st.pods[0]
     click.echo(f"      node {st.node_ip} (netns {st.node_netns}); pod {pod.namespace}/{pod.name} "
                f"at {', '.join(pod.ips)}; hostPorts 8000->80 (http), 44300->443 (https)")
@@ -59,6 +60,7 @@ def run_demo(name: str = "demo", keep: bool = False) -> int:
                     ("client -> node:44300", dict(to=44300, count=10)),
                     ("node itself -> node:8000 (DNAT in OUTPUT)", dict(to=8000, count=5, source="node")),
                     ("client -> [node IPv6]:8000", dict(to=8000, count=5, family=6)),
+                    ("client -> node:9000 (hostNetwork pod: no DNAT, counted as misses)", dict(to=9000, count=5)),
                 ]
                 for label, kw in runs:
                     r = labmod.traffic(name, **kw)
@@ -81,6 +83,10 @@ def run_demo(name: str = "demo", keep: bool = False) -> int:
         _step(6, steps, "summary per hostPort mapping:")
         if summary:
             click.echo(render_summary(summary))
+        _step(7, steps, f"what `bpftrace-hostport check --lab {name}` says about this node:")
+        check = subprocess.run([sys.executable, "-m", "bpftrace_hostport", "check", "--lab", name],
+                               capture_output=True, text=True, timeout=120)
+        click.echo(check.stdout.rstrip() or check.stderr.rstrip())
     finally:
         if proc is not None and proc.poll() is None:
             proc.kill()

@@ -187,7 +187,7 @@ def run_trace(opts: TraceOptions, index: PodIndex, out: TextIO = sys.stdout,
                         probe.set_watch_ports(sorted(new))
                         watched |= new
                 if live is not None:
-                    live.update(_summary(probe, res, time.monotonic() - start, names), recent)
+                    live.update(_summary(probe, res, time.monotonic() - start, index), recent)
             # Flush each round (<= 0.05 s of records): a capture killed with -9 keeps what was written.
             out.flush()
             if binary is not None:
@@ -197,7 +197,7 @@ def run_trace(opts: TraceOptions, index: PodIndex, out: TextIO = sys.stdout,
         emit_flows(drain.take() + probe.consume())
         emit_flows([raw for raw in probe.take_pending(None) if raw is not None])
         poll_misses()
-        res.summary = _summary(probe, res, time.monotonic() - start, names)
+        res.summary = _summary(probe, res, time.monotonic() - start, index)
     finally:
         signal.signal(signal.SIGTERM, old_term)
         signal.signal(signal.SIGINT, old_int)
@@ -250,7 +250,7 @@ class _RingDrain:
         self.thread.join()
 
 
-def _summary(probe, res: TraceResult, duration: float, names) -> dict:
+def _summary(probe, res: TraceResult, duration: float, index) -> dict:
     stats = probe.read_stats()
     counters = []
     for k, flows, packets, nbytes in probe.read_mappings():
@@ -267,7 +267,15 @@ def _summary(probe, res: TraceResult, duration: float, names) -> dict:
     # Flows the table refused and counters that could not be created are lost too.
     lost = (max(0, stats["flows_created"] - len(res.agg)) + stats["flow_insert_errors"]
             + stats["counter_full"])
-    s = summarize(res.agg, res.misses, counters, drops, duration, lost, pod_names=names)
+    s = summarize(res.agg, res.misses, counters, drops, duration, lost, pod_names=index.names)
+    for m in s["mappings"]:
+        if m["pod_ip"] is None:
+            # misses only: no DNAT happened; name the hostNetwork pod that owns the port, if one does
+            owner = index.host_network_owner(m["proto"], m["host_port"])
+            if owner is not None:
+                port = next((p for p in owner.ports if p.host_port == m["host_port"]), None)
+                m.update(pod_namespace=owner.namespace, pod_name=owner.name,
+                         port_name=port.name if port else None)
     s["kernel"] = stats
     return s
 

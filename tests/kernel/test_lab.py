@@ -171,7 +171,7 @@ def test_demo_end_to_end():
     name = unique("demo")
     p = cli("lab", "demo", "--name", name, timeout=180)
     out = p.stdout
-    assert "[1/6]" in out and "[6/6]" in out
+    assert "[1/7]" in out and "[7/7]" in out and "hostnetwork-hostport" in out
     assert "became" in out and "cjweichen/nginx-hostport-" in out
     assert "tcp :8000" in out and "lost events" in out
     assert netns_with_prefix(f"bhp-{name}-") == []

@@ -168,6 +168,7 @@ def test_hostnetwork_port_counts_misses_not_flows(tlab):
     assert sum(m["count"] for m in t.misses if m["host_port"] == 9100) == 4
     rows = [m for m in t.summary["mappings"] if m["host_port"] == 9100]
     assert rows and rows[0]["misses"] == 4 and rows[0]["pod_ip"] is None
+    assert (rows[0]["pod_namespace"], rows[0]["pod_name"], rows[0]["port_name"]) == ("monitoring", "node-exporter", "metrics")
 
 
 def test_host_port_filter_and_client_filter(tlab):
