@@ -590,30 +590,23 @@ def _get(obj: Any, *path: str) -> Any:
 
 def sandbox_port_mappings(info: dict) -> List[ContainerPort]:
     """Port mappings from `crictl inspectp` info: containerd's config or CRI-O's annotation."""
-    ports: List[ContainerPort] = []
+    # (mapping list, its key names: container port, protocol, host port, host IP)
     mappings = _get(info, "config", "port_mappings")
     if isinstance(mappings, list):
-        for m in mappings:
-            if not isinstance(m, dict):
-                continue
-            cport, proto = _port_number(m.get("container_port")), _proto(m.get("protocol"))
-            if cport is None or proto is None:
-                continue
-            ports.append(ContainerPort(container="", container_port=cport, protocol=proto,
-                                       host_port=_port_number(m.get("host_port")),
-                                       host_ip=m.get("host_ip") or None))
-        return ports
-    crio = _maybe_json(_get(info, "runtimeSpec", "annotations", _CRIO_PORTS_ANNOTATION))
-    if isinstance(crio, list):
-        for m in crio:
-            if not isinstance(m, dict):
-                continue
-            cport, proto = _port_number(m.get("ContainerPort")), _proto(m.get("Protocol"))
-            if cport is None or proto is None:
-                continue
-            ports.append(ContainerPort(container="", container_port=cport, protocol=proto,
-                                       host_port=_port_number(m.get("HostPort")),
-                                       host_ip=m.get("HostIP") or None))
+        keys = ("container_port", "protocol", "host_port", "host_ip")
+    else:
+        mappings = _maybe_json(_get(info, "runtimeSpec", "annotations", _CRIO_PORTS_ANNOTATION))
+        keys = ("ContainerPort", "Protocol", "HostPort", "HostIP")
+    ports: List[ContainerPort] = []
+    for m in mappings if isinstance(mappings, list) else []:
+        if not isinstance(m, dict):
+            continue
+        cport, proto = _port_number(m.get(keys[0])), _proto(m.get(keys[1]))
+        if cport is None or proto is None:
+            continue
+        ports.append(ContainerPort(container="", container_port=cport, protocol=proto,
+                                   host_port=_port_number(m.get(keys[2])),
+                                   host_ip=m.get(keys[3]) or None))
     return ports
 
 
