@@ -244,3 +244,45 @@ def test_hairpin_lab_is_healthy_while_a_pod_calls_the_hostport():
 def test_no_lab_namespace_is_left_behind():
     _require()
     assert _our_namespaces() == []
+
+
+def _nsexec(st, *cmd):
+    return subprocess.run(["ip", "netns", "exec", st.node_netns, *cmd], capture_output=True, text=True, check=True)
+
+
+def test_forwarding_off_is_found_and_traffic_fails():
+    with lab_up("basic") as (name, st):
+        _nsexec(st, "sysctl", "-qw", "net.ipv4.ip_forward=0")
+        assert lab.traffic(name, to=8000, count=1, timeout=0.5)["answered"] == 0
+        rc, found = check(name)
+        assert rc == 1 and "ip-forward-off" in codes(found, "error")
+        _nsexec(st, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        assert lab.traffic(name, to=8000, count=1)["answered"] == 1
+        assert "ip-forward-off" not in codes(check(name)[1])
+
+
+def test_prerouting_jump_missing_is_found():
+    with lab_up("basic") as (name, st):
+        rules = _nsexec(st, "iptables-save", "-t", "nat").stdout
+        jump = next(ln for ln in rules.splitlines()
+                    if ln.startswith("-A PREROUTING") and "CNI-HOSTPORT-DNAT" in ln)
+        _nsexec(st, "iptables", "-t", "nat", "-D", *shlex.split(jump)[1:])
+        assert lab.traffic(name, to=8000, count=1, timeout=0.5)["answered"] == 0
+        rc, found = check(name)
+        assert rc == 1 and "hostport-chain-not-hooked" in codes(found, "error")
+
+
+def test_declared_hostport_without_rule_is_found():
+    with lab_up("basic") as (name, st):
+        # The pod's DNAT chain vanishes (a runtime that lost its portmap state): its jump goes too.
+        rules = _nsexec(st, "iptables-save", "-t", "nat").stdout
+        jumps = [ln for ln in rules.splitlines() if ln.startswith("-A CNI-HOSTPORT-DNAT") and "-j CNI-DN-" in ln]
+        assert jumps
+        for ln in jumps:
+            _nsexec(st, "iptables", "-t", "nat", "-D", *shlex.split(ln)[1:])
+        for chain in {shlex.split(ln)[shlex.split(ln).index("-j") + 1] for ln in jumps}:
+            _nsexec(st, "iptables", "-t", "nat", "-F", chain)
+            _nsexec(st, "iptables", "-t", "nat", "-X", chain)
+        assert lab.traffic(name, to=8000, count=1, timeout=0.5)["answered"] == 0
+        rc, found = check(name)
+        assert rc == 1 and "hostport-no-rule" in codes(found, "error")
