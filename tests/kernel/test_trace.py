@@ -316,3 +316,29 @@ def test_flow_table_overflow_is_counted_as_lost_never_silent(tlab):
     assert 1400 <= created <= 1500, (s["kernel"], res)
     assert s["lost_events"] > 0, s["kernel"]            # ~1500 unanswered flows cannot fit in 1024
     assert len(flows) + s["lost_events"] == created, (len(flows), s["kernel"])   # reported or counted lost
+
+
+def test_pod_names_from_the_kubernetes_api(tlab, tmp_path):
+    """trace and rules name pods from a (fake, local) API server: list + watch, this node only."""
+    from tests.unit.test_pod_sources import FakeAPI, kubeconfig_for
+    items = json.loads(tlab.pods_file.read_text())["items"]
+    other = json.loads(json.dumps(items[0]))
+    other["metadata"]["name"] = "elsewhere"
+    other["spec"]["nodeName"] = "another-node"
+    api = FakeAPI(items + [other])
+    try:
+        kc = kubeconfig_for(tmp_path, api.url)
+        pod = nginx(tlab)
+        with tracing("--netns", tlab.node_netns, "--pods-from", "kube", "--kubeconfig", kc,
+                     "--node-name", tlab.node_name, "--timeout", "1") as t:
+            assert lab.traffic(tlab.name, to=8000, count=2)["answered"] == 2
+        flows = [f for f in t.flows if f["host_port"] == 8000]
+        assert len(flows) == 2 and all(f["pod_name"] == pod.name and f["port_name"] == "http" for f in flows)
+        assert all(q["fieldSelector"] == [f"spec.nodeName={tlab.node_name}"] for q in api.lists())
+        p = cli("rules", "--netns", tlab.node_netns, "--pods-from", "kube", "--json",
+                check=False, env=dict(os.environ, KUBECONFIG=kc, NODE_NAME=tlab.node_name))
+        assert p.returncode == 0, p.stderr
+        rows = [r for r in json.loads(p.stdout) if r["host_port"] == 8000 and r["family"] == 4]
+        assert rows and rows[0]["pod"] == pod.name and rows[0]["port_name"] == "http"
+    finally:
+        api.close()
