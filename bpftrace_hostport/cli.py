@@ -181,7 +181,10 @@ def summary(capture, pod_files, as_json):
       bpftrace-hostport summary capture.jsonl
     """
     from .summary import read_jsonl, render_summary, summarize
-    flows, misses, recorded = read_jsonl(capture)
+    notes: List[str] = []
+    flows, misses, recorded = read_jsonl(capture, notes)
+    for n in notes:
+        click.echo(f"note: {n}", err=True)
     index = _load_pods(pod_files)
     if recorded is not None and not pod_files:
         s = recorded

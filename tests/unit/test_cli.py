@@ -68,3 +68,19 @@ def test_auto_backend_falls_back_to_conntrack_after_one_warning(monkeypatch):
     assert called["ct"].duration == 1
     res = CliRunner().invoke(cli, ["trace", "--duration", "1", "--backend", "netfilter"])
     assert res.exit_code == 2 and "Linux >= 6.4" in res.output
+
+
+def test_summary_of_a_capture_cut_mid_line(tmp_path):
+    line = ('{"type":"flow","ts":"2026-01-01T00:00:00Z","proto":"tcp","family":4,"client_ip":"10.0.0.10",'
+            '"client_port":1,"node_ip":"10.0.0.1","host_port":8000,"pod_ip":"10.0.1.2","pod_port":80,'
+            '"hook":"prerouting","answered":true,"latency_us":100.0,"masqueraded":false,"snat_ip":null,'
+            '"packets":2,"bytes":120,"pod_namespace":null,"pod_name":null,"port_name":null,"drop_reason":null}')
+    cap = tmp_path / "killed.jsonl"
+    cap.write_text(line + "\n" + line + "\n" + line[:57])          # kill -9 mid-write
+    res = CliRunner().invoke(cli, ["summary", str(cap), "--json"])
+    assert res.exit_code == 0, res.output
+    assert "cut line 3" in res.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(line + "\n" + line[:57] + "\n" + line + "\n")     # damage in the middle is an error
+    res = CliRunner().invoke(cli, ["summary", str(bad)])
+    assert res.exit_code == 2 and "line 2" in res.output
