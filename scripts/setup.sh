@@ -18,7 +18,7 @@ command -v apt-get >/dev/null || die "needs a Debian or Ubuntu system with apt-g
 
 # 1. Debian packages. bcc is not on PyPI: python3-bpfcc is built for /usr/bin/python3.
 pkgs=(python3-bpfcc python3-venv python3-pip iproute2 iptables nftables conntrack
-      containernetworking-plugins procps util-linux wrk iperf3 ca-certificates ${SETUP_EXTRA_PKGS:-})
+      containernetworking-plugins procps util-linux wrk iperf3 bpftool ca-certificates ${SETUP_EXTRA_PKGS:-})
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
