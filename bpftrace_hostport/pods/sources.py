@@ -194,7 +194,20 @@ class _PodTable:
             return list(self.live.values()) + [p for p, _ in self.gone.values()]
 
 
-class _PollingSource:
+class _LazySource:
+    """pods() of a source with a _PodTable: the first use without start() loads once."""
+
+    def pods(self) -> List[PodInfo]:
+        if not self._loaded and not self._tried:
+            try:
+                self.refresh()
+            except SourceUnavailable as e:
+                self.last_error = e.what
+                log.warning("%s", e.note)
+        return self._table.snapshot()
+
+
+class _PollingSource(_LazySource):
     """A source refreshed by `refresh()` every `interval` seconds in a daemon thread once started."""
 
     name = "?"
@@ -219,14 +232,6 @@ class _PollingSource:
         self._loaded = True
         self.last_error = None
 
-    def pods(self) -> List[PodInfo]:
-        if not self._loaded and not self._tried:     # first use without start(): load once
-            try:
-                self.refresh()
-            except SourceUnavailable as e:
-                self.last_error = e.what
-                log.warning("%s", e.note)
-        return self._table.snapshot()
 
     def start(self) -> None:
         if self._thread is not None:
@@ -354,7 +359,7 @@ def _api_error_reason(e: Exception) -> str:
     return text or type(e).__name__
 
 
-class KubeSource:
+class KubeSource(_LazySource):
     """This node's pods from the Kubernetes API, listed once and then watched in a daemon thread."""
 
     name = "kube"
@@ -451,14 +456,6 @@ class KubeSource:
         self.lists += 1
         self.last_error = None
 
-    def pods(self) -> List[PodInfo]:
-        if not self._loaded and not self._tried:
-            try:
-                self.refresh()
-            except SourceUnavailable as e:
-                self.last_error = e.what
-                log.warning("%s", e.note)
-        return self._table.snapshot()
 
     # ------------------------------------------------------------------ watch
     def _apply(self, event: dict) -> None:
