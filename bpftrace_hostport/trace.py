@@ -26,6 +26,7 @@ from . import events as ev
 from . import netns as netns_mod
 from .errors import UserError
 from .pods.index import PodIndex
+from .rules import read_node_rules
 from .summary import FlowAggregate, render_summary, summarize
 
 
@@ -70,19 +71,16 @@ def watch_list(opts: TraceOptions, index: PodIndex) -> Tuple[List[Tuple[str, int
     ports = set(index.host_ports())
     if opts.use_rules:
         try:
-            from .rules import read_node_rules
-            rules, skipped = read_node_rules(opts.netns)
+            rules, _skipped = read_node_rules(opts.netns)
             ports |= {(r.proto.lower(), r.host_port) for r in rules}
         except UserError as e:
             notes.append(f"nat rules not read: {e}")
-        except ImportError:
-            pass
     return sorted(ports), notes
 
 
 def run_trace(opts: TraceOptions, index: PodIndex, out: TextIO = sys.stdout,
               err: TextIO = sys.stderr) -> TraceResult:
-    from .loader import Probe, ProbeOptions   # bcc is imported only when tracing
+    from .loader import Probe, ProbeOptions   # the BTF reader and syscalls, only when tracing
 
     netns_mod.require(opts.netns)
     watch, notes = watch_list(opts, index)
