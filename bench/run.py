@@ -274,7 +274,7 @@ class BenchLab:
         self.iperf_server: Optional[subprocess.Popen] = None
 
     def up(self) -> None:
-        from bpftrace_hostport import lab
+        from bpftrace_hostport.lab import build as lab
         log(f"lab up {self.name} ({MANIFEST.name})")
         self.st = lab.up([str(MANIFEST)], name=self.name, ipv6=False)
         st = self.st
@@ -313,7 +313,7 @@ class BenchLab:
         return f"http://{self.node_ip}:{HTTP_HOST_PORT}/"
 
     def down(self) -> List[str]:
-        from bpftrace_hostport import lab
+        from bpftrace_hostport.lab import build as lab
         if self.iperf_server is not None:
             self.procs.stop(self.iperf_server)
         log(f"lab down {self.name}")

@@ -1,3 +1,3 @@
-from .cli import main
+from bpftrace_hostport.cli import main
 
 main()

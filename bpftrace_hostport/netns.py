@@ -13,7 +13,7 @@ from typing import Iterator, List, Optional
 from pyroute2 import IPRoute
 from pyroute2 import netns as pr_netns
 
-from .errors import UserError
+from bpftrace_hostport.errors import UserError
 
 NETNS_RUN_DIR = "/var/run/netns"
 

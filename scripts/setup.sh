@@ -18,7 +18,8 @@ command -v apt-get >/dev/null || die "needs a Debian or Ubuntu system with apt-g
 
 # 1. Debian packages. bcc is not on PyPI: python3-bpfcc is built for /usr/bin/python3.
 pkgs=(python3-bpfcc python3-venv python3-pip iproute2 iptables nftables conntrack
-      containernetworking-plugins procps util-linux wrk iperf3 bpftool ca-certificates ${SETUP_EXTRA_PKGS:-})
+      containernetworking-plugins procps util-linux wrk iperf3 bpftool ca-certificates tshark
+      ${SETUP_EXTRA_PKGS:-})
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -26,6 +27,8 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
+  # tshark (reads our pcapng exports in the tests): no setuid dumpcap, no question asked.
+  echo "wireshark-common wireshark-common/install-setuid boolean false" | debconf-set-selections
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 else

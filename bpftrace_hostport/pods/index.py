@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
-from ..model import ContainerPort, PodInfo
+from bpftrace_hostport.model import ContainerPort, PodInfo
 
 Names = Tuple[Optional[str], Optional[str], Optional[str]]
 

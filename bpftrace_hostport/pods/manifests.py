@@ -30,8 +30,8 @@ from typing import Any, Dict, Iterator, List, Set, Tuple
 
 import yaml
 
-from ..errors import UserError
-from ..model import ContainerPort
+from bpftrace_hostport.errors import UserError
+from bpftrace_hostport.model import ContainerPort
 
 __all__ = ["PodPlan", "load_manifests", "parse_manifests", "WORKLOAD_KINDS"]
 

@@ -16,9 +16,9 @@ import tempfile
 import uuid
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from ..errors import UserError
-from ..model import ContainerPort, PodInfo
-from .manifests import PROTOCOLS, PodPlan, load_documents, read_source
+from bpftrace_hostport.errors import UserError
+from bpftrace_hostport.model import ContainerPort, PodInfo
+from bpftrace_hostport.pods.manifests import PROTOCOLS, PodPlan, load_documents, read_source
 
 __all__ = ["pod_from_k8s", "pod_to_k8s", "read_pod_list", "write_pod_list", "plan_to_pod"]
 

@@ -50,10 +50,10 @@ import time
 from dataclasses import replace
 from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Set, Tuple
 
-from ..errors import UserError
-from ..model import ContainerPort, HostPortRule, PodInfo
-from .index import Names, PodIndex
-from .podlist import pod_from_k8s, read_pod_list
+from bpftrace_hostport.errors import UserError
+from bpftrace_hostport.model import ContainerPort, HostPortRule, PodInfo
+from bpftrace_hostport.pods.index import Names, PodIndex
+from bpftrace_hostport.pods.podlist import pod_from_k8s, read_pod_list
 
 
 __all__ = [
@@ -828,7 +828,7 @@ class CNIStateSource(_PollingSource):
         self.rule_notes: List[str] = []
 
     def _load(self) -> Dict[str, PodInfo]:
-        from .. import rules as _rules            # looked up at call time (tests monkeypatch it)
+        from bpftrace_hostport.node import rules as _rules           # looked up at call time (tests monkeypatch it)
 
         allocations = read_host_local(self.ipam_dirs)
         try:

@@ -19,8 +19,8 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from bpftrace_hostport import lab
-from bpftrace_hostport.cli_node import check_cmd, rules_cmd
+from bpftrace_hostport.lab import build as lab
+from bpftrace_hostport.cli.node import check_cmd, rules_cmd
 
 pytestmark = pytest.mark.kernel
 
@@ -152,8 +152,8 @@ def test_leaked_rule_of_a_pod_gone_without_cni_del_is_found_and_its_fix_works(tm
 
 
 def test_stale_udp_lab_names_the_deleted_pods_ip_and_its_fix_works(monkeypatch):
-    from bpftrace_hostport import nodeview
-    from bpftrace_hostport.check import findings
+    from bpftrace_hostport.node import nodeview
+    from bpftrace_hostport.node.check import findings
     from bpftrace_hostport.pods.podlist import read_pod_list
     with lab_up("stale-udp") as (name, st):
         dead = next(p for p in st.pods if p.name == "dns-v1" and not p.alive).ips[0]
@@ -175,7 +175,7 @@ def test_stale_udp_lab_names_the_deleted_pods_ip_and_its_fix_works(monkeypatch):
         time.sleep(0.5)       # the client sends 10 datagrams a second: its next one meets dns-v2's rule
         rc, found = check(name)
         assert "stale-conntrack" not in codes(found) and rc == 0, found
-        from bpftrace_hostport.nodeview import gather
+        from bpftrace_hostport.node.nodeview import gather
         view = gather(st.node_netns, None)
         assert any(e.orig_dport == 5353 and e.reply_src == new for e in view.conntrack)
 
@@ -214,7 +214,7 @@ def test_localhost_lab_gives_at_most_info():
 
 def _call_own_hostport(st, pod, timeout):
     """The pod calls nodeIP:hostPort that leads back to itself (hairpin to self)."""
-    p = subprocess.run(["ip", "netns", "exec", pod.netns, sys.executable, "-m", "bpftrace_hostport.labclient",
+    p = subprocess.run(["ip", "netns", "exec", pod.netns, sys.executable, "-m", "bpftrace_hostport.lab.traffic",
                         "--host", st.node_ip, "--port", "8000", "--proto", "tcp", "--count", "1",
                         "--timeout", str(timeout)], capture_output=True, text=True, timeout=30, check=True)
     return json.loads(p.stdout.strip().splitlines()[-1])["answered"]

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from bpftrace_hostport import lab
+from bpftrace_hostport.lab import build as lab
 from tests.conftest import require_kernel
 from tests.kernel.helpers import cli, unique
 

@@ -1,7 +1,7 @@
 """Layouts survive the trip from the compiler child to the tracer exactly."""
 import ctypes as C
 
-from bpftrace_hostport import bpfsys
+from bpftrace_hostport.ebpf import bpfsys
 
 
 class Inner(C.Structure):

@@ -1,4 +1,4 @@
-"""Tests for bpftrace_hostport.btf: synthetic BTF blobs plus the running kernel's BTF.
+"""Tests for bpftrace_hostport.ebpf.btf: synthetic BTF blobs plus the running kernel's BTF.
 
 The synthetic blobs are built by a tiny encoder below that follows the kernel's
 Documentation/bpf/btf.rst, so each test states the exact layout it expects.
@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import pytest
 
-from bpftrace_hostport.btf import BTF, BTFError, load_offsets
+from bpftrace_hostport.ebpf.btf import BTF, BTFError, load_offsets
 from bpftrace_hostport.errors import UserError
 
 VMLINUX = "/sys/kernel/btf/vmlinux"

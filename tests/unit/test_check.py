@@ -6,12 +6,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from bpftrace_hostport import check, cli_node, nodeview
-from bpftrace_hostport.check import CODES, findings
-from bpftrace_hostport.nodeview import (NodeView, filter_table, nat_summary, nft_forward_chains,
+from bpftrace_hostport.node import check
+from bpftrace_hostport.cli import node as cli_node
+from bpftrace_hostport.node import nodeview
+from bpftrace_hostport.node.check import CODES, findings
+from bpftrace_hostport.node.nodeview import (NodeView, filter_table, nat_summary, nft_forward_chains,
                                         parse_conntrack_text, parse_sysctl_text)
 from bpftrace_hostport.pods.podlist import read_pod_list
-from bpftrace_hostport.rules import parse_iptables_save
+from bpftrace_hostport.node.rules import parse_iptables_save
 
 FX = Path(__file__).resolve().parent.parent / "fixtures" / "check"
 RULES_FX = FX.parent / "rules"

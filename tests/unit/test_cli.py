@@ -53,15 +53,18 @@ def test_summary_of_a_capture(tmp_path):
 
 
 def test_auto_backend_falls_back_to_conntrack_after_one_warning(monkeypatch):
-    from bpftrace_hostport import ctbackend, trace
+    from bpftrace_hostport.collect import outputs
     from bpftrace_hostport.errors import KernelFeatureMissing
 
-    def no_link(opts, index):
-        raise KernelFeatureMissing("Could not create the netfilter BPF link (Invalid argument); it needs Linux >= 6.4.")
-
     called = {}
-    monkeypatch.setattr(trace, "run_trace", no_link)
-    monkeypatch.setattr(ctbackend, "run_conntrack_trace", lambda opts, index: called.setdefault("ct", opts))
+
+    def session(backend, opts, index, outs):
+        if backend == "netfilter":
+            raise KernelFeatureMissing("Could not create the netfilter BPF link (Invalid argument); "
+                                       "it needs Linux >= 6.4.")
+        called["ct"] = opts
+
+    monkeypatch.setattr(outputs, "run_session", session)
     res = CliRunner().invoke(cli, ["trace", "--duration", "1", "--format", "json"])
     assert res.exit_code == 0, res.output
     assert "warning: Could not create the netfilter BPF link" in res.output and "Falling back" in res.output

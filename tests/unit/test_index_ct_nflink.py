@@ -5,7 +5,9 @@ from datetime import datetime, timezone
 
 import pytest
 
-from bpftrace_hostport import bpfsys, ctbackend, nflink
+from bpftrace_hostport.ebpf import bpfsys
+from bpftrace_hostport.collect import conntrack as ctbackend
+from bpftrace_hostport.ebpf import nflink
 from bpftrace_hostport.model import ContainerPort, PodInfo
 from bpftrace_hostport.pods.index import PodIndex
 
@@ -69,7 +71,7 @@ def test_link_create_error(monkeypatch):
 
 
 def test_missing_capabilities(tmp_path):
-    from bpftrace_hostport.loader import missing_capabilities
+    from bpftrace_hostport.collect.netfilter.probe import missing_capabilities
     f = tmp_path / "status"
     f.write_text("Name:\tx\nCapEff:\t000001ffffffffff\n")
     assert missing_capabilities(str(f)) == []

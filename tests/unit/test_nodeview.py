@@ -2,13 +2,13 @@
 import json
 from pathlib import Path
 
-from bpftrace_hostport import nodeview as nv
+from bpftrace_hostport.node import nodeview as nv
 from bpftrace_hostport.model import ContainerPort, HostPortRule, PodInfo
-from bpftrace_hostport.nodeview import (NodeView, filter_table, mappings, nat_summary, nft_forward_chains,
+from bpftrace_hostport.node.nodeview import (NodeView, filter_table, mappings, nat_summary, nft_forward_chains,
                                         parse_conntrack_text, parse_rule_line, parse_sysctl_text)
 from bpftrace_hostport.pods.index import PodIndex
 from bpftrace_hostport.pods.podlist import read_pod_list
-from bpftrace_hostport.rules import parse_iptables_save
+from bpftrace_hostport.node.rules import parse_iptables_save
 
 FX = Path(__file__).resolve().parent.parent / "fixtures" / "check"
 RULES_FX = FX.parent / "rules"

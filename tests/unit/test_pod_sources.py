@@ -21,7 +21,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from kubernetes import client as k8s_client
 
-from bpftrace_hostport import rules as rules_mod
+from bpftrace_hostport.node import rules as rules_mod
 from bpftrace_hostport.errors import UserError
 from bpftrace_hostport.model import ContainerPort, HostPortRule, PodInfo
 from bpftrace_hostport.pods import sources

@@ -21,7 +21,7 @@ from bpftrace_hostport.pods.podlist import (plan_to_pod, pod_from_k8s, pod_to_k8
                                             write_pod_list)
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "pods"
-SHIPPED = Path(bpftrace_hostport.__file__).resolve().parent / "data" / "nginx-hostport.yaml"
+SHIPPED = Path(bpftrace_hostport.__file__).resolve().parent / "lab" / "data" / "nginx-hostport.yaml"
 
 
 def fixture(name: str) -> str:

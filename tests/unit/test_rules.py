@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from bpftrace_hostport import rules
+from bpftrace_hostport.node import rules
 from bpftrace_hostport.errors import UserError
 from bpftrace_hostport.model import HostPortRule
-from bpftrace_hostport.rules import parse_iptables_save, parse_nft_json, read_node_rules
+from bpftrace_hostport.node.rules import parse_iptables_save, parse_nft_json, read_node_rules
 
 FIX = Path(__file__).resolve().parent.parent / "fixtures" / "rules"
 

@@ -27,8 +27,8 @@ import ipaddress
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
-from .model import ContainerPort, HostPortRule, PodInfo
-from .nodeview import (CtEntry, FilterTable, IptRule, NodeView, live_pods, local_pods, mappings,
+from bpftrace_hostport.model import ContainerPort, HostPortRule, PodInfo
+from bpftrace_hostport.node.nodeview import (CtEntry, FilterTable, IptRule, NodeView, live_pods, local_pods, mappings,
                        is_synthetic, netns_prefix_text, parse_rule_line, pod_label)
 
 __all__ = ["Finding", "findings", "CODES", "SEVERITIES", "has_errors"]

@@ -23,9 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple
 
-from . import bpfsys, nflink, netns as netns_mod
-from .btf import BTF, BTFError
-from .errors import KernelFeatureMissing, UserError
+from bpftrace_hostport.ebpf import bpfsys
+from bpftrace_hostport.ebpf import nflink
+from bpftrace_hostport import netns as netns_mod
+from bpftrace_hostport.ebpf.btf import BTF, BTFError
+from bpftrace_hostport.errors import KernelFeatureMissing, UserError
 
 PROTO_NUMBERS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP, "sctp": 132}
 PROTO_MASK_BITS = {"tcp": 1, "udp": 2, "sctp": 4}
@@ -64,12 +66,17 @@ STAT_NAMES = ("ringbuf_deferred", "flows_created", "pending_full", "flow_insert_
 
 
 def bpf_source_dir() -> Path:
-    """bpf/ at the top of the source tree (the package is installed editable)."""
-    for cand in (Path(__file__).resolve().parent.parent / "bpf",
-                 Path(sys.prefix) / "share" / "bpftrace-hostport" / "bpf"):
-        if (cand / "hostport.bpf.c").exists():
-            return cand
-    raise UserError("The eBPF sources (bpf/hostport.bpf.c) are missing: reinstall with scripts/setup.sh.")
+    """The eBPF sources, shipped inside the package as `bpftrace_hostport.bpf` (the top-level
+    bpf/ folder of the source tree, mapped in pyproject.toml)."""
+    from importlib import resources
+    try:
+        cand = Path(str(resources.files("bpftrace_hostport.bpf")))
+    except (ModuleNotFoundError, TypeError):
+        cand = None
+    if cand is not None and (cand / "hostport.bpf.c").exists():
+        return cand
+    raise UserError("The eBPF sources (bpftrace_hostport/bpf/hostport.bpf.c) are missing from the "
+                    "installed package: reinstall it (pip install . or scripts/setup.sh).")
 
 
 @dataclass
@@ -234,7 +241,7 @@ class Probe:
                    "tracepoint": {"tp": "skb:kfree_skb", "fn": "tp_kfree_skb"} if self.drops_enabled else None}
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            proc = subprocess.Popen([sys.executable, "-m", "bpftrace_hostport.compiler", str(child.fileno())],
+            proc = subprocess.Popen([sys.executable, "-m", "bpftrace_hostport.ebpf.compiler", str(child.fileno())],
                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.PIPE, pass_fds=(child.fileno(),))
             child.close()

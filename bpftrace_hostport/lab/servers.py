@@ -3,7 +3,7 @@
 TCP: a minimal HTTP/1.1 server that answers every request with its pod's name (one request
 per connection, `Connection: close`), so a client can tell which pod a hostPort reached.
 UDP: an echo that prefixes the pod's name. Started by lab.py inside the pod's network
-namespace: `python -m bpftrace_hostport.labserver --pod NS/NAME --tcp 80 --udp 53`.
+namespace: `python -m bpftrace_hostport.lab.servers --pod NS/NAME --tcp 80 --udp 53`.
 """
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ import struct
 from array import array
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-from .errors import UserError
+from bpftrace_hostport.errors import UserError
 
 __all__ = ["BTFError", "BTF", "load_offsets", "VMLINUX_BTF"]
 

@@ -1,4 +1,4 @@
-"""Unit tests for bpftrace_hostport.summary (no kernel, no cluster)."""
+"""Unit tests for analysis/aggregate.py and analysis/render.py (no kernel, no cluster)."""
 from __future__ import annotations
 
 import io
@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from bpftrace_hostport.errors import UserError
-from bpftrace_hostport.summary import read_jsonl, render_summary, summarize
+from bpftrace_hostport.analysis.aggregate import summarize
+from bpftrace_hostport.analysis.render import render_summary
+from bpftrace_hostport.records.jsonl import read_jsonl
 
 
 def flow(**kw):
@@ -365,7 +367,7 @@ def test_render_empty_summary():
 
 
 def test_render_human_bytes():
-    from bpftrace_hostport.summary import human_bytes
+    from bpftrace_hostport.analysis.render import human_bytes
     assert human_bytes(0) == "0 B"
     assert human_bytes(1023) == "1023 B"
     assert human_bytes(1229) == "1.2 KiB"
@@ -448,7 +450,7 @@ def test_read_then_summarize_roundtrip(tmp_path):
 
 
 def test_flow_aggregate_gives_the_same_summary_as_the_records():
-    from bpftrace_hostport.summary import FlowAggregate
+    from bpftrace_hostport.analysis.aggregate import FlowAggregate
     import random
     rnd = random.Random(7)
     recs = []

@@ -1,11 +1,12 @@
-"""events.py decodes raw map records; fakes with the same attribute names stand in for bcc's."""
+"""decode.py turns raw map records into batches; ctypes classes laid out as bcc builds them stand in for bcc's."""
 import ctypes as C
 import ipaddress
 import socket
 from datetime import datetime, timezone
 from types import SimpleNamespace
 
-from bpftrace_hostport import events as ev
+from bpftrace_hostport.collect.enrich import Enricher
+from bpftrace_hostport.collect.netfilter import decode as ev
 
 
 class FixedClock(ev.Clock):
@@ -56,10 +57,24 @@ def fill(ctype, ns):
     return obj
 
 
+class Names:
+    def __init__(self, fn):
+        self.names = fn
+
+    def host_network_owner(self, proto, port):
+        return None
+
+
 def record(k, v, drop_names=None, names=None):
-    """The JSON record FlowEncoder makes of a raw flow_event (flow_key, then flow_val)."""
-    enc = ev.FlowEncoder(Key, Val, C.sizeof(Key), FixedClock(), drop_names or {}, names)
-    return enc.record(bytes(fill(Key, k)) + bytes(fill(Val, v)))
+    """The JSON record of a raw flow_event (flow_key, then flow_val), decoded as a batch of one."""
+    dec = ev.FlowDecoder(Key, Val, C.sizeof(Key), FixedClock(), drop_names or {})
+    raw = bytes(fill(Key, k)) + bytes(fill(Val, v))
+    batch = dec.decode([raw, raw])            # a batch of two equal records: both decode alike
+    if names is not None:
+        Enricher(Names(names)).flows(batch)
+    a, b = batch.to_records()
+    assert a == b
+    return a
 
 
 def test_answered_flow_record():
@@ -98,7 +113,7 @@ def test_miss_and_mapping_keys():
     mk = SimpleNamespace(family=4, proto=6, host_port=socket.htons(9100), hook=1,
                          client_addr=a16("10.0.0.10"), node_addr=a16("10.0.0.1"))
     m = ev.decode_miss(mk)
-    rec = ev.miss_record(m, 3, datetime(2026, 1, 1, tzinfo=timezone.utc))
+    rec = ev.miss_record(m, 3, int(datetime(2026, 1, 1, tzinfo=timezone.utc).timestamp()) * 10**9)
     assert rec == {"type": "miss", "ts": "2026-01-01T00:00:00.000000Z", "proto": "tcp", "family": 4,
                    "client_ip": "10.0.0.10", "node_ip": "10.0.0.1", "host_port": 9100, "hook": "output", "count": 3}
     mp = SimpleNamespace(family=4, proto=17, host_port=socket.htons(5353), pod_port=socket.htons(53), pod_addr=a16("10.0.1.9"))

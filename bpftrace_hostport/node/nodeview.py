@@ -30,9 +30,9 @@ import subprocess
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .errors import UserError
-from .model import ContainerPort, HostPortRule, PodInfo
-from . import rules as rules_mod
+from bpftrace_hostport.errors import UserError
+from bpftrace_hostport.model import ContainerPort, HostPortRule, PodInfo
+from bpftrace_hostport.node import rules as rules_mod
 
 __all__ = [
     "NodeView", "CtEntry", "NatSummary", "FilterTable", "NftForwardChain",
@@ -459,7 +459,7 @@ def local_pods(view: NodeView) -> List[PodInfo]:
 
 
 def pod_index(pods: Iterable[PodInfo]):
-    from .pods.index import PodIndex
+    from bpftrace_hostport.pods.index import PodIndex
     return PodIndex(pods)
 
 
@@ -560,7 +560,7 @@ def _read(path: str) -> Optional[str]:
 
 
 def _enter(netns: Optional[str]):
-    from . import netns as netns_mod
+    from bpftrace_hostport import netns as netns_mod
     if netns is not None and "/" in netns:
         # A path (/proc/PID/ns/net): netns.entered() takes names and paths alike.
         if not os.path.exists(netns):
@@ -734,11 +734,11 @@ def gather(netns: Optional[str] = None, resolver_or_index: Any = None, *, node_n
     this node's pods out of a cluster-wide list. `notes` are carried into the view (e.g. the pod
     sources that were skipped). Needs root for the rules, conntrack and any namespace but our own.
     """
-    from .rules import read_node_rules
+    from bpftrace_hostport.node.rules import read_node_rules
     if netns is not None and os.geteuid() != 0:
         raise UserError("Entering another network namespace needs root: run it with sudo.")
     if netns is not None and "/" not in netns:
-        from . import netns as netns_mod
+        from bpftrace_hostport import netns as netns_mod
         netns_mod.require(netns)
     pod_list, known = _pods_of(resolver_or_index)
     pod_list = _drop_synthetic_duplicates(pod_list)

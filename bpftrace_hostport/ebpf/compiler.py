@@ -1,7 +1,7 @@
 """Compile and load the eBPF programs with bcc, in a short-lived child process.
 
 The only module that imports bcc. loader.py runs it as
-`python -m bpftrace_hostport.compiler SOCKET_FD` with a JSON request on stdin, and gets back,
+`python -m bpftrace_hostport.ebpf.compiler SOCKET_FD` with a JSON request on stdin, and gets back,
 over a SOCK_SEQPACKET socket, one JSON reply plus the file descriptors of the loaded programs,
 the maps and the tracepoint's perf event (SCM_RIGHTS). The child then exits: the kernel objects
 live on through the tracer's descriptors, while bcc, LLVM and clang's compile heap (well over
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     req = json.loads(sys.stdin.read())
     from bcc import BPF   # noqa: E402 - the child exists to import it
 
-    from .bpfsys import desc_from_ctype
+    from bpftrace_hostport.ebpf.bpfsys import desc_from_ctype
 
     log = tempfile.NamedTemporaryFile("w+", suffix=".log")
     saved = os.dup(2)

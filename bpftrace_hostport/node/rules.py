@@ -32,8 +32,8 @@ import subprocess
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Tuple
 
-from .errors import UserError
-from .model import HostPortRule
+from bpftrace_hostport.errors import UserError
+from bpftrace_hostport.model import HostPortRule
 
 __all__ = ["parse_iptables_save", "parse_nft_json", "read_node_rules"]
 

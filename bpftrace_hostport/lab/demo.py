@@ -16,8 +16,8 @@ import time
 
 import click
 
-from . import lab as labmod
-from .summary import render_summary
+from bpftrace_hostport.lab import build as labmod
+from bpftrace_hostport.analysis.render import render_summary
 
 
 def _step(i: int, n: int, text: str) -> None:

@@ -18,7 +18,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-from . import bpfsys
+from bpftrace_hostport.ebpf import bpfsys
 
 BPF_PROG_TYPE_NETFILTER = 32
 BPF_NETFILTER = 45            # enum bpf_attach_type

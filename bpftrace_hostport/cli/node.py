@@ -1,10 +1,9 @@
 """`rules` and `check`: the node's hostPort mappings with their pods, and what is wrong with them.
 
-Registered on the main group by cli.py (`cli.add_command(rules_cmd)`, `cli.add_command(check_cmd)`).
+
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
@@ -12,56 +11,32 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import click
 
-from .cliutil import lab_target, user_errors
-from .errors import UserError
-
-PODS_FROM = ("auto", "file", "kube", "cri", "cni", "none")
-
+from bpftrace_hostport.cli.options import lab_target, pod_options, pods_from_default, user_errors
+from bpftrace_hostport.errors import UserError
 
 def _pod_source(pod_files: Sequence[str], pods_from: str, netns: Optional[str],
-                node_name: Optional[str]) -> Tuple[Any, bool, List[str]]:
-    """(pods object for nodeview.gather, pods_known, notes).
-
-    Uses pods.sources (kube / CRI / CNI / files) when it is installed, else the pod list files.
-    "none" asks no live source; pod list files given are still read.
-    """
-    try:
-        sources_mod = importlib.import_module("bpftrace_hostport.pods.sources")
-    except ModuleNotFoundError as e:
-        if e.name != "bpftrace_hostport.pods.sources":
-            raise
-        sources_mod = None
-    if sources_mod is not None:
-        sources, notes = sources_mod.resolve_sources(list(pod_files), pods_from=pods_from, netns=netns,
-                                                     node_name=node_name)
-        if not sources:
-            return None, False, list(notes)
-        # CNI state names pods after the very rules being checked (and keeps the IPs of pods whose
-        # DEL never ran), so it names pods but cannot tell a live pod from a leaked rule.
-        known = any(getattr(s, "name", None) != "cni" for s in sources)
-        if not known:
-            notes.append("Only CNI state was found for pod names (cni-<id>); it cannot tell leaked "
-                         "rules from live ones: pass --pods FILE or a kubeconfig for that.")
-        return sources_mod.Resolver(sources, auto_refresh=None), known, list(notes)
-    if pods_from in ("kube", "cri", "cni"):
-        raise UserError(f"--pods-from {pods_from} is not available in this install; "
-                        "pass the pod list with --pods FILE (kubectl get pods -A -o json).")
-    if pods_from == "file" and not pod_files:
-        raise UserError("--pods-from file needs at least one --pods FILE.")
-    if not pod_files:
-        return None, False, []
-    from .pods.index import PodIndex
-    from .pods.podlist import read_pod_list
-    index = PodIndex()
-    for f in pod_files:
-        index.extend(read_pod_list(f))
-    return index, True, []
+                node_name: Optional[str], kubeconfig: Optional[str] = None) -> Tuple[Any, bool, List[str]]:
+    """(pods object for nodeview.gather, pods_known, notes). "none" asks no live source."""
+    from bpftrace_hostport.pods.sources import Resolver, resolve_sources
+    sources, notes = resolve_sources(list(pod_files), pods_from=pods_from, netns=netns,
+                                     node_name=node_name, kubeconfig=kubeconfig)
+    if not sources:
+        return None, False, list(notes)
+    # CNI state names pods after the very rules being checked (and keeps the IPs of pods whose
+    # DEL never ran), so it names pods but cannot tell a live pod from a leaked rule.
+    known = any(getattr(s, "name", None) != "cni" for s in sources)
+    if not known:
+        notes.append("Only CNI state was found for pod names (cni-<id>); it cannot tell leaked "
+                     "rules from live ones: pass --pods FILE or a kubeconfig for that.")
+    return Resolver(sources, auto_refresh=None), known, list(notes)
 
 
-def _view(netns: Optional[str], lab_name: Optional[str], pod_files: Sequence[str], pods_from: str,
-          node_name: Optional[str]):
-    from .nodeview import gather
+def node_view(netns: Optional[str], lab_name: Optional[str], pod_files: Sequence[str],
+              pods_from: Optional[str], node_name: Optional[str], kubeconfig: Optional[str] = None):
+    """Gathers the node's rules, pods and conntrack (for rules, check and the agent)."""
+    from bpftrace_hostport.node.nodeview import gather
     pod_files = list(pod_files)
+    pods_from = pods_from_default(pods_from, pod_files)
     if lab_name:
         netns, pods_file, lab_node = lab_target(lab_name, netns)
         node_name = node_name or lab_node
@@ -71,7 +46,7 @@ def _view(netns: Optional[str], lab_name: Optional[str], pod_files: Sequence[str
             pods_from = "file"     # the host's API server, runtime or CNI state know nothing of a lab
     if netns is not None and os.geteuid() != 0:
         raise UserError(f"Reading network namespace {netns} needs root: run it with sudo.")
-    pods, known, notes = _pod_source(pod_files, pods_from, netns, node_name)
+    pods, known, notes = _pod_source(pod_files, pods_from, netns, node_name, kubeconfig)
     view = gather(netns, pods, node_name=node_name, pods_known=known, notes=notes)
     if not view.rules_read:
         if os.geteuid() != 0:
@@ -91,12 +66,7 @@ def _common(fn):
     for deco in reversed([
         click.option("--netns", metavar="NAME", help="Named network namespace of the node (default: the current one)."),
         click.option("--lab", "lab_name", metavar="NAME", help="A lab's node: its namespace and pod list."),
-        click.option("--pods", "pod_files", multiple=True, type=click.Path(), metavar="FILE",
-                     help="Pod list (kubectl get pods -o json, a Pod or PodList; YAML or JSON); repeatable."),
-        click.option("--pods-from", type=click.Choice(PODS_FROM), default="auto", show_default=True,
-                     help="Where pod names come from: the files, the API server, the CRI, CNI results, or nowhere."),
-        click.option("--node", "node_name", metavar="NAME",
-                     help="This node's name in the pod list (default: the lab's, else told from routes)."),
+        pod_options,
         click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table."),
     ]):
         fn = deco(fn)
@@ -111,7 +81,7 @@ def _console():
 @click.command("rules")
 @_common
 @user_errors
-def rules_cmd(netns, lab_name, pod_files, pods_from, node_name, as_json):
+def rules_cmd(netns, lab_name, pod_files, pods_from, kubeconfig, node_name, as_json):
     """Show the node's hostPort mappings: hostPort -> namespace/pod:containerPort (port name).
 
     The readable answer to `iptables -t nat -nvL | grep DNAT`: every DNAT rule of portmap
@@ -123,8 +93,8 @@ def rules_cmd(netns, lab_name, pod_files, pods_from, node_name, as_json):
       sudo bpftrace-hostport rules --lab demo
       sudo bpftrace-hostport rules --netns node1 --pods-from none --json
     """
-    from .nodeview import mappings, pod_label
-    view = _view(netns, lab_name, pod_files, pods_from, node_name)
+    from bpftrace_hostport.node.nodeview import mappings, pod_label
+    view = node_view(netns, lab_name, pod_files, pods_from, node_name, kubeconfig)
     rows = mappings(view)
     _notes(view.notes)
     if as_json:
@@ -157,7 +127,7 @@ _STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 @click.command("check")
 @_common
 @user_errors
-def check_cmd(netns, lab_name, pod_files, pods_from, node_name, as_json):
+def check_cmd(netns, lab_name, pod_files, pods_from, kubeconfig, node_name, as_json):
     """Check why a hostPort may not work on this node; exit 1 when something is broken.
 
     Looks at the DNAT rules, the pods, conntrack, forwarding sysctls, the FORWARD chain,
@@ -171,8 +141,8 @@ def check_cmd(netns, lab_name, pod_files, pods_from, node_name, as_json):
       sudo bpftrace-hostport check --lab demo
       sudo bpftrace-hostport check --netns node1 --pods-from kube --json | jq '.[].code'
     """
-    from .check import findings, has_errors
-    view = _view(netns, lab_name, pod_files, pods_from, node_name)
+    from bpftrace_hostport.node.check import findings, has_errors
+    view = node_view(netns, lab_name, pod_files, pods_from, node_name, kubeconfig)
     found = findings(view)
     _notes(view.notes)
     if as_json:
@@ -195,3 +165,6 @@ def check_cmd(netns, lab_name, pod_files, pods_from, node_name, as_json):
         _console().print(t)
     if has_errors(found):
         click.get_current_context().exit(1)
+
+
+COMMANDS = [rules_cmd, check_cmd]

@@ -6,7 +6,7 @@
 Every pod replica of the manifests gets its own network namespace and a `CNI ADD` through
 Debian's plugins (bridge + host-local + portmap, chained as a container runtime chains them,
 with portMappings from each container port that has a hostPort), then a real server on every
-containerPort (labserver.py). hostNetwork pods get no CNI call and listen in the node's
+containerPort (lab/servers.py). hostNetwork pods get no CNI call and listen in the node's
 namespace, as the kubelet does it. The pod list is written as `kubectl get pods -o json` would.
 
 Names are unique per run (`bhp-<lab>-<run id>-...`), everything created is recorded in a state
@@ -34,10 +34,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from .errors import UserError
-from .model import ContainerPort
-from .pods.manifests import PodPlan, load_manifests, parse_manifests
-from .pods.podlist import plan_to_pod, write_pod_list
+from bpftrace_hostport.errors import UserError
+from bpftrace_hostport.model import ContainerPort
+from bpftrace_hostport.pods.manifests import PodPlan, load_manifests, parse_manifests
+from bpftrace_hostport.pods.podlist import plan_to_pod, write_pod_list
 
 STATE_ROOT = Path(os.environ.get("BPFTRACE_HOSTPORT_LAB_DIR", "/run/bpftrace-hostport/labs"))
 CNI_PATH = os.environ.get("CNI_PATH", "/usr/lib/cni")
@@ -334,7 +334,7 @@ def _start_process(st: LabState, ns: str, args: List[str], log: str, ready: bool
 
 
 def _server_args(pod: LabPod) -> List[str]:
-    args = ["bpftrace_hostport.labserver", "--pod", f"{pod.namespace}/{pod.name}"]
+    args = ["bpftrace_hostport.lab.servers", "--pod", f"{pod.namespace}/{pod.name}"]
     seen = set()
     for p in pod.ports:
         key = (p["protocol"], p["container_port"])
@@ -519,7 +519,7 @@ def _stale_udp(st: LabState) -> None:
     """
     old = next(p for p in st.pods if p.name == "dns-v1")
     client = st.clients[0]
-    args = ["bpftrace_hostport.labclient", "--host", st.node_ip, "--port", "5353", "--proto", "udp",
+    args = ["bpftrace_hostport.lab.traffic", "--host", st.node_ip, "--port", "5353", "--proto", "udp",
             "--source-port", str(STALE_UDP_SOURCE_PORT), "--count", "36000", "--rate", "10",
             "--timeout", "0.2", "--max-seconds", "3600", "--ready-after", "1"]
     _start_process(st, client["netns"], args, "stale-udp-client.log", ready=True)
@@ -647,7 +647,7 @@ def traffic(name: str, to: Optional[int] = None, count: int = 10, rate: float = 
         host = "127.0.0.1" if family == 4 else "::1"
     else:
         host = st.node_ip if family == 4 else st.node_ip6
-    args = [sys.executable, "-m", "bpftrace_hostport.labclient", "--host", host,
+    args = [sys.executable, "-m", "bpftrace_hostport.lab.traffic", "--host", host,
             "--port", str(m["host_port"]), "--proto", proto, "--count", str(count),
             "--rate", str(rate), "--concurrency", str(concurrency), "--timeout", str(timeout),
             "--max-seconds", str(max_seconds)]

@@ -1,0 +1,150 @@
+"""`lab`: a Kubernetes-like node in network namespaces, built with the real CNI plugins."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from bpftrace_hostport.cli.options import Fail, user_errors
+
+@click.group()
+def lab():
+    """A Kubernetes-like node in network namespaces, built with the real CNI plugins."""
+
+
+@lab.command("up")
+@click.argument("manifests", nargs=-1, type=click.Path())
+@click.option("--name", default="lab", show_default=True, help="Lab name (several labs can run side by side).")
+@click.option("--scenario", type=click.Choice(["basic", "hostnetwork", "conflict", "stale-udp", "forward-drop",
+                                                "hairpin", "localhost"]), default="basic", show_default=True)
+@click.option("--clients", type=click.IntRange(1, 8), default=1, show_default=True)
+@click.option("--no-ipv6", is_flag=True, help="IPv4 only.")
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def lab_up(manifests, name, scenario, clients, no_ipv6, as_json):
+    """Build a lab node with a pod per replica of MANIFESTS (default: nginx-hostport).
+
+    \b
+    Examples:
+      sudo bpftrace-hostport lab up
+      sudo bpftrace-hostport lab up my-daemonset.yaml --name ds --scenario hostnetwork
+    """
+    from bpftrace_hostport.lab import build as labmod
+    st = labmod.up(manifests, name=name, scenario=scenario, clients=clients, ipv6=not no_ipv6)
+    s = st.summary()
+    click.echo(json.dumps(s, indent=2) if as_json else _lab_text(s))
+
+
+def _lab_text(s: dict) -> str:
+    lines = [f"lab {s['name']} ({s['scenario']}): node {s['node']} in netns {s['node_netns']}, "
+             f"IP {s['node_ip']}" + (f" / {s['node_ip6']}" if s.get("node_ip6") else ""),
+             f"  pod list: {s['pods_file']}"]
+    for c in s["clients"]:
+        lines.append(f"  client {c['netns']}: {c['ip']}" + (f" / {c['ip6']}" if c.get("ip6") else ""))
+    for p in s["pods"]:
+        state = "" if p.get("alive", True) else " (deleted)"
+        hn = " hostNetwork" if p["host_network"] else ""
+        lines.append(f"  pod {p['namespace']}/{p['name']}{hn}{state}: {', '.join(p['ips']) or '-'}")
+        for m in p["mappings"]:
+            lines.append(f"    {m['host_port']}/{m['protocol'].lower()} -> {m['container_port']}"
+                         f"{' (' + m['name'] + ')' if m.get('name') else ''}")
+    return "\n".join(lines)
+
+
+@lab.command("down")
+@click.option("--name", default="lab", show_default=True)
+@click.option("--all", "all_labs", is_flag=True, help="Every lab on this machine.")
+@user_errors
+def lab_down(name, all_labs):
+    """Remove a lab: CNI DEL, servers, namespaces (idempotent; also after a crash).
+
+    \b
+    Example:
+      sudo bpftrace-hostport lab down --name demo
+    """
+    from bpftrace_hostport.lab import build as labmod
+    if os.geteuid() != 0:
+        raise Fail("The lab needs root: run it with sudo.")
+    names = labmod.list_labs() if all_labs else [name]
+    for n in names:
+        removed = labmod.down(n)
+        click.echo(f"lab {n}: removed {len(removed)} namespaces")
+
+
+@lab.command("status")
+@click.option("--name", default=None, help="One lab (default: list them all).")
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def lab_status(name, as_json):
+    """Show the labs that are up, or one lab in detail.
+
+    \b
+    Example:
+      bpftrace-hostport lab status --name demo
+    """
+    from bpftrace_hostport.lab import build as labmod
+    if name is None:
+        names = labmod.list_labs()
+        if as_json:
+            click.echo(json.dumps(names))
+        else:
+            click.echo("\n".join(names) if names else "no lab is up")
+        return
+    s = labmod.status(name)
+    click.echo(json.dumps(s, indent=2) if as_json else _lab_text(s) +
+               f"\n  namespaces present: {len(s['namespaces_present'])}, servers running: {len(s['servers_running'])}")
+
+
+@lab.command("traffic")
+@click.option("--name", default="lab", show_default=True)
+@click.option("--to", "to", type=click.IntRange(1, 65535), help="hostPort (default: the first mapping).")
+@click.option("--proto", type=click.Choice(["tcp", "udp"]))
+@click.option("--count", type=click.IntRange(1, 1_000_000), default=10, show_default=True)
+@click.option("--rate", type=click.FloatRange(min=0), default=0, help="Requests per second (0: as fast as possible).")
+@click.option("--concurrency", type=click.IntRange(1, 1024), default=1, show_default=True)
+@click.option("--from", "source", type=click.Choice(["client", "node", "pod"]), default="client", show_default=True)
+@click.option("--target", type=click.Choice(["node", "localhost"]), default=None,
+              help="Address to call: the node's IP, or localhost (only --from node).")
+@click.option("--ipv6", is_flag=True, help="Use the node's IPv6 address.")
+@click.option("--source-port", type=click.IntRange(1, 65535), help="Fixed client source port.")
+@click.option("--json", "as_json", is_flag=True)
+@user_errors
+def lab_traffic(name, to, proto, count, rate, concurrency, source, target, ipv6, source_port, as_json):
+    """Send real requests through a hostPort and count the answers.
+
+    \b
+    Examples:
+      sudo bpftrace-hostport lab traffic --count 100 --concurrency 8
+      sudo bpftrace-hostport lab traffic --to 5353 --proto udp --from node
+    """
+    from bpftrace_hostport.lab import build as labmod
+    res = labmod.traffic(name, to=to, count=count, rate=rate, concurrency=concurrency, source=source,
+                         proto=proto, family=6 if ipv6 else 4, target=target, source_port=source_port)
+    if as_json:
+        click.echo(json.dumps(res))
+    else:
+        pods = ", ".join(f"{k}: {v}" for k, v in res["by_pod"].items()) or "-"
+        click.echo(f"{res['from']} -> {res['to']}: sent {res['sent']}, answered {res['answered']}, "
+                   f"failed {res['failed']} in {res['elapsed_s']} s; answered by {pods}")
+
+
+@lab.command("demo")
+@click.option("--name", default="demo", show_default=True)
+@click.option("--keep", is_flag=True, help="Leave the lab up afterwards.")
+@user_errors
+def lab_demo(name, keep):
+    """Up, trace, traffic, summary, down: the whole story in under a minute.
+
+    \b
+    Example:
+      sudo bpftrace-hostport lab demo
+    """
+    from bpftrace_hostport.lab.demo import run_demo
+    sys.exit(run_demo(name, keep))
+
+
+
+
+COMMANDS = [lab]

@@ -1,0 +1,191 @@
+"""`trace` and `agent`: live hostPort translations to the terminal, JSON lines, a recording
+and Prometheus metrics, all fed by one session (collect/session.py)."""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import click
+
+from bpftrace_hostport.cli.options import (Fail, cidrs, host_ports, lab_target, parse_size,
+                                           pod_options, resolver, user_errors)
+from bpftrace_hostport.errors import UserError
+
+
+def filter_options(fn):
+    """What to trace: --host-port, --proto, --client."""
+    for deco in reversed([
+        click.option("--host-port", "host_ports", multiple=True, metavar="PORT[/PROTO]",
+                     help="Watch only these hostPorts (repeatable). Default: the ports of the pods and of "
+                          "the node's nat rules; with none known, every DNAT to a local address."),
+        click.option("--proto", "protos", multiple=True, type=click.Choice(["tcp", "udp", "sctp"]),
+                     help="Only these protocols (repeatable)."),
+        click.option("--client", "clients", multiple=True, metavar="CIDR", help="Only clients in CIDR (repeatable)."),
+    ]):
+        fn = deco(fn)
+    return fn
+
+
+def kernel_options(fn):
+    """How to trace: sizes, timeout, backend."""
+    for deco in reversed([
+        click.option("--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True, metavar="S",
+                     help="Report a flow as unanswered after S seconds without a reply."),
+        click.option("--flow-table", type=click.IntRange(1024, 1 << 22), default=65536, show_default=True,
+                     help="Entries in the in-kernel flow table (LRU)."),
+        click.option("--ringbuf-kb", type=click.IntRange(16, 1 << 20), default=4096, show_default=True,
+                     help="Ring buffer size for answered-flow records, KiB (rounded to a power of two)."),
+        click.option("--no-drops", is_flag=True, help="Do not attach skb:kfree_skb (drop attribution)."),
+        click.option("--no-rules", is_flag=True, help="Do not read the node's nat rules for ports to watch."),
+        click.option("--backend", type=click.Choice(["auto", "netfilter", "conntrack"]), default="auto",
+                     show_default=True,
+                     help="netfilter: eBPF on the netfilter link (Linux >= 6.4); conntrack: conntrack events only."),
+        click.option("--ready-file", type=click.Path(), help="Write this file once the probes are attached."),
+        click.option("--print-program", is_flag=True, hidden=True, help="Print the eBPF program and its -D constants."),
+    ]):
+        fn = deco(fn)
+    return fn
+
+
+def record_options(fn):
+    """The recording: --max-size, --max-files, --anonymize (the path option is the command's own)."""
+    for deco in reversed([
+        click.option("--max-size", metavar="SIZE", help="Rotate the recording at SIZE (e.g. 256MiB)."),
+        click.option("--max-files", type=click.IntRange(1, 100000), metavar="N",
+                     help="Keep at most N recording files (oldest removed)."),
+        click.option("--anonymize", is_flag=True,
+                     help="Replace client addresses by keyed prefix-preserving pseudonyms (Crypto-PAn)."),
+        click.option("--anonymize-key-file", type=click.Path(dir_okay=False), metavar="FILE",
+                     help="Key for --anonymize (default: a random key per run, never written anywhere)."),
+        click.option("--metrics", metavar="[ADDR:]PORT",
+                     help="Serve Prometheus metrics and /healthz here (default address 127.0.0.1)."),
+    ]):
+        fn = deco(fn)
+    return fn
+
+
+@click.command()
+@click.option("--netns", metavar="NAME", help="Named network namespace of the node (default: the current one).")
+@click.option("--lab", "lab_name", metavar="NAME", help="Trace a lab's node: its namespace and pod list.")
+@click.option("--duration", type=click.FloatRange(min=0.1), metavar="S", help="Stop after S seconds (default: Ctrl-C / SIGTERM).")
+@filter_options
+@pod_options
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "none"]), default=None,
+              help="table: live view (default on a terminal); json: one object per line (default otherwise); "
+                   "none: no per-flow output (with --record or --metrics).")
+@click.option("--record", "record_path", type=click.Path(), metavar="PATH",
+              help="Also write a recording (Arrow IPC stream, crash-safe) to PATH, or into PATH if it is a directory.")
+@record_options
+@kernel_options
+@user_errors
+def trace(netns, lab_name, duration, host_ports, protos, clients, pod_files, pods_from, kubeconfig, node_name,
+          fmt, record_path, max_size, max_files, anonymize, anonymize_key_file, metrics, **kernel):
+    """Trace hostPort translations live: client -> nodeIP:hostPort became podIP:containerPort.
+
+    \b
+    Examples:
+      sudo bpftrace-hostport trace --pods pods.json
+      sudo bpftrace-hostport trace --lab demo --duration 10 --format json
+      sudo bpftrace-hostport trace --record /var/tmp/incident.arrow --format none
+      sudo bpftrace-hostport trace --netns node1 --host-port 5353/udp --client 10.0.0.0/8
+    """
+    if fmt is None:
+        fmt = "table" if sys.stdout.isatty() else "json"
+    run(netns, lab_name, duration, host_ports, protos, clients, pod_files, pods_from, kubeconfig, node_name,
+        fmt, record_path, max_size, max_files, anonymize, anonymize_key_file, metrics, **kernel)
+
+
+@click.command()
+@pod_options
+@filter_options
+@click.option("--record-dir", type=click.Path(file_okay=False), metavar="DIR",
+              help="Keep a rotating recording in DIR (bounded by --max-size and --max-files).")
+@record_options
+@click.option("--check-interval", type=click.FloatRange(min=1), default=60.0, show_default=True, metavar="S",
+              help="Run `check` every S seconds and export its findings as metrics.")
+@click.option("--log-json", is_flag=True, help="Log one JSON object per line on stderr.")
+@kernel_options
+@user_errors
+def agent(pod_files, pods_from, kubeconfig, node_name, host_ports, protos, clients, record_dir, max_size,
+          max_files, anonymize, anonymize_key_file, metrics, check_interval, log_json, **kernel):
+    """Run on a node until stopped: metrics, check findings, an optional rotating recording.
+
+    What the DaemonSet in deploy/ runs. Pods come from the Kubernetes API (node-scoped watch).
+
+    \b
+    Example:
+      sudo bpftrace-hostport agent --metrics 0.0.0.0:9469 --record-dir /var/lib/bpftrace-hostport \\
+          --max-size 256MiB --max-files 8
+    """
+    from bpftrace_hostport.collect.agent import AgentOptions
+    if record_dir:
+        import os
+        os.makedirs(record_dir, mode=0o700, exist_ok=True)
+    run(None, None, None, host_ports, protos, clients, pod_files, pods_from, kubeconfig, node_name,
+        "none", record_dir, max_size or ("256MiB" if record_dir else None), max_files or (8 if record_dir else None),
+        anonymize, anonymize_key_file, metrics or "9469",
+        agent=AgentOptions(check_interval=check_interval, log_json=log_json), **kernel)
+
+
+def run(netns, lab_name, duration, host_ports_, protos, clients, pod_files, pods_from, kubeconfig, node_name,
+        fmt, record_path, max_size, max_files, anonymize, anonymize_key_file, metrics, *, timeout, flow_table,
+        ringbuf_kb, no_drops, no_rules, backend, ready_file, print_program, agent=None):
+    from bpftrace_hostport.collect.session import TraceOptions
+    from bpftrace_hostport.netns import require
+    pod_files = list(pod_files)
+    if lab_name:
+        netns, pods_file, lab_node = lab_target(lab_name, netns)
+        pod_files.append(pods_file)
+        node_name = node_name or lab_node
+    require(netns)
+    pages = 1
+    while pages * 4 < ringbuf_kb:
+        pages *= 2
+    opts = TraceOptions(netns=netns, duration=duration, host_ports=host_ports(host_ports_, protos),
+                        protos=list(protos), client_cidrs=cidrs(clients), timeout=timeout,
+                        ready_file=ready_file, flow_table_size=flow_table, ringbuf_pages=pages,
+                        drops=not no_drops, use_rules=not no_rules, debug_print_program=print_program,
+                        node_name=node_name)
+    if fmt == "none" and not (record_path or metrics):
+        raise Fail("--format none writes nothing: add --record PATH or --metrics PORT.")
+    outputs = dict(fmt=fmt, record_path=record_path, max_size=parse_size(max_size) if max_size else None,
+                   max_files=max_files, anonymize_key=_anonymize_key(anonymize, anonymize_key_file),
+                   metrics=metrics, agent=agent)
+    index = resolver(pod_files, pods_from, netns, node_name, kubeconfig)
+    try:
+        _run_backend(backend, opts, index, outputs)
+    finally:
+        index.stop()
+
+
+def _anonymize_key(anonymize: bool, key_file: Optional[str]) -> Optional[bytes]:
+    if key_file:
+        try:
+            with open(key_file, "rb") as f:
+                key = f.read()
+        except OSError as e:
+            raise Fail(f"Cannot read the anonymization key {key_file}: {e.strerror}; check the path.") from None
+        if len(key.strip()) < 16:
+            raise Fail(f"The anonymization key in {key_file} is shorter than 16 bytes; use a longer secret.")
+        return key.strip()
+    if anonymize:
+        from bpftrace_hostport.records.anonymize import new_key
+        return new_key()
+    return None
+
+
+def _run_backend(backend: str, opts, index, outputs) -> None:
+    from bpftrace_hostport.collect.outputs import run_session
+    if backend != "auto":
+        run_session(backend, opts, index, outputs)
+        return
+    try:
+        run_session("netfilter", opts, index, outputs)
+    except UserError as e:
+        if not getattr(e, "fallback", False):
+            raise
+        click.echo(f"warning: {e} Falling back to conntrack events (no latency, misses or drops).", err=True)
+        run_session("conntrack", opts, index, outputs)
+
+
+COMMANDS = [trace, agent]

@@ -1,0 +1,300 @@
+"""FlowBatch: flows as columns, the unit that travels from a backend to every sink.
+
+A backend decodes what the kernel (or conntrack) handed over into one FlowBatch per drain:
+numpy columns, no Python object per flow. Enrichment (collect/enrich.py) fills the `pod`
+column once per batch; sinks turn a batch into what they write (Arrow record batch, JSON
+lines, text, metrics) without going through per-flow dicts unless they print per-flow text.
+
+Columns (all of length n):
+  ts_ns        int64    wall-clock ns (UTC) of the flow's first packet
+  proto        uint8    IPPROTO_* number (proto.NAMES)
+  family       uint8    4 or 6
+  hook         uint8    0 prerouting, 1 output (proto.HOOKS)
+  client_addr, node_addr, pod_addr, snat_addr   V16: 16 raw bytes, IPv4 in the first 4
+  client_port, host_port, pod_port              uint16, host byte order
+  answered, midstream, masqueraded              bool
+  latency_us   float64  NaN = none (unanswered, midstream, or not measured)
+  packets, bytes int64  -1 = not measured (conntrack events without accounting)
+  drop         int32    index into `drop_reasons`, -1 = none
+  pod          int32    index into `pods` ((namespace, name, port_name)), -1 = unknown
+"""
+from __future__ import annotations
+
+import socket
+from datetime import datetime, timezone
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .. import proto as protomod
+
+ADDR = np.dtype("V16")
+COLUMNS: Dict[str, np.dtype] = {
+    "ts_ns": np.dtype("int64"), "proto": np.dtype("uint8"), "family": np.dtype("uint8"),
+    "hook": np.dtype("uint8"),
+    "client_addr": ADDR, "client_port": np.dtype("uint16"),
+    "node_addr": ADDR, "host_port": np.dtype("uint16"),
+    "pod_addr": ADDR, "pod_port": np.dtype("uint16"), "snat_addr": ADDR,
+    "answered": np.dtype("bool"), "midstream": np.dtype("bool"), "masqueraded": np.dtype("bool"),
+    "latency_us": np.dtype("float64"), "packets": np.dtype("int64"), "bytes": np.dtype("int64"),
+    "drop": np.dtype("int32"), "pod": np.dtype("int32"),
+}
+
+PodName = Tuple[Optional[str], Optional[str], Optional[str]]
+
+
+def pack_addr(ip: Optional[str]) -> bytes:
+    """'10.0.0.1' -> 16 bytes, IPv4 in the first 4 (as the kernel's nf_inet_addr)."""
+    if not ip:
+        return bytes(16)
+    fam = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    return socket.inet_pton(fam, ip.split("%")[0]).ljust(16, b"\0")
+
+
+def unpack_addr(raw: bytes, family: int) -> str:
+    return (socket.inet_ntop(socket.AF_INET, raw[:4]) if family == 4
+            else socket.inet_ntop(socket.AF_INET6, raw[:16]))
+
+
+class AddrNames:
+    """Address bytes -> text, cached (a node sees few distinct addresses)."""
+
+    def __init__(self, limit: int = 100_000):
+        self.cache: Dict[Tuple[bytes, int], str] = {}
+        self.limit = limit
+
+    def __call__(self, raw: bytes, family: int) -> str:
+        key = (raw, family)
+        s = self.cache.get(key)
+        if s is None:
+            if len(self.cache) >= self.limit:
+                self.cache.clear()
+            s = self.cache[key] = unpack_addr(raw, family)
+        return s
+
+    def column(self, addrs: np.ndarray, families: np.ndarray) -> List[str]:
+        """A column of addresses as text, converting each distinct value once."""
+        if len(addrs) == 0:
+            return []
+        keys = np.empty(len(addrs), dtype=[("a", ADDR), ("f", "u1")])
+        keys["a"], keys["f"] = addrs, families
+        uniq, inv = np.unique(keys, return_inverse=True)
+        text = [self(u["a"].tobytes(), int(u["f"])) for u in uniq]
+        return [text[i] for i in inv.ravel().tolist()]
+
+
+class FlowBatch:
+    __slots__ = ("cols", "pods", "drop_reasons")
+
+    def __init__(self, cols: Dict[str, np.ndarray], pods: Optional[List[PodName]] = None,
+                 drop_reasons: Optional[List[str]] = None):
+        self.cols = cols
+        self.pods: List[PodName] = pods if pods is not None else []
+        self.drop_reasons: List[str] = drop_reasons if drop_reasons is not None else []
+
+    def __len__(self) -> int:
+        return len(self.cols["ts_ns"])
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.cols[name]
+
+    @classmethod
+    def empty(cls, n: int = 0) -> "FlowBatch":
+        cols = {k: np.zeros(n, dtype=t) for k, t in COLUMNS.items()}
+        cols["drop"][:] = -1
+        cols["pod"][:] = -1
+        cols["latency_us"][:] = np.nan
+        return cls(cols)
+
+    @classmethod
+    def concat(cls, batches: Sequence["FlowBatch"]) -> "FlowBatch":
+        """One batch from several (pods and drop reasons re-indexed)."""
+        batches = [b for b in batches if len(b)]
+        if not batches:
+            return cls.empty()
+        if len(batches) == 1:
+            return batches[0]
+        out = cls({k: np.concatenate([b.cols[k] for b in batches]) for k in COLUMNS})
+        pos = 0
+        for b in batches:
+            n = len(b)
+            for col, table, mine in (("pod", b.pods, out.pods), ("drop", b.drop_reasons, out.drop_reasons)):
+                if not table:
+                    continue
+                remap = np.array([_intern(mine, v) for v in table] + [-1], dtype=np.int32)
+                seg = out.cols[col][pos:pos + n]
+                seg[:] = remap[seg]          # -1 indexes the trailing -1
+            pos += n
+        return out
+
+    def select(self, mask: np.ndarray) -> "FlowBatch":
+        return FlowBatch({k: v[mask] for k, v in self.cols.items()}, self.pods, self.drop_reasons)
+
+    # -- conversions --------------------------------------------------------------------------
+    @classmethod
+    def from_records(cls, recs: Iterable[dict]) -> "FlowBatch":
+        """JSON flow records (schema "flow") -> a batch. For the conntrack backend, old captures
+        and tests; values are validated by the reader before they get here."""
+        recs = list(recs)
+        b = cls.empty(len(recs))
+        c = b.cols
+        pods: Dict[PodName, int] = {}
+        drops: Dict[str, int] = {}
+        for i, r in enumerate(recs):
+            c["ts_ns"][i] = iso_to_ns(r["ts"]) if r.get("ts") else 0
+            c["proto"][i] = protomod.number(r["proto"])
+            c["family"][i] = r["family"]
+            c["hook"][i] = protomod.hook_number(r.get("hook") or "prerouting")
+            for a in ("client", "node", "pod", "snat"):
+                c[a + "_addr"][i] = np.void(pack_addr(r.get(a + "_ip")))
+            c["client_port"][i] = r.get("client_port") or 0
+            c["host_port"][i] = r["host_port"]
+            c["pod_port"][i] = r.get("pod_port") or 0
+            c["answered"][i] = bool(r.get("answered"))
+            c["midstream"][i] = bool(r.get("midstream"))
+            c["masqueraded"][i] = bool(r.get("masqueraded"))
+            lat = r.get("latency_us")
+            c["latency_us"][i] = np.nan if lat is None else float(lat)
+            c["packets"][i] = -1 if r.get("packets") is None else int(r["packets"])
+            c["bytes"][i] = -1 if r.get("bytes") is None else int(r["bytes"])
+            if r.get("drop_reason"):
+                c["drop"][i] = drops.setdefault(r["drop_reason"], len(drops))
+            name = (r.get("pod_namespace"), r.get("pod_name"), r.get("port_name"))
+            if any(v is not None for v in name):
+                c["pod"][i] = pods.setdefault(name, len(pods))
+        b.pods = list(pods)
+        b.drop_reasons = list(drops)
+        return b
+
+    def to_records(self, addr: Optional[AddrNames] = None) -> List[dict]:
+        """The batch as JSON "flow" records (schema order). Per-flow Python: for text sinks."""
+        addr = addr or AddrNames()
+        c = self.cols
+        n = len(self)
+        if n == 0:
+            return []
+        fam = c["family"]
+        client, node, pod = (addr.column(c[k], fam) for k in ("client_addr", "node_addr", "pod_addr"))
+        snat = addr.column(c["snat_addr"], fam)
+        ts = ns_to_iso_column(c["ts_ns"])
+        lat = c["latency_us"].tolist()
+        pk, by = c["packets"].tolist(), c["bytes"].tolist()
+        cols = {k: c[k].tolist() for k in ("proto", "family", "hook", "client_port", "host_port",
+                                          "pod_port", "answered", "midstream", "masqueraded",
+                                          "drop", "pod")}
+        pnames, hnames = protomod.NAMES, protomod.HOOKS
+        none3 = (None, None, None)
+        out = []
+        for i in range(n):
+            p = cols["pod"][i]
+            ns, name, port_name = self.pods[p] if p >= 0 else none3
+            d = cols["drop"][i]
+            masq = cols["masqueraded"][i]
+            lt = lat[i]
+            out.append({
+                "type": "flow", "ts": ts[i],
+                "proto": pnames.get(cols["proto"][i]) or str(cols["proto"][i]),
+                "family": cols["family"][i],
+                "client_ip": client[i], "client_port": cols["client_port"][i],
+                "node_ip": node[i], "host_port": cols["host_port"][i],
+                "pod_ip": pod[i], "pod_port": cols["pod_port"][i],
+                "hook": hnames.get(cols["hook"][i]) or str(cols["hook"][i]),
+                "answered": cols["answered"][i],
+                "latency_us": None if lt != lt else lt,
+                "midstream": cols["midstream"][i], "masqueraded": masq,
+                "snat_ip": snat[i] if masq else None,
+                "packets": None if pk[i] < 0 else pk[i], "bytes": None if by[i] < 0 else by[i],
+                "pod_namespace": ns, "pod_name": name, "port_name": port_name,
+                "drop_reason": self.drop_reasons[d] if d >= 0 else None,
+            })
+        return out
+
+    def to_arrow(self):
+        """The batch as an Arrow record batch in the recording's schema (rows of kind "flow")."""
+        import pyarrow as pa
+        from ..records.schema import recording_schema
+        schema = recording_schema()
+        c = self.cols
+        n = len(self)
+
+        def addr_col(name):
+            return pa.FixedSizeBinaryArray.from_buffers(
+                pa.binary(16), n, [None, pa.py_buffer(np.ascontiguousarray(c[name]).tobytes())])
+
+        def dict_col(idx, values):
+            idx = np.ascontiguousarray(idx, dtype=np.int32)
+            return pa.DictionaryArray.from_arrays(
+                pa.array(idx, mask=idx < 0), pa.array(list(values), pa.string()))
+
+        def opt_int(col):
+            v = c[col]
+            return pa.array(np.where(v < 0, 0, v).astype(np.uint64), mask=v < 0)
+
+        pods = self.pods
+        arrays = {
+            "record": pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int8)),
+                                                     pa.array(["flow"])),
+            "ts": pa.array(c["ts_ns"], pa.int64()).cast(pa.timestamp("ns", tz="UTC")),
+            "proto": pa.array(c["proto"]), "family": pa.array(c["family"]),
+            "hook": pa.array(c["hook"]),
+            "client_addr": addr_col("client_addr"), "client_port": pa.array(c["client_port"]),
+            "node_addr": addr_col("node_addr"), "host_port": pa.array(c["host_port"]),
+            "pod_addr": addr_col("pod_addr"), "pod_port": pa.array(c["pod_port"]),
+            "answered": pa.array(c["answered"]), "midstream": pa.array(c["midstream"]),
+            "masqueraded": pa.array(c["masqueraded"]),
+            "snat_addr": addr_col("snat_addr"),
+            "latency_us": pa.array(c["latency_us"], mask=np.isnan(c["latency_us"])),
+            "packets": opt_int("packets"), "bytes": opt_int("bytes"),
+            "pod_namespace": dict_col(_pod_field(c["pod"], pods, 0), _values(pods, 0)),
+            "pod_name": dict_col(_pod_field(c["pod"], pods, 1), _values(pods, 1)),
+            "port_name": dict_col(_pod_field(c["pod"], pods, 2), _values(pods, 2)),
+            "drop_reason": dict_col(c["drop"], self.drop_reasons),
+            "count": pa.nulls(n, pa.uint64()),
+            "payload": pa.nulls(n, pa.string()),
+        }
+        return pa.RecordBatch.from_arrays([arrays[f.name] for f in schema], schema=schema)
+
+
+def _intern(table: list, value) -> int:
+    try:
+        return table.index(value)
+    except ValueError:
+        table.append(value)
+        return len(table) - 1
+
+
+def _values(pods: List[PodName], k: int) -> List[str]:
+    return [p[k] if p[k] is not None else "" for p in pods]
+
+
+def _pod_field(pod_idx: np.ndarray, pods: List[PodName], k: int) -> np.ndarray:
+    """Indexes into _values(pods, k), -1 where the pod or that field is unknown."""
+    if not pods:
+        return np.full(len(pod_idx), -1, np.int32)
+    known = np.array([p[k] is not None for p in pods] + [False])
+    idx = np.where(known[pod_idx], pod_idx, -1)
+    return idx.astype(np.int32)
+
+
+def iso_to_ns(ts: str) -> int:
+    dt = datetime.fromisoformat(ts.replace("Z", "+00:00"))
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return int(dt.timestamp()) * 1_000_000_000 + dt.microsecond * 1000
+
+
+def ns_to_iso(ns: int) -> str:
+    sec, rem = divmod(int(ns), 1_000_000_000)
+    return datetime.fromtimestamp(sec, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S") + f".{rem // 1000:06d}Z"
+
+
+def ns_to_iso_column(ts_ns: np.ndarray) -> List[str]:
+    """ISO 8601 strings for a column of ns timestamps, formatting each second once."""
+    import time
+    secs, rems = np.divmod(ts_ns, 1_000_000_000)
+    out, last, prefix = [], None, ""
+    for s, r in zip(secs.tolist(), (rems // 1000).tolist()):
+        if s != last:
+            last, prefix = s, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(s))
+        out.append(f"{prefix}.{r:06d}Z")
+    return out

@@ -1,0 +1,137 @@
+"""The netfilter backend: eBPF on the netfilter BPF link, aggregated in the kernel.
+
+What it hands the session:
+  * answered flows from the ring buffer (one record per flow, drained every 10 ms by its
+    own thread so a stalled writer cannot make the kernel lose records);
+  * unanswered flows claimed from `pending` after --timeout (deleting the entry is the
+    claim, so each flow is reported exactly once);
+  * miss records: deltas of the in-kernel miss counters, once a second;
+  * the kernel's per-mapping, drop and loss counters for the summary.
+"""
+from __future__ import annotations
+
+import threading
+from collections import deque
+from typing import Dict, List, Optional, Tuple
+
+from bpftrace_hostport.collect.batch import FlowBatch
+from bpftrace_hostport.collect.netfilter import decode as ev
+
+
+class NetfilterBackend:
+    name = "netfilter"
+    measures = {"latency": True, "packets": True, "misses": True, "drops": True}
+
+    def __init__(self, opts, watch: List[Tuple[str, int]]):
+        from bpftrace_hostport.collect.netfilter.probe import Probe, ProbeOptions   # BTF, syscalls
+        self.opts = opts
+        self.probe = Probe(ProbeOptions(
+            netns=opts.netns, watch_ports=watch, protos=opts.protos, client_cidrs=opts.client_cidrs,
+            flow_table_size=opts.flow_table_size, ringbuf_pages=opts.ringbuf_pages, drops=opts.drops,
+            debug_print_program=opts.debug_print_program))
+        self.clock = ev.Clock()
+        self.decoder: Optional[ev.FlowDecoder] = None
+        self.drain: Optional[_RingDrain] = None
+        self.miss_seen: Dict[ev.MissKey, int] = {}
+        self.reported = 0
+
+    def start(self, local_addrs: List[str]) -> str:
+        self.probe.set_local_addrs(local_addrs)
+        self.probe.attach()
+        key_t, val_t, val_off = self.probe.event_layout()
+        self.decoder = ev.FlowDecoder(key_t, val_t, val_off, self.clock, self.probe.drop_names)
+        self.drain = _RingDrain(self.probe)
+        if self.probe.drops_enabled:
+            return "drops via skb:kfree_skb"
+        return "drops not traced" + ("" if not self.opts.drops else
+                                     " (tracefs is not available)")
+
+    def set_local_addrs(self, addrs: List[str]) -> None:
+        self.probe.set_local_addrs(addrs)
+
+    def watch_more(self, ports) -> None:
+        self.probe.set_watch_ports(ports)
+
+    def _decode(self, raws: List[bytes]) -> FlowBatch:
+        self.reported += len(raws)
+        return self.decoder.decode(raws)
+
+    def poll(self) -> FlowBatch:
+        return self._decode(self.drain.take())
+
+    def expire(self) -> FlowBatch:
+        pend = self.probe.take_pending(ev.Clock.now_mono_ns() - int(self.opts.timeout * 1e9))
+        return self._decode([raw for raw in pend if raw is not None])   # None: evicted, counted lost
+
+    def misses(self) -> List[dict]:
+        out = []
+        for k, v in self.probe.read_misses():
+            mk = ev.decode_miss(k)
+            delta = int(v.count) - self.miss_seen.get(mk, 0)
+            if delta > 0:
+                self.miss_seen[mk] = int(v.count)
+                out.append(ev.miss_record(mk, delta, int(v.last_ns) + self.clock.offset_ns))
+        return out
+
+    def finish(self) -> FlowBatch:
+        """Everything still in the kernel: answered records in the ring, then every flow pending."""
+        self.drain.stop()
+        raws = self.drain.take() + self.probe.consume()
+        raws += [raw for raw in self.probe.take_pending(None) if raw is not None]
+        return self._decode(raws)
+
+    def counters(self) -> dict:
+        """The kernel's counters: per mapping, drops, and flows lost before they were reported."""
+        stats = self.probe.read_stats()
+        mappings = []
+        for k, flows, packets, nbytes in self.probe.read_mappings():
+            d = ev.decode_mapping(k)
+            d.update(flows=flows, packets=packets, bytes=nbytes)
+            mappings.append(d)
+        drops = []
+        for mk, reason, count in self.probe.read_drops():
+            d = ev.decode_mapping(mk)
+            d.update(reason=self.probe.drop_names.get(reason, f"REASON_{reason}"), count=int(count))
+            drops.append(d)
+        # Every flow the kernel created must be reported once; the rest were lost (pending
+        # queue full, evicted before reported), and so are refused inserts and counters.
+        lost = (max(0, stats["flows_created"] - self.reported) + stats["flow_insert_errors"]
+                + stats["counter_full"])
+        return {"mappings": mappings, "drops": drops, "kernel": stats, "lost": lost}
+
+    def close(self) -> None:
+        if self.drain is not None:
+            self.drain.stop()      # before the ring's mmap goes away
+        self.probe.close()
+
+
+class _RingDrain:
+    """Copies answered-flow records out of the ring buffer every 10 ms, in its own thread."""
+
+    def __init__(self, probe):
+        self.probe = probe
+        self.buf: deque = deque()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="ring-drain", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.done.wait(0.01):
+            recs = self.probe.consume()
+            if recs:
+                self.buf.extend(recs)
+
+    def take(self) -> List[bytes]:
+        out = []
+        pop = self.buf.popleft
+        try:
+            for _ in range(len(self.buf)):
+                out.append(pop())
+        except IndexError:
+            pass
+        return out
+
+    def stop(self) -> None:
+        self.done.set()
+        if self.thread.is_alive():
+            self.thread.join()

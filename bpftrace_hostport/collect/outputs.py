@@ -1,0 +1,45 @@
+"""Choosing a backend and the sinks for a session, from the command line's outputs."""
+from __future__ import annotations
+
+import sys
+
+from bpftrace_hostport.collect.session import Session, watch_list
+
+
+def make_backend(name: str, opts, watch):
+    if name == "conntrack":
+        from bpftrace_hostport.collect.conntrack import ConntrackBackend
+        return ConntrackBackend(opts, watch)
+    from bpftrace_hostport.collect.netfilter.backend import NetfilterBackend
+    return NetfilterBackend(opts, watch)
+
+
+def make_sinks(outputs: dict, opts, index) -> list:
+    from bpftrace_hostport.collect import sinks
+    out = []
+    if outputs["fmt"] != "none":
+        out.append(sinks.output_sink(outputs["fmt"], sys.stdout))
+    if outputs.get("record_path"):
+        out.append(sinks.RecordingSink(outputs["record_path"], outputs.get("max_size"),
+                                       outputs.get("max_files"), outputs.get("anonymize_key")))
+    if outputs.get("metrics"):
+        from bpftrace_hostport.collect.metrics import MetricsSink
+        from bpftrace_hostport.collect.session import node_name
+        try:
+            out.append(MetricsSink(node_name(opts), outputs["metrics"]))
+        except ValueError as e:
+            from bpftrace_hostport.errors import UserError
+            raise UserError(str(e)) from None
+    if outputs.get("agent") is not None:
+        from bpftrace_hostport.collect.agent import AgentSink
+        metrics = next((s for s in out if type(s).__name__ == "MetricsSink"), None)
+        out.append(AgentSink(outputs["agent"], opts, index, metrics))
+    return out
+
+
+def run_session(backend_name: str, opts, index, outputs: dict) -> dict:
+    watch, notes = watch_list(opts, index)
+    for n in notes:
+        print(f"note: {n}", file=sys.stderr)
+    backend = make_backend(backend_name, opts, watch)
+    return Session(opts, index, backend, make_sinks(outputs, opts, index), watch).run()

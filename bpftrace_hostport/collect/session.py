@@ -1,0 +1,242 @@
+"""A tracing session: one loop for every backend, feeding every sink.
+
+    backend (netfilter eBPF | conntrack events)
+      -> FlowBatch (columns)  -> Enricher (pod names, once per batch)
+      -> FlowAggregate (the running summary)  and  every sink (json, text, live, recording, metrics)
+
+The loop wakes every 50 ms to hand answered flows over, every 250 ms to claim flows that
+timed out, and every second to read misses and the kernel's counters, refresh the node's
+local addresses and the hostPorts to watch, and tick the sinks with the running summary.
+At the end every flow still in the kernel is reported, and the summary compares what the
+kernel counted with what was reported: the difference is lost_events, never silent.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, TextIO, Tuple
+
+from bpftrace_hostport import __version__, netns as netns_mod
+from bpftrace_hostport.analysis.aggregate import FlowAggregate, summarize
+from bpftrace_hostport.collect.batch import ns_to_iso
+from bpftrace_hostport.collect.enrich import Enricher
+from bpftrace_hostport.collect.sinks import Sink
+from bpftrace_hostport.errors import UserError
+from bpftrace_hostport.records.schema import SCHEMA_VERSION
+
+
+@dataclass
+class TraceOptions:
+    netns: Optional[str] = None
+    duration: Optional[float] = None
+    host_ports: Sequence[Tuple[str, int]] = ()     # explicit watch list (restricts)
+    protos: Sequence[str] = ()
+    client_cidrs: Sequence[str] = ()
+    timeout: float = 5.0                           # no-answer timeout, seconds
+    ready_file: Optional[str] = None
+    flow_table_size: int = 65536
+    ringbuf_pages: int = 1024
+    drops: bool = True
+    use_rules: bool = True
+    debug_print_program: bool = False
+    node_name: Optional[str] = None
+
+
+def node_name(opts: TraceOptions) -> str:
+    return opts.node_name or os.environ.get("NODE_NAME") or socket.gethostname()
+
+
+def watch_list(opts: TraceOptions, index) -> Tuple[List[Tuple[str, int]], List[str]]:
+    """The hostPorts to watch: --host-port if given, else the pods' and the nat rules' ports."""
+    from bpftrace_hostport.node.rules import read_node_rules
+    notes: List[str] = []
+    if opts.host_ports:
+        return sorted(set(opts.host_ports)), notes
+    ports = set(index.host_ports())
+    if opts.use_rules:
+        try:
+            rules, _skipped = read_node_rules(opts.netns)
+            ports |= {(r.proto.lower(), r.host_port) for r in rules}
+        except UserError as e:
+            notes.append(f"nat rules not read: {e}")
+    return sorted(ports), notes
+
+
+def capture_header(opts: TraceOptions, backend, started_ns: int) -> dict:
+    """The first record of every capture (schema CAPTURE)."""
+    return {"type": "capture", "schema": SCHEMA_VERSION, "tool": f"bpftrace-hostport {__version__}",
+            "backend": backend.name, "node": node_name(opts), "kernel": platform.release(),
+            "netns": opts.netns, "started": ns_to_iso(started_ns),
+            "options": {"host_ports": [f"{p}/{proto}" for proto, p in opts.host_ports],
+                        "protos": list(opts.protos), "clients": list(opts.client_cidrs),
+                        "timeout_s": opts.timeout},
+            "measures": dict(backend.measures)}
+
+
+def check_ready_file(path: Optional[str]) -> None:
+    """Fails before attaching when the ready file could not be written."""
+    if path is None:
+        return
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d) or not os.access(d, os.W_OK):
+        raise UserError(f"Cannot write the ready file {path}: its directory {d} does not exist "
+                        "or is not writable; give a path in a writable directory.")
+
+
+class _Stop:
+    def __init__(self):
+        self.flag = False
+
+    def __call__(self, *_):
+        self.flag = True
+
+
+class Session:
+    def __init__(self, opts: TraceOptions, index, backend, sinks: List[Sink], watch,
+                 err: TextIO = sys.stderr):
+        self.opts, self.index, self.backend, self.sinks, self.err = opts, index, backend, sinks, err
+        self.watch = list(watch)
+        self.agg = FlowAggregate()
+        self.enrich = Enricher(index)
+        self.miss_totals: Dict[Tuple[str, int, int], int] = {}
+        self.ticking = [s for s in sinks if type(s).tick is not Sink.tick]
+        self.started = time.monotonic()
+
+    # -- the pipeline ------------------------------------------------------------------------
+    def _flows(self, batch) -> None:
+        if len(batch) == 0:
+            return
+        self.enrich.flows(batch)
+        self.agg.add_batch(batch)
+        for s in self.sinks:
+            s.flows(batch)
+
+    def _misses(self, recs: List[dict]) -> None:
+        if not recs:
+            return
+        self.enrich.misses(recs)
+        for r in recs:
+            k = (r["proto"], r["family"], r["host_port"])
+            self.miss_totals[k] = self.miss_totals.get(k, 0) + r["count"]
+        for s in self.sinks:
+            s.misses(recs)
+
+    def summary(self) -> dict:
+        c = self.backend.counters()
+        misses = [{"proto": p, "family": f, "host_port": hp, "count": n}
+                  for (p, f, hp), n in self.miss_totals.items()]
+        s = summarize(self.agg, misses, c.get("mappings"), c.get("drops"),
+                      time.monotonic() - self.started, c["lost"], pod_names=self.index.names)
+        for m in s["mappings"]:
+            if m["pod_ip"] is None:      # misses only: name the hostNetwork pod owning the port
+                owner = self.index.host_network_owner(m["proto"], m["host_port"])
+                if owner is not None:
+                    port = next((p for p in owner.ports if p.host_port == m["host_port"]), None)
+                    m.update(pod_namespace=owner.namespace, pod_name=owner.name,
+                             port_name=port.name if port else None)
+        if not self.backend.measures["misses"]:
+            for m in s["mappings"]:
+                m["misses"] = None
+        s["backend"] = self.backend.name
+        if c.get("kernel") is not None:
+            s["kernel"] = c["kernel"]
+        return s
+
+    # -- the loop ----------------------------------------------------------------------------
+    def run(self) -> dict:
+        opts, backend = self.opts, self.backend
+        check_ready_file(opts.ready_file)
+        stop = _Stop()
+        old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        ipr = netns_mod.open_iproute(opts.netns)
+        try:
+            how = backend.start(netns_mod.local_addresses(ipr))
+            self.started = time.monotonic()
+            header = capture_header(opts, backend, time.time_ns())
+            for s in self.sinks:
+                s.start(header)
+            self._snapshots()
+            self._announce(how)
+            self._loop(stop, ipr)
+            self._flows(backend.finish())
+            self._misses(backend.misses())
+            summary = self.summary()
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+            backend.close()
+            ipr.close()
+        for s in self.sinks:
+            s.close(summary)
+        return summary
+
+    def _announce(self, how: str) -> None:
+        opts = self.opts
+        where = f"network namespace {opts.netns}" if opts.netns else "this network namespace"
+        what = (", ".join(f"{p}/{proto}" for proto, p in self.watch) if self.watch
+                else "every DNAT to a local address")
+        print(f"Tracing hostPort DNAT in {where} ({what}) with the {self.backend.name} backend; "
+              f"{how}; Ctrl-C to end.", file=self.err, flush=True)
+        if opts.ready_file:
+            with open(opts.ready_file, "w") as f:
+                f.write(f"{os.getpid()}\n")
+
+    def _loop(self, stop: _Stop, ipr) -> None:
+        opts, backend = self.opts, self.backend
+        next_expire = next_slow = time.monotonic()
+        while not stop.flag:
+            now = time.monotonic()
+            if opts.duration is not None and now - self.started >= opts.duration:
+                break
+            time.sleep(0.05)
+            self._flows(backend.poll())
+            now = time.monotonic()
+            if now >= next_expire:
+                next_expire = now + 0.25
+                self._flows(backend.expire())
+            if now >= next_slow:
+                next_slow = now + 1.0
+                self._slow(ipr)
+
+    def _slow(self, ipr) -> None:
+        self._misses(self.backend.misses())
+        self.enrich.forget()
+        self.backend.set_local_addrs(netns_mod.local_addresses(ipr))
+        if self.watch and not self.opts.host_ports:
+            # pods come and go (API watch, CRI): watch the hostPorts of new ones too
+            new = set(self.index.host_ports()) - set(self.watch)
+            if new:
+                self.backend.watch_more(sorted(new))
+                self.watch += sorted(new)
+        if self.ticking:
+            summary = self.summary()
+            for s in self.ticking:
+                s.tick(summary)
+
+    def _snapshots(self) -> None:
+        """What a review needs once the node is gone: the pods and the node's hostPort rules."""
+        wants = [s for s in self.sinks if type(s).snapshot is not Sink.snapshot]
+        if not wants:
+            return
+        pods = [dataclasses.asdict(p) for p in _pods(self.index)]
+        rules = []
+        if self.opts.use_rules:
+            from bpftrace_hostport.node.rules import read_node_rules
+            try:
+                rules = [dataclasses.asdict(r) for r in read_node_rules(self.opts.netns)[0]]
+            except UserError:
+                pass
+        for s in wants:
+            s.snapshot("pods", pods)
+            s.snapshot("rules", rules)
+
+
+def _pods(index) -> list:
+    pods = getattr(index, "pods", None)
+    return list(pods() if callable(pods) else (pods or []))

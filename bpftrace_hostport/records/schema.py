@@ -1,0 +1,173 @@
+"""The record schema: one declaration of every record the tool writes, used by every writer
+and reader, the README's tables and the tests.
+
+Two encodings share these fields:
+
+* JSON lines (`trace --format json`, `export --to jsonl`): one object per line, `type` says
+  which record; the first line of a capture is a `capture` header carrying `schema`.
+  Captures written before the header existed (schema 1) are read the same way.
+* The recording (`trace --record`, records/recording.py): an Apache Arrow IPC stream whose
+  columns are RECORDING_SCHEMA below; `record` says which record a row is.
+
+SCHEMA_VERSION counts incompatible changes of either encoding. Readers accept every version
+up to theirs and refuse newer ones with one sentence.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
+
+SCHEMA_VERSION = 2            # 1: JSON lines without a header (before 0.2); 2: header + recording
+RECORDING_MAGIC = "bpftrace-hostport-recording"
+
+
+@dataclass(frozen=True)
+class Field:
+    name: str
+    type: str                 # JSON type as written: string, integer, number, boolean, object
+    nullable: bool
+    unit: str                 # "" when none
+    meaning: str
+
+
+def _f(name, typ, meaning, unit="", nullable=False) -> Field:
+    return Field(name, typ, nullable, unit, meaning)
+
+
+FLOW: Tuple[Field, ...] = (
+    _f("type", "string", '"flow"'),
+    _f("ts", "string", "first packet of the flow, ISO 8601", unit="UTC"),
+    _f("proto", "string", "tcp, udp or sctp"),
+    _f("family", "integer", "4 or 6"),
+    _f("client_ip", "string", "the client as the node saw it (conntrack original source)"),
+    _f("client_port", "integer", "the client's port"),
+    _f("node_ip", "string", "the node address the client called"),
+    _f("host_port", "integer", "the hostPort it called"),
+    _f("pod_ip", "string", "where DNAT sent it (conntrack reply source)"),
+    _f("pod_port", "integer", "the containerPort it reached"),
+    _f("hook", "string", "prerouting (arrived at the node) or output (a node-local client)"),
+    _f("answered", "boolean", "a reply was seen"),
+    _f("latency_us", "number", "first packet to first reply (null: unanswered, midstream or "
+       "not measured by the backend)", unit="µs", nullable=True),
+    _f("midstream", "boolean", "first seen mid-connection: it began before the tracer attached"),
+    _f("masqueraded", "boolean", "the request was source-NATed on its way to the pod"),
+    _f("snat_ip", "string", "the source address it was NATed to", nullable=True),
+    _f("packets", "integer", "packets in both directions so far (null: not measured)",
+       unit="packets", nullable=True),
+    _f("bytes", "integer", "bytes in both directions so far (null: not measured)",
+       unit="bytes", nullable=True),
+    _f("pod_namespace", "string", "the pod's namespace (null: unknown)", nullable=True),
+    _f("pod_name", "string", "the pod's name (null: unknown)", nullable=True),
+    _f("port_name", "string", "the container port's name (null: unknown or unnamed)", nullable=True),
+    _f("drop_reason", "string", "kernel drop reason of a dropped packet of this flow "
+       "(e.g. NETFILTER_DROP)", nullable=True),
+)
+
+MISS: Tuple[Field, ...] = (
+    _f("type", "string", '"miss"'),
+    _f("ts", "string", "last new miss counted for this key", unit="UTC"),
+    _f("proto", "string", "tcp, udp or sctp"),
+    _f("family", "integer", "4 or 6"),
+    _f("client_ip", "string", "the client"),
+    _f("node_ip", "string", "the node address it called"),
+    _f("host_port", "integer", "the watched hostPort it called, with no DNAT"),
+    _f("hook", "string", "prerouting or output"),
+    _f("count", "integer", "new connections not DNATed since the previous record for this key",
+       unit="connections"),
+)
+
+CAPTURE: Tuple[Field, ...] = (
+    _f("type", "string", '"capture": the first line of a capture'),
+    _f("schema", "integer", f"the schema version ({SCHEMA_VERSION})"),
+    _f("tool", "string", "bpftrace-hostport and its version"),
+    _f("backend", "string", "netfilter (eBPF) or conntrack (events: no latency, packets or misses)"),
+    _f("node", "string", "the node's name", nullable=True),
+    _f("kernel", "string", "uname -r of the node"),
+    _f("netns", "string", "the traced network namespace (null: the tool's own)", nullable=True),
+    _f("started", "string", "when tracing started, ISO 8601", unit="UTC"),
+    _f("options", "object", "the trace options that shape what is seen (ports, protos, clients, "
+       "timeout)"),
+    _f("measures", "object", "which figures this backend measures: latency, packets, misses, drops "
+       "(false: shown as unknown, never 0)"),
+)
+
+SUMMARY: Tuple[Field, ...] = (
+    _f("type", "string", '"summary": the last line, at exit'),
+    _f("duration_s", "number", "how long the tracer ran", unit="s"),
+    _f("lost_events", "integer", "flows the kernel created that were never reported, plus "
+       "counters that could not be created", unit="flows"),
+    _f("flows", "integer", "flows over all mappings, as the kernel counted them", unit="flows"),
+    _f("backend", "string", "netfilter or conntrack", nullable=True),
+    _f("kernel", "object", "the kernel side's raw counters (netfilter backend)", nullable=True),
+    _f("mappings", "array", "one object per mapping: see the mapping fields"),
+)
+
+MAPPING: Tuple[Field, ...] = (
+    _f("proto", "string", "tcp, udp or sctp"),
+    _f("family", "integer", "4 or 6 (null: misses of both families)", nullable=True),
+    _f("host_port", "integer", "the hostPort"),
+    _f("pod_ip", "string", "where DNAT sent it (null: misses only, no DNAT happened)", nullable=True),
+    _f("pod_port", "integer", "the containerPort", nullable=True),
+    _f("pod_namespace", "string", "the pod's namespace", nullable=True),
+    _f("pod_name", "string", "the pod's name (for a misses-only row: the hostNetwork pod that owns "
+       "the port, when known)", nullable=True),
+    _f("port_name", "string", "the container port's name", nullable=True),
+    _f("flows", "integer", "flows (the kernel's per-mapping counter where it has one)", unit="flows"),
+    _f("answered", "integer", "flows that got a reply", unit="flows"),
+    _f("packets", "integer", "packets, both directions (null: not measured)", unit="packets",
+       nullable=True),
+    _f("bytes", "integer", "bytes, both directions (null: not measured)", unit="bytes", nullable=True),
+    _f("misses", "integer", "connections to this hostPort that were not DNATed (null: not measured)",
+       unit="connections", nullable=True),
+    _f("drops", "object", "drops of translated packets by kernel drop reason", unit="packets"),
+    _f("latency_us", "object", "p50, p90, p99, max of first packet to first reply over answered "
+       "flows (null values: none measured)", unit="µs"),
+    _f("flows_per_s", "number", "flows over the tracer's duration", unit="flows/s", nullable=True),
+)
+
+RECORDS: Dict[str, Tuple[Field, ...]] = {
+    "capture": CAPTURE, "flow": FLOW, "miss": MISS, "summary": SUMMARY, "mapping": MAPPING,
+}
+
+
+def field_names(kind: str) -> List[str]:
+    return [f.name for f in RECORDS[kind]]
+
+
+def markdown_table(kind: str) -> str:
+    """The README's table for one record kind (a test keeps the README equal to this)."""
+    rows = ["| field | type | unit | meaning |", "| --- | --- | --- | --- |"]
+    for f in RECORDS[kind]:
+        typ = f.type + (" or null" if f.nullable else "")
+        rows.append(f"| `{f.name}` | {typ} | {f.unit or ''} | {f.meaning} |")
+    return "\n".join(rows)
+
+
+# -- the recording's columns ------------------------------------------------------------------
+# Flows and misses are stored compactly (addresses as 16 raw bytes, as the kernel keeps them;
+# strings dictionary-encoded); the reader turns them back into the fields above. Rows of the
+# other records keep their JSON object in `payload`.
+RECORD_KINDS = ("meta", "pods", "rules", "flow", "miss", "summary", "end")
+
+
+def recording_schema():
+    """The Arrow schema of a recording (pyarrow is imported only when a recording is used)."""
+    import pyarrow as pa
+    s = pa.dictionary(pa.int32(), pa.string())
+    addr = pa.binary(16)
+    return pa.schema([
+        pa.field("record", pa.dictionary(pa.int8(), pa.string()), nullable=False),
+        pa.field("ts", pa.timestamp("ns", tz="UTC")),
+        pa.field("proto", pa.uint8()), pa.field("family", pa.uint8()), pa.field("hook", pa.uint8()),
+        pa.field("client_addr", addr), pa.field("client_port", pa.uint16()),
+        pa.field("node_addr", addr), pa.field("host_port", pa.uint16()),
+        pa.field("pod_addr", addr), pa.field("pod_port", pa.uint16()),
+        pa.field("answered", pa.bool_()), pa.field("midstream", pa.bool_()),
+        pa.field("masqueraded", pa.bool_()), pa.field("snat_addr", addr),
+        pa.field("latency_us", pa.float64()),
+        pa.field("packets", pa.uint64()), pa.field("bytes", pa.uint64()),
+        pa.field("pod_namespace", s), pa.field("pod_name", s), pa.field("port_name", s),
+        pa.field("drop_reason", s),
+        pa.field("count", pa.uint64()),
+        pa.field("payload", pa.string()),
+    ], metadata={"format": RECORDING_MAGIC, "schema": str(SCHEMA_VERSION)})

@@ -1,0 +1,62 @@
+"""FlowBatch: columns in, the documented records out, and the Arrow batch in the recording's schema."""
+import numpy as np
+
+from bpftrace_hostport.collect.batch import FlowBatch, iso_to_ns, ns_to_iso, pack_addr
+from bpftrace_hostport.records.schema import field_names
+
+
+def flow(**kw):
+    rec = {"type": "flow", "ts": "2026-01-01T00:00:01.000123Z", "proto": "tcp", "family": 4,
+           "client_ip": "10.0.0.10", "client_port": 41000, "node_ip": "10.0.0.1", "host_port": 8000,
+           "pod_ip": "10.0.1.2", "pod_port": 80, "hook": "prerouting", "answered": True,
+           "latency_us": 120.5, "midstream": False, "masqueraded": False, "snat_ip": None,
+           "packets": 4, "bytes": 300, "pod_namespace": "web", "pod_name": "nginx-0",
+           "port_name": "http", "drop_reason": None}
+    rec.update(kw)
+    return rec
+
+
+SAMPLES = [
+    flow(),
+    flow(family=6, proto="udp", client_ip="fd00::a", node_ip="fd00::1", pod_ip="fd00:1::2",
+         pod_port=53, answered=False, latency_us=None, masqueraded=True, snat_ip="fd00:1::1",
+         pod_namespace=None, pod_name=None, port_name=None, drop_reason="NETFILTER_DROP"),
+    flow(hook="output", midstream=True, latency_us=None, packets=None, bytes=None, port_name=None),
+]
+
+
+def test_records_round_trip_in_schema_order():
+    out = FlowBatch.from_records(SAMPLES).to_records()
+    assert out == SAMPLES
+    assert all(list(r) == field_names("flow") for r in out)
+
+
+def test_concat_reindexes_pods_and_drop_reasons():
+    a = FlowBatch.from_records(SAMPLES[:2])
+    b = FlowBatch.from_records([flow(pod_name="other", drop_reason="OTHER"), SAMPLES[1]])
+    both = FlowBatch.concat([a, b])
+    assert both.to_records() == a.to_records() + b.to_records()
+
+
+def test_arrow_batch_matches_the_recording_schema():
+    from bpftrace_hostport.records.schema import recording_schema
+    rb = FlowBatch.from_records(SAMPLES).to_arrow()
+    assert rb.schema.equals(recording_schema(), check_metadata=False)
+    d = rb.to_pydict()
+    assert d["record"] == ["flow"] * 3
+    assert d["client_addr"][1] == pack_addr("fd00::a")
+    assert d["latency_us"] == [120.5, None, None]
+    assert d["packets"] == [4, 4, None]
+    assert d["pod_name"] == ["nginx-0", None, "nginx-0"] and d["port_name"] == ["http", None, None]
+    assert d["drop_reason"] == [None, "NETFILTER_DROP", None]
+
+
+def test_time_conversions():
+    ns = iso_to_ns("2026-01-01T00:00:01.000123Z")
+    assert ns == 1767225601000123000 and ns_to_iso(ns) == "2026-01-01T00:00:01.000123Z"
+
+
+def test_select_and_empty():
+    b = FlowBatch.from_records(SAMPLES)
+    assert len(b.select(np.array([True, False, True]))) == 2
+    assert FlowBatch.empty().to_records() == [] and len(FlowBatch.concat([])) == 0
