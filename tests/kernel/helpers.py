@@ -20,13 +20,13 @@ def cli(*args, check=True, timeout=120, env=None):
 
 
 @contextmanager
-def tracing(*args, start_timeout=60, prefix=()):
+def tracing(*args, start_timeout=60, prefix=(), python=PY):
     """Starts `trace --format json ARGS` and yields a handle; on exit SIGTERMs it and parses."""
     tmp = tempfile.mkdtemp(prefix="bhp-trace-")
     ready = os.path.join(tmp, "ready")
     out = open(os.path.join(tmp, "out.jsonl"), "w")
     err = open(os.path.join(tmp, "err.txt"), "w")
-    proc = subprocess.Popen([*prefix, PY, "-m", "bpftrace_hostport", "trace", "--format", "json",
+    proc = subprocess.Popen([*prefix, python, "-m", "bpftrace_hostport", "trace", "--format", "json",
                              "--ready-file", ready, *args], stdout=out, stderr=err)
     handle = TraceHandle(proc, tmp)
     try:
