@@ -96,6 +96,8 @@ def trace(netns, lab_name, duration, host_ports, protos, clients, pod_files, pod
 
 
 @click.command()
+@click.option("--netns", metavar="NAME", help="Named network namespace of the node (default: the current one).")
+@click.option("--lab", "lab_name", metavar="NAME", help="Run on a lab's node (demos, tests).")
 @pod_options
 @filter_options
 @click.option("--record-dir", type=click.Path(file_okay=False), metavar="DIR",
@@ -106,7 +108,7 @@ def trace(netns, lab_name, duration, host_ports, protos, clients, pod_files, pod
 @click.option("--log-json", is_flag=True, help="Log one JSON object per line on stderr.")
 @kernel_options
 @user_errors
-def agent(pod_files, pods_from, kubeconfig, node_name, host_ports, protos, clients, record_dir, max_size,
+def agent(netns, lab_name, pod_files, pods_from, kubeconfig, node_name, host_ports, protos, clients, record_dir, max_size,
           max_files, anonymize, anonymize_key_file, metrics, check_interval, log_json, **kernel):
     """Run on a node until stopped: metrics, check findings, an optional rotating recording.
 
@@ -121,7 +123,7 @@ def agent(pod_files, pods_from, kubeconfig, node_name, host_ports, protos, clien
     if record_dir:
         import os
         os.makedirs(record_dir, mode=0o700, exist_ok=True)
-    run(None, None, None, host_ports, protos, clients, pod_files, pods_from, kubeconfig, node_name,
+    run(netns, lab_name, None, host_ports, protos, clients, pod_files, pods_from, kubeconfig, node_name,
         "none", record_dir, max_size or ("256MiB" if record_dir else None), max_files or (8 if record_dir else None),
         anonymize, anonymize_key_file, metrics or "9469",
         agent=AgentOptions(check_interval=check_interval, log_json=log_json), **kernel)

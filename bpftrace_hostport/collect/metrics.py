@@ -1,0 +1,360 @@
+"""MetricsSink: the session's figures as Prometheus metrics, served over HTTP.
+
+The tracer thread writes (flows, misses, tick, set_findings); the HTTP thread reads on each
+scrape. Both take one lock, briefly: a scrape copies the state under it and builds the
+exposition outside it. Values are kept here, not in prometheus_client metric objects,
+because the kernel's per-mapping totals arrive as running totals to be set, not increments;
+a custom collector turns the state into metric families on each scrape.
+
+A mapping series is keyed by (proto, host_port, pod_ip, pod_port); its pod labels are filled
+in as they become known (first known value per label wins, so a named series keeps its name).
+
+Label sets stay bounded:
+* a mapping series whose figures have not grown for grace_s is retired: the running summary
+  repeats every mapping ever seen, so "present in a tick" cannot mean "alive" -- a pod that
+  is gone simply stops adding flows. A retired series keeps its values (hidden, up to
+  max_series of them) so that if its mapping comes back its counters continue, not restart;
+* at most max_series live mapping series; a flow whose mapping cannot get one is counted in
+  bpftrace_hostport_series_overflow_total;
+* miss series not updated for grace_s and findings at 0 for grace_s are removed.
+"""
+from __future__ import annotations
+
+import errno
+import ipaddress
+import re
+import socket
+import socketserver
+import threading
+import time
+from collections import Counter, OrderedDict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+from prometheus_client.core import (CollectorRegistry, CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily)
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.utils import floatToGoString
+
+from bpftrace_hostport import proto as protomod
+from bpftrace_hostport.collect.batch import ADDR, AddrNames, FlowBatch
+from bpftrace_hostport.collect.sinks import Sink
+from bpftrace_hostport.errors import UserError
+
+PREFIX = "bpftrace_hostport_"
+EXPORTED_METRICS: Tuple[str, ...] = tuple(PREFIX + n for n in (
+    "flows_total", "answered_flows_total", "packets_total", "bytes_total", "latency_seconds",
+    "misses_total", "drops_total", "lost_events_total", "check_findings",
+    "series_overflow_total", "up"))
+
+FLOW_LABELS = ("node", "proto", "host_port", "pod_ip", "pod_port", "namespace", "pod", "port_name")
+MISS_LABELS = ("node", "proto", "host_port", "namespace", "pod")
+# Bucket upper bounds in µs (the batch's unit): exact integers, so a latency equal to a bound
+# lands in that bucket (Prometheus buckets are "less than or equal").
+LATENCY_BOUNDS_US = np.array([10, 25, 50, 100, 250, 500, 1e3, 2.5e3, 5e3, 1e4, 2.5e4, 5e4,
+                              1e5, 2.5e5, 5e5, 1e6, 2.5e6, 5e6, 1e7, np.inf])
+LATENCY_BUCKETS = tuple(floatToGoString(b / 1e6) for b in LATENCY_BOUNDS_US)
+NB = len(LATENCY_BOUNDS_US)
+
+_KEY_DTYPE = np.dtype([("proto", "u1"), ("family", "u1"), ("host_port", "u2"),
+                       ("pod_addr", ADDR), ("pod_port", "u2")])
+_LISTEN = re.compile(r"(?:(?:\[(?P<v6>[0-9A-Fa-f:.]+(?:%\w+)?)\]|(?P<host>[A-Za-z0-9.\-]+)):)?"
+                     r"(?P<port>\d{1,5})")
+
+Key = Tuple[str, str, str, str]          # proto, host_port, pod_ip, pod_port (label text)
+
+
+def parse_listen(value: str) -> Tuple[str, int]:
+    """[ADDR:]PORT -> (host, port): 127.0.0.1 when only a port is given, IPv6 in brackets."""
+    m = _LISTEN.fullmatch(str(value).strip())
+    ok = m is not None and int(m["port"]) <= 65535
+    if ok and m["v6"]:
+        try:
+            ipaddress.IPv6Address(m["v6"].split("%")[0])
+        except ValueError:
+            ok = False
+    if not ok:
+        raise ValueError(f"Bad metrics listen address {value!r}: give PORT, ADDR:PORT or "
+                         "[IPv6]:PORT with a port from 0 to 65535.")
+    return m["v6"] or m["host"] or "127.0.0.1", int(m["port"])
+
+
+def _where(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class _Series:
+    """One mapping's figures. flows = max(kernel total, flows seen in batches): the kernel
+    counts a flow before its record arrives, and a mapping whose kernel counter could not be
+    created has only the records."""
+    __slots__ = ("names", "flows", "seen", "answered", "packets", "bytes", "drops", "buckets",
+                 "lat_sum", "last")
+
+    def __init__(self):
+        self.names = ["", "", ""]
+        self.flows = self.seen = self.answered = self.packets = self.bytes = 0
+        self.drops: Dict[str, int] = {}
+        self.buckets = np.zeros(NB, np.int64)
+        self.lat_sum = 0.0
+        self.last = 0.0
+
+    def fill(self, names) -> None:
+        for i, v in enumerate(names):
+            if not self.names[i] and v:
+                self.names[i] = str(v)
+
+    def absorb(self, m: dict) -> bool:
+        """A summary mapping's running totals; True when one grew. Counters never go down:
+        a total lower than what was exported keeps the exported value."""
+        before = (self.flows, self.packets, self.bytes, sum(self.drops.values()))
+        self.flows = max(self.flows, int(m.get("flows") or 0))
+        self.packets = max(self.packets, int(m.get("packets") or 0))
+        self.bytes = max(self.bytes, int(m.get("bytes") or 0))
+        for reason, n in (m.get("drops") or {}).items():
+            self.drops[reason] = max(self.drops.get(reason, 0), int(n))
+        return before != (self.flows, self.packets, self.bytes, sum(self.drops.values()))
+
+
+class MetricsSink(Sink):
+    def __init__(self, node: str, listen: str = "127.0.0.1:9469", *, grace_s: float = 300.0,
+                 max_series: int = 10000, clock=time.monotonic):
+        self.node, self.grace_s, self.max_series, self.clock = node, grace_s, max_series, clock
+        self.listen = parse_listen(listen)
+        self.lock = threading.Lock()
+        self.series: Dict[Key, _Series] = {}
+        self.retired: "OrderedDict[Key, _Series]" = OrderedDict()
+        self.miss_counts: Dict[Tuple[str, ...], list] = {}      # key -> [count, last update]
+        self.findings: Dict[Tuple[str, str], list] = {}        # key -> [count, last nonzero]
+        self.overflow = self.lost = 0
+        self.ready = False
+        self.measures = {"latency": True, "packets": True, "misses": True, "drops": True}
+        self.addr = AddrNames()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+        self.server: Optional[_Server] = None
+        self.thread: Optional[threading.Thread] = None
+
+    @property
+    def address(self) -> Tuple[str, int]:
+        return tuple(self.server.server_address[:2]) if self.server else self.listen
+
+    # -- the server --------------------------------------------------------------------------
+    def start(self, header: dict) -> None:
+        with self.lock:
+            self.measures.update(header.get("measures") or {})
+        if self.server is not None:
+            return
+        host, port = self.listen
+        try:
+            family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+            self.server = _Server((host, port), family, self)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise UserError(f"Cannot listen on {_where(host, port)}: address in use; "
+                                 "choose another --metrics port.") from None
+            raise UserError(f"Cannot listen on {_where(host, port)}: "
+                             f"{(e.strerror or str(e)).lower()}.") from None
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1},
+                                       name="metrics-http", daemon=True)
+        self.thread.start()
+        self.set_ready(True)          # the session starts sinks once the backend is attached
+
+    def close(self, summary: Optional[dict]) -> None:
+        if summary is not None:
+            self.tick(summary)
+        self.set_ready(False)
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.thread.join(5)
+            self.server = None
+
+    def set_ready(self, ready: bool) -> None:
+        with self.lock:
+            self.ready = bool(ready)
+
+    # -- the figures -------------------------------------------------------------------------
+    def _place(self, key: Key, s: _Series, now: float) -> bool:
+        """Makes s the live series of key unless the cap is reached."""
+        if key not in self.series:
+            if len(self.series) >= self.max_series:
+                return False
+            self.retired.pop(key, None)
+            self.series[key] = s
+        s.last = now
+        return True
+
+    def flows(self, batch: FlowBatch) -> None:
+        n = len(batch)
+        if n == 0:
+            return
+        keys = np.empty(n, dtype=_KEY_DTYPE)
+        for name in _KEY_DTYPE.names:
+            keys[name] = batch[name]
+        uniq, inv = np.unique(keys, return_inverse=True)
+        inv, g = inv.ravel(), len(uniq)
+        count = np.bincount(inv, minlength=g)
+        answered = np.bincount(inv, weights=batch["answered"], minlength=g).astype(np.int64)
+        lat = batch["latency_us"]
+        timed = batch["answered"] & ~batch["midstream"] & ~np.isnan(lat)
+        idx = np.searchsorted(LATENCY_BOUNDS_US, lat[timed], side="left")
+        hist = np.bincount(inv[timed] * NB + idx, minlength=g * NB).reshape(g, NB)
+        lat_sum = np.bincount(inv[timed], weights=lat[timed], minlength=g) / 1e6
+        pod = batch["pod"]
+        group_pod = np.full(g, -1, np.int64)
+        group_pod[inv[pod >= 0]] = pod[pod >= 0]       # any named flow names its mapping
+        with self.lock:
+            now = self.clock()
+            for j, u in enumerate(uniq):
+                key = (protomod.name(u["proto"]), str(int(u["host_port"])),
+                       self.addr(u["pod_addr"].tobytes(), int(u["family"])), str(int(u["pod_port"])))
+                s = self.series.get(key) or self.retired.get(key) or _Series()
+                if not self._place(key, s, now):
+                    self.overflow += int(count[j])
+                    continue
+                if group_pod[j] >= 0:
+                    s.fill(batch.pods[group_pod[j]])
+                s.seen += int(count[j])
+                s.flows = max(s.flows, s.seen)
+                s.answered += int(answered[j])
+                s.buckets += hist[j]
+                s.lat_sum += float(lat_sum[j])
+
+    def misses(self, recs: List[dict]) -> None:
+        with self.lock:
+            now = self.clock()
+            for r in recs:
+                key = (protomod.name(protomod.number(r["proto"])), str(int(r["host_port"])),
+                       r.get("pod_namespace") or "", r.get("pod_name") or "")
+                entry = self.miss_counts.setdefault(key, [0, now])
+                entry[0] += int(r.get("count") or 0)
+                entry[1] = now
+
+    def tick(self, summary: dict) -> None:
+        with self.lock:
+            now = self.clock()
+            for m in summary.get("mappings") or ():
+                if m.get("pod_ip") is None:          # misses only: no DNAT, no flow series
+                    continue
+                key = (str(m["proto"]).lower(), str(int(m["host_port"])), str(m["pod_ip"]),
+                       str(int(m.get("pod_port") or 0)))
+                s = self.series.get(key) or self.retired.get(key) or _Series()
+                # an unchanged total is the summary repeating itself, not a sign of life;
+                # over the cap a new mapping is skipped here and counted when its flows arrive
+                if s.absorb(m) and self._place(key, s, now):
+                    s.fill((m.get("pod_namespace"), m.get("pod_name"), m.get("port_name")))
+            self.lost = max(self.lost, int(summary.get("lost_events") or 0))
+            self._expire(now)
+
+    def set_findings(self, findings: List[dict]) -> None:
+        counts = Counter((str(f["code"]), str(f["severity"])) for f in findings)
+        with self.lock:
+            now = self.clock()
+            for key, entry in self.findings.items():
+                if key not in counts:
+                    entry[0] = 0
+            for key, n in counts.items():
+                self.findings[key] = [n, now]
+            self._expire(now)
+
+    def _expire(self, now: float) -> None:
+        for key in [k for k, s in self.series.items() if now - s.last >= self.grace_s]:
+            self.retired[key] = self.series.pop(key)
+        while len(self.retired) > self.max_series:
+            self.retired.popitem(last=False)
+        for table, keep_nonzero in ((self.miss_counts, False), (self.findings, True)):
+            for key in [k for k, (v, t) in table.items()
+                        if now - t >= self.grace_s and not (keep_nonzero and v)]:
+                del table[key]
+
+    # -- exposition --------------------------------------------------------------------------
+    def collect(self):
+        with self.lock:
+            rows = [((self.node,) + k + tuple(s.names), s.flows, s.answered, s.packets, s.bytes,
+                     dict(s.drops), s.buckets.copy(), s.lat_sum) for k, s in self.series.items()]
+            misses = [((self.node,) + k, v[0]) for k, v in self.miss_counts.items()]
+            findings = [((self.node,) + k, v[0]) for k, v in self.findings.items()]
+            overflow, lost, ready, measures = self.overflow, self.lost, self.ready, dict(self.measures)
+        yield from _flow_families(rows, measures)
+        yield _family(CounterMetricFamily, "misses", "New connections to a watched hostPort that "
+                      "were not DNATed (owner: the hostNetwork pod holding the port).", MISS_LABELS, misses)
+        yield _family(CounterMetricFamily, "lost_events", "Flows the kernel created that were never "
+                      "reported, plus counters that could not be created.", ("node",), [((self.node,), lost)])
+        yield _family(GaugeMetricFamily, "check_findings", "Node check findings by code and severity.",
+                      ("node", "code", "severity"), findings)
+        yield _family(CounterMetricFamily, "series_overflow", "Flows whose mapping got no series "
+                      "because of the series cap.", ("node",), [((self.node,), overflow)])
+        yield _family(GaugeMetricFamily, "up", "1 while the tracer is attached and ready.", ("node",),
+                      [((self.node,), int(ready))])
+
+
+def _family(cls, name: str, doc: str, labels, samples):
+    fam = cls(PREFIX + name, doc, labels=labels)
+    for values, v in samples:
+        fam.add_metric(list(values), v)
+    return fam
+
+
+def _flow_families(rows, measures: dict):
+    """Per-mapping families; what the backend does not measure is absent, never 0."""
+    yield _family(CounterMetricFamily, "flows", "Flows DNATed to a hostPort mapping.", FLOW_LABELS,
+                  [(r[0], r[1]) for r in rows])
+    yield _family(CounterMetricFamily, "answered_flows", "Flows that got a reply.", FLOW_LABELS,
+                  [(r[0], r[2]) for r in rows])
+    if measures.get("packets"):
+        yield _family(CounterMetricFamily, "packets", "Packets of the mapping's flows, both "
+                      "directions.", FLOW_LABELS, [(r[0], r[3]) for r in rows])
+        yield _family(CounterMetricFamily, "bytes", "Bytes of the mapping's flows, both directions.",
+                      FLOW_LABELS, [(r[0], r[4]) for r in rows])
+    if measures.get("drops"):
+        yield _family(CounterMetricFamily, "drops", "Translated packets dropped, by kernel drop "
+                      "reason.", FLOW_LABELS + ("reason",),
+                      [(r[0] + (reason,), n) for r in rows for reason, n in sorted(r[5].items())])
+    if measures.get("latency"):
+        hist = HistogramMetricFamily(PREFIX + "latency_seconds", "First packet to first reply of "
+                                     "answered flows (not midstream).", labels=FLOW_LABELS,
+                                     unit="seconds")
+        for r in rows:
+            cum = np.cumsum(r[6]).tolist()
+            hist.add_metric(list(r[0]), list(zip(LATENCY_BUCKETS, cum)), r[7])
+        yield hist
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address, family: int, sink: MetricsSink):
+        self.address_family = family       # read by TCPServer.__init__ when it makes the socket
+        self.sink = sink
+        super().__init__(address, _Handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind resolves the address's FQDN (reverse DNS): slow, and unused
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = str(self.server_address[0]), self.server_address[1]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        sink = self.server.sink
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            encoder, ctype = choose_encoder(self.headers.get("Accept"))
+            self._send(200, ctype, encoder(sink.registry))
+        elif path == "/healthz":
+            ready = sink.ready
+            self._send(200 if ready else 503, "text/plain; charset=utf-8",
+                       b"ok\n" if ready else b"not ready\n")
+        else:
+            self._send(404, "text/plain; charset=utf-8", b"not found\n")
+
+    def _send(self, status: int, ctype: str, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass                               # a scrape every few seconds must not fill stderr
