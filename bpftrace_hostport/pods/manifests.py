@@ -31,6 +31,7 @@ from typing import Any, Dict, Iterator, List, Set, Tuple
 import yaml
 
 from bpftrace_hostport.errors import UserError
+from bpftrace_hostport.files import read_text
 from bpftrace_hostport.model import ContainerPort
 
 __all__ = ["PodPlan", "load_manifests", "parse_manifests", "WORKLOAD_KINDS"]
@@ -71,19 +72,7 @@ def read_source(path: str) -> Tuple[str, str]:
             return sys.stdin.read(), "<stdin>"
         except UnicodeDecodeError:
             raise UserError("Standard input is not UTF-8 text; pipe a YAML or JSON file instead.") from None
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            return f.read(), path
-    except FileNotFoundError:
-        raise UserError(f"{path} does not exist; check the path and try again.") from None
-    except IsADirectoryError:
-        raise UserError(f"{path} is a directory; pass a YAML or JSON file instead.") from None
-    except PermissionError:
-        raise UserError(f"{path} cannot be read (permission denied); fix its permissions or run as a user who can read it.") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is not UTF-8 text; pass a YAML or JSON file instead.") from None
-    except OSError as e:
-        raise UserError(f"{path} cannot be read ({e.strerror or e}); check the path and try again.") from None
+    return read_text(path, "a YAML or JSON file", encoding="utf-8-sig"), path
 
 
 class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]

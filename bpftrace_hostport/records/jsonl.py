@@ -6,6 +6,7 @@ import os
 from typing import Iterable, List, Optional, Tuple, Union
 
 from bpftrace_hostport.errors import UserError
+from bpftrace_hostport.files import read_text
 
 
 def read_jsonl(
@@ -21,17 +22,8 @@ def read_jsonl(
     """
     if isinstance(path_or_lines, (str, bytes, os.PathLike)):
         name = os.fsdecode(path_or_lines)
-        try:
-            with open(name, "r", encoding="utf-8") as fh:
-                return _read_lines(fh, name, notes)
-        except FileNotFoundError:
-            raise UserError(f"Cannot read {name}: no such file; check the path.") from None
-        except IsADirectoryError:
-            raise UserError(f"Cannot read {name}: it is a directory; give a JSON-lines file.") from None
-        except PermissionError:
-            raise UserError(f"Cannot read {name}: permission denied; check its permissions.") from None
-        except UnicodeDecodeError:
-            raise UserError(f"{name} is not UTF-8 text; give the tracer's JSON-lines output.") from None
+        text = read_text(name, "the tracer's JSON-lines output")
+        return _read_lines(text.splitlines(keepends=True), name, notes)
     name = getattr(path_or_lines, "name", None)
     return _read_lines(path_or_lines, str(name) if isinstance(name, (str, bytes)) and name else "<input>",
                        notes)
