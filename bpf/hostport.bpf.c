@@ -46,6 +46,11 @@
  * one lock; any CPU still finds any flow. */
 BPF_F_TABLE("lru_hash", struct flow_key, struct flow_val, flows, FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
 BPF_HASH(pending, struct flow_key, u64, PENDING_SIZE);
+/* Flows already answered and reported, by their conntrack entry (struct nf_conn *): every
+ * later packet of such a flow only adds to its mapping's counters, found with one lookup of
+ * an 8-byte key instead of reading the tuple and hashing a 40-byte flow key. A recycled
+ * entry is recognised by its first packet (IP_CT_NEW, not yet confirmed), which drops it. */
+BPF_F_TABLE("lru_hash", u64, struct mapping_key, known, FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
 BPF_PERCPU_HASH(mappings, struct mapping_key, struct mapping_val, MAP_SIZE);
 BPF_HASH(drops, struct drop_key, u64, MAP_SIZE);
 BPF_TABLE("lru_hash", struct miss_key, struct miss_val, misses, MAP_SIZE);
@@ -216,6 +221,18 @@ static __always_inline void count_miss(struct flow_key *k, u8 hook)
     mv->last_ns = bpf_ktime_get_ns();
 }
 
+/* Masquerade: a reply tuple whose destination is not the client means the request was
+ * source-NATed on its way to the pod (conntrack sets IPS_SRC_NAT once SNAT changed it). */
+static __always_inline void note_masquerade(struct flow_val *v, struct flow_key *k, u8 *r, u8 family)
+{
+    if (!addr_equal(r + TUP_DST_U3, k->client_addr, family) ||
+        *(u16 *)(r + TUP_DST_PORT) != k->client_port) {
+        v->flags |= FLOW_MASQUERADED;
+        copy_addr(v->snat_addr, r + TUP_DST_U3, family);
+        v->snat_port = *(u16 *)(r + TUP_DST_PORT);
+    }
+}
+
 /* Reports an answered flow, at most once. The pending entry is the token for "not yet
  * reported": whoever deletes it reports the flow (user space deletes it to report a timed-out
  * flow). The slot is reserved first: if the ring buffer cannot give one (full, or its lock
@@ -251,8 +268,22 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
     if (!ct)
         return 1;   /* NF_ACCEPT: untracked packets are not ours to judge */
 
+    u64 ctkey = (u64)ct;
+    u32 len = 0;
+    if (ctinfo == IP_CT_ESTABLISHED || ctinfo == IP_CT_ESTABLISHED_REPLY) {
+        /* The hot path: a packet of a flow already answered and reported. */
+        struct mapping_key *km = known.lookup(&ctkey);
+        if (km) {
+            bpf_probe_read_kernel(&len, sizeof(len), (char *)skb + SKB_LEN);
+            mapping_add(km, 0, len);
+            return 1;
+        }
+    }
+
     u32 status = 0;
     bpf_probe_read_kernel(&status, sizeof(status), (char *)ct + CT_STATUS);
+    if (ctinfo == IP_CT_NEW && !(status & IPS_CONFIRMED))
+        known.delete(&ctkey);   /* a new entry: whatever used this address before is gone */
 
     int zero = 0;
     struct config *cfg = config.lookup(&zero);
@@ -287,7 +318,6 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
     if (!family)
         return 1;
 
-    u32 len = 0;
     bpf_probe_read_kernel(&len, sizeof(len), (char *)skb + SKB_LEN);
 
     struct flow_val *v = flows.lookup(&k);
@@ -335,6 +365,8 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
             nv.flags = FLOW_MIDSTREAM;   /* began before we attached: no latency to measure */
         copy_addr(nv.pod_addr, r + TUP_SRC_U3, family);
         nv.pod_port = *(u16 *)(r + TUP_SRC_PORT);
+        if (status & IPS_SRC_NAT)        /* midstream: source NAT already happened */
+            note_masquerade(&nv, &k, r, family);
         if (flows.update(&k, &nv)) {
             stat_inc(STAT_FLOW_INSERT_ERR);
             return 1;
@@ -349,8 +381,8 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
         return 1;
     }
 
-    /* The hot path, every packet of a known flow: its mapping is the one recorded at its
-     * first packet, so the reply tuple is read only once, at the first reply. */
+    /* Packets of a flow not yet answered (and the first reply): its mapping is the one
+     * recorded at its first packet, so the reply tuple is read only once, at the first reply. */
     struct mapping_key m = {};
     mapping_of_flow(&m, &k, v);
     mapping_add(&m, 0, len);
@@ -360,6 +392,14 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
         __sync_fetch_and_add(&v->bytes_orig, len);
         if (ctinfo == IP_CT_NEW)
             v->ct = (u64)ct;   /* a retransmitted first packet may carry a fresh entry */
+        /* No program runs after SNAT (it would cost every packet of every flow): a flow not
+         * yet answered learns of its masquerade from its next packet, which passes here after
+         * the first one was source-NATed. An unanswered flow of one packet cannot know. */
+        if ((status & IPS_SRC_NAT) && !(v->flags & FLOW_MASQUERADED)) {
+            u8 r[TUPLE_BUF] = {};
+            if (!read_tuple(ct, CT_TUPLE_REPLY, r))
+                note_masquerade(v, &k, r, family);
+        }
         return 1;
     }
     __sync_fetch_and_add(&v->packets_reply, 1);
@@ -372,15 +412,11 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
     u8 r[TUPLE_BUF] = {};
     if (read_tuple(ct, CT_TUPLE_REPLY, r))
         return 1;
-    /* By the first reply both NAT manips are settled: a reply tuple whose destination is
-     * not the client means the request was masqueraded on its way to the pod. */
-    if (!addr_equal(r + TUP_DST_U3, o + TUP_SRC_U3, family) ||
-        *(u16 *)(r + TUP_DST_PORT) != k.client_port) {
-        v->flags |= FLOW_MASQUERADED;
-        copy_addr(v->snat_addr, r + TUP_DST_U3, family);
-        v->snat_port = *(u16 *)(r + TUP_DST_PORT);
-    }
-    report_answered(&k, v);   /* on failure the flow stays pending: reported after --timeout */
+    note_masquerade(v, &k, r, family);   /* by the first reply both NAT manips are settled */
+    /* On failure the flow stays pending and is reported after --timeout; on success its
+     * later packets take the hot path above. */
+    if (report_answered(&k, v) == 0)
+        known.update(&ctkey, &m);
     return 1;
 }
 
@@ -392,36 +428,6 @@ int nf_prerouting_post_dnat(void *ctx)
 int nf_output_post_dnat(void *ctx)
 {
     return on_post_dnat(ctx, HOOK_OUTPUT);
-}
-
-/* Runs just after source NAT (NF_IP_PRI_NAT_SRC + 1 = 101): records the masquerade of flows
- * that may never be answered (the answered path sees it from the reply tuple as well). */
-int nf_postrouting_post_snat(void *ctx)
-{
-    void *skb = *(void **)((char *)ctx + NF_CTX_SKB);
-    u8 ctinfo = 0;
-    void *ct = skb_conntrack(skb, &ctinfo);
-    if (!ct || ctinfo != IP_CT_NEW)
-        return 1;
-    u32 status = 0;
-    bpf_probe_read_kernel(&status, sizeof(status), (char *)ct + CT_STATUS);
-    if ((status & (IPS_DST_NAT | IPS_SRC_NAT)) != (IPS_DST_NAT | IPS_SRC_NAT))
-        return 1;
-    u8 o[TUPLE_BUF] = {};
-    struct flow_key k = {};
-    u8 family = flow_key_of(ct, o, &k);
-    if (!family)
-        return 1;
-    struct flow_val *v = flows.lookup(&k);
-    if (!v || (v->flags & FLOW_MASQUERADED))
-        return 1;
-    u8 r[TUPLE_BUF] = {};
-    if (read_tuple(ct, CT_TUPLE_REPLY, r))
-        return 1;
-    copy_addr(v->snat_addr, r + TUP_DST_U3, family);
-    v->snat_port = *(u16 *)(r + TUP_DST_PORT);
-    v->flags |= FLOW_MASQUERADED;
-    return 1;
 }
 
 /* skb:kfree_skb fires for every dropped skb on the machine (tracepoints are global). A drop

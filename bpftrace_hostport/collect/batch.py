@@ -13,6 +13,7 @@ Columns (all of length n):
   client_addr, node_addr, pod_addr, snat_addr   V16: 16 raw bytes, IPv4 in the first 4
   client_port, host_port, pod_port              uint16, host byte order
   answered, midstream, masqueraded              bool
+  masq_known   bool     False: whether it was masqueraded is unknown (one unanswered packet)
   latency_us   float64  NaN = none (unanswered, midstream, or not measured)
   packets, bytes int64  -1 = not measured (conntrack events without accounting)
   drop         int32    index into `drop_reasons`, -1 = none
@@ -36,6 +37,7 @@ COLUMNS: Dict[str, np.dtype] = {
     "node_addr": ADDR, "host_port": np.dtype("uint16"),
     "pod_addr": ADDR, "pod_port": np.dtype("uint16"), "snat_addr": ADDR,
     "answered": np.dtype("bool"), "midstream": np.dtype("bool"), "masqueraded": np.dtype("bool"),
+    "masq_known": np.dtype("bool"),
     "latency_us": np.dtype("float64"), "packets": np.dtype("int64"), "bytes": np.dtype("int64"),
     "drop": np.dtype("int32"), "pod": np.dtype("int32"),
 }
@@ -104,6 +106,7 @@ class FlowBatch:
         cols["drop"][:] = -1
         cols["pod"][:] = -1
         cols["latency_us"][:] = np.nan
+        cols["masq_known"][:] = True
         return cls(cols)
 
     @classmethod
@@ -153,6 +156,7 @@ class FlowBatch:
             c["answered"][i] = bool(r.get("answered"))
             c["midstream"][i] = bool(r.get("midstream"))
             c["masqueraded"][i] = bool(r.get("masqueraded"))
+            c["masq_known"][i] = r.get("masqueraded") is not None
             lat = r.get("latency_us")
             c["latency_us"][i] = np.nan if lat is None else float(lat)
             c["packets"][i] = -1 if r.get("packets") is None else int(r["packets"])
@@ -181,7 +185,7 @@ class FlowBatch:
         pk, by = c["packets"].tolist(), c["bytes"].tolist()
         cols = {k: c[k].tolist() for k in ("proto", "family", "hook", "client_port", "host_port",
                                           "pod_port", "answered", "midstream", "masqueraded",
-                                          "drop", "pod")}
+                                          "masq_known", "drop", "pod")}
         pnames, hnames = protomod.NAMES, protomod.HOOKS
         none3 = (None, None, None)
         out = []
@@ -189,7 +193,7 @@ class FlowBatch:
             p = cols["pod"][i]
             ns, name, port_name = self.pods[p] if p >= 0 else none3
             d = cols["drop"][i]
-            masq = cols["masqueraded"][i]
+            masq = cols["masqueraded"][i] if cols["masq_known"][i] else None
             lt = lat[i]
             out.append({
                 "type": "flow", "ts": ts[i],
@@ -241,7 +245,7 @@ class FlowBatch:
             "node_addr": addr_col("node_addr"), "host_port": pa.array(c["host_port"]),
             "pod_addr": addr_col("pod_addr"), "pod_port": pa.array(c["pod_port"]),
             "answered": pa.array(c["answered"]), "midstream": pa.array(c["midstream"]),
-            "masqueraded": pa.array(c["masqueraded"]),
+            "masqueraded": pa.array(c["masqueraded"], mask=~c["masq_known"]),
             "snat_addr": addr_col("snat_addr"),
             "latency_us": pa.array(c["latency_us"], mask=np.isnan(c["latency_us"])),
             "packets": opt_int("packets"), "bytes": opt_int("bytes"),

@@ -50,7 +50,8 @@ FLOW: Tuple[Field, ...] = (
     _f("latency_us", "number", "first packet to first reply (null: unanswered, midstream or "
        "not measured by the backend)", unit="µs", nullable=True),
     _f("midstream", "boolean", "first seen mid-connection: it began before the tracer attached"),
-    _f("masqueraded", "boolean", "the request was source-NATed on its way to the pod"),
+    _f("masqueraded", "boolean", "the request was source-NATed on its way to the pod (null: not "
+       "known, for an unanswered flow of a single packet)", nullable=True),
     _f("snat_ip", "string", "the source address it was NATed to", nullable=True),
     _f("packets", "integer", "packets in both directions so far (null: not measured)",
        unit="packets", nullable=True),

@@ -145,6 +145,9 @@ class FlowDecoder:
             "snat_addr": a["v.snat_addr"].astype(ADDR),
             "answered": answered, "midstream": midstream,
             "masqueraded": flags & FLOW_MASQUERADED != 0,
+            # Masquerade is read after source NAT, i.e. from a reply or a second packet: an
+            # unanswered flow of one packet cannot say (collect/netfilter: no POST_ROUTING hook).
+            "masq_known": answered | midstream | (flags & FLOW_MASQUERADED != 0) | (a["v.packets_orig"] > 1),
             "latency_us": lat,
             "packets": (a["v.packets_orig"] + a["v.packets_reply"]).astype(np.int64),
             "bytes": (a["v.bytes_orig"] + a["v.bytes_reply"]).astype(np.int64),

@@ -37,11 +37,11 @@ KFREE_SKB_FORMAT = TRACEFS + "/events/skb/kfree_skb/format"
 
 # Attach points. Priorities relative to netfilter's own (include/uapi/linux/netfilter_ipv4.h):
 # NAT_DST + 1 = -99 runs just after DNAT, so the packet's daddr is already the pod's and the
-# conntrack entry holds both tuples; NAT_SRC + 1 = 101 runs just after masquerade.
+# conntrack entry holds both tuples. Nothing runs at POST_ROUTING: masquerade is read from
+# the reply tuple by the first reply (or the flow's next packet), not on every packet.
 ATTACH_POINTS = (
     ("nf_prerouting_post_dnat", nflink.NF_INET_PRE_ROUTING, nflink.NF_IP_PRI_NAT_DST + 1),
     ("nf_output_post_dnat", nflink.NF_INET_LOCAL_OUT, nflink.NF_IP_PRI_NAT_DST + 1),
-    ("nf_postrouting_post_snat", nflink.NF_INET_POST_ROUTING, nflink.NF_IP_PRI_NAT_SRC + 1),
 )
 
 # name -> (struct, member path) or ("sizeof", type); resolved from BTF at load time.
