@@ -1,3 +1,3 @@
 """bpftrace-hostport: watch Kubernetes hostPort DNAT translations in the kernel."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
