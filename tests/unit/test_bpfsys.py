@@ -41,3 +41,12 @@ def test_possible_cpus_parses_ranges(monkeypatch, tmp_path):
     bpfsys.possible_cpus.cache_clear()
     assert bpfsys.possible_cpus() >= 1
     bpfsys.possible_cpus.cache_clear()
+
+
+def test_hidden_kernel_symbols_are_detected(tmp_path):
+    from bpftrace_hostport.collect.netfilter.probe import kernel_symbols_visible
+    shown, hidden = tmp_path / "shown", tmp_path / "hidden"
+    shown.write_text("ffffffff81000000 T _stext\nffffffff812a0b50 T bpf_probe_read_kernel\n")
+    hidden.write_text("0000000000000000 T _stext\n0000000000000000 T bpf_probe_read_kernel\n")
+    assert kernel_symbols_visible(str(shown)) and not kernel_symbols_visible(str(hidden))
+    assert kernel_symbols_visible(str(tmp_path / "missing"))

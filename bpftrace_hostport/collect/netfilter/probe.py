@@ -105,7 +105,10 @@ def preflight() -> None:
     missing = missing_capabilities()
     if missing:
         raise UserError(f"This process lacks {', '.join(missing)}: run as root with all capabilities "
-                        "(in a container: --privileged, or --cap-add BPF,PERFMON,NET_ADMIN,SYS_ADMIN).")
+                        "(in a container: --privileged, or --cap-add BPF,PERFMON,NET_ADMIN,NET_RAW,SYSLOG).")
+    if not kernel_symbols_visible():
+        raise UserError("Kernel symbol addresses are hidden (/proc/kallsyms shows zeros), so bcc cannot "
+                        "use bpf_probe_read_kernel: grant CAP_SYSLOG and keep kernel.kptr_restrict at 0 or 1.")
     if importlib.util.find_spec("bcc") is None:
         raise UserError("The bcc Python module is missing: install Debian's python3-bpfcc and run "
                         "from a virtualenv made with --system-site-packages (scripts/setup.sh does both).")
@@ -114,6 +117,20 @@ def preflight() -> None:
     if not build.exists():
         raise UserError(f"No kernel headers for {kver} at {build}: install linux-headers-{kver} "
                         "(or run scripts/setup.sh, which links Debian's generic headers as a fallback).")
+
+
+def kernel_symbols_visible(path: str = "/proc/kallsyms") -> bool:
+    """bcc decides from /proc/kallsyms whether bpf_probe_read_kernel exists; with the addresses
+    hidden (kptr_restrict=2, or no CAP_SYSLOG) it falls back to a helper netfilter programs may
+    not call, and the load fails with a misleading EINVAL."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.endswith(" bpf_probe_read_kernel\n"):
+                    return int(line.split(" ", 1)[0], 16) != 0
+    except (OSError, ValueError):
+        return True            # cannot tell: let the compile say what it finds
+    return True
 
 
 # include/uapi/linux/capability.h
