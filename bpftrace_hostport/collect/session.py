@@ -105,8 +105,10 @@ class Session:
         self.agg = FlowAggregate()
         self.enrich = Enricher(index)
         self.miss_totals: Dict[Tuple[str, int, int], int] = {}
-        self.ticking = [s for s in sinks if type(s).tick is not Sink.tick]
         self.started = time.monotonic()
+        self.stop = _Stop()
+        self.failure: Optional[UserError] = None     # a sink that failed (e.g. a full disk)
+        self.ended: Optional[str] = None             # why tracing ended by itself
 
     # -- the pipeline ------------------------------------------------------------------------
     def _flows(self, batch) -> None:
@@ -114,8 +116,7 @@ class Session:
             return
         self.enrich.flows(batch)
         self.agg.add_batch(batch)
-        for s in self.sinks:
-            s.flows(batch)
+        self._each("flows", batch)
 
     def _misses(self, recs: List[dict]) -> None:
         if not recs:
@@ -124,8 +125,18 @@ class Session:
         for r in recs:
             k = (r["proto"], r["family"], r["host_port"])
             self.miss_totals[k] = self.miss_totals.get(k, 0) + r["count"]
-        for s in self.sinks:
-            s.misses(recs)
+        self._each("misses", recs)
+
+    def _each(self, method: str, *args) -> None:
+        """Calls every sink; one that fails with a UserError (a full disk, a port in use) is
+        dropped, tracing stops, and the others still get the summary."""
+        for s in list(self.sinks):
+            try:
+                getattr(s, method)(*args)
+            except UserError as e:
+                self.sinks.remove(s)
+                self.failure = self.failure or e
+                self.stop.flag = True
 
     def summary(self) -> dict:
         c = self.backend.counters()
@@ -152,18 +163,16 @@ class Session:
     def run(self) -> dict:
         opts, backend = self.opts, self.backend
         check_ready_file(opts.ready_file)
-        stop = _Stop()
-        old = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        old = {sig: signal.signal(sig, self.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         ipr = netns_mod.open_iproute(opts.netns)
         try:
             how = backend.start(netns_mod.local_addresses(ipr))
             self.started = time.monotonic()
             header = capture_header(opts, backend, time.time_ns())
-            for s in self.sinks:
-                s.start(header)
+            self._each("start", header)
             self._snapshots()
             self._announce(how)
-            self._loop(stop, ipr)
+            self._loop(ipr)
             self._flows(backend.finish())
             self._misses(backend.misses())
             summary = self.summary()
@@ -172,8 +181,11 @@ class Session:
                 signal.signal(sig, handler)
             backend.close()
             ipr.close()
-        for s in self.sinks:
-            s.close(summary)
+        if self.ended:
+            print(f"note: {self.ended}", file=self.err, flush=True)
+        self._each("close", summary)
+        if self.failure is not None:
+            raise self.failure
         return summary
 
     def _announce(self, how: str) -> None:
@@ -187,10 +199,10 @@ class Session:
             with open(opts.ready_file, "w") as f:
                 f.write(f"{os.getpid()}\n")
 
-    def _loop(self, stop: _Stop, ipr) -> None:
+    def _loop(self, ipr) -> None:
         opts, backend = self.opts, self.backend
         next_expire = next_slow = time.monotonic()
-        while not stop.flag:
+        while not self.stop.flag:
             now = time.monotonic()
             if opts.duration is not None and now - self.started >= opts.duration:
                 break
@@ -205,6 +217,11 @@ class Session:
                 self._slow(ipr)
 
     def _slow(self, ipr) -> None:
+        if self.opts.netns and not os.path.exists(netns_mod.path_of(self.opts.netns)):
+            # Its hooks went with it: nothing more can be seen. End cleanly, with the summary.
+            self.ended = (f"network namespace {self.opts.netns} was deleted: tracing ended.")
+            self.stop.flag = True
+            return
         self._misses(self.backend.misses())
         self.enrich.forget()
         self.backend.set_local_addrs(netns_mod.local_addresses(ipr))
@@ -214,10 +231,8 @@ class Session:
             if new:
                 self.backend.watch_more(sorted(new))
                 self.watch += sorted(new)
-        if self.ticking:
-            summary = self.summary()
-            for s in self.ticking:
-                s.tick(summary)
+        if any(type(s).tick is not Sink.tick for s in self.sinks):
+            self._each("tick", self.summary())
 
     def _snapshots(self) -> None:
         """What a review needs once the node is gone: the pods and the node's hostPort rules."""
@@ -232,9 +247,8 @@ class Session:
                 rules = [dataclasses.asdict(r) for r in read_node_rules(self.opts.netns)[0]]
             except UserError:
                 pass
-        for s in wants:
-            s.snapshot("pods", pods)
-            s.snapshot("rules", rules)
+        self._each("snapshot", "pods", pods)
+        self._each("snapshot", "rules", rules)
 
 
 def _pods(index) -> list:
