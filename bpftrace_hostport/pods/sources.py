@@ -263,23 +263,43 @@ class _PollingSource(_LazySource):
 # --------------------------------------------------------------------------- files
 
 class FileSource:
-    """Pods from `kubectl get pods -o json|yaml` files (static: read once)."""
+    """Pods from `kubectl get pods -o json|yaml` files, read again whenever one changes
+    (e.g. rewritten by a cron job), so pods that come and go get their names. A file that
+    turns bad while tracing keeps the last good list, with one warning."""
 
     name = "file"
 
     def __init__(self, paths: Sequence[str]):
         self.paths = [str(p) for p in paths]
         self._pods: Optional[List[PodInfo]] = None
+        self._stamps: Optional[tuple] = None
+
+    def _mtimes(self) -> tuple:
+        out = []
+        for path in self.paths:
+            try:
+                st = os.stat(path)
+                out.append((st.st_mtime_ns, st.st_size))
+            except OSError:
+                out.append(None)
+        return tuple(out)
 
     def refresh(self) -> None:
+        stamps = self._mtimes()
         pods: List[PodInfo] = []
         for path in self.paths:
             pods.extend(read_pod_list(path))      # UserError for a bad file: the user's to fix
-        self._pods = pods
+        self._pods, self._stamps = pods, stamps
 
     def pods(self) -> List[PodInfo]:
         if self._pods is None:
             self.refresh()
+        elif self._mtimes() != self._stamps:
+            try:
+                self.refresh()
+            except UserError as e:
+                self._stamps = self._mtimes()    # warn once per change, keep the last good list
+                log.warning("pod list not reloaded, keeping the previous one: %s", e)
         return list(self._pods or [])
 
     def start(self) -> None:

@@ -1,0 +1,153 @@
+"""Faults while tracing: signals, kill -9, a deleted namespace, pods that change, a full disk.
+
+Each test looks at the kernel's own view where it matters (`bpftool link show`): a tracer,
+however it ends, leaves no netfilter link behind.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from bpftrace_hostport.lab import build as lab
+from tests.conftest import require_kernel
+from tests.kernel.helpers import tracing, unique
+
+PY = sys.executable
+
+
+def netfilter_links() -> int:
+    """Netfilter BPF links on the machine, as the kernel lists them (Debian's bpftool 7.1 names
+    the type by its number: BPF_LINK_TYPE_NETFILTER = 10)."""
+    out = subprocess.run(["bpftool", "-j", "link", "show"], capture_output=True, text=True).stdout
+    return sum(1 for link in json.loads(out or "[]") if link.get("type") in ("netfilter", 10))
+
+
+@pytest.fixture(scope="module")
+def rlab():
+    require_kernel()
+    name = unique("rob")
+    lab.down(name)
+    st = lab.up(name=name, scenario="basic")
+    try:
+        yield st
+    finally:
+        lab.down(name)
+
+
+def _start(args, tmp):
+    ready = os.path.join(tmp, "ready")
+    out, err = open(os.path.join(tmp, "out"), "w"), open(os.path.join(tmp, "err"), "w")
+    proc = subprocess.Popen([PY, "-m", "bpftrace_hostport", "trace", "--ready-file", ready, *args],
+                            stdout=out, stderr=err)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(ready):
+        assert proc.poll() is None, open(err.name).read()
+        assert time.monotonic() < deadline, "the tracer did not attach"
+        time.sleep(0.05)
+    return proc
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signals_detach_flush_and_summarize(rlab, sig, tmp_path):
+    from bpftrace_hostport.records.reader import load
+    before = netfilter_links()
+    rec = str(tmp_path / "rec.arrow")
+    proc = _start(["--lab", rlab.name, "--format", "json", "--record", rec], str(tmp_path))
+    assert netfilter_links() == before + 2 * 2        # PRE_ROUTING and LOCAL_OUT, IPv4 and IPv6
+    lab.traffic(rlab.name, to=8000, count=6)
+    proc.send_signal(sig)
+    assert proc.wait(30) == 0
+    assert netfilter_links() == before
+    lines = [json.loads(x) for x in open(tmp_path / "out") if x.strip()]
+    assert lines[0]["type"] == "capture" and lines[-1]["type"] == "summary"
+    assert len([r for r in lines if r["type"] == "flow"]) == 6
+    cap = load([rec])
+    assert not cap.truncated and len(cap.flows) == 6 and cap.summaries
+
+
+def test_kill_9_leaves_no_hook_and_the_next_run_starts_cleanly(rlab, tmp_path):
+    from bpftrace_hostport.records.reader import load
+    before = netfilter_links()
+    rec = str(tmp_path / "rec.arrow")
+    proc = _start(["--lab", rlab.name, "--format", "none", "--record", rec], str(tmp_path))
+    lab.traffic(rlab.name, to=8000, count=5)
+    time.sleep(1.5)                      # more than a second: what it saw is in the file
+    proc.kill()
+    proc.wait(10)
+    assert netfilter_links() == before, "kill -9 left a netfilter link behind"
+    cap = load([rec])
+    assert cap.truncated and len(cap.flows) == 5
+    assert any("end marker" in n or "torn" in n for n in cap.notes), cap.notes
+    with tracing("--lab", rlab.name, "--timeout", "1") as t:
+        lab.traffic(rlab.name, to=8000, count=3)
+    assert t.returncode == 0 and len(t.flows) == 3
+
+
+def test_pods_renamed_while_tracing_are_named_anew(rlab, tmp_path):
+    pods = tmp_path / "pods.json"
+    shutil.copy(rlab.pods_file, pods)
+    nginx = next(p for p in rlab.pods if p.name.startswith("nginx-hostport"))
+    with tracing("--netns", rlab.node_netns, "--pods", str(pods), "--timeout", "1") as t:
+        lab.traffic(rlab.name, to=8000, count=2)
+        time.sleep(0.3)
+        pods.write_text(pods.read_text().replace(nginx.name, "nginx-replacement-0"))
+        time.sleep(1.5)                  # the resolver refreshes once a second
+        lab.traffic(rlab.name, to=8000, count=2)
+    names = [f["pod_name"] for f in t.flows if f["host_port"] == 8000]
+    assert names[:2] == [nginx.name] * 2 and names[2:] == ["nginx-replacement-0"] * 2, names
+
+
+def test_deleted_namespace_ends_tracing_with_the_summary(tmp_path):
+    require_kernel()
+    name = unique("del")
+    lab.down(name)
+    st = lab.up(name=name, scenario="basic")
+    before = netfilter_links()
+    try:
+        proc = _start(["--lab", name, "--format", "json"], str(tmp_path))
+        lab.traffic(name, to=8000, count=3)
+        time.sleep(0.3)
+        subprocess.run(["ip", "netns", "del", st.node_netns], check=True)
+        rc = proc.wait(30)
+    finally:
+        lab.down(name)
+    err = open(tmp_path / "err").read()
+    lines = [json.loads(x) for x in open(tmp_path / "out") if x.strip()]
+    assert rc == 0 and "was deleted: tracing ended" in err, err
+    assert lines[-1]["type"] == "summary" and lines[-1]["flows"] == 3
+    assert netfilter_links() == before
+
+
+def test_full_disk_ends_with_a_clear_message_and_a_readable_recording(rlab, tmp_path):
+    """A 256 KiB tmpfs in a private mount namespace (the root namespace's mounts are untouched)."""
+    from bpftrace_hostport.records.reader import load
+    out = tmp_path / "out"
+    out.mkdir()
+    ready = tmp_path / "ready"
+    script = (f"mkdir -p /mnt/bhp && mount -t tmpfs -o size=256k none /mnt/bhp && "
+              f"{PY} -m bpftrace_hostport trace --lab {rlab.name} --format none --timeout 1 "
+              f"--record /mnt/bhp/rec.arrow --ready-file {ready} 2>{tmp_path}/err; "
+              f"echo $? > {out}/rc; cp /mnt/bhp/rec.arrow {out}/")
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script], env=env)
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, open(tmp_path / "err").read()
+        time.sleep(0.05)
+    sent = 0
+    while proc.poll() is None and sent < 20000:
+        sent += lab.traffic(rlab.name, to=8000, count=500, concurrency=8)["sent"]
+    if proc.poll() is None:
+        os.kill(int(ready.read_text()), signal.SIGTERM)
+    proc.wait(60)
+    err = open(tmp_path / "err").read()
+    assert (out / "rc").read_text().strip() == "2", err
+    assert "full" in err and "Traceback" not in err, err
+    cap = load([str(out / "rec.arrow")])
+    assert len(cap.flows) > 0 and cap.truncated
