@@ -120,6 +120,8 @@ def lab_traffic(name, to, proto, count, rate, concurrency, source, target, ipv6,
       sudo bpftrace-hostport lab traffic --to 5353 --proto udp --from node
     """
     from bpftrace_hostport.lab import build as labmod
+    if os.geteuid() != 0:
+        raise Fail("Sending lab traffic enters the lab's network namespaces: run it with sudo.")
     res = labmod.traffic(name, to=to, count=count, rate=rate, concurrency=concurrency, source=source,
                          proto=proto, family=6 if ipv6 else 4, target=target, source_port=source_port)
     if as_json:
@@ -128,6 +130,9 @@ def lab_traffic(name, to, proto, count, rate, concurrency, source, target, ipv6,
         pods = ", ".join(f"{k}: {v}" for k, v in res["by_pod"].items()) or "-"
         click.echo(f"{res['from']} -> {res['to']}: sent {res['sent']}, answered {res['answered']}, "
                    f"failed {res['failed']} in {res['elapsed_s']} s; answered by {pods}")
+    if res["answered"] == 0:
+        raise Fail(f"None of the {res['sent']} requests to {res['to']} was answered: see "
+                   f"`bpftrace-hostport check --lab {name}`.")
 
 
 @lab.command("demo")
@@ -141,7 +146,12 @@ def lab_demo(name, keep):
     Example:
       sudo bpftrace-hostport lab demo
     """
+    from bpftrace_hostport.lab import build as labmod
     from bpftrace_hostport.lab.demo import run_demo
+    if name in labmod.list_labs():
+        raise Fail(f"A lab named {name!r} is up (perhaps a demo that was killed): the demo will not "
+                   f"take it over. Remove it with `bpftrace-hostport lab down --name {name}` or "
+                   "pick another --name.")
     sys.exit(run_demo(name, keep))
 
 

@@ -151,3 +151,24 @@ def test_full_disk_ends_with_a_clear_message_and_a_readable_recording(rlab, tmp_
     assert "full" in err and "Traceback" not in err, err
     cap = load([str(out / "rec.arrow")])
     assert len(cap.flows) > 0 and cap.truncated
+
+
+def _cli(*args, user=None):
+    pre = ["setpriv", "--reuid", str(user), "--regid", str(user), "--clear-groups"] if user else []
+    return subprocess.run([*pre, PY, "-m", "bpftrace_hostport", *args], capture_output=True, text=True,
+                          timeout=120, cwd=os.getcwd(), env=dict(os.environ, PYTHONPATH=os.getcwd()))
+
+
+def test_lab_commands_refuse_and_fail_plainly(rlab):
+    p = _cli("lab", "demo", "--name", rlab.name)
+    assert p.returncode == 2 and "is up" in p.stderr and rlab.name in lab.list_labs(), p.stderr
+    p = _cli("lab", "traffic", "--name", rlab.name, "--count", "1", user=65534)
+    assert p.returncode == 2 and "sudo" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    name = unique("fwd")
+    lab.down(name)
+    lab.up(name=name, scenario="forward-drop", ipv6=False)
+    try:
+        p = _cli("lab", "traffic", "--name", name, "--to", "8000", "--count", "2")
+    finally:
+        lab.down(name)
+    assert p.returncode != 0 and "answered 0" in p.stdout and "check --lab" in p.stderr, (p.stdout, p.stderr)
