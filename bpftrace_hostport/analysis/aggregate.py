@@ -21,13 +21,68 @@ PERCENTILES = (("p50", 50.0), ("p90", 90.0), ("p99", 99.0))
 Key = Tuple[str, int, int, Optional[str], Optional[int]]
 PodNames = Callable[[str, str, int], Optional[Tuple[Optional[str], Optional[str], Optional[str]]]]
 
+#: Latencies kept exactly per mapping up to this many; beyond it they fold into a log-linear
+#: histogram (64 buckets per octave: percentiles within about 1 %), so a trace of hours at
+#: tens of thousands of flows per second stays in bounded memory.
+EXACT_LATENCIES = 200_000
+_BUCKETS_PER_OCTAVE = 64
+_LOG_MIN = -4.0                  # 2**-4 us: the smallest bucket's lower edge
+_N_BUCKETS = int((40 - _LOG_MIN) * _BUCKETS_PER_OCTAVE)
+
+
+class LatencyStore:
+    """Exact latencies while few, a histogram once many; percentiles either way."""
+
+    __slots__ = ("exact", "n_exact", "hist", "max")
+
+    def __init__(self):
+        self.exact: List[np.ndarray] = []
+        self.n_exact = 0
+        self.hist: Optional[np.ndarray] = None
+        self.max = 0.0
+
+    def add(self, values: np.ndarray) -> None:
+        if not len(values):
+            return
+        self.max = max(self.max, float(values.max()))
+        if self.hist is None:
+            self.exact.append(values.astype(np.float64))
+            self.n_exact += len(values)
+            if self.n_exact <= EXACT_LATENCIES:
+                return
+            values, self.exact, self.n_exact = np.concatenate(self.exact), [], 0
+            self.hist = np.zeros(_N_BUCKETS, np.int64)
+        self.hist += np.bincount(_bucket(values), minlength=_N_BUCKETS)
+
+    def __len__(self) -> int:
+        return self.n_exact if self.hist is None else int(self.hist.sum())
+
+    def percentiles(self, ps) -> List[float]:
+        if self.hist is None:
+            values = np.concatenate(self.exact)
+            self.exact = [values]             # keep one array: later folds append to it
+            return [float(v) for v in np.percentile(values, ps)]
+        cum = np.cumsum(self.hist)
+        out = []
+        for p in ps:
+            i = int(np.searchsorted(cum, max(1, int(np.ceil(p / 100.0 * cum[-1])))))
+            mid = 2 ** (_LOG_MIN + (i + 0.5) / _BUCKETS_PER_OCTAVE)
+            out.append(min(mid, self.max))
+        return out
+
+
+def _bucket(values: np.ndarray) -> np.ndarray:
+    logs = np.log2(np.maximum(values, 2 ** _LOG_MIN))
+    return np.clip(((logs - _LOG_MIN) * _BUCKETS_PER_OCTAVE).astype(np.int64), 0, _N_BUCKETS - 1)
+
+
 _KEY_DTYPE = np.dtype([("proto", "u1"), ("family", "u1"), ("host_port", "u2"),
                        ("pod_addr", ADDR), ("pod_port", "u2")])
 
 
 def _new_stats() -> dict:
     return {"flows": 0, "answered": 0, "packets": None, "bytes": None, "pod_namespace": None,
-            "pod_name": None, "port_name": None, "lat": [], "drops": {}}
+            "pod_name": None, "port_name": None, "lat": LatencyStore(), "drops": {}}
 
 
 class FlowAggregate:
@@ -79,9 +134,7 @@ class FlowAggregate:
             if len(known):
                 st[name] = (st[name] or 0) + int(known.sum())
         la = lat[rows]
-        la = la[answered[rows] & ~np.isnan(la)]
-        if len(la):
-            st["lat"].append(la.astype(np.float64))
+        st["lat"].add(la[answered[rows] & ~np.isnan(la)])
         if None in (st["pod_namespace"], st["pod_name"], st["port_name"]):
             for p in np.unique(pod[rows]):
                 if p < 0:
@@ -100,12 +153,10 @@ class FlowAggregate:
         out: Dict[Key, dict] = {}
         for key, st in self.stats.items():
             lat = None
-            if st["lat"]:
-                values = np.concatenate(st["lat"])
-                st["lat"] = [values]          # keep one array: later folds append to it
-                q = np.percentile(values, [p for _, p in PERCENTILES])
-                lat = {name: round(float(v), 1) for (name, _), v in zip(PERCENTILES, q)}
-                lat["max"] = round(float(values.max()), 1)
+            if len(st["lat"]):
+                q = st["lat"].percentiles([p for _, p in PERCENTILES])
+                lat = {name: round(v, 1) for (name, _), v in zip(PERCENTILES, q)}
+                lat["max"] = round(st["lat"].max, 1)
             out[key] = {k: st[k] for k in ("flows", "answered", "packets", "bytes",
                                            "pod_namespace", "pod_name", "port_name")}
             out[key]["latency_us"] = lat
