@@ -469,3 +469,18 @@ def test_flow_aggregate_gives_the_same_summary_as_the_records():
     a = summarize(recs, [], None, None, 10.0, 0)
     b = summarize(agg, [], None, None, 10.0, 0)
     assert a == b
+
+
+def test_latency_store_switches_to_a_histogram_within_one_percent():
+    from bpftrace_hostport.analysis import aggregate as ag
+    rnd = np.random.default_rng(3)
+    values = rnd.lognormal(mean=5, sigma=1.2, size=ag.EXACT_LATENCIES + 50_000)
+    store = ag.LatencyStore()
+    for chunk in np.array_split(values, 40):
+        store.add(chunk)
+    assert store.hist is not None and len(store) == len(values) and store.max == values.max()
+    for got, want in zip(store.percentiles([50, 90, 99]), np.percentile(values, [50, 90, 99])):
+        assert abs(got - want) / want < 0.012
+    small = ag.LatencyStore()
+    small.add(np.array([100.0, 200.0, 300.0]))
+    assert small.hist is None and small.percentiles([50]) == [200.0]
