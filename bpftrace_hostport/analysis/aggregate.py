@@ -13,7 +13,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 import numpy as np
 
 from bpftrace_hostport import proto as protomod
-from bpftrace_hostport.collect.batch import ADDR, AddrNames, FlowBatch
+from bpftrace_hostport.collect.batch import ADDR, AddrNames, FlowBatch, group_rows
 
 #: Percentiles reported for answered-flow latency (numpy "linear" interpolation).
 PERCENTILES = (("p50", 50.0), ("p90", 90.0), ("p99", 99.0))
@@ -105,20 +105,16 @@ class FlowAggregate:
         if n == 0:
             return
         self.count += n
-        keys = np.empty(n, dtype=_KEY_DTYPE)
-        for name in _KEY_DTYPE.names:
-            keys[name] = b[name]
-        uniq, inv = np.unique(keys, return_inverse=True)
-        inv = inv.ravel()
+        first, inv = group_rows(*(b[name] for name in _KEY_DTYPE.names))
         order = np.argsort(inv, kind="stable")
-        bounds = np.searchsorted(inv[order], np.arange(len(uniq) + 1))
+        bounds = np.searchsorted(inv[order], np.arange(len(first) + 1))
         answered, lat, pod, drop = b["answered"], b["latency_us"], b["pod"], b["drop"]
         pk, by = b["packets"], b["bytes"]
-        for j, u in enumerate(uniq):
+        for j, i in enumerate(first.tolist()):
             rows = order[bounds[j]:bounds[j + 1]]
-            fam = int(u["family"])
-            key = (protomod.name(u["proto"]), fam, int(u["host_port"]),
-                   self._addr(u["pod_addr"].tobytes(), fam), int(u["pod_port"]))
+            fam = int(b["family"][i])
+            key = (protomod.name(b["proto"][i]), fam, int(b["host_port"][i]),
+                   self._addr(b["pod_addr"][i].tobytes(), fam), int(b["pod_port"][i]))
             st = self.stats.get(key)
             if st is None:
                 st = self.stats[key] = _new_stats()

@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from bpftrace_hostport import proto as protomod
-from bpftrace_hostport.collect.batch import ADDR, AddrNames, FlowBatch
+from bpftrace_hostport.collect.batch import AddrNames, FlowBatch, group_rows
 
 
 class Enricher:
@@ -27,19 +27,17 @@ class Enricher:
         n = len(b)
         if n == 0 or self.index is None:
             return b
-        keys = np.empty(n, dtype=[("proto", "u1"), ("family", "u1"), ("addr", ADDR), ("port", "u2")])
-        keys["proto"], keys["family"], keys["addr"], keys["port"] = (
-            b["proto"], b["family"], b["pod_addr"], b["pod_port"])
-        uniq, inv = np.unique(keys, return_inverse=True)
+        first, inv = group_rows(b["proto"], b["family"], b["pod_addr"], b["pod_port"])
         table: List[tuple] = []
-        slot = np.full(len(uniq) + 1, -1, np.int32)
-        for j, u in enumerate(uniq):
-            names = self._lookup(int(u["proto"]), u["addr"].tobytes(), int(u["family"]), int(u["port"]))
+        slot = np.full(len(first), -1, np.int32)
+        for j, i in enumerate(first.tolist()):
+            names = self._lookup(int(b["proto"][i]), b["pod_addr"][i].tobytes(), int(b["family"][i]),
+                                 int(b["pod_port"][i]))
             if names and any(v is not None for v in names):
                 slot[j] = len(table)
                 table.append(tuple(names))
         b.pods = table
-        b.cols["pod"] = slot[inv.ravel()]
+        b.cols["pod"] = slot[inv]
         return b
 
     def _lookup(self, proto: int, raw: bytes, family: int, port: int) -> Optional[tuple]:

@@ -60,3 +60,17 @@ def test_select_and_empty():
     b = FlowBatch.from_records(SAMPLES)
     assert len(b.select(np.array([True, False, True]))) == 2
     assert FlowBatch.empty().to_records() == [] and len(FlowBatch.concat([])) == 0
+
+
+def test_group_rows_matches_exact_grouping(monkeypatch):
+    from bpftrace_hostport.collect import batch as bm
+    rng = np.random.default_rng(1)
+    addrs = np.array([np.void(pack_addr(f"10.0.0.{i}")) for i in rng.integers(0, 5, 500)])
+    ports = rng.integers(0, 3, 500).astype(np.uint16)
+    first, inv = bm.group_rows(addrs, ports)
+    assert len(first) == len({(a.tobytes(), p) for a, p in zip(addrs, ports)})
+    assert all(addrs[first[g]] == a and ports[first[g]] == p for a, p, g in zip(addrs, ports, inv))
+    monkeypatch.setattr(bm, "_MIX", np.uint64(0))          # every hash collides: the exact path
+    first2, inv2 = bm.group_rows(addrs, ports)
+    assert len(first2) == len(first)
+    assert all(addrs[first2[g]] == a and ports[first2[g]] == p for a, p, g in zip(addrs, ports, inv2))
