@@ -38,7 +38,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.utils import floatToGoString
 
 from bpftrace_hostport import proto as protomod
-from bpftrace_hostport.collect.batch import ADDR, AddrNames, FlowBatch
+from bpftrace_hostport.collect.batch import ADDR, AddrNames, FlowBatch, group_rows
 from bpftrace_hostport.collect.sinks import Sink
 from bpftrace_hostport.errors import UserError
 
@@ -189,11 +189,8 @@ class MetricsSink(Sink):
         n = len(batch)
         if n == 0:
             return
-        keys = np.empty(n, dtype=_KEY_DTYPE)
-        for name in _KEY_DTYPE.names:
-            keys[name] = batch[name]
-        uniq, inv = np.unique(keys, return_inverse=True)
-        inv, g = inv.ravel(), len(uniq)
+        first, inv = group_rows(*(batch[name] for name in _KEY_DTYPE.names))
+        g = len(first)
         count = np.bincount(inv, minlength=g)
         answered = np.bincount(inv, weights=batch["answered"], minlength=g).astype(np.int64)
         lat = batch["latency_us"]
@@ -206,9 +203,10 @@ class MetricsSink(Sink):
         group_pod[inv[pod >= 0]] = pod[pod >= 0]       # any named flow names its mapping
         with self.lock:
             now = self.clock()
-            for j, u in enumerate(uniq):
-                key = (protomod.name(u["proto"]), str(int(u["host_port"])),
-                       self.addr(u["pod_addr"].tobytes(), int(u["family"])), str(int(u["pod_port"])))
+            for j, i in enumerate(first.tolist()):
+                key = (protomod.name(batch["proto"][i]), str(int(batch["host_port"][i])),
+                       self.addr(batch["pod_addr"][i].tobytes(), int(batch["family"][i])),
+                       str(int(batch["pod_port"][i])))
                 s = self.series.get(key) or self.retired.get(key) or _Series()
                 if not self._place(key, s, now):
                     self.overflow += int(count[j])
