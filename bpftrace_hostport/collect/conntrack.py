@@ -197,7 +197,7 @@ class ConntrackBackend:
         return FlowBatch.concat([self.poll(), FlowBatch.from_records(self._unanswered(None))])
 
     def counters(self) -> dict:
-        return {"mappings": None, "drops": None, "kernel": None, "lost": self.lost}
+        return {"mappings": None, "drops": None, "kernel": None, "lost": self.lost, "reported": None}
 
     def close(self) -> None:
         self.done.set()

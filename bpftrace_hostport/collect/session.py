@@ -154,6 +154,7 @@ class Session:
         if not self.backend.measures["misses"]:
             for m in s["mappings"]:
                 m["misses"] = None
+        s["flows_reported"] = c.get("reported")
         s["backend"] = self.backend.name
         if c.get("kernel") is not None:
             s["kernel"] = c["kernel"]

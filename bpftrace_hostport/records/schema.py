@@ -98,6 +98,8 @@ SUMMARY: Tuple[Field, ...] = (
     _f("lost_events", "integer", "flows the kernel created that were never reported, plus "
        "counters that could not be created", unit="flows"),
     _f("flows", "integer", "flows over all mappings, as the kernel counted them", unit="flows"),
+    _f("flows_reported", "integer", "flows written as records; with lost_events they make up every "
+       "flow the kernel created (null: the backend cannot tell)", unit="flows", nullable=True),
     _f("backend", "string", "netfilter or conntrack", nullable=True),
     _f("kernel", "object", "the kernel side's raw counters (netfilter backend)", nullable=True),
     _f("mappings", "array", "one object per mapping: see the mapping fields"),

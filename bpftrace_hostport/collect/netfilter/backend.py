@@ -97,7 +97,8 @@ class NetfilterBackend:
         # queue full, evicted before reported), and so are refused inserts and counters.
         lost = (max(0, stats["flows_created"] - self.reported) + stats["flow_insert_errors"]
                 + stats["counter_full"])
-        return {"mappings": mappings, "drops": drops, "kernel": stats, "lost": lost}
+        return {"mappings": mappings, "drops": drops, "kernel": stats, "lost": lost,
+                "reported": self.reported}
 
     def close(self) -> None:
         if self.drain is not None:
