@@ -2,6 +2,7 @@
 and Prometheus metrics, all fed by one session (collect/session.py)."""
 from __future__ import annotations
 
+import os
 import sys
 from typing import Optional
 
@@ -120,8 +121,7 @@ def agent(netns, lab_name, pod_files, pods_from, kubeconfig, node_name, host_por
           --max-size 256MiB --max-files 8
     """
     from bpftrace_hostport.collect.agent import AgentOptions
-    if record_dir:
-        import os
+    if record_dir and os.geteuid() == 0:
         os.makedirs(record_dir, mode=0o700, exist_ok=True)
     run(netns, lab_name, None, host_ports, protos, clients, pod_files, pods_from, kubeconfig, node_name,
         "none", record_dir, max_size or ("256MiB" if record_dir else None), max_files or (8 if record_dir else None),
@@ -135,6 +135,8 @@ def run(netns, lab_name, duration, host_ports_, protos, clients, pod_files, pods
     from bpftrace_hostport.collect.session import TraceOptions
     from bpftrace_hostport.netns import require
     keep_pandas_out()
+    if os.geteuid() != 0:        # before asking any pod source: the first thing to say
+        raise Fail("Tracing needs root (CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN): run it with sudo.")
     pod_files = list(pod_files)
     if lab_name:
         netns, pods_file, lab_node = lab_target(lab_name, netns)

@@ -172,3 +172,45 @@ def test_lab_commands_refuse_and_fail_plainly(rlab):
     finally:
         lab.down(name)
     assert p.returncode != 0 and "answered 0" in p.stdout and "check --lab" in p.stderr, (p.stdout, p.stderr)
+
+
+def test_kubernetes_api_going_away_and_coming_back(rlab, tmp_path):
+    """The tracer keeps tracing (with the names it had) while the API server is down, and takes
+    the pods it lists once it is back."""
+    from tests.unit.test_pod_sources import FakeAPI, kubeconfig_for
+    items = json.loads(rlab.pods_file.read_text())["items"]
+    nginx = next(p for p in rlab.pods if p.name.startswith("nginx-hostport"))
+    api = FakeAPI(items)
+    port = api.port
+    kc = kubeconfig_for(tmp_path, api.url)
+    with tracing("--netns", rlab.node_netns, "--pods-from", "kube", "--kubeconfig", kc,
+                 "--node-name", rlab.node_name, "--timeout", "1") as t:
+        lab.traffic(rlab.name, to=8000, count=1)
+        api.close()
+        time.sleep(1.5)
+        lab.traffic(rlab.name, to=8000, count=1)          # API down: the last names still hold
+        renamed = json.loads(json.dumps(items).replace(nginx.name, "nginx-after-restart"))
+        api = FakeAPI(renamed, port=port)
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not api.lists():
+                time.sleep(0.2)
+            time.sleep(1.5)
+            lab.traffic(rlab.name, to=8000, count=1)
+        finally:
+            api.close()
+    names = [f["pod_name"] for f in t.flows if f["host_port"] == 8000]
+    assert t.returncode == 0, t.stderr
+    assert names == [nginx.name, nginx.name, "nginx-after-restart"], (names, t.stderr)
+
+
+@pytest.mark.parametrize("args", [
+    ("trace", "--duration", "1"), ("agent",), ("rules",), ("check",), ("lab", "up", "--name", "np"),
+    ("lab", "traffic", "--name", "np"), ("lab", "demo", "--name", "npdemo"),
+])
+def test_every_privileged_command_refuses_plainly_without_root(args):
+    require_kernel()
+    p = _cli(*args, user=65534)
+    assert p.returncode == 2, (args, p.stdout, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error:") and ("sudo" in lines[0] or "root" in lines[0]), lines

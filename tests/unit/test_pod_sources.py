@@ -84,7 +84,7 @@ def api_pods():
 class FakeAPI:
     """Answers GET /api/v1/pods (list, or watch=true as a chunked stream of events)."""
 
-    def __init__(self, pods):
+    def __init__(self, pods, port=0):
         self.pods = {p["metadata"]["name"]: p for p in pods}
         self.rv = 200
         self.requests = []
@@ -156,7 +156,8 @@ class FakeAPI:
                     pass
                 self.close_connection = True
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        ThreadingHTTPServer.allow_reuse_address = True      # a restarted server takes its port back
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
