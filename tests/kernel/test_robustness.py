@@ -214,3 +214,42 @@ def test_every_privileged_command_refuses_plainly_without_root(args):
     assert p.returncode == 2, (args, p.stdout, p.stderr)
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error:") and ("sudo" in lines[0] or "root" in lines[0]), lines
+
+
+def test_portmap_rules_flushed_and_restored_while_tracing(rlab):
+    """Rules gone: the hostPort is not DNATed (misses); rules back: flows again, same tracer."""
+    ns = ["ip", "netns", "exec", rlab.node_netns]
+    saved = subprocess.run([*ns, "iptables-save", "-t", "nat"], capture_output=True, text=True,
+                           check=True).stdout
+    with tracing("--lab", rlab.name, "--timeout", "1", "--host-port", "8000") as t:
+        lab.traffic(rlab.name, to=8000, count=2)
+        subprocess.run([*ns, "iptables", "-t", "nat", "-F", "CNI-HOSTPORT-DNAT"], check=True)
+        subprocess.run([*ns, "conntrack", "-F"], capture_output=True)
+        lab.traffic(rlab.name, to=8000, count=3, timeout=0.5)
+        subprocess.run([*ns, "iptables-restore", "-T", "nat"], input=saved, text=True, check=True)
+        time.sleep(0.2)
+        lab.traffic(rlab.name, to=8000, count=2)
+    flows = [f for f in t.flows if f["host_port"] == 8000]
+    assert len(flows) == 4 and all(f["answered"] for f in flows), flows
+    assert sum(m["count"] for m in t.misses if m["host_port"] == 8000) == 3
+
+
+def test_tracefs_unavailable_traces_without_drops(rlab, tmp_path):
+    """tracefs hidden and not mountable (a private mount namespace; no `mount` on PATH)."""
+    out = tmp_path / "out.jsonl"
+    ready = tmp_path / "ready"
+    script = (f"mount -t tmpfs -o ro none /sys/kernel/tracing && PATH=/nonexistent "
+              f"{PY} -m bpftrace_hostport trace --lab {rlab.name} --format json --no-rules "
+              f"--timeout 1 --ready-file {ready} > {out} 2> {tmp_path}/err")
+    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+                            env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, open(tmp_path / "err").read()
+        time.sleep(0.05)
+    lab.traffic(rlab.name, to=8000, count=3)
+    os.kill(int(ready.read_text()), signal.SIGTERM)
+    assert proc.wait(30) == 0
+    err = open(tmp_path / "err").read()
+    flows = [r for r in map(json.loads, open(out)) if r["type"] == "flow"]
+    assert "tracefs is not available" in err and len(flows) == 3, err
