@@ -44,7 +44,7 @@ def test_possible_cpus_parses_ranges(monkeypatch, tmp_path):
 
 
 def test_hidden_kernel_symbols_are_detected(tmp_path):
-    from bpftrace_hostport.collect.netfilter.probe import kernel_symbols_visible
+    from bpftrace_hostport.collect.netfilter.preflight import kernel_symbols_visible
     shown, hidden = tmp_path / "shown", tmp_path / "hidden"
     shown.write_text("ffffffff81000000 T _stext\nffffffff812a0b50 T bpf_probe_read_kernel\n")
     hidden.write_text("0000000000000000 T _stext\n0000000000000000 T bpf_probe_read_kernel\n")

@@ -71,7 +71,7 @@ def test_link_create_error(monkeypatch):
 
 
 def test_missing_capabilities(tmp_path):
-    from bpftrace_hostport.collect.netfilter.probe import missing_capabilities
+    from bpftrace_hostport.collect.netfilter.preflight import missing_capabilities
     f = tmp_path / "status"
     f.write_text("Name:\tx\nCapEff:\t000001ffffffffff\n")
     assert missing_capabilities(str(f)) == []
