@@ -177,7 +177,7 @@ def test_lab_commands_refuse_and_fail_plainly(rlab):
 def test_kubernetes_api_going_away_and_coming_back(rlab, tmp_path):
     """The tracer keeps tracing (with the names it had) while the API server is down, and takes
     the pods it lists once it is back."""
-    from tests.unit.test_pod_sources import FakeAPI, kubeconfig_for
+    from tests.unit.pods.test_sources import FakeAPI, kubeconfig_for
     items = json.loads(rlab.pods_file.read_text())["items"]
     nginx = next(p for p in rlab.pods if p.name.startswith("nginx-hostport"))
     api = FakeAPI(items)

@@ -320,7 +320,7 @@ def test_flow_table_overflow_is_counted_as_lost_never_silent(tlab):
 
 def test_pod_names_from_the_kubernetes_api(tlab, tmp_path):
     """trace and rules name pods from a (fake, local) API server: list + watch, this node only."""
-    from tests.unit.test_pod_sources import FakeAPI, kubeconfig_for
+    from tests.unit.pods.test_sources import FakeAPI, kubeconfig_for
     items = json.loads(tlab.pods_file.read_text())["items"]
     other = json.loads(json.dumps(items[0]))
     other["metadata"]["name"] = "elsewhere"

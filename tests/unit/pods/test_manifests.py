@@ -14,7 +14,7 @@ from bpftrace_hostport.errors import UserError
 from bpftrace_hostport.model import ContainerPort
 from bpftrace_hostport.pods.manifests import PodPlan, load_manifests, parse_manifests, template_hash
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "pods" / "manifests"
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "pods" / "manifests"
 SHIPPED = Path(bpftrace_hostport.__file__).resolve().parent / "lab" / "data" / "nginx-hostport.yaml"
 A = "[bcdfghjklmnpqrstvwxz2456789]"
 HASH = "[4-9bcdf]{10}"          # a pod-template-hash is safe-encoded decimal digits

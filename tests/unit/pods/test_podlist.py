@@ -20,7 +20,7 @@ from bpftrace_hostport.pods.manifests import load_manifests
 from bpftrace_hostport.pods.podlist import (plan_to_pod, pod_from_k8s, pod_to_k8s, read_pod_list,
                                             write_pod_list)
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "pods"
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "pods"
 SHIPPED = Path(bpftrace_hostport.__file__).resolve().parent / "lab" / "data" / "nginx-hostport.yaml"
 
 

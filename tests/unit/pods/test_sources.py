@@ -28,7 +28,7 @@ from bpftrace_hostport.pods import sources
 from bpftrace_hostport.pods.sources import (CNIStateSource, CRISource, FileSource, KubeSource,
                                             Resolver, SourceUnavailable, resolve_sources)
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "pods" / "sources"
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "pods" / "sources"
 PODS_FIXTURES = FIXTURES.parent
 
 WEB_SANDBOX = "5b2f0c6e9d1a4c3e8f7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e0f9a8b7c6d5e"
