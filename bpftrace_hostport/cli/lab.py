@@ -8,6 +8,7 @@ import sys
 import click
 
 from bpftrace_hostport.cli.options import Fail, user_errors
+from bpftrace_hostport.lab import SCENARIOS
 
 @click.group()
 def lab():
@@ -17,8 +18,7 @@ def lab():
 @lab.command("up")
 @click.argument("manifests", nargs=-1, type=click.Path())
 @click.option("--name", default="lab", show_default=True, help="Lab name (several labs can run side by side).")
-@click.option("--scenario", type=click.Choice(["basic", "hostnetwork", "conflict", "stale-udp", "forward-drop",
-                                                "hairpin", "localhost"]), default="basic", show_default=True)
+@click.option("--scenario", type=click.Choice(SCENARIOS), default="basic", show_default=True)
 @click.option("--clients", type=click.IntRange(1, 8), default=1, show_default=True)
 @click.option("--no-ipv6", is_flag=True, help="IPv4 only.")
 @click.option("--json", "as_json", is_flag=True)

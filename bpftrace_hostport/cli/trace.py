@@ -153,7 +153,9 @@ def run(netns, lab_name, duration, host_ports_, protos, clients, pod_files, pods
                         node_name=node_name)
     if fmt == "none" and not (record_path or metrics):
         raise Fail("--format none writes nothing: add --record PATH or --metrics PORT.")
-    outputs = dict(fmt=fmt, record_path=record_path, max_size=parse_size(max_size) if max_size else None,
+    from bpftrace_hostport.cli.node import check_hint
+    outputs = dict(fmt=fmt, check_hint=check_hint(lab_name, netns, pod_files, pods_from),
+                   record_path=record_path, max_size=parse_size(max_size) if max_size else None,
                    max_files=max_files, anonymize_key=_anonymize_key(anonymize, anonymize_key_file),
                    metrics=metrics, agent=agent)
     index = resolver(pod_files, pods_from, netns, node_name, kubeconfig)

@@ -18,7 +18,8 @@ def make_sinks(outputs: dict, opts, index) -> list:
     from bpftrace_hostport.collect import sinks
     out = []
     if outputs["fmt"] != "none":
-        out.append(sinks.output_sink(outputs["fmt"], sys.stdout))
+        out.append(sinks.output_sink(outputs["fmt"], sys.stdout, outputs.get("check_hint"),
+                                     getattr(index, "pods", None)))
     if outputs.get("record_path"):
         out.append(sinks.RecordingSink(outputs["record_path"], outputs.get("max_size"),
                                        outputs.get("max_files"), outputs.get("anonymize_key")))

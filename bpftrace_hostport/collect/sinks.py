@@ -77,9 +77,9 @@ def host_port(ip: Optional[str], port) -> str:
 
 
 def flow_line(r: dict) -> str:
-    """One flow record as a line of text (the text sink and the live view)."""
-    pod = f"{r['pod_namespace']}/{r['pod_name']}" if r["pod_name"] else "?"
-    lat = (f"{r['latency_us'] / 1000:.2f}ms" if r["latency_us"] is not None
+    """One flow record as a line of text (the text sink and the live view); the time is UTC."""
+    pod = f"{r['pod_namespace']}/{r['pod_name']}" if r["pod_name"] else "pod?"
+    lat = (f"{r['latency_us'] / 1000:.2f} ms" if r["latency_us"] is not None
            else "answered" if r["answered"] else "UNANSWERED")
     extra = []
     if r["masqueraded"]:
@@ -89,21 +89,38 @@ def flow_line(r: dict) -> str:
     return (f"{r['ts'][11:23]} {r['proto']} {host_port(r['client_ip'], r['client_port'])} -> "
             f"{host_port(r['node_ip'], r['host_port'])} => {host_port(r['pod_ip'], r['pod_port'])} "
             f"{pod}{' (' + r['port_name'] + ')' if r['port_name'] else ''} [{r['hook']}] {lat}"
-            f"{' ' + ', '.join(extra) if extra else ''}")
+            f"{', ' + ', '.join(extra) if extra else ''}")
 
 
 def miss_line(r: dict) -> str:
-    owner = f" hostNetwork pod {r['pod_namespace']}/{r['pod_name']}" if r.get("pod_name") else ""
+    """A miss record as a line of text: connections to a watched hostPort that got no DNAT."""
+    n = int(r["count"])
+    owner = (f", hostNetwork pod {r['pod_namespace']}/{r['pod_name']}" if r.get("pod_name")
+             else ", no rule or pod known")
     return (f"{r['ts'][11:23]} MISS {r['proto']} {r['client_ip']} -> "
-            f"{host_port(r['node_ip'], r['host_port'])} x{r['count']} (no DNAT){owner}")
+            f"{host_port(r['node_ip'], r['host_port'])}: {n} connection{'' if n == 1 else 's'} "
+            f"not DNATed{owner}")
+
+
+_TEXT_HEADER = ("# trace: a line per flow (time UTC, client -> node:hostPort => pod:containerPort, pod, "
+                "[hook], first-reply latency) and per miss (not DNATed); the summary at the end\n")
 
 
 class TextSink(Sink):
-    """`--format table` on a pipe: a line per flow and miss, the summary table at the end."""
+    """`--format table` on a pipe: a line per flow and miss, the summary table at the end.
 
-    def __init__(self, out: TextIO):
+    `check_hint`: the `check` command line the summary suggests when something looks wrong;
+    `pods`: the node's pods (PodInfo, or a callable returning them) for the summary's notes.
+    """
+
+    def __init__(self, out: TextIO, check_hint: Optional[str] = None, pods=None):
         self.out = out
         self.addr = AddrNames()
+        self.check_hint, self.pods = check_hint, pods
+
+    def start(self, header: dict) -> None:
+        self.out.write(_TEXT_HEADER)
+        self.out.flush()
 
     def flows(self, batch: FlowBatch) -> None:
         for r in batch.to_records(self.addr):
@@ -117,23 +134,37 @@ class TextSink(Sink):
 
     def close(self, summary: dict) -> None:
         from bpftrace_hostport.analysis.render import render_summary
-        self.out.write(render_summary(summary, width=_width(self.out)) + "\n")
+        self.out.write("\n" + render_summary(summary, width=_width(self.out), check_hint=self.check_hint,
+                                             pods=self.pods))
         self.out.flush()
 
 
-def _width(out: TextIO) -> int:
-    from rich.console import Console
-    return Console(file=out).width if out.isatty() else 120
+def _width(out: TextIO) -> Optional[int]:
+    """The width tables fit on `out`: $COLUMNS, else the terminal's; None (no limit) on a pipe."""
+    from bpftrace_hostport.analysis.render import terminal_width
+    return terminal_width(out)
 
 
 class LiveSink(Sink):
-    """`--format table` on a terminal: the running summary and the latest flows, once a second."""
+    """`--format table` on a terminal: a frame that fits the terminal, redrawn once a second.
 
-    def __init__(self, out: TextIO):
+    The frame: the headline with the current rate, per mapping the flows, the rate of the last
+    few seconds (NOW) beside the average, latency, misses and drops, a hint when something looks
+    wrong, then the latest flows and misses (the latest misses always among them). After Ctrl-C
+    the frame goes and the full summary and the latest events are printed, and stay.
+    """
+
+    RATE_WINDOW_S = 5.0
+
+    def __init__(self, out: TextIO, check_hint: Optional[str] = None, pods=None):
         self.out = out
-        self.recent: deque = deque(maxlen=8)
+        self.recent_flows: deque = deque(maxlen=40)
+        self.recent_misses: deque = deque(maxlen=8)
+        self.samples: deque = deque()
         self.addr = AddrNames()
         self.live = None
+        self.console = None
+        self.check_hint, self.pods = check_hint, pods
 
     def start(self, header: dict) -> None:
         from rich.console import Console
@@ -141,39 +172,65 @@ class LiveSink(Sink):
         from rich.text import Text
         self.console = Console(file=self.out)
         self.live = Live(Text("waiting for hostPort traffic..."), console=self.console,
-                         auto_refresh=False, transient=True)
+                         auto_refresh=False, transient=True, vertical_overflow="crop")
         self.live.start()
 
     def flows(self, batch: FlowBatch) -> None:
-        tail = batch.select(slice(max(0, len(batch) - self.recent.maxlen), None))
-        self.recent.extend(flow_line(r) for r in tail.to_records(self.addr))
+        tail = batch.select(slice(max(0, len(batch) - self.recent_flows.maxlen), None))
+        self.recent_flows.extend((r["ts"], flow_line(r)) for r in tail.to_records(self.addr))
 
     def misses(self, recs: List[dict]) -> None:
-        self.recent.extend(miss_line(r) for r in recs[-self.recent.maxlen:])
+        self.recent_misses.extend((r["ts"], miss_line(r)) for r in recs[-self.recent_misses.maxlen:])
+
+    def events(self, n: int) -> List[str]:
+        """The latest `n` events in time order: up to 2 latest misses, the rest the latest flows."""
+        misses = list(self.recent_misses)[-2:]
+        flows = list(self.recent_flows)[-max(n - len(misses), 0):] if n > len(misses) else []
+        return [text for _, text in sorted(flows + misses, key=lambda e: e[0])][-n:]
+
+    def current(self, summary: dict, now: Optional[float] = None) -> Optional[dict]:
+        """Flows per second per mapping over the last RATE_WINDOW_S seconds (None: too early)."""
+        import time
+        from bpftrace_hostport.analysis.render import mapping_key
+        now = time.monotonic() if now is None else now
+        counts = {mapping_key(m): int(m.get("flows") or 0) for m in summary.get("mappings") or []}
+        self.samples.append((now, counts))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= self.RATE_WINDOW_S:
+            self.samples.popleft()
+        then, old = self.samples[0]
+        if now - then < 0.5:
+            return None
+        return {k: max(v - old.get(k, 0), 0) / (now - then) for k, v in counts.items()}
 
     def tick(self, summary: dict) -> None:
         from rich.text import Text
-        from bpftrace_hostport.analysis.render import render_summary
-        text = render_summary(summary, width=self.console.width)
-        if self.recent:
-            text += "\n\nlatest flows:\n" + "\n".join(self.recent)
-        self.live.update(Text(text), refresh=True)
+        from bpftrace_hostport.analysis.render import render_live
+        if self.live is None:
+            return
+        frame = render_live(summary, self.console.width, self.console.height, self.events(12),
+                            current=self.current(summary), check_hint=self.check_hint, pods=self.pods)
+        self.live.update(Text(frame, no_wrap=True, overflow="crop"), refresh=True)
 
     def close(self, summary: dict) -> None:
-        from bpftrace_hostport.analysis.render import render_summary
+        from bpftrace_hostport.analysis.render import render_summary, wrap
         if self.live is not None:
             self.live.stop()
-        self.out.write(render_summary(summary, width=self.console.width) + "\n")
-        if self.recent:
-            self.out.write("latest flows:\n" + "\n".join(self.recent) + "\n")
+        width = self.console.width if self.console is not None else _width(self.out)
+        self.out.write(render_summary(summary, width=width, check_hint=self.check_hint, pods=self.pods))
+        events = self.events(8)
+        if events:
+            self.out.write("\nlatest events (times UTC):\n"
+                           + "\n".join(ln for ev in events for ln in wrap(ev, width, "    ")) + "\n")
         self.out.flush()
 
 
-def output_sink(fmt: str, out: TextIO = sys.stdout) -> Sink:
+def output_sink(fmt: str, out: TextIO = sys.stdout, check_hint: Optional[str] = None,
+                pods=None) -> Sink:
     """The sink for --format: json lines, or a table (live on a terminal, text on a pipe)."""
     if fmt == "json":
         return JsonLinesSink(out)
-    return LiveSink(out) if out.isatty() else TextSink(out)
+    table = LiveSink if out.isatty() else TextSink
+    return table(out, check_hint=check_hint, pods=pods)
 
 
 class RecordingSink(Sink):

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from bpftrace_hostport.errors import UserError
+from bpftrace_hostport.lab import SCENARIOS
 from bpftrace_hostport.model import ContainerPort
 from bpftrace_hostport.pods.manifests import PodPlan, load_manifests, parse_manifests
 from bpftrace_hostport.pods.podlist import plan_to_pod, write_pod_list
@@ -44,7 +45,6 @@ CNI_PATH = os.environ.get("CNI_PATH", "/usr/lib/cni")
 CNI_PLUGINS = ("bridge", "host-local", "portmap")
 NETNS_DIR = "/var/run/netns"
 DEFAULT_MANIFEST = Path(__file__).parent / "data" / "nginx-hostport.yaml"
-SCENARIOS = ("basic", "hostnetwork", "conflict", "stale-udp", "forward-drop", "hairpin", "localhost")
 LAB_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,11}$")
 STALE_UDP_SOURCE_PORT = 40053
 
@@ -186,6 +186,16 @@ spec:
     ports: [{name: http, containerPort: 9000, hostPort: 9000, protocol: TCP}]
 """,
     "stale-udp": """
+apiVersion: v1
+kind: Pod
+metadata: {name: dns-v1, namespace: lab}
+spec:
+  containers:
+  - name: dns
+    image: coredns
+    ports: [{name: dns, containerPort: 53, hostPort: 5353, protocol: UDP}]
+""",
+    "blackhole": """
 apiVersion: v1
 kind: Pod
 metadata: {name: dns-v1, namespace: lab}
@@ -505,6 +515,8 @@ def _build(st: LabState, plans: List[PodPlan], clients: int) -> None:
             ex("ip6tables", "-P", "FORWARD", "DROP")
     elif st.scenario == "stale-udp":
         _stale_udp(st)
+    elif st.scenario == "blackhole":
+        _blackhole(st)
     st.complete = True
     st.save()
 
@@ -528,6 +540,45 @@ def _stale_udp(st: LabState) -> None:
     _add_pod(st, plan, len(st.pods))
     time.sleep(0.3)          # the client's next datagrams re-create the entry to the old pod
     _delete_pod(st, old)
+    _write_pods(st)
+
+
+BLACKHOLE_NODE_POD = """
+apiVersion: v1
+kind: Pod
+metadata: {name: dns-node, namespace: lab}
+spec:
+  hostNetwork: true
+  containers:
+  - name: dns
+    image: coredns
+"""
+
+
+def _blackhole(st: LabState) -> None:
+    """containernetworking/plugins#1190: a UDP hostPort pod is replaced by a hostNetwork server.
+
+    A UDP client streams to hostPort 5353 from a fixed port; dns-v1 (hostPort 5353 -> 53) is
+    deleted (CNI DEL removes its rules, not the client's conntrack entry) and a hostNetwork pod
+    dns-node, which lists no ports, serves UDP 5353 on the node itself. The client keeps sending,
+    so its entry keeps DNATing to dns-v1's dead IP: a blackhole, while new clients reach dns-node.
+    No pod declares 5353 any more and no rule for it exists.
+    """
+    old = next(p for p in st.pods if p.name == "dns-v1")
+    client = st.clients[0]
+    args = ["bpftrace_hostport.lab.traffic", "--host", st.node_ip, "--port", "5353", "--proto", "udp",
+            "--source-port", str(STALE_UDP_SOURCE_PORT), "--count", "36000", "--rate", "10",
+            "--timeout", "0.2", "--max-seconds", "3600", "--ready-after", "1"]
+    _start_process(st, client["netns"], args, "blackhole-client.log", ready=True)
+    time.sleep(0.3)
+    _delete_pod(st, old)
+    plan = parse_manifests(BLACKHOLE_NODE_POD, "<scenario blackhole>")[0]
+    pod = _add_pod(st, plan, len(st.pods))
+    # Its container listens on UDP 5353 of the node although the pod lists no port.
+    pod.server_pid = _start_process(st, st.node_netns, ["bpftrace_hostport.lab.servers", "--pod",
+                                                        f"{pod.namespace}/{pod.name}", "--udp", "5353"],
+                                    f"server-{len(st.pods) - 1}.log", ready=True)
+    st.save()
     _write_pods(st)
 
 

@@ -17,11 +17,24 @@ import time
 import click
 
 from bpftrace_hostport.lab import build as labmod
-from bpftrace_hostport.analysis.render import render_summary
+from bpftrace_hostport.analysis.render import render_summary, terminal_width, wrap
 
 
 def _step(i: int, n: int, text: str) -> None:
-    click.echo(click.style(f"[{i}/{n}] ", bold=True) + text)
+    lead = f"[{i}/{n}] "
+    lines = wrap(lead + text, terminal_width(), " " * 6)
+    click.echo(click.style(lead, bold=True) + lines[0][len(lead):])
+    for line in lines[1:]:
+        click.echo(line)
+
+
+def _say(text: str) -> None:
+    """A detail line under a step, indented and wrapped to the terminal."""
+    click.echo("\n".join(wrap("      " + text, terminal_width(), " " * 8)))
+
+
+def _ep(ip, port) -> str:
+    return f"[{ip}]:{port}" if ip and ":" in ip else f"{ip}:{port}"
 
 
 def run_demo(name: str = "demo", keep: bool = False) -> int:
@@ -35,8 +48,8 @@ def run_demo(name: str = "demo", keep: bool = False) -> int:
                     "and a hostNetwork pod with hostPort 9000")
     st = labmod.up(name=name, scenario="hostnetwork")
     pod = st.pods[0]
-    click.echo(f"      node {st.node_ip} (netns {st.node_netns}); pod {pod.namespace}/{pod.name} "
-               f"at {', '.join(pod.ips)}; hostPorts 8000->80 (http), 44300->443 (https)")
+    _say(f"node {st.node_ip} (netns {st.node_netns}); pod {pod.namespace}/{pod.name} "
+         f"at {', '.join(pod.ips)}; hostPorts 8000->80 (http), 44300->443 (https)")
     proc = None
     try:
         _step(2, steps, "attaching the tracer to the node's netfilter hooks "
@@ -64,7 +77,7 @@ def run_demo(name: str = "demo", keep: bool = False) -> int:
                 ]
                 for label, kw in runs:
                     r = labmod.traffic(name, **kw)
-                    click.echo(f"      {label}: sent {r['sent']}, answered {r['answered']}, failed {r['failed']}")
+                    _say(f"{label}: sent {r['sent']}, answered {r['answered']}, failed {r['failed']}")
                 time.sleep(0.3)
                 _step(4, steps, "detaching the tracer (SIGTERM) and collecting its records")
                 proc.send_signal(signal.SIGTERM)
@@ -73,19 +86,27 @@ def run_demo(name: str = "demo", keep: bool = False) -> int:
         records = [json.loads(x) for x in lines if x.strip()]
         flows = [r for r in records if r["type"] == "flow"]
         summary = next((r for r in records if r["type"] == "summary"), None)
-        _step(5, steps, f"{len(flows)} flows traced; a few of them:")
-        for f in flows[:3] + [f for f in flows if f["hook"] == "output"][:1]:
+        _step(5, steps, f"{len(flows)} flows traced; a few of them (times UTC):")
+        shown = flows[:3] + [f for f in flows if f["hook"] == "output"][:1] + \
+            [f for f in flows if f["family"] == 6][:1]
+        for f in shown:
             lat = f"{f['latency_us'] / 1000:.2f} ms" if f["latency_us"] is not None else "unanswered"
             masq = f", masqueraded to {f['snat_ip']}" if f["masqueraded"] else ""
-            click.echo(f"      {f['client_ip']}:{f['client_port']} -> {f['node_ip']}:{f['host_port']} became "
-                       f"{f['pod_ip']}:{f['pod_port']} ({f['pod_namespace']}/{f['pod_name']}, port "
-                       f"{f['port_name']}) via {f['hook']}, answered in {lat}{masq}")
+            _say(f"{f['ts'][11:23]} {_ep(f['client_ip'], f['client_port'])} -> {_ep(f['node_ip'], f['host_port'])} "
+                 f"became {_ep(f['pod_ip'], f['pod_port'])} ({f['pod_namespace']}/{f['pod_name']}, port "
+                 f"{f['port_name']}) via {f['hook']}, answered in {lat}{masq}")
         _step(6, steps, "summary per hostPort mapping:")
         if summary:
-            click.echo(render_summary(summary))
+            from bpftrace_hostport.pods.podlist import read_pod_list
+            click.echo(render_summary(summary, check_hint=f"sudo bpftrace-hostport check --lab {name}",
+                                      pods=read_pod_list(str(st.pods_file))))
         _step(7, steps, f"what `bpftrace-hostport check --lab {name}` says about this node:")
+        env = dict(os.environ)
+        width = terminal_width()
+        if width:
+            env["COLUMNS"] = str(width)     # check's tables fit the demo's terminal, not a pipe's
         check = subprocess.run([sys.executable, "-m", "bpftrace_hostport", "check", "--lab", name],
-                               capture_output=True, text=True, timeout=120)
+                               capture_output=True, text=True, timeout=120, env=env)
         click.echo(check.stdout.rstrip() or check.stderr.rstrip())
     finally:
         if proc is not None and proc.poll() is None:

@@ -10,7 +10,8 @@ hostport-no-rule             a running pod's declared hostPort has no DNAT rule
 leaked-hostport-rule         a DNAT rule points at an IP no live pod has (its CNI DEL never ran)
 no-pod-metadata              no pod list: leaked rules cannot be told from live ones
 hostport-conflict            two rules / pods claim one (proto, hostIP, hostPort); says who wins
-stale-conntrack              UDP/SCTP conntrack entries still DNAT to an old pod IP
+stale-conntrack              UDP/SCTP conntrack entries still DNAT to an old pod IP (a blackhole when a
+                             node socket now listens on the port)
 ip-forward-off               net.ipv4.ip_forward=0: DNATed packets are never forwarded to pods
 ipv6-forwarding-off          the same for IPv6 (net.ipv6.conf.all.forwarding=0)
 forward-drop                 the FORWARD chain drops what DNAT sends to pods (or their replies)
@@ -25,11 +26,11 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 from bpftrace_hostport.model import ContainerPort, HostPortRule, PodInfo
 from bpftrace_hostport.node.nodeview import (CtEntry, FilterTable, IptRule, NodeView, live_pods, local_pods, mappings,
-                       is_synthetic, netns_prefix_text, parse_rule_line, pod_label)
+                       is_synthetic, netns_prefix_text, parse_rule_line, pod_label, rule_rank)
 
 __all__ = ["Finding", "findings", "CODES", "SEVERITIES", "has_errors"]
 
@@ -122,28 +123,7 @@ def _sh(px: str, command: str) -> str:
     return f"{px}sh -c '{command}'" if px else command
 
 
-def _rank_fn(view: NodeView) -> Callable[[HostPortRule], Tuple[int, int, int]]:
-    """Sort key: the order in which the kernel meets the rules (the first DNAT that matches wins)."""
-    order = {id(r): i for i, r in enumerate(view.rules)}
-    sources: Dict[str, int] = {}
-    for r in view.rules:
-        sources.setdefault(r.source, len(sources))
-
-    def rank(r: HostPortRule) -> Tuple[int, int, int]:
-        jump = 10 ** 6
-        for nat in sorted(view.nat, key=lambda n: n.source != r.source):
-            if nat.family != r.family:
-                continue
-            for i, (target, proto, ports) in enumerate(nat.dnat_jumps):
-                if target == r.chain and proto in (None, r.proto) and (ports is None or r.host_port in ports):
-                    jump = i
-                    break
-            if jump < 10 ** 6:
-                break
-        if jump == 10 ** 6 and r.chain and r.chain.endswith("/hostip_hostports"):
-            jump = -1   # portmap nftables: hostports_all jumps to hostip_hostports first
-        return (sources.get(r.source, 99), jump, order.get(id(r), 10 ** 6))
-    return rank
+_rank_fn = rule_rank
 
 
 def _live_ips(view: NodeView) -> Set[str]:
@@ -385,17 +365,47 @@ def _check_conflicts(view: NodeView, pods: List[PodInfo]) -> List[Finding]:
     return out
 
 
+def _pod_network(view: NodeView, ip: str, called: str) -> bool:
+    """Whether `ip` is on this node's pod network: routed straight out of a link (no gateway)
+    that is not the one carrying the address the client called (that is the LAN: another node),
+    or into a blackhole route (Calico's route for the node's own block). Unknown routes (captured
+    data) count as the pod network."""
+    r = view.routes.get(ip)
+    if not r:
+        return True
+    if r.get("type") == "blackhole":
+        return True
+    if r.get("type") not in (None, "unicast") or r.get("gateway") or not r.get("ifname"):
+        return False
+    return r["ifname"] != view.address_ifaces.get(called)
+
+
+_NODEPORT_RANGE = range(30000, 32768)
+
+
 def _check_stale_conntrack(view: NodeView, pods: List[PodInfo]) -> List[Finding]:
+    """UDP/SCTP entries DNATed to an IP that no current rule for their hostPort targets.
+
+    With rules for the port: an entry to any other IP is stale (the pod was replaced). Without
+    any rule: an entry to an IP that no live pod has is stale whoever declares the port (nobody,
+    a hostNetwork pod, a pod that lost its rule), when that IP is on this node's pod network; if a
+    local socket now listens on the port, the entry is a blackhole: the client's datagrams go to
+    the dead pod and never to that socket (containernetworking/plugins#1190).
+    """
     if not view.conntrack_read:
         return []
     px = netns_prefix_text(view.netns)
     targets: Dict[Tuple[int, str, int], List[HostPortRule]] = {}
     for r in view.rules:
         targets.setdefault((r.family, r.proto, r.host_port), []).append(r)
-    declared = {(cp.protocol, cp.host_port) for p in pods for cp in p.host_ports}
+    declaring: Dict[Tuple[str, int], List[PodInfo]] = {}
+    for p in pods:
+        for cp in p.host_ports:
+            declaring.setdefault((cp.protocol, cp.host_port), []).append(p)
     live = _live_ips(view)
     local = set(view.local_addresses)
     by_pod = {ip: p for p in live_pods(view) for ip in p.ips}
+    kube_proxy = any("KUBE-NODEPORTS" in n.chains for n in view.nat)
     groups: Dict[Tuple[int, str, str, int, str], List[CtEntry]] = {}
     for e in view.conntrack:
         if e.proto not in ("UDP", "SCTP") or e.reply_src == e.orig_dst:
@@ -404,14 +414,18 @@ def _check_stale_conntrack(view: NodeView, pods: List[PodInfo]) -> List[Finding]
             continue            # not a hostPort DNAT (a Service IP, ...)
         if e.reply_src in local:
             continue
-        key = (e.family, e.proto, e.orig_dport)
-        now = targets.get(key, [])
-        if not now and (e.proto, e.orig_dport) not in declared:
-            continue
+        now = targets.get((e.family, e.proto, e.orig_dport), [])
         if now:
             stale = e.reply_src not in {r.target_ip for r in now}
+        elif not view.pods_known or e.reply_src in live:
+            stale = False       # no pod list: a dead pod cannot be told; a live one: not stale
+        elif (e.proto, e.orig_dport) in declaring:
+            stale = True
         else:
-            stale = view.pods_known and e.reply_src not in live
+            # Nobody declares the port and no rule exists: stale when the entry still points into
+            # this node's pod network (not at another node: a NodePort endpoint, say).
+            stale = _pod_network(view, e.reply_src, e.orig_dst) and not (
+                kube_proxy and e.orig_dport in _NODEPORT_RANGE)
         if stale:
             groups.setdefault((e.family, e.proto, e.orig_dst, e.orig_dport, e.reply_src), []).append(e)
     out = []
@@ -421,23 +435,50 @@ def _check_stale_conntrack(view: NodeView, pods: List[PodInfo]) -> List[Finding]
                           + (f" ({_label(by_pod[r.target_ip])})" if r.target_ip in by_pod else "") for r in now)
         holder = by_pod.get(dead)
         whose = (f"now pod {_label(holder)} has it, not the hostPort's pod" if holder else "no live pod has it")
+        n = len(entries)
         ev = [f"{e.proto.lower()} {_addr_port(e.orig_src, e.orig_sport)} -> {_addr_port(e.orig_dst, e.orig_dport)}"
               f" DNAT to {_addr_port(e.reply_src, e.reply_sport)}"
               + (f", {e.timeout} s left" if e.timeout is not None else "")
               + (f" [{','.join(e.status)}]" if e.status else "") for e in entries[:5]]
-        if len(entries) > 5:
-            ev.append(f"... and {len(entries) - 5} more")
+        if n > 5:
+            ev.append(f"... and {n - 5} more")
         ev.append(f"rules for {_hp(port, proto)} now go to {where}" if now else
                   f"no rule for {_hp(port, proto)} exists any more")
+        owners = declaring.get((proto, port), [])
+        host_owners = [p for p in owners if p.host_network]
+        socks = [s for s in view.listening if s[0] == proto and s[2] == port and s[1] in ("0.0.0.0", "::", dst)]
+        severity = "error"
+        entry = f"{n} {proto} conntrack {'entry' if n == 1 else 'entries'} for hostPort {_addr_port(dst, port)} " \
+                f"still DNAT{'s' if n == 1 else ''} to {dead} ({whose})"
+        if now:
+            message = (f"{entry}: a client that keeps sending keeps its entry alive and never reaches the "
+                       "current pod.")
+        elif socks:
+            who = (f"hostNetwork pod {', '.join(_label(p) for p in host_owners)}" if host_owners else
+                   f"no pod declares port {port}: a hostNetwork pod that lists no ports, or a process of the node")
+            listen = ", ".join(f"{s[0].lower()} {_addr_port(s[1], s[2])}" for s in socks)
+            ev.append(f"listening on the node: {listen} ({who})")
+            message = (f"{entry}, although no nat rule for port {port} exists any more: a blackhole. A {proto} "
+                       f"socket on the node now serves port {port} ({listen}), but this client's datagrams "
+                       "still go to the dead pod and never reach it, for as long as the client keeps sending.")
+        elif owners:
+            message = (f"{entry}, and no nat rule for the port exists: {', '.join(_label(p) for p in owners)} "
+                       "declares it but never gets these datagrams while the client keeps sending.")
+        else:
+            severity = "warning"
+            message = (f"{entry}, and nothing serves port {port} any more (no rule, no pod, no socket): the "
+                       "client's datagrams still go to the dead pod instead of being refused, for as long as it "
+                       "keeps sending.")
+        if not now and view.routes.get(dead):
+            r = view.routes[dead]
+            ev.append(f"route to {dead}: {r.get('type') or 'unicast'} via {r.get('ifname') or '-'} "
+                      "(this node's pod network), and no pod has that IP")
         fam_opt = "-f ipv6 " if fam == 6 else ""
         out.append(Finding(
-            "error", "stale-conntrack",
-            f"{len(entries)} {proto} conntrack entr{'y' if len(entries) == 1 else 'ies'} for hostPort "
-            f"{_addr_port(dst, port)} still DNAT to {dead} ({whose}): a client that keeps sending keeps its "
-            "entry alive and never reaches the current pod.",
-            ev,
-            f"Delete them: `{px}conntrack -D {fam_opt}-p {proto.lower()} --orig-dst {dst} --dport {port} "
-            f"--reply-src {dead}`."))
+            severity, "stale-conntrack", message, ev,
+            f"Delete {'it' if n == 1 else 'them'}: `{px}conntrack -D {fam_opt}-p {proto.lower()} --orig-dst {dst} "
+            f"--dport {port} --reply-src {dead}`"
+            + (" (the client's next datagram then reaches the node's socket)." if (socks and not now) else ".")))
     return out
 
 

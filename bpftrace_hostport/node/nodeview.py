@@ -28,7 +28,7 @@ import shutil
 import socket
 import subprocess
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from bpftrace_hostport.errors import UserError
 from bpftrace_hostport.model import ContainerPort, HostPortRule, PodInfo
@@ -36,7 +36,7 @@ from bpftrace_hostport.node import rules as rules_mod
 
 __all__ = [
     "NodeView", "CtEntry", "NatSummary", "FilterTable", "NftForwardChain",
-    "gather", "mappings", "live_pods", "local_pods", "this_node", "pod_index", "is_synthetic", "pod_label",
+    "gather", "mappings", "rule_rank", "rule_conflicts", "live_pods", "local_pods", "this_node", "pod_index", "is_synthetic", "pod_label",
     "nat_summary", "filter_table", "parse_conntrack_text", "parse_sysctl_text",
     "nft_forward_chains", "parse_rule_line", "netns_prefix_text",
 ]
@@ -125,6 +125,7 @@ class NodeView:
     filters: List[FilterTable] = field(default_factory=list)
     nft_forward: List[NftForwardChain] = field(default_factory=list)
     local_addresses: List[str] = field(default_factory=list)
+    address_ifaces: Dict[str, str] = field(default_factory=dict)              # local address -> its link
     bridges: List[str] = field(default_factory=list)
     interfaces: List[str] = field(default_factory=list)                       # every link's name
     routes: Dict[str, Dict[str, Optional[str]]] = field(default_factory=dict)  # ip -> {ifname, gateway, type}
@@ -326,14 +327,14 @@ def parse_conntrack_text(text: str) -> List[CtEntry]:
         toks = line.split()
         if len(toks) < 4 or "=" not in line:
             continue
-        family = 4
-        if toks[0] in ("ipv4", "ipv6"):
-            family = 6 if toks[0] == "ipv6" else 4
+        if toks[0] in ("ipv4", "ipv6"):   # the family: the addresses tell it below
             toks = toks[2:]
         proto = _proto(toks[0])
         if proto is None:
             continue
-        timeout = int(toks[2]) if len(toks) > 2 and toks[2].isdigit() else None
+        # ASCII digits only: str.isdigit() also takes "²", which int() refuses; u32 seconds at most
+        timeout = (int(toks[2]) if len(toks) > 2 and toks[2].isascii() and toks[2].isdigit()
+                   and len(toks[2]) <= 9 else None)
         state = None
         tuples: List[Dict[str, str]] = [{}]
         flags: List[str] = []
@@ -351,13 +352,21 @@ def parse_conntrack_text(text: str) -> List[CtEntry]:
         if len(tuples) < 2:
             continue
         o, r = tuples[0], tuples[1]
+
+        def port(v: str) -> int:          # ValueError for "²", "1_0", -1, 70000, 5000 digits
+            if not (v.isascii() and v.isdigit() and len(v) <= 5 and int(v) <= 65535):
+                raise ValueError(v)
+            return int(v)
+
         try:
-            entry = CtEntry(proto=proto, orig_src=o["src"], orig_dst=o["dst"], orig_sport=int(o["sport"]),
-                            orig_dport=int(o["dport"]), reply_src=r["src"], reply_dst=r["dst"],
-                            reply_sport=int(r["sport"]), reply_dport=int(r["dport"]), family=family,
-                            status=tuple(flags), timeout=timeout, state=state)
+            addrs = [ipaddress.ip_address(t[k]) for t in (o, r) for k in ("src", "dst")]
+            entry = CtEntry(proto=proto, orig_src=str(addrs[0]), orig_dst=str(addrs[1]),
+                            orig_sport=port(o["sport"]), orig_dport=port(o["dport"]),
+                            reply_src=str(addrs[2]), reply_dst=str(addrs[3]),
+                            reply_sport=port(r["sport"]), reply_dport=port(r["dport"]),
+                            family=addrs[0].version, status=tuple(flags), timeout=timeout, state=state)
         except (KeyError, ValueError):
-            continue
+            continue                      # not a whole entry (a cut or damaged line): skipped
         if entry.reply_src != entry.orig_dst:
             out.append(entry)
     return out
@@ -472,13 +481,76 @@ def _norm_cid(cid: Optional[str]) -> Optional[str]:
     return cid.split("://", 1)[-1]
 
 
+def rule_rank(view: NodeView) -> Callable[[HostPortRule], Tuple[int, int, int]]:
+    """Sort key: the order in which the kernel meets the rules (the first DNAT that matches wins)."""
+    order = {id(r): i for i, r in enumerate(view.rules)}
+    sources: Dict[str, int] = {}
+    for r in view.rules:
+        sources.setdefault(r.source, len(sources))
+
+    def rank(r: HostPortRule) -> Tuple[int, int, int]:
+        jump = 10 ** 6
+        for nat in sorted(view.nat, key=lambda n: n.source != r.source):
+            if nat.family != r.family:
+                continue
+            for i, (target, proto, ports) in enumerate(nat.dnat_jumps):
+                if target == r.chain and proto in (None, r.proto) and (ports is None or r.host_port in ports):
+                    jump = i
+                    break
+            if jump < 10 ** 6:
+                break
+        if jump == 10 ** 6 and r.chain and r.chain.endswith("/hostip_hostports"):
+            jump = -1   # portmap nftables: hostports_all jumps to hostip_hostports first
+        return (sources.get(r.source, 99), jump, order.get(id(r), 10 ** 6))
+    return rank
+
+
+def _host_ip_key(host_ip: Optional[str]) -> Optional[str]:
+    """None for "any local address" (unset, 0.0.0.0, ::), else the address."""
+    if not host_ip or host_ip in ("0.0.0.0", "::"):
+        return None
+    return host_ip
+
+
+def _overlap(a: Optional[str], b: Optional[str]) -> bool:
+    a, b = _host_ip_key(a), _host_ip_key(b)
+    return a is None or b is None or a == b
+
+
+def rule_conflicts(view: NodeView) -> Dict[int, Tuple[str, int]]:
+    """Rules that compete for one (family, proto, hostIP, hostPort) with another target:
+    id(rule) -> ("wins" | "shadowed", its place in the order the kernel meets them, from 1).
+    The first rule that matches takes every new connection; the others never see one."""
+    rank = rule_rank(view)
+    groups: Dict[Tuple[int, str, int], List[HostPortRule]] = {}
+    for r in view.rules:
+        groups.setdefault((r.family, r.proto, r.host_port), []).append(r)
+    out: Dict[int, Tuple[str, int]] = {}
+    for rules in groups.values():
+        if len({(r.target_ip, r.target_port) for r in rules}) < 2:
+            continue
+        ordered = sorted(rules, key=rank)
+        for i, r in enumerate(ordered):
+            before = [b for b in ordered[:i] if _overlap(b.host_ip, r.host_ip)
+                      and (b.target_ip, b.target_port) != (r.target_ip, r.target_port)]
+            if before:
+                out[id(r)] = ("shadowed", i + 1)
+                for b in before:
+                    if id(b) not in out:
+                        out[id(b)] = ("wins", ordered.index(b) + 1)
+    return out
+
+
 def mappings(view: NodeView) -> List[dict]:
     """Every DNAT rule joined with the pod it reaches: the readable `iptables -t nat -nvL | grep DNAT`.
 
     One dict per rule, in rule order: host_port, proto, host_ip, target (ip:port), target_ip,
     target_port, namespace, pod, pod_phase, container_port, port_name, container, chain,
-    container_id, packets, bytes, source, family. Pod fields are None when no pod has the target IP.
+    container_id, packets, bytes, source, family, conflict. Pod fields are None when no pod has the
+    target IP; conflict is None, or "wins" / "shadowed" when rules to different targets compete for
+    one hostPort (see rule_conflicts).
     """
+    conflicts = rule_conflicts(view)
     live = live_pods(view)
     index = pod_index(live)
     stale_index = pod_index([p for p in view.pods if p not in live])
@@ -508,6 +580,7 @@ def mappings(view: NodeView) -> List[dict]:
             "port_name": cp.name if cp else None, "container": cp.container if cp else None,
             "chain": r.chain, "container_id": r.container_id, "packets": r.packets, "bytes": r.bytes,
             "source": r.source, "family": r.family,
+            "conflict": conflicts[id(r)][0] if id(r) in conflicts else None,
         })
     return out
 
@@ -682,6 +755,8 @@ def _in_netns(netns: Optional[str], view: NodeView, route_ips: List[str]) -> Dic
                 a = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
                 if a and a not in addrs:
                     addrs.append(a)
+                if a and msg.get("index") in ifnames:
+                    view.address_ifaces.setdefault(a, ifnames[msg["index"]])
             view.local_addresses = addrs
             types = {1: "unicast", 2: "local", 3: "broadcast", 6: "blackhole", 7: "unreachable", 8: "prohibit"}
             for ip in route_ips[:_ROUTE_LOOKUPS_MAX]:
@@ -749,10 +824,16 @@ def gather(netns: Optional[str] = None, resolver_or_index: Any = None, *, node_n
     # read_node_rules runs five tools and notes each one it had to skip.
     view.rules_read = bool(view.rules) or len([n for n in rule_notes if "skipped" in n]) < 5
 
+    if conntrack:
+        _read_conntrack(netns, view)
+
     ips = [r.target_ip for r in view.rules]
     for p in pod_list:
         if not p.host_network:
             ips += list(p.ips)
+    # Where DNATed conntrack entries point: a dead pod's IP still routed onto the pod network is
+    # how a stale entry is told from a DNAT to another node (a NodePort endpoint).
+    ips += [e.reply_src for e in view.conntrack]
     try:
         legacy = _in_netns(netns, view, list(dict.fromkeys(ips)))
     except PermissionError:
@@ -778,17 +859,18 @@ def gather(netns: Optional[str] = None, resolver_or_index: Any = None, *, node_n
     text = _run(netns, ["nft", "-j", "list", "ruleset"], view.notes, "nftables forward chains")
     if text:
         view.nft_forward = nft_forward_chains(text)
-
-    if conntrack:
-        try:
-            view.conntrack = _conntrack_netlink(netns)
-            view.conntrack_read = True
-        except UserError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any netlink trouble: try the conntrack tool
-            text = _run(netns, ["conntrack", "-L", "-o", "extended"], view.notes, "conntrack entries")
-            if text is not None:
-                view.conntrack = parse_conntrack_text(text)
-                view.conntrack_read = True
-                view.notes.append(f"Read conntrack with the conntrack tool (netlink: {e}).")
     return view
+
+
+def _read_conntrack(netns: Optional[str], view: NodeView) -> None:
+    try:
+        view.conntrack = _conntrack_netlink(netns)
+        view.conntrack_read = True
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any netlink trouble: try the conntrack tool
+        text = _run(netns, ["conntrack", "-L", "-o", "extended"], view.notes, "conntrack entries")
+        if text is not None:
+            view.conntrack = parse_conntrack_text(text)
+            view.conntrack_read = True
+            view.notes.append(f"Read conntrack with the conntrack tool (netlink: {e}).")

@@ -314,23 +314,26 @@ def test_render_table_cells():
              flow(answered=False, latency_us=None, drop_reason="NETFILTER_DROP")]
     counters = [counter(flows=3, packets=10, bytes=1229)]
     s = summarize(flows, [miss(count=2)], counters, None, 1.5, 0)
-    text = render_summary(s, width=160)
-    for cell in ("MAPPING", "POD", "FLOWS", "ANSWERED", "P50", "P90", "P99", "MAX", "MISSES",
-                 "DROPS", "PKTS", "BYTES", "RATE",
+    text = render_summary(s, width=None)
+    for cell in ("MAPPING", "POD", "FLOWS", "ANSWERED", "P50 ms", "P90 ms", "P99 ms", "MAX ms", "MISSES",
+                 "DROPS", "PACKETS", "BYTES", "AVG flows/s",
                  "tcp :8000 -> 10.22.0.5:80", "web/nginx-1 (http)",
                  "2.00", "2.80", "2.98", "3.00",       # ms, 2 decimals
-                 "NETFILTER_DROP:1", "1.2 KiB", "2.00/s"):
+                 "NETFILTER_DROP:1", "1.2 KiB", "2.00"):
         assert cell in text, cell
     row = next(line for line in text.splitlines() if line.startswith("tcp :8000"))
     assert row.split()[6:9] == ["3", "2", "2.00"]   # FLOWS, ANSWERED, P50
     assert text.splitlines()[0] == "3 flows over 1.5 s, 0 lost events"
     assert "lost" not in "\n".join(text.splitlines()[1:])
-    assert "without DNAT" not in text
+    assert "got no DNAT" not in text
+    # the drop is a hint, with the check command to run
+    assert "1 packet dropped after DNAT (NETFILTER_DROP 1)" in text
+    assert text.rstrip().endswith("sudo bpftrace-hostport check")
 
 
 def test_render_unknown_pod_and_no_latency():
     s = summarize([flow(answered=False, latency_us=None, bytes=512)], [], None, None, 1, 0)
-    row = next(line for line in render_summary(s).splitlines() if line.startswith("tcp :8000"))
+    row = next(line for line in render_summary(s, None).splitlines() if line.startswith("tcp :8000"))
     cells = row.split()
     assert cells[4] == "-"                       # POD
     assert cells[7:11] == ["-", "-", "-", "-"]   # P50 P90 P99 MAX
@@ -344,20 +347,59 @@ def test_render_ipv6_mapping():
 
 def test_render_lost_events_warning():
     s = summarize([flow()], [], None, None, 10, 42)
-    lines = render_summary(s).splitlines()
-    assert lines[0] == "1 flows over 10 s, 42 lost events"
-    assert "42" in lines[1] and "--flow-table" in lines[1] and "ring buffer" in lines[1]
+    lines = render_summary(s, None).splitlines()
+    assert lines[0] == "1 flow over 10 s, 42 lost events"
+    assert "42 events were lost" in lines[1] and "--flow-table" in lines[1] and "ring buffer" in lines[1]
+    assert render_summary(summarize([flow()], [], None, None, 10, 1), None).splitlines()[:2] == [
+        "1 flow over 10 s, 1 lost event",
+        "Warning: 1 event was lost, so flow counts and latencies are incomplete; rerun with a bigger "
+        "--flow-table and a bigger ring buffer to reduce losses."]
 
 
 def test_render_misses_note_for_port_without_mapping():
     s = summarize([flow()], [miss(count=1), miss(host_port=8080, count=3), miss(host_port=8080, count=2)],
                   None, None, 1, 0)
-    text = render_summary(s)
-    assert ("hostPort 8080/tcp: 5 connections reached the node without DNAT "
-            "(hostNetwork pod or missing rule?)") in text
+    text = render_summary(s, None, check_hint="sudo bpftrace-hostport check --lab demo")
+    assert ("hostPort 8080/tcp: 5 connections got no DNAT and no pod is known to own the port: a pod whose "
+            "DNAT rule is missing, or a process on the node that is no pod.") in text
     assert "hostPort 8000/tcp" not in text          # 8000 has a mapping: no note
     row = next(line for line in text.splitlines() if line.startswith("tcp :8080"))
     assert "no DNAT" in row
+    assert text.splitlines()[-2:] == ["For the diagnosis and the exact fix, run on the node:",
+                                      "  sudo bpftrace-hostport check --lab demo"]
+
+
+def test_render_names_the_hostnetwork_owner_and_a_declared_port_without_rule():
+    from bpftrace_hostport.model import ContainerPort, PodInfo
+    s = summarize([flow()], [miss(host_port=9000, count=2), miss(host_port=9090, count=1)], None, None, 1, 0)
+    owner = next(m for m in s["mappings"] if m["host_port"] == 9000)
+    owner.update(pod_namespace="lab", pod_name="hostnet-web", port_name="http")
+    pods = [PodInfo("lab", "web-extra", ips=("10.22.0.9",), phase="Running",
+                    ports=(ContainerPort("web", 8080, host_port=9090),)),
+            PodInfo("web", "nginx-1", ips=("10.22.0.5",), phase="Running")]
+    text = render_summary(s, None, pods=pods)
+    row = next(line for line in text.splitlines() if line.startswith("tcp :9000"))
+    assert "hostNetwork lab/hostnet-web (http)" in row
+    assert "hostPort 9000/tcp: 2 connections got no DNAT: hostNetwork pod lab/hostnet-web (http) owns" in text
+    assert ("hostPort 9090/tcp: 1 connection got no DNAT, although pod lab/web-extra declares this hostPort: "
+            "its DNAT rule is missing (check: hostport-no-rule).") in text
+
+
+def test_render_flags_flows_to_an_ip_no_live_pod_has():
+    from bpftrace_hostport.model import PodInfo
+    flows = [flow(proto="udp", host_port=5353, pod_ip="10.22.0.3", pod_port=53, answered=False, latency_us=None),
+             flow(proto="udp", host_port=5353, pod_ip="10.22.0.4", pod_port=53, pod_namespace="lab",
+                  pod_name="dns-v2")]
+    s = summarize(flows, [], None, None, 1, 0)
+    text = render_summary(s, None)           # no pod list: an unnamed target among named ones
+    assert "hostPort 5353/udp -> 10.22.0.3:53: 1 flow (none answered) went to an IP no live pod has" in text
+    assert "10.22.0.4:53: 1 flow" not in text
+    # With the pods, the pod list decides.
+    text = render_summary(s, None, pods=[PodInfo("lab", "dns-v2", ips=("10.22.0.4",), phase="Running")])
+    assert "-> 10.22.0.3:53: 1 flow (none answered)" in text and "-> 10.22.0.4:53: 1 flow" not in text
+    text = render_summary(s, None, pods=[PodInfo("lab", "dns-v1", ips=("10.22.0.3",), phase="Running"),
+                                         PodInfo("lab", "dns-v2", ips=("10.22.0.4",), phase="Running")])
+    assert "no live pod" not in text and "bpftrace-hostport check" not in text
 
 
 def test_render_empty_summary():
@@ -379,13 +421,25 @@ def test_render_fits_width_and_keeps_all_columns():
     flows = [flow(pod_namespace="kube-system", pod_name="nginx-hostport-7d4b9c5f8-x2x9z",
                   port_name="http", drop_reason="NETFILTER_DROP")]
     s = summarize(flows, [], None, None, 1, 0)
-    text = render_summary(s, width=120)
-    table = text.splitlines()[1:]
-    assert max(len(line) for line in table) <= 120
-    assert "RATE" in table[0] and "1.00/s" in text
-    # Far too narrow: lines get longer, but no column is dropped or truncated.
-    narrow = render_summary(s, width=40)
-    assert "RATE" in narrow and "1.00/s" in narrow and "…" not in narrow
+    for width in (40, 80, 100, 120, 160):
+        text = render_summary(s, width=width)
+        assert max(len(line) for line in text.splitlines()) <= width
+        assert "AVG" in text and "flows/s" in text and "1.00" in text and "…" not in text
+        # the pod's name may wrap after a dash, never lose a character
+        for piece in ("kube-system/", "nginx-", "hostport-", "7d4b9c5f8-x2x9z", "(http)", "NETFILTER_DROP:1"):
+            assert piece in text, (width, piece)
+
+
+def test_render_width_defaults_to_the_terminal(monkeypatch):
+    flows = [flow(pod_namespace="kube-system", pod_name="nginx-hostport-7d4b9c5f8-x2x9z", port_name="http")]
+    s = summarize(flows, [], None, None, 1, 0)
+    monkeypatch.setenv("COLUMNS", "200")
+    wide = render_summary(s)
+    assert wide == render_summary(s, 200) and "-[ mapping 1 ]" not in wide
+    monkeypatch.setenv("COLUMNS", "80")
+    assert render_summary(s) == render_summary(s, 80) and "-[ mapping 1 ]" in render_summary(s)
+    monkeypatch.delenv("COLUMNS")
+    assert render_summary(s) == render_summary(s, None)         # not a terminal: no limit
 
 
 def test_render_accepts_json_roundtrip():

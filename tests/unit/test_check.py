@@ -200,6 +200,81 @@ def test_stale_conntrack_fix_has_no_netns_prefix_on_the_current_namespace():
     assert ticked(f.fix) == ["conntrack -D -p udp --orig-dst 10.93.0.1 --dport 5353 --reply-src 10.93.1.3"]
 
 
+def blackhole_view(declared=False, listening=(("UDP", "0.0.0.0", 5353),)):
+    """lab-stale-udp after containernetworking/plugins#1190: dns-v2 and its rule are gone too, and a
+    hostNetwork pod dns-node listens on UDP 5353 of the node (declaring the port or not)."""
+    from bpftrace_hostport.model import ContainerPort, PodInfo
+    view = lab_view("stale-udp")
+    view.rules = [r for r in view.rules if r.host_port != 5353]
+    ports = (ContainerPort("dns", 5353, "UDP", "dns", 5353),) if declared else ()
+    view.pods = [p for p in view.pods if p.name != "dns-v2"] + [
+        PodInfo("lab", "dns-node", node=view.node_name, ips=("10.93.0.1",), host_network=True, phase="Running",
+                ports=ports)]
+    view.listening = list(listening)
+    view.routes["10.93.1.3"] = {"ifname": "cni0", "gateway": None, "type": "unicast"}
+    view.address_ifaces = {"10.93.0.1": "lan0", "10.93.1.1": "cni0"}
+    return view
+
+
+def test_stale_entry_without_rule_or_declaration_is_a_blackhole_when_a_node_socket_listens():
+    view = blackhole_view()
+    f = only(findings(view), "stale-conntrack")
+    assert f.severity == "error"
+    assert f.message.startswith("1 UDP conntrack entry for hostPort 10.93.0.1:5353 still DNATs to 10.93.1.3 "
+                                "(no live pod has it), although no nat rule for port 5353 exists any more: "
+                                "a blackhole.")
+    assert "udp 0.0.0.0:5353" in f.message
+    assert "no rule for 5353/UDP exists any more" in f.evidence
+    assert any("no pod declares port 5353" in e for e in f.evidence)
+    assert any(e.startswith("route to 10.93.1.3: unicast via cni0") for e in f.evidence)
+    (cmd,) = ticked(f.fix)
+    assert cmd == (f"ip netns exec {view.netns} conntrack -D -p udp --orig-dst 10.93.0.1 --dport 5353 "
+                   "--reply-src 10.93.1.3")
+
+
+def test_blackhole_names_the_hostnetwork_pod_that_declares_the_port():
+    found = findings(blackhole_view(declared=True))
+    f = only(found, "stale-conntrack")
+    assert f.severity == "error" and "blackhole" in f.message
+    assert any("(hostNetwork pod lab/dns-node)" in e for e in f.evidence)
+    assert "hostnetwork-hostport" in codes(found)
+
+
+def test_stale_entry_to_a_dead_pod_with_nothing_serving_the_port_is_a_warning():
+    f = only(findings(blackhole_view(listening=())), "stale-conntrack")
+    assert f.severity == "warning" and "nothing serves port 5353" in f.message
+    assert ticked(f.fix)[0].endswith("--reply-src 10.93.1.3")
+
+
+@pytest.mark.parametrize("route", [
+    {"ifname": "lan0", "gateway": None, "type": "unicast"},          # another host on the node's LAN
+    {"ifname": "eth0", "gateway": "10.93.0.254", "type": "unicast"},  # behind a router: another node
+    {"ifname": None, "gateway": None, "type": "unreachable"},
+])
+def test_dnat_to_an_address_off_the_pod_network_is_no_stale_entry(route):
+    view = blackhole_view()
+    view.routes["10.93.1.3"] = route
+    assert "stale-conntrack" not in codes(findings(view))
+
+
+def test_blackhole_check_needs_the_pods_and_spares_live_pods_and_node_ports():
+    view = blackhole_view()
+    view.pods_known, view.pods = False, []
+    assert "stale-conntrack" not in codes(findings(view))
+    from bpftrace_hostport.model import PodInfo
+    view = blackhole_view()
+    view.pods.append(PodInfo("lab", "other", node=view.node_name, ips=("10.93.1.3",), phase="Running"))
+    assert "stale-conntrack" not in codes(findings(view))
+    # kube-proxy's NodePorts DNAT local addresses too: their range is left to kube-proxy.
+    from dataclasses import replace
+    view = blackhole_view()
+    view.conntrack = [replace(e, orig_dport=30053) for e in view.conntrack]
+    view.listening = []
+    assert "stale-conntrack" in codes(findings(view))
+    view.nat = [replace(view.nat[0], chains=view.nat[0].chains + ("KUBE-NODEPORTS",))]
+    assert "stale-conntrack" not in codes(findings(view))
+
+
 def test_tcp_entries_to_live_pods_are_fine():
     view = lab_view("basic")
     assert len(view.conntrack) == 2
