@@ -1,13 +1,17 @@
-"""Network namespaces by name: enter one for a moment, list its local addresses.
+"""Network namespaces: the one place that says what a namespace argument is and how to run
+something in it.
 
-The tracer switches only its network namespace (setns CLONE_NEWNET through pyroute2) and
-stays in its own mount namespace: `ip netns exec` would also give it a /sys without tracefs,
-and tracepoints could not be attached (shared/KERNEL.md).
+A namespace is given by name (`ip netns list`, under /var/run/netns) or by path
+(/proc/PID/ns/net, anything with a "/"). In-process work switches only the network namespace
+(setns CLONE_NEWNET through pyroute2: `entered`) and stays in its own mount namespace:
+`ip netns exec` would also give it a /sys without tracefs, and tracepoints could not be
+attached (shared/KERNEL.md). Commands run in it through `command_prefix`.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from typing import Iterator, List, Optional
 
 from pyroute2 import IPRoute
@@ -19,16 +23,42 @@ NETNS_RUN_DIR = "/var/run/netns"
 
 
 def path_of(name: str) -> str:
-    return name if name.startswith("/") else os.path.join(NETNS_RUN_DIR, name)
+    return name if is_path(name) else os.path.join(NETNS_RUN_DIR, name)
+
+
+def is_path(name: str) -> bool:
+    return "/" in name
 
 
 def require(name: Optional[str]) -> None:
-    """Raises UserError when a named network namespace does not exist."""
+    """Raises UserError when a network namespace (name or path) does not exist."""
     if name is None:
         return
+    if is_path(name) and not os.path.exists(name):
+        raise UserError(f"Network namespace file {name} does not exist; pass a name from "
+                        "`ip netns list` or an existing /proc/<pid>/ns/net path.")
     if not os.path.exists(path_of(name)):
         raise UserError(f"No network namespace named {name!r}: see `ip netns list` "
                         "(a lab's node namespace is shown by `bpftrace-hostport lab status`).")
+
+
+def command_prefix(name: Optional[str]) -> List[str]:
+    """The argv that runs a command in network namespace `name` ([] for None)."""
+    if name is None:
+        return []
+    require(name)
+    tool = "nsenter" if is_path(name) else "ip"
+    if shutil.which(tool) is None:
+        raise UserError(f"{tool} is needed to run a command in network namespace {name}; install "
+                        f"{'util-linux' if tool == 'nsenter' else 'iproute2'}.")
+    return ["nsenter", f"--net={name}", "--"] if is_path(name) else ["ip", "netns", "exec", name]
+
+
+def command_prefix_text(name: Optional[str]) -> str:
+    """The same as shell text to put before a command a user will paste ("" for None)."""
+    if not name:
+        return ""
+    return f"nsenter --net={name} -- " if is_path(name) else f"ip netns exec {name} "
 
 
 @contextlib.contextmanager
