@@ -6,9 +6,7 @@ does.
 """
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -16,7 +14,9 @@ import time
 
 import click
 
+from bpftrace_hostport.errors import UserError
 from bpftrace_hostport.lab import build as labmod
+from bpftrace_hostport.lab.harness import TraceRun
 from bpftrace_hostport.analysis.render import render_summary, terminal_width, wrap
 
 
@@ -50,23 +50,16 @@ def run_demo(name: str = "demo", keep: bool = False) -> int:
     pod = st.pods[0]
     _say(f"node {st.node_ip} (netns {st.node_netns}); pod {pod.namespace}/{pod.name} "
          f"at {', '.join(pod.ips)}; hostPorts 8000->80 (http), 44300->443 (https)")
-    proc = None
     try:
         _step(2, steps, "attaching the tracer to the node's netfilter hooks "
-                        "(PRE_ROUTING and LOCAL_OUT after DNAT, POST_ROUTING after SNAT)")
+                        "(PRE_ROUTING and LOCAL_OUT, just after DNAT)")
         with tempfile.TemporaryDirectory() as tmp:
-            ready = os.path.join(tmp, "ready")
-            out_path = os.path.join(tmp, "capture.jsonl")
-            with open(out_path, "w") as out, open(os.path.join(tmp, "err"), "w") as err:
-                proc = subprocess.Popen([sys.executable, "-m", "bpftrace_hostport", "trace", "--lab", name,
-                                         "--format", "json", "--timeout", "1", "--ready-file", ready],
-                                        stdout=out, stderr=err)
-                deadline = time.monotonic() + 60
-                while not os.path.exists(ready):
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        msg = open(os.path.join(tmp, "err")).read().strip().splitlines()
-                        raise labmod.LabError(f"The tracer did not start: {msg[-1] if msg else 'no output'}")
-                    time.sleep(0.05)
+            run = TraceRun(["--lab", name, "--format", "json", "--timeout", "1"], workdir=tmp)
+            try:
+                run.start()
+            except UserError as e:
+                raise labmod.LabError(str(e)) from None
+            with run:
                 _step(3, steps, "sending real requests through the hostPorts")
                 runs = [
                     ("client -> node:8000", dict(to=8000, count=40, concurrency=4)),
@@ -80,10 +73,7 @@ def run_demo(name: str = "demo", keep: bool = False) -> int:
                     _say(f"{label}: sent {r['sent']}, answered {r['answered']}, failed {r['failed']}")
                 time.sleep(0.3)
                 _step(4, steps, "detaching the tracer (SIGTERM) and collecting its records")
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout=30)
-            lines = open(out_path).read().splitlines()
-        records = [json.loads(x) for x in lines if x.strip()]
+            records = run.records()
         flows = [r for r in records if r["type"] == "flow"]
         summary = next((r for r in records if r["type"] == "summary"), None)
         _step(5, steps, f"{len(flows)} flows traced; a few of them (times UTC):")
@@ -108,10 +98,7 @@ def run_demo(name: str = "demo", keep: bool = False) -> int:
         check = subprocess.run([sys.executable, "-m", "bpftrace_hostport", "check", "--lab", name],
                                capture_output=True, text=True, timeout=120, env=env)
         click.echo(check.stdout.rstrip() or check.stderr.rstrip())
-    finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    finally:                      # the tracer is stopped by its `with`, whatever happened
         if not keep:
             labmod.down(name)
             click.echo(f"lab {name} removed; demo took {time.monotonic() - t0:.1f} s")

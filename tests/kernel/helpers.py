@@ -1,12 +1,11 @@
 """Run the real CLI against a real lab, the way a user would."""
-import json
 import os
-import signal
 import subprocess
 import sys
-import tempfile
-import time
 from contextlib import contextmanager
+
+from bpftrace_hostport.errors import UserError
+from bpftrace_hostport.lab.harness import TraceRun
 
 PY = sys.executable
 
@@ -21,49 +20,32 @@ def cli(*args, check=True, timeout=120, env=None):
 
 @contextmanager
 def tracing(*args, start_timeout=60, prefix=(), python=PY):
-    """Starts `trace --format json ARGS` and yields a handle; on exit SIGTERMs it and parses."""
-    tmp = tempfile.mkdtemp(prefix="bhp-trace-")
-    ready = os.path.join(tmp, "ready")
-    out = open(os.path.join(tmp, "out.jsonl"), "w")
-    err = open(os.path.join(tmp, "err.txt"), "w")
-    proc = subprocess.Popen([*prefix, python, "-m", "bpftrace_hostport", "trace", "--format", "json",
-                             "--ready-file", ready, *args], stdout=out, stderr=err)
-    handle = TraceHandle(proc, tmp)
+    """Runs `trace --format json ARGS` (lab/harness.py, as the demo and the bench do) and yields a
+    handle; on exit SIGTERMs it and parses what it wrote."""
+    run = TraceRun(["--format", "json", *args], python=python, prefix=prefix, start_timeout=start_timeout)
     try:
-        deadline = time.monotonic() + start_timeout
-        while not os.path.exists(ready):
-            if proc.poll() is not None:
-                raise AssertionError(f"trace exited {proc.returncode}: {open(err.name).read()}")
-            if time.monotonic() > deadline:
-                raise AssertionError("trace did not attach in time")
-            time.sleep(0.05)
+        run.start()
+    except UserError as e:
+        raise AssertionError(f"trace did not attach: {e}") from None
+    handle = TraceHandle(run)
+    try:
         yield handle
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        out.close()
-        err.close()
+        run.stop()
         handle.load()
 
 
 class TraceHandle:
-    def __init__(self, proc, tmp):
-        self.proc = proc
-        self.tmp = tmp
+    def __init__(self, run):
+        self.run = run
+        self.proc = run.proc
         self.records = []
         self.stderr = ""
 
     def load(self):
-        with open(os.path.join(self.tmp, "out.jsonl")) as f:
-            self.records = [json.loads(line) for line in f if line.strip()]
-        with open(os.path.join(self.tmp, "err.txt")) as f:
-            self.stderr = f.read()
-        self.returncode = self.proc.returncode
+        self.records = self.run.records()
+        self.stderr = self.run.stderr
+        self.returncode = self.run.returncode
 
     @property
     def flows(self):

@@ -36,7 +36,7 @@ def test_wheel_installs_and_traces(tmp_path):
     assert where.startswith(str(venv)), f"the wheel's package was not the one imported: {where}"
     name = unique("whl")
     lab.down(name)
-    st = lab.up(name=name, scenario="basic")
+    lab.up(name=name, scenario="basic")
     try:
         env_cwd = os.getcwd()
         os.chdir(tmp_path)            # so `python -m` cannot pick the source tree up

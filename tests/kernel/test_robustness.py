@@ -9,23 +9,36 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
 
 from bpftrace_hostport.lab import build as lab
 from tests.conftest import require_kernel
+from bpftrace_hostport.lab.harness import TraceRun
 from tests.kernel.helpers import tracing, unique
 
 PY = sys.executable
 
 
-def netfilter_links() -> int:
-    """Netfilter BPF links on the machine, as the kernel lists them (Debian's bpftool 7.1 names
-    the type by its number: BPF_LINK_TYPE_NETFILTER = 10)."""
+def link_ids() -> set:
+    """Every BPF link on the machine, as the kernel lists them."""
     out = subprocess.run(["bpftool", "-j", "link", "show"], capture_output=True, text=True).stdout
-    return sum(1 for link in json.loads(out or "[]") if link.get("type") in ("netfilter", 10))
+    return {link["id"] for link in json.loads(out or "[]")}
+
+
+def tracer_links(pid: int) -> set:
+    """The netfilter links a tracer process holds (from its descriptors' fdinfo), so that other
+    tracers on the machine (a bench, another test) do not count."""
+    ids = set()
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        try:
+            info = open(f"/proc/{pid}/fdinfo/{fd}").read()
+        except OSError:
+            continue
+        if "link_type:\tnetfilter" in info:
+            ids.add(int(info.split("link_id:", 1)[1].split()[0]))
+    return ids
 
 
 @pytest.fixture(scope="module")
@@ -41,29 +54,20 @@ def rlab():
 
 
 def _start(args, tmp):
-    ready = os.path.join(tmp, "ready")
-    out, err = open(os.path.join(tmp, "out"), "w"), open(os.path.join(tmp, "err"), "w")
-    proc = subprocess.Popen([PY, "-m", "bpftrace_hostport", "trace", "--ready-file", ready, *args],
-                            stdout=out, stderr=err)
-    deadline = time.monotonic() + 60
-    while not os.path.exists(ready):
-        assert proc.poll() is None, open(err.name).read()
-        assert time.monotonic() < deadline, "the tracer did not attach"
-        time.sleep(0.05)
-    return proc
+    """A started trace (lab/harness.py) writing into tmp/out and tmp/err."""
+    return TraceRun(args, workdir=str(tmp)).start()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signals_detach_flush_and_summarize(rlab, sig, tmp_path):
     from bpftrace_hostport.records.reader import load
-    before = netfilter_links()
     rec = str(tmp_path / "rec.arrow")
-    proc = _start(["--lab", rlab.name, "--format", "json", "--record", rec], str(tmp_path))
-    assert netfilter_links() == before + 2 * 2        # PRE_ROUTING and LOCAL_OUT, IPv4 and IPv6
+    run = _start(["--lab", rlab.name, "--format", "json", "--record", rec], tmp_path)
+    links = tracer_links(run.pid)
+    assert len(links) == 2 * 2 and links <= link_ids()    # PRE_ROUTING, LOCAL_OUT; IPv4, IPv6
     lab.traffic(rlab.name, to=8000, count=6)
-    proc.send_signal(sig)
-    assert proc.wait(30) == 0
-    assert netfilter_links() == before
+    assert run.stop(sig) == 0
+    assert not links & link_ids(), "a netfilter link outlived the tracer"
     lines = [json.loads(x) for x in open(tmp_path / "out") if x.strip()]
     assert lines[0]["type"] == "capture" and lines[-1]["type"] == "summary"
     assert len([r for r in lines if r["type"] == "flow"]) == 6
@@ -73,14 +77,13 @@ def test_signals_detach_flush_and_summarize(rlab, sig, tmp_path):
 
 def test_kill_9_leaves_no_hook_and_the_next_run_starts_cleanly(rlab, tmp_path):
     from bpftrace_hostport.records.reader import load
-    before = netfilter_links()
     rec = str(tmp_path / "rec.arrow")
-    proc = _start(["--lab", rlab.name, "--format", "none", "--record", rec], str(tmp_path))
+    run = _start(["--lab", rlab.name, "--format", "none", "--record", rec], tmp_path)
+    links = tracer_links(run.pid)
     lab.traffic(rlab.name, to=8000, count=5)
     time.sleep(1.5)                      # more than a second: what it saw is in the file
-    proc.kill()
-    proc.wait(10)
-    assert netfilter_links() == before, "kill -9 left a netfilter link behind"
+    run.stop(signal.SIGKILL)
+    assert links and not links & link_ids(), "kill -9 left a netfilter link behind"
     cap = load([rec])
     assert cap.truncated and len(cap.flows) == 5
     assert any("end marker" in n or "torn" in n for n in cap.notes), cap.notes
@@ -108,20 +111,20 @@ def test_deleted_namespace_ends_tracing_with_the_summary(tmp_path):
     name = unique("del")
     lab.down(name)
     st = lab.up(name=name, scenario="basic")
-    before = netfilter_links()
     try:
-        proc = _start(["--lab", name, "--format", "json"], str(tmp_path))
+        run = _start(["--lab", name, "--format", "json"], tmp_path)
+        links = tracer_links(run.pid)
         lab.traffic(name, to=8000, count=3)
         time.sleep(0.3)
         subprocess.run(["ip", "netns", "del", st.node_netns], check=True)
-        rc = proc.wait(30)
+        rc = run.proc.wait(30)
     finally:
         lab.down(name)
     err = open(tmp_path / "err").read()
     lines = [json.loads(x) for x in open(tmp_path / "out") if x.strip()]
     assert rc == 0 and "was deleted: tracing ended" in err, err
     assert lines[-1]["type"] == "summary" and lines[-1]["flows"] == 3
-    assert netfilter_links() == before
+    assert links and not links & link_ids()
 
 
 def test_full_disk_ends_with_a_clear_message_and_a_readable_recording(rlab, tmp_path):
