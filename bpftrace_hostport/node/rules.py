@@ -42,8 +42,22 @@ _PROTO_NAMES = {"tcp": "TCP", "udp": "UDP", "sctp": "SCTP", "6": "TCP", "17": "U
 # portmap: `dnat name: "net" id: "<container id>"` (trimmed to 256 chars, so the closing quote may go)
 _PORTMAP_ID = re.compile(r'\bid: "([^"]+)"?')
 # CRI-O (and kubelet's old dockershim hostport code): `<sandbox name> hostport 8000`
-_CRIO_HOSTPORT = re.compile(r"\bhostport (\d+)\s*$")
-_COUNTERS = re.compile(r"^\[(\d+):(\d+)\]\s+")
+_CRIO_HOSTPORT = re.compile(r"\bhostport ([0-9]+)\s*$")
+_COUNTERS = re.compile(r"^\[([0-9]+):([0-9]+)\]\s+")
+
+
+def _port(value) -> Optional[int]:
+    """A port number 1-65535 (an int, or ASCII digits), else None: 0, 99999, "²", True, "80-90"."""
+    if isinstance(value, str):
+        value = int(value) if value.isascii() and value.isdigit() and len(value) <= 5 else None
+    return value if type(value) is int and 1 <= value <= 65535 else None
+
+
+def _counter(value) -> Optional[int]:
+    """A packet or byte counter (a u64: an int, or ASCII digits), else None."""
+    if isinstance(value, str):
+        value = int(value) if value.isascii() and value.isdigit() and len(value) <= 20 else None
+    return value if type(value) is int and 0 <= value < 2 ** 64 else None
 
 
 # --------------------------------------------------------------------------- iptables-save
@@ -116,7 +130,7 @@ def parse_rule_line(line: str) -> Optional[_Rule]:
     packets = bytes_ = None
     m = _COUNTERS.match(line)
     if m:
-        packets, bytes_ = int(m.group(1)), int(m.group(2))
+        packets, bytes_ = _counter(m.group(1)), _counter(m.group(2))
         line = line[m.end():]
     tokens = tokenize(line)
     if len(tokens) < 2 or tokens[0][0] not in ("-A", "-I"):
@@ -147,7 +161,7 @@ def parse_rule_line(line: str) -> Optional[_Rule]:
             values.append(rest[i][0])
             i += 1
         if tok == "-c" and len(values) >= 2 and values[0].isdigit() and values[1].isdigit():
-            packets, bytes_ = int(values[0]), int(values[1])
+            packets, bytes_ = _counter(values[0]), _counter(values[1])
             negate = False
             continue
         args.append((negate, tok, values))
@@ -180,9 +194,7 @@ def _split_target(dest: str) -> Optional[Tuple[str, Optional[int]]]:
         return None
     if port is None or port == "":
         return addr, None
-    if not port.isdigit():
-        return None
-    return addr, int(port)
+    return (addr, _port(port)) if _port(port) else None
 
 
 def _host_ip(value: Optional[str]) -> Optional[str]:
@@ -199,9 +211,7 @@ def _host_ip(value: Optional[str]) -> Optional[str]:
 
 
 def _single_port(value: Optional[str]) -> Optional[int]:
-    if value is None or not value.isdigit():
-        return None  # absent, a range (8000:8010) or a name
-    return int(value)
+    return _port(value)  # None: absent, a range (8000:8010), a name or out of range
 
 
 def _family_of(addr: str, default: int) -> int:
@@ -278,7 +288,7 @@ def parse_iptables_save(text: str, family: int = 4, source: str = "iptables") ->
             if len(up_ports) == 1:
                 host_port = up_ports.pop()
             elif r.comment and _CRIO_HOSTPORT.search(r.comment):
-                host_port = int(_CRIO_HOSTPORT.search(r.comment).group(1))
+                host_port = _port(_CRIO_HOSTPORT.search(r.comment).group(1))
         if host_port is None:
             continue
         host_ip = _host_ip(r.get("-d", "--destination"))
@@ -323,11 +333,19 @@ def _proto_name(value) -> Optional[str]:
     return _PROTO_NAMES.get(str(value).lower())
 
 
+def _dict(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _nft_family(value, addr: str) -> int:
+    return _NFT_FAMILY.get(value if isinstance(value, str) else "", _family_of(addr, 4))
+
+
 def _nft_ports(right) -> List[int]:
-    if isinstance(right, int):
+    if _port(right) and not isinstance(right, str):
         return [right]
     if isinstance(right, dict) and isinstance(right.get("set"), list):
-        return [p for p in right["set"] if isinstance(p, int)]
+        return [p for p in right["set"] if _port(p) and not isinstance(p, str)]
     return []  # ranges, named sets, maps: no single hostPort
 
 
@@ -346,18 +364,19 @@ def _portmap_nft_rule(rule: dict) -> List[HostPortRule]:
     host_ip: Optional[str] = None
     packets = bytes_ = None
     dnat: Optional[dict] = None
-    for expr in rule.get("expr") or []:
+    exprs = rule.get("expr")
+    for expr in exprs if isinstance(exprs, list) else []:
         if not isinstance(expr, dict):
             continue
         if "match" in expr:
-            m = expr["match"] or {}
+            m = _dict(expr["match"])
             if m.get("op", "==") not in ("==", "in"):
                 continue
             left, right = m.get("left"), m.get("right")
             if not isinstance(left, dict):
                 continue
             if "payload" in left:
-                pl = left["payload"] or {}
+                pl = _dict(left["payload"])
                 p, f = pl.get("protocol"), pl.get("field")
                 if f == "dport" and (p == "th" or _proto_name(p)):
                     ports = _nft_ports(right)
@@ -367,11 +386,11 @@ def _portmap_nft_rule(rule: dict) -> List[HostPortRule]:
                     host_ip = _nft_addr(right)
                 elif (p, f) in (("ip", "protocol"), ("ip6", "nexthdr")):
                     proto = _proto_name(right) or proto
-            elif (left.get("meta") or {}).get("key") == "l4proto":
+            elif _dict(left.get("meta")).get("key") == "l4proto":
                 proto = _proto_name(right) or proto
         elif "counter" in expr and isinstance(expr["counter"], dict):
-            packets = expr["counter"].get("packets")
-            bytes_ = expr["counter"].get("bytes")
+            packets = _counter(expr["counter"].get("packets"))
+            bytes_ = _counter(expr["counter"].get("bytes"))
         elif "dnat" in expr and isinstance(expr["dnat"], dict):
             dnat = expr["dnat"]
     if dnat is None or proto is None or not ports:
@@ -384,12 +403,14 @@ def _portmap_nft_rule(rule: dict) -> List[HostPortRule]:
     except ValueError:
         return []
     port = dnat.get("port")
-    port = port if isinstance(port, int) else None
-    fam = _NFT_FAMILY.get(rule.get("family"), _family_of(addr, 4))
+    if port is not None and (isinstance(port, str) or not _port(port)):
+        return []  # a port range or nonsense: not a hostPort mapping
+    fam = _nft_family(rule.get("family"), addr)
+    comment = rule.get("comment")
     return [HostPortRule(
         proto=proto, host_port=hp, target_ip=addr, target_port=port if port is not None else hp,
         host_ip=host_ip, chain=f"{rule.get('table')}/{rule.get('chain')}",
-        container_id=rule.get("comment") or None, packets=packets, bytes=bytes_,
+        container_id=comment if isinstance(comment, str) and comment else None, packets=packets, bytes=bytes_,
         source="nftables", family=fam) for hp in ports]
 
 
@@ -402,15 +423,16 @@ def _crio_nft_map(m: dict) -> List[HostPortRule]:
     if types[-2:] != ["inet_proto", "inet_service"] or len(types) not in (2, 3):
         return []
     out: List[HostPortRule] = []
-    for item in m.get("elem") or []:
+    elems = m.get("elem")
+    for item in elems if isinstance(elems, list) else []:
         if not (isinstance(item, list) and len(item) == 2):
             continue
         key, value = item
         packets = bytes_ = None
         if isinstance(key, dict) and "elem" in key:
-            e = key["elem"] or {}
+            e = _dict(key["elem"])
             if isinstance(e.get("counter"), dict):
-                packets, bytes_ = e["counter"].get("packets"), e["counter"].get("bytes")
+                packets, bytes_ = _counter(e["counter"].get("packets")), _counter(e["counter"].get("bytes"))
             key = e.get("val")
         k = key.get("concat") if isinstance(key, dict) else None
         v = value.get("concat") if isinstance(value, dict) else None
@@ -421,11 +443,11 @@ def _crio_nft_map(m: dict) -> List[HostPortRule]:
             if len(k) != 3:
                 continue
             host_ip, k = _host_ip(str(k[0])), k[1:]
-        if len(k) != 2 or not isinstance(k[1], int) or not isinstance(v[1], int):
+        if len(k) != 2 or isinstance(k[1], str) or not _port(k[1]) or isinstance(v[1], str) or not _port(v[1]):
             continue
         proto = _proto_name(k[0])
         try:
-            addr = str(ipaddress.ip_address(v[0]))
+            addr = str(ipaddress.ip_address(v[0] if isinstance(v[0], str) else ""))
         except ValueError:
             continue
         if proto is None:
@@ -434,7 +456,7 @@ def _crio_nft_map(m: dict) -> List[HostPortRule]:
             proto=proto, host_port=k[1], target_ip=addr, target_port=v[1], host_ip=host_ip,
             chain=f"{m.get('table')}/{m.get('name')}", container_id=None,
             packets=packets, bytes=bytes_, source="crio",
-            family=_NFT_FAMILY.get(m.get("family"), _family_of(addr, 4))))
+            family=_nft_family(m.get("family"), addr)))
     return out
 
 
@@ -446,7 +468,7 @@ def parse_nft_json(text: str) -> List[HostPortRule]:
     """
     try:
         doc = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise UserError(
             "This text is not valid JSON from nftables; capture it with `nft -j list ruleset`.") from None
     items = doc.get("nftables") if isinstance(doc, dict) else None

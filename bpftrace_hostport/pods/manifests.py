@@ -39,6 +39,7 @@ __all__ = ["PodPlan", "load_manifests", "parse_manifests", "WORKLOAD_KINDS"]
 WORKLOAD_KINDS = ("Pod", "Deployment", "ReplicaSet", "ReplicationController",
                   "StatefulSet", "DaemonSet", "Job")
 PROTOCOLS = ("TCP", "UDP", "SCTP")
+MAX_PODS = 1000                         # replicas / parallelism of one workload: a node runs ~110 pods
 
 # k8s.io/apimachinery/pkg/util/rand: no vowels, no look-alikes (0/o, 1/l, 3/e).
 _ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
@@ -105,14 +106,20 @@ def load_documents(text: str, origin: str) -> List[Any]:
     a syntax error becomes a UserError that names the origin and the line.
     """
     text = text.lstrip("\ufeff")
+    too_big = UserError(f"{origin} holds a value that cannot be read (a number too long, nesting too deep "
+                        f"or a bad !!int or !!float); fix that value and try again.")
     if text.lstrip()[:1] in ("{", "["):
         try:
             return _json_documents(text)
         except json.JSONDecodeError as e:
             raise UserError(f"{origin} is not valid JSON (line {e.lineno}: {e.msg}); "
                             f"fix the syntax and try again.") from None
+        except (ValueError, RecursionError):      # > 4300 digits (int() refuses them), deep nesting
+            raise too_big from None
     try:
-        return [d for d in yaml.load_all(text, Loader=_Loader) if d is not None]
+        docs = [d for d in yaml.load_all(text, Loader=_Loader) if d is not None]
+    except (ValueError, RecursionError):          # !!float 'x', a 5000-digit number, deep nesting
+        raise too_big from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
         problem = getattr(e, "problem", None) or getattr(e, "context", None) or "syntax error"
@@ -120,6 +127,25 @@ def load_documents(text: str, origin: str) -> List[Any]:
         where = f"line {mark.line + 1}: " if mark is not None else ""
         raise UserError(f"{origin} is not valid YAML or JSON ({where}{problem}); "
                         f"fix the syntax and try again.") from None
+    if "*" in text and _expanded_size(docs, 2 * len(text) + 1000) > 2 * len(text) + 1000:
+        # Aliases of aliases ("billion laughs"): kubectl refuses them too (excessive aliasing).
+        raise UserError(f"{origin} uses YAML aliases that expand to far more than the file holds; "
+                        f"write the objects out in full.")
+    return docs
+
+
+def _expanded_size(docs: List[Any], limit: int) -> int:
+    """How many values `docs` hold with every alias expanded, counting no further than `limit`."""
+    count, stack = 0, list(docs)
+    while stack and count <= limit:
+        value = stack.pop()
+        count += 1
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, (list, tuple, set)):
+            stack.extend(value)
+    return count
 
 
 def _describe(value: Any) -> str:
@@ -128,10 +154,20 @@ def _describe(value: Any) -> str:
     if isinstance(value, dict):
         return "a mapping"
     if isinstance(value, str):
-        return f'"{value}"' if len(value) <= 40 else f'"{value[:37]}..."'
+        return _quoted(value)
     if value is None:
         return "empty"
-    return f"{value!r}"
+    try:
+        text = repr(value)
+    except ValueError:                      # an int of more than 4300 digits
+        return "a very long number"
+    return text if len(text) <= 40 else f"{text[:37]}..."
+
+
+def _quoted(text: str) -> str:
+    """A user's string in a message: quoted, on one line (newlines and the like escaped), short."""
+    short = text if len(text) <= 40 else text[:37] + "..."
+    return '"' + "".join(c if c.isprintable() else repr(c)[1:-1] for c in short) + '"'
 
 
 def _objects(docs: List[Any], origin: str) -> Iterator[Tuple[str, Dict[str, Any]]]:
@@ -148,7 +184,7 @@ def _objects(docs: List[Any], origin: str) -> Iterator[Tuple[str, Dict[str, Any]
         if kind == "List" or (kind.endswith("List") and "items" in obj):
             items = obj.get("items") or []
             if not isinstance(items, list):
-                raise UserError(f"{origin} {label} is a {kind} whose items is not a list; "
+                raise UserError(f"{origin} {label} is a {_quoted(kind)} whose items is not a list; "
                                 f"put the objects in a list under items.")
             for i, item in enumerate(items, 1):
                 yield from walk(item, f"{label} item {i}")
@@ -233,7 +269,7 @@ def _labels(value: Any, path: str, ctx: _Ctx) -> Dict[str, str]:
     labels = _mapping(value, path, ctx, required=False)
     for key, val in labels.items():
         if not isinstance(key, str) or not isinstance(val, str):
-            raise ctx.fail(f'has label {key!r} with value {val!r} in {path}, and Kubernetes only accepts strings',
+            raise ctx.fail(f'has label {_describe(key)} with value {_describe(val)} in {path}, and Kubernetes only accepts strings',
                            'quote the value, for example "1" or "true"')
     return dict(labels)
 
@@ -244,7 +280,7 @@ def _metadata(obj: Dict[str, Any], ctx: _Ctx, allow_generate: bool = False) -> T
     namespace = meta.get("namespace")
     if namespace is None or namespace == "":
         namespace = "default"
-    if not isinstance(namespace, str) or len(namespace) > 63 or not _DNS_LABEL.match(namespace):
+    if not isinstance(namespace, str) or len(namespace) > 63 or not _DNS_LABEL.fullmatch(namespace):
         raise ctx.fail(f"has metadata.namespace {_describe(namespace)}, which is not a valid namespace name",
                        "use lower-case letters, digits and '-' (at most 63 characters)")
     ctx.namespace = namespace
@@ -257,8 +293,8 @@ def _metadata(obj: Dict[str, Any], ctx: _Ctx, allow_generate: bool = False) -> T
     if not isinstance(name, str):
         raise ctx.fail(f"has metadata.name {_describe(name)}", "give it a name made of lower-case letters, digits, '-' and '.'")
     check = name.rstrip("-") if generated else name
-    if len(name) > 253 or not _DNS_SUBDOMAIN.match(check):
-        raise ctx.fail(f'has the invalid name "{name}"',
+    if len(name) > 253 or not _DNS_SUBDOMAIN.fullmatch(check):
+        raise ctx.fail(f'has the invalid name {_quoted(name)}',
                        "use lower-case letters, digits, '-' and '.', starting and ending with a letter or digit")
     ctx.name = name
     return namespace, name, generated
@@ -270,6 +306,12 @@ def _count(spec: Dict[str, Any], key: str, ctx: _Ctx, default: int = 1, path: st
         return default
     if not _is_int(value) or value < 0:
         raise ctx.fail(f"has {path}.{key} {_describe(value)}", f"set {path}.{key} to a whole number of 0 or more")
+    if key in ("replicas", "parallelism") and value > MAX_PODS:
+        raise ctx.fail(f"has {path}.{key} {_describe(value)}, more pods than one lab node runs",
+                       f"set {path}.{key} to {MAX_PODS} or fewer")
+    if value > 2 ** 31 - 1:
+        raise ctx.fail(f"has {path}.{key} {_describe(value)}, beyond what Kubernetes accepts (a 32-bit integer)",
+                       f"set {path}.{key} to {2 ** 31 - 1} or less")
     return value
 
 
@@ -309,8 +351,8 @@ def _containers(pod_spec: Dict[str, Any], spec_path: str, ctx: _Ctx) -> Tuple[bo
         cname = container.get("name")
         if not isinstance(cname, str) or not cname:
             raise ctx.fail(f"has container {i} without a name", "give every container a name")
-        if len(cname) > 63 or not _DNS_LABEL.match(cname):
-            raise ctx.fail(f'has a container with the invalid name "{cname}"',
+        if len(cname) > 63 or not _DNS_LABEL.fullmatch(cname):
+            raise ctx.fail(f'has a container with the invalid name {_quoted(cname)}',
                            "use lower-case letters, digits and '-' (at most 63 characters)")
         if cname in names:
             raise ctx.fail(f'has two containers named "{cname}"', "give each container its own name")
@@ -328,7 +370,7 @@ def _containers(pod_spec: Dict[str, Any], spec_path: str, ctx: _Ctx) -> Tuple[bo
                 raise ctx.fail(f"{where} is {_describe(port)}, not a mapping", "give each port a containerPort")
             pname = port.get("name")
             if pname is not None and pname != "":
-                if not isinstance(pname, str) or len(pname) > 15 or not _IANA_SVC_NAME.match(pname) \
+                if not isinstance(pname, str) or len(pname) > 15 or not _IANA_SVC_NAME.fullmatch(pname) \
                         or "--" in pname or not re.search(r"[a-z]", pname):
                     raise ctx.fail(f"{where} has the invalid name {_describe(pname)}",
                                    "use at most 15 lower-case letters, digits and '-', with at least one letter")
@@ -425,7 +467,11 @@ def _expand(obj: Dict[str, Any], kind: str, origin: str, label: str, source: obj
     if kind == "Pod":
         names.append((_generated(name, key(0), taken) if generated else name, {}))
     elif kind == "Deployment":
-        h = template_hash(template)
+        try:
+            h = template_hash(template)
+        except (ValueError, TypeError):     # a key that is not a string, an int of > 4300 digits
+            raise ctx.fail("has a spec.template that cannot be written as JSON (a key that is not a string, "
+                           "or a number too long)", "quote such keys and values") from None
         for i in range(_count(spec, "replicas", ctx)):
             names.append((_generated(f"{name}-{h}-", key(i), taken), {"pod-template-hash": h}))
     elif kind in ("ReplicaSet", "ReplicationController"):

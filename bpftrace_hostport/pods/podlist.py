@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from bpftrace_hostport.errors import UserError
 from bpftrace_hostport.model import ContainerPort, PodInfo
-from bpftrace_hostport.pods.manifests import PROTOCOLS, PodPlan, load_documents, read_source
+from bpftrace_hostport.pods.manifests import PROTOCOLS, PodPlan, _describe, load_documents, read_source
 
 __all__ = ["pod_from_k8s", "pod_to_k8s", "read_pod_list", "write_pod_list", "plan_to_pod"]
 
@@ -42,6 +42,39 @@ def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _shown(value: Any) -> str:
+    """A value in a message: its repr (newlines and the like escaped), cut short."""
+    try:
+        text = repr(value)
+    except ValueError:                      # an int of more than 4300 digits
+        return "a very long number"
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _get(obj: dict, key: str, want: type, where: str, path: str) -> Any:
+    """obj[key] when it is a `want` (str, list, dict, bool), None when absent, null or empty."""
+    value = obj.get(key)
+    if value is None or value == "" or value == [] or value == {}:
+        return None
+    if not isinstance(value, want):
+        what = {str: "a string", list: "a list", dict: "a mapping", bool: "true or false"}[want]
+        raise UserError(f"{where} has {path} {_shown(value)}, which is not {what}; {_HINT}.")
+    return value
+
+
+def _kind_name(kind: Any) -> str:
+    return kind if isinstance(kind, str) and kind.isprintable() and len(kind) <= 40 else _describe(kind)
+
+
+def _ip(value: Any, where: str, path: str) -> str:
+    try:
+        if not isinstance(value, str):
+            raise ValueError(value)
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise UserError(f"{where} has {path} {_shown(value)}, which is not an IP address; {_HINT}.") from None
+
+
 def _pod(obj: Any, where: str) -> PodInfo:
     if not isinstance(obj, dict):
         raise UserError(f"{where} is not a mapping; {_HINT}.")
@@ -49,63 +82,67 @@ def _pod(obj: Any, where: str) -> PodInfo:
     name = meta.get("name") if isinstance(meta, dict) else None
     if not isinstance(name, str) or not name:
         raise UserError(f"{where} has no metadata.name; give every pod a name or {_HINT}.")
-    namespace = meta.get("namespace") or "default"
-    where = f'{where} (pod "{namespace}/{name}")'
+    namespace = _get(meta, "namespace", str, where, "metadata.namespace") or "default"
+    where = f"{where} (pod {_describe(f'{namespace}/{name}')})"
     spec = obj.get("spec") or {}
     status = obj.get("status") or {}
     if not isinstance(spec, dict) or not isinstance(status, dict):
         raise UserError(f"{where} has a spec or status that is not a mapping; {_HINT}.")
 
     ports: List[ContainerPort] = []
-    containers = spec.get("containers") or []
-    if not isinstance(containers, list):
-        raise UserError(f"{where} has spec.containers that is not a list; {_HINT}.")
-    for container in containers:
+    for container in _get(spec, "containers", list, where, "spec.containers") or []:
         if not isinstance(container, dict):
             raise UserError(f"{where} has a container that is not a mapping; {_HINT}.")
-        cname = str(container.get("name") or "")
-        for port in container.get("ports") or []:
+        cname = _get(container, "name", str, where, "container name") or ""
+        at = f"{where} container {_describe(cname)}"
+        for port in _get(container, "ports", list, at, "ports") or []:
             if not isinstance(port, dict):
-                raise UserError(f'{where} container "{cname}" has a port that is not a mapping; {_HINT}.')
+                raise UserError(f"{at} has a port that is not a mapping; {_HINT}.")
             container_port = port.get("containerPort")
             host_port = port.get("hostPort") or None
             if not _int(container_port) or not 1 <= container_port <= 65535:
-                raise UserError(f'{where} container "{cname}" has containerPort {container_port!r}, '
+                raise UserError(f"{at} has containerPort {_shown(container_port)}, "
                                 f"which is not a port number from 1 to 65535; fix the port or {_HINT}.")
             if host_port is not None and (not _int(host_port) or not 1 <= host_port <= 65535):
-                raise UserError(f'{where} container "{cname}" has hostPort {host_port!r}, '
+                raise UserError(f"{at} has hostPort {_shown(host_port)}, "
                                 f"which is not a port number from 1 to 65535; fix the port or {_HINT}.")
             protocol = port.get("protocol") or "TCP"
             if protocol not in PROTOCOLS:
-                raise UserError(f'{where} container "{cname}" has protocol {protocol!r}; use TCP, UDP or SCTP.')
+                raise UserError(f"{at} has protocol {_shown(protocol)}; use TCP, UDP or SCTP.")
+            host_ip = _get(port, "hostIP", str, at, "hostIP")
             ports.append(ContainerPort(container=cname, container_port=container_port, protocol=protocol,
-                                       name=port.get("name") or None, host_port=host_port,
-                                       host_ip=port.get("hostIP") or None))
+                                       name=_get(port, "name", str, at, "port name"), host_port=host_port,
+                                       host_ip=_ip(host_ip, at, "hostIP") if host_ip else None))
 
     ips: List[str] = []
-    for entry in status.get("podIPs") or []:
+    for entry in _get(status, "podIPs", list, where, "status.podIPs") or []:
         ip = entry.get("ip") if isinstance(entry, dict) else entry
+        ip = _ip(ip, where, "status.podIPs") if ip else None
         if ip and ip not in ips:
-            ips.append(str(ip))
-    if not ips and status.get("podIP"):
-        ips.append(str(status["podIP"]))
+            ips.append(ip)
+    pod_ip = _get(status, "podIP", str, where, "status.podIP")
+    if not ips and pod_ip:
+        ips.append(_ip(pod_ip, where, "status.podIP"))
 
     container_ids = []
-    for cs in status.get("containerStatuses") or []:
-        cid = cs.get("containerID") if isinstance(cs, dict) else None
+    for cs in _get(status, "containerStatuses", list, where, "status.containerStatuses") or []:
+        cid = _get(cs, "containerID", str, where, "containerID") if isinstance(cs, dict) else None
         if cid:
-            container_ids.append(str(cid).split("://", 1)[-1])
+            container_ids.append(cid.split("://", 1)[-1])
 
+    start = status.get("startTime")
+    if not isinstance(start, _dt.datetime):     # a YAML loader may have made it one
+        start = _get(status, "startTime", str, where, "status.startTime")
     return PodInfo(
-        namespace=str(namespace),
+        namespace=namespace,
         name=name,
-        uid=meta.get("uid") or None,
-        node=spec.get("nodeName") or None,
+        uid=_get(meta, "uid", str, where, "metadata.uid"),
+        node=_get(spec, "nodeName", str, where, "spec.nodeName"),
         ips=tuple(ips),
-        host_network=bool(spec.get("hostNetwork", False)),
+        host_network=bool(_get(spec, "hostNetwork", bool, where, "spec.hostNetwork")),
         ports=tuple(ports),
-        phase=status.get("phase") or None,
-        start_time=_timestamp(status.get("startTime")),
+        phase=_get(status, "phase", str, where, "status.phase"),
+        start_time=_timestamp(start),
         container_ids=tuple(container_ids),
     )
 
@@ -208,7 +245,7 @@ def read_pod_list(path: str) -> List[PodInfo]:
             for i, item in enumerate(items, 1):
                 item_kind = item.get("kind") if isinstance(item, dict) else None
                 if item_kind not in (None, "Pod"):
-                    other_kinds.add(str(item_kind))
+                    other_kinds.add(_kind_name(item_kind))
                     continue                      # kubectl get pods,svc: keep the pods
                 pods.append(_pod(item, f"{label} item {i}"))
                 found += 1
@@ -217,7 +254,7 @@ def read_pod_list(path: str) -> List[PodInfo]:
         elif kind == "Pod":
             pods.append(_pod(doc, label))
         else:
-            what = f"a {kind}" if kind else "an object without a kind"
+            what = f"a {_kind_name(kind)}" if kind else "an object without a kind"
             raise UserError(f"{label} is not a pod list but {what}; {_HINT}.")
     return pods
 

@@ -182,6 +182,14 @@ def _read_recording(name: str, src) -> Capture:
                 tables[kind].append(b)
             else:
                 rows.setdefault(kind, []).extend(_payloads(name, kind, b))
+    try:
+        return _recording_capture(name, notes, tables, rows)
+    except (pa.ArrowException, ValueError, IndexError, OverflowError, TypeError, KeyError):
+        raise UserError(f"{name} holds values no tracer writes (the file was changed after it was "
+                        "written); it cannot be read.") from None
+
+
+def _recording_capture(name: str, notes: List[str], tables: dict, rows: dict) -> Capture:
     metas = rows.get("meta") or [(None, _header(SCHEMA_VERSION, None))]
     header = metas[0][1]                      # with the writer's file_index
     if not notes:
@@ -203,13 +211,17 @@ def _stream(name: str, src, notes: List[str]) -> Iterator[pa.RecordBatch]:
         _check_schema(name, reader.schema)
         while True:
             batch = reader.read_next_batch()
+            # Every offset, index and UTF-8 string checked before anything reads it: a batch
+            # damaged on disk must end the file here, never crash the reader (or the process).
+            batch.validate(full=True)
             read += batch.num_rows
             yield batch
     except StopIteration:
         return
-    except (pa.ArrowInvalid, OSError):
-        notes.append(f"{name} ends in a torn batch after {read} rows (the tracer was killed or the "
-                     "disk filled); the report covers what was written before it.")
+    except (pa.ArrowException, OSError, ValueError, UnicodeDecodeError, IndexError, OverflowError):
+        notes.append(f"{name} ends in a torn or damaged batch after {read} rows (the tracer was "
+                     "killed, the disk filled, or the file was changed); the report covers what "
+                     "was written before it.")
 
 
 def _check_schema(name: str, schema: pa.Schema) -> None:
@@ -236,10 +248,13 @@ def _kinds(batch: pa.RecordBatch) -> List[Tuple[str, pa.RecordBatch]]:
 def _payloads(name: str, kind: str, b: pa.RecordBatch) -> List[Tuple[int, dict]]:
     ts = b.column("ts").cast(pa.int64()).fill_null(0).to_pylist()
     try:
-        return [(t, orjson.loads(p or "{}")) for t, p in zip(ts, b.column("payload").to_pylist())]
+        out = [(t, orjson.loads(p or "{}")) for t, p in zip(ts, b.column("payload").to_pylist())]
     except orjson.JSONDecodeError:
+        out = None
+    if out is None or not all(isinstance(obj, dict) for _, obj in out):
         raise UserError(f"{name} holds a damaged {kind} row; the file was changed after it was "
                         "written.") from None
+    return out
 
 
 def _end_notes(name: str, rows: Dict[str, list], tables: dict) -> List[str]:
@@ -251,8 +266,9 @@ def _end_notes(name: str, rows: Dict[str, list], tables: dict) -> List[str]:
         return [f"{name} has no end marker (the tracer was killed or the disk filled); the report "
                 f"covers the {got['flows']} flows written before."]
     end = rows["end"][0][1]
-    if any(end.get(k) != v for k, v in got.items()):
-        return [f"{name} says it holds {end.get('rows')} rows ({end.get('flows')} flows) but "
+    said = {k: end.get(k) if type(end.get(k)) is int else None for k in got}   # only numbers shown
+    if said != got:
+        return [f"{name} says it holds {said['rows']} rows ({said['flows']} flows) but "
                 f"{got['rows']} ({got['flows']} flows) were read; the report covers what was read."]
     return []
 

@@ -175,8 +175,9 @@ def test_torn_last_batch_keeps_the_earlier_rows(tmp_path):
         f.truncate((first + second) // 2)
     cap = load([str(path)])
     assert len(cap.flows) == 50 and cap.truncated
-    assert cap.notes == [f"{path} ends in a torn batch after 52 rows (the tracer was killed or the "
-                         "disk filled); the report covers what was written before it."]
+    assert cap.notes == [f"{path} ends in a torn or damaged batch after 52 rows (the tracer was "
+                         "killed, the disk filled, or the file was changed); the report covers what "
+                         "was written before it."]
     notes = []
     assert sum(b.num_rows for b in iter_flow_batches(str(path), notes)) == 50 and len(notes) == 1
 
