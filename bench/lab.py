@@ -1,0 +1,77 @@
+"""The bench's lab: bench/bench-hostport.yaml on a lab node, its client namespace tuned for
+many short connections, and iperf3 serving in the iperf pod."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from bench.config import CLIENT_PORT_RANGE, HTTP_HOST_PORT, IPERF_PORT, MANIFEST
+from bench.procs import BenchError, Procs, log, nsexec, run
+
+
+class BenchLab:
+    def __init__(self, name: str, procs: Procs, workdir: Path):
+        self.name = name
+        self.procs = procs
+        self.workdir = workdir
+        self.st = None
+        self.iperf_server: Optional[subprocess.Popen] = None
+
+    def up(self) -> None:
+        from bpftrace_hostport.lab import build as lab
+        log(f"lab up {self.name} ({MANIFEST.name})")
+        self.st = st = lab.up([str(MANIFEST)], name=self.name, ipv6=False)
+        self.node_ns = st.node_netns
+        self.node_ip = st.node_ip
+        self.client_ns = st.clients[0]["netns"]
+        self.http_pod = self._pod(HTTP_HOST_PORT)
+        self.iperf_pod = self._pod(IPERF_PORT)
+        lo, hi = CLIENT_PORT_RANGE
+        run(nsexec(self.client_ns, "sysctl", "-qw", f"net.ipv4.ip_local_port_range={lo} {hi}"))
+        run(nsexec(self.client_ns, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"))
+        self._start_iperf_server()
+
+    def _pod(self, host_port: int):
+        return next(p for p in self.st.pods if any(m.get("host_port") == host_port for m in p.ports))
+
+    def _start_iperf_server(self) -> None:
+        """The iperf pod's lab server holds containerPort 5201: iperf3 takes its place."""
+        if self.iperf_pod.server_pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.iperf_pod.server_pid, signal.SIGTERM)
+            for _ in range(100):
+                try:
+                    os.kill(self.iperf_pod.server_pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.05)
+        self.iperf_server = self.procs.start(
+            nsexec(self.iperf_pod.netns, "iperf3", "-s", "-p", str(IPERF_PORT)),
+            stdout=open(self.workdir / "iperf3-server.log", "wb"), stderr=subprocess.STDOUT)
+        for _ in range(100):
+            p = run(nsexec(self.iperf_pod.netns, "ss", "-Hltn", f"sport = :{IPERF_PORT}"), check=False)
+            if p.stdout.strip():
+                return
+            if self.iperf_server.poll() is not None:
+                raise BenchError("iperf3 -s exited at once: see iperf3-server.log")
+            time.sleep(0.05)
+        raise BenchError("iperf3 -s did not listen within 5 s")
+
+    def url(self) -> str:
+        return f"http://{self.node_ip}:{HTTP_HOST_PORT}/"
+
+    def namespaces(self) -> dict:
+        return {"node_netns": self.node_ns, "node_ip": self.node_ip, "client_netns": self.client_ns,
+                "http_pod_netns": self.http_pod.netns, "iperf_pod_netns": self.iperf_pod.netns}
+
+    def down(self) -> List[str]:
+        from bpftrace_hostport.lab import build as lab
+        if self.iperf_server is not None:
+            self.procs.stop(self.iperf_server)
+        log(f"lab down {self.name}")
+        return lab.down(self.name)

@@ -1,0 +1,149 @@
+"""The bench package without a kernel: statistics, per-round ratios, accounting, the readers
+of each tracer output, the markdown report, and both ways of starting it."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import analysis, markdown, readers
+from bench.config import ANALYSIS_MARK, MODES, TRACER_MODES
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_spread_quartiles_and_relative_spread():
+    s = analysis.spread([4.0, 1.0, 3.0, 2.0, 5.0, None])
+    assert (s["n"], s["median"], s["min"], s["max"], s["q1"], s["q3"], s["iqr"]) == (5, 3.0, 1.0, 5.0, 2.0, 4.0, 2.0)
+    assert s["rel_iqr"] == pytest.approx(2 / 3, abs=1e-4) and s["rel_range"] == pytest.approx(4 / 3, abs=1e-4)
+    one = analysis.spread([7.0])
+    assert one["q1"] == one["q3"] == 7.0 and one["iqr"] == 0.0
+    assert analysis.spread([None])["median"] is None
+
+
+def _summary(flows, lost=0):
+    return {"http_delivered": flows, "http_counted": flows, "http_answered": flows, "lost_events": lost,
+            "kernel": {"ringbuf_deferred": 0, "pending_full": 0, "flow_insert_errors": 0, "flows_created": flows},
+            "http_span_s": 5.0}
+
+
+def _trial(kind, mode, r, rps, busy_s, watcher_s=None, flows=None):
+    n = int(rps * 5)
+    mon = {"mode": mode}
+    if mode != "baseline":
+        mon.update(cpu_load_s=watcher_s, runtime_load_s=watcher_s, cpu_load_pct_of_core=watcher_s * 20)
+    if mode in TRACER_MODES:
+        mon.update(summary=_summary(n if flows is None else flows), attach_s=1.0, cpu_at_ready_s=0.3,
+                   wakeups_during_load=10, rss_at_ready_kb=70 * 1024, rss_anon_at_ready_kb=45 * 1024,
+                   rss_file_at_ready_kb=25 * 1024, rss_end_of_load_kb=72 * 1024,
+                   rss_anon_end_of_load_kb=47 * 1024, hwm_end_of_load_kb=72 * 1024, maxrss_kb=134 * 1024,
+                   startup_tree_pss_peak_kb=180 * 1024, cpu_total_s=1.0, stop_s=0.2,
+                   progs={"nf_prerouting_post_dnat": {"run_time_ns": n * 4000, "run_cnt": n * 10}},
+                   code={"bpf": "b1", "python": "p1"})
+    if mode == "conntrack":
+        mon["conntrack"] = {"events": 3 * n, "http_new_events": n - 5, "enobufs_warnings": 1}
+    t = {"kind": kind, "mode": mode, "round": r, "monitor": mon, "wall_s": 5.0, "machine_busy_cpu_s": busy_s,
+         "system_cpu_pct": {"idle": 10.0, "softirq": 30.0, "steal": 0.0}, "labserver_cpu_s": 4.5,
+         "pod_passive_opens": n, "client_active_opens": n}
+    if kind == "bulk":
+        t["iperf3"] = {"gbit_s": rps / 1000.0, "bytes": 10**9}
+    else:
+        t["wrk"] = {"rps": rps, "requests": n, "sent": n, "socket_errors": {"connect": 0}, "wrk_cpu_s": 3.0}
+    return t
+
+
+def _run(rounds=3):
+    trials = []
+    for r in range(rounds):
+        base = 20000 + 500 * r
+        for kind in ("conn", "bulk"):
+            for i, mode in enumerate(MODES):
+                rps = base * (1.0 - 0.05 * i)
+                trials.append(_trial(kind, mode, r, rps, busy_s=9.0 - 0.1 * i, watcher_s=0.05 * (i + 1)))
+    return trials
+
+
+def test_ratios_are_within_a_round():
+    ratios = analysis.round_ratios(_run())
+    # json is mode 3: 0.85 x its own round's baseline in every round, whatever the drift
+    assert ratios["json"]["ratio"] == pytest.approx([0.85] * 3)
+    busy = lambda i, r: (9.0 - 0.1 * i) / int((20000 + 500 * r) * (1 - 0.05 * i) * 5)  # noqa: E731
+    assert ratios["json"]["cpu_ratio"] == pytest.approx([busy(3, r) / busy(0, r) for r in range(3)])
+    assert ratios["json"]["bulk_ratio"] == pytest.approx([0.85] * 3)
+
+
+def test_accounting_counts_what_the_output_lacks():
+    t = _trial("conn", "record", 0, 1000, 9.0, 0.1, flows=4990)
+    a = analysis.accounting(t)
+    assert (a["unaccounted"], a["lost_flows"]) == (10, 10)
+    t["monitor"]["summary"] = dict(_summary(5000), lost_events=None, lost_events_exported=300, kernel={})
+    a = analysis.accounting(t)
+    assert (a["lost_flows"], a["lost_events_exported"]) == (0, 300)
+
+
+def test_analyse_and_render_a_run(tmp_path):
+    trials = _run()
+    res = analysis.analyse(trials)
+    assert res["checks"]["conn_ratio_json"]["value"] == pytest.approx(0.85)
+    assert res["checks"]["conn_ratio_json"]["met"] is False         # target: > 0.859
+    assert res["checks"]["lost_flows"]["met"] is True
+    assert res["checks"]["peak_mb"]["value"] == 180.0 and not res["checks"]["peak_mb"]["met"]
+    assert res["bpf_prog"]["all"]["ns_per_conn"] == pytest.approx(4000.0)
+    meta = {"command": "x", "date": "d", "kernel": "k", "cpus": 2, "cpu_model": "m", "json": "j", "rounds": 3,
+            "duration_s": 5.0, "iperf_duration_s": 5.0, "wall_s": 100.0,
+            "wrk": {"threads": 2, "connections": 64, "max_requests": 1},
+            "lab": {"name": "l"}, "source_at_start": {"commit": "c", "modified": []}, "source_at_end": {"commit": "c"}}
+    text = markdown.render({"meta": meta, "results": res})
+    assert "## Targets" in text and "trace --record FILE --format none" in text
+    path = tmp_path / "B.md"
+    path.write_text("old tables\n" + ANALYSIS_MARK + "\nhand-written\n")
+    markdown.write_markdown(path, text)
+    out = path.read_text()
+    assert out.startswith("# Benchmarks") and out.endswith(ANALYSIS_MARK + "\nhand-written\n")
+    assert "old tables" not in out
+
+
+def test_readers_metrics_and_json_lines(tmp_path):
+    text = ('bpftrace_hostport_flows_total{host_port="8000",node="n",proto="tcp"} 12.0\n'
+            'bpftrace_hostport_answered_flows_total{host_port="8000",node="n",proto="tcp"} 11.0\n'
+            'bpftrace_hostport_flows_total{host_port="5201",node="n",proto="tcp"} 2.0\n'
+            'bpftrace_hostport_lost_events_total{node="n"} 3.0\n')
+    m = readers.metrics(text)
+    assert (m["http_counted"], m["http_delivered"], m["lost_events"], m["lost_events_exported"]) == (12, 11, None, 3)
+    p = tmp_path / "c.jsonl"
+    flows = [{"type": "flow", "ts": f"2026-01-01T00:00:0{i}.000000Z", "host_port": 8000} for i in range(3)]
+    summary = {"type": "summary", "lost_events": 0, "flows": 3, "mappings": [{"host_port": 8000, "flows": 3, "answered": 3}]}
+    p.write_text("".join(json.dumps(r) + "\n" for r in [{"type": "capture"}, *flows, summary]))
+    j = readers.json_lines(p)
+    assert (j["http_delivered"], j["http_counted"], j["http_span_s"]) == (3, 3, 2.0)
+
+
+def test_reader_of_a_recording(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    from bpftrace_hostport.records.schema import recording_schema
+    schema = recording_schema()
+
+    def rows(kind, n, **cols):
+        arrays = [pa.DictionaryArray.from_arrays(pa.array([0] * n, pa.int8()), pa.array([kind]))]
+        for fld in list(schema)[1:]:
+            arrays.append(pa.array(cols[fld.name], fld.type) if fld.name in cols else pa.nulls(n, fld.type))
+        return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+    summary = {"type": "summary", "lost_events": 0, "mappings": [{"host_port": 8000, "flows": 3, "answered": 3}]}
+    path = tmp_path / "r.arrow"
+    with pa.OSFile(str(path), "wb") as f, pa.ipc.new_stream(f, schema) as w:
+        w.write_batch(rows("flow", 3, host_port=[8000, 8000, 5201], ts=[0, 10**9, 5 * 10**9]))
+        w.write_batch(rows("summary", 1, payload=[json.dumps(summary)]))
+    r = readers.recording(path)
+    assert (r["http_delivered"], r["http_counted"], r["http_span_s"]) == (2, 3, 1.0)
+
+
+@pytest.mark.parametrize("cmd", [["-m", "bench.run"], ["bench/run.py"]])
+def test_both_entry_points_start(cmd, tmp_path):
+    p = subprocess.run([sys.executable, *cmd, "--help"], cwd=str(ROOT), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "--quick" in p.stdout
+    # from elsewhere too: the script puts the repo root, not bench/, on the path
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--help"], cwd=str(tmp_path),
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
