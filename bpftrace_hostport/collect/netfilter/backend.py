@@ -31,9 +31,11 @@ class NetfilterBackend:
             debug_print_program=opts.debug_print_program))
         self.clock = ev.Clock()
         self.decoder: Optional[ev.FlowDecoder] = None
+        self.finished = False
         self.drain: Optional[_RingDrain] = None
         self.miss_seen: Dict[ev.MissKey, int] = {}
         self.reported = 0
+        self.evicted = 0          # pending flows gone from the flow table before their report
 
     def start(self, local_addrs: List[str]) -> str:
         self.probe.set_local_addrs(local_addrs)
@@ -59,9 +61,14 @@ class NetfilterBackend:
     def poll(self) -> FlowBatch:
         return self._decode(self.drain.take())
 
+    def _claimed(self, pend: List[Optional[bytes]]) -> List[bytes]:
+        raws = [raw for raw in pend if raw is not None]
+        self.evicted += len(pend) - len(raws)        # None: evicted before its report, lost
+        return raws
+
     def expire(self) -> FlowBatch:
         pend = self.probe.take_pending(ev.Clock.now_mono_ns() - int(self.opts.timeout * 1e9))
-        return self._decode([raw for raw in pend if raw is not None])   # None: evicted, counted lost
+        return self._decode(self._claimed(pend))
 
     def misses(self) -> List[dict]:
         out = []
@@ -77,7 +84,8 @@ class NetfilterBackend:
         """Everything still in the kernel: answered records in the ring, then every flow pending."""
         self.drain.stop()
         raws = self.drain.take() + self.probe.consume()
-        raws += [raw for raw in self.probe.take_pending(None) if raw is not None]
+        raws += self._claimed(self.probe.take_pending(None))
+        self.finished = True
         return self._decode(raws)
 
     def counters(self) -> dict:
@@ -94,9 +102,13 @@ class NetfilterBackend:
             d.update(reason=self.probe.drop_names.get(reason, f"REASON_{reason}"), count=int(count))
             drops.append(d)
         # Every flow the kernel created must be reported once; the rest were lost (pending
-        # queue full, evicted before reported), and so are refused inserts and counters.
-        lost = (max(0, stats["flows_created"] - self.reported) + stats["flow_insert_errors"]
-                + stats["counter_full"])
+        # queue full, evicted before reported), and so are refused inserts and counters. While
+        # tracing, flows still in flight are neither: only losses already certain are counted.
+        errors = stats["flow_insert_errors"] + stats["counter_full"]
+        if self.finished:
+            lost = max(0, stats["flows_created"] - self.reported) + errors
+        else:
+            lost = stats["pending_full"] + self.evicted + stats["reuse_lost"] + errors
         return {"mappings": mappings, "drops": drops, "kernel": stats, "lost": lost,
                 "reported": self.reported}
 

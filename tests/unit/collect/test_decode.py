@@ -118,3 +118,27 @@ def test_miss_and_mapping_keys():
                    "client_ip": "10.0.0.10", "node_ip": "10.0.0.1", "host_port": 9100, "hook": "output", "count": 3}
     mp = SimpleNamespace(family=4, proto=17, host_port=socket.htons(5353), pod_port=socket.htons(53), pod_addr=a16("10.0.1.9"))
     assert ev.decode_mapping(mp) == {"proto": "udp", "family": 4, "host_port": 5353, "pod_ip": "10.0.1.9", "pod_port": 53}
+
+
+def test_flows_in_flight_are_not_lost_until_the_end():
+    """While tracing, created-but-unreported flows are in flight, not lost; at the end they are."""
+    from bpftrace_hostport.collect.netfilter.backend import NetfilterBackend
+
+    class Probe:
+        drop_names = {}
+
+        def read_stats(self):
+            return {"flows_created": 10, "flow_insert_errors": 0, "counter_full": 1,
+                    "pending_full": 2, "reuse_lost": 0}
+
+        def read_mappings(self):
+            return []
+
+        def read_drops(self):
+            return []
+
+    b = object.__new__(NetfilterBackend)
+    b.probe, b.reported, b.evicted, b.finished = Probe(), 5, 1, False
+    assert b.counters()["lost"] == 2 + 1 + 1          # pending full, evicted, counter full
+    b.finished = True
+    assert b.counters()["lost"] == (10 - 5) + 1
