@@ -72,6 +72,11 @@ def entered(name: Optional[str]) -> Iterator[None]:
     saved = os.open("/proc/self/ns/net", os.O_RDONLY)
     try:
         pr_netns.setns(path_of(name), flags=0)
+    except PermissionError:
+        os.close(saved)
+        raise UserError(f"Entering network namespace {name} needs CAP_SYS_ADMIN: run as root "
+                        "(in a container: add SYS_ADMIN, or run it in that namespace).") from None
+    try:
         yield
     finally:
         pr_netns.setns(saved, flags=0)

@@ -6,42 +6,20 @@ packets (analysis/pcapng.py).
 """
 from __future__ import annotations
 
-import math
-from typing import Iterator, List
+from typing import List
 
 import orjson
 
 from bpftrace_hostport.errors import UserError
+from bpftrace_hostport.records.reader import flow_records, miss_records
 from bpftrace_hostport.records.schema import SCHEMA_VERSION, field_names
 
-CHUNK = 50_000
+CHUNK = 50_000             # flows per recording batch when converting
 
 
 def _columns(df) -> List[str]:
     fields = [f for f in field_names("flow") if f != "type"]
     return fields + [c for c in ("node", "source") if c in df.columns]
-
-
-def flow_dicts(df) -> Iterator[dict]:
-    """The flow rows as JSON "flow" records (schema order), chunk by chunk."""
-    fields = [f for f in field_names("flow") if f != "type"]
-    for start in range(0, len(df), CHUNK):
-        part = df.iloc[start:start + CHUNK]
-        ts = part["ts"].dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ").tolist()
-        cols = {f: part[f].astype(object).tolist() for f in fields if f != "ts"}
-        for i in range(len(part)):
-            rec = {"type": "flow", "ts": ts[i]}
-            for f in fields[1:]:
-                v = cols[f][i]
-                rec[f] = None if v is None or (isinstance(v, float) and math.isnan(v)) or v is _NA else v
-            yield rec
-
-
-try:
-    import pandas as _pd
-    _NA = _pd.NA
-except ImportError:  # pragma: no cover
-    _NA = object()
 
 
 def _header(cap) -> dict:
@@ -75,14 +53,14 @@ def export_capture(cap, to: str, out: str) -> int:
     if to == "pcapng":
         from bpftrace_hostport.analysis.pcapng import write_pcapng
         with _write(out, "wb") as f:
-            write_pcapng(flow_dicts(df), f)
+            write_pcapng(flow_records(df), f)
         return len(df)
     if to == "jsonl":
         with _write(out, "wb") as f:
             f.write(orjson.dumps(_header(cap)) + b"\n")
-            for rec in flow_dicts(df):
+            for rec in flow_records(df):
                 f.write(orjson.dumps(rec) + b"\n")
-            for rec in _miss_dicts(cap.misses):
+            for rec in miss_records(cap.misses):
                 f.write(orjson.dumps(rec) + b"\n")
             for s in cap.summaries:
                 f.write(orjson.dumps({k: v for k, v in s.items() if k not in ("node", "source")}) + b"\n")
@@ -90,30 +68,18 @@ def export_capture(cap, to: str, out: str) -> int:
     return _to_recording(cap, out)
 
 
-def _miss_dicts(df) -> Iterator[dict]:
-    if df is None or len(df) == 0:
-        return
-    fields = [f for f in field_names("miss") if f != "type"]
-    ts = df["ts"].dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ").tolist()
-    cols = {f: df[f].astype(object).tolist() for f in fields if f != "ts" and f in df.columns}
-    for i in range(len(df)):
-        rec = {"type": "miss", "ts": ts[i]}
-        rec.update({f: (None if cols[f][i] is _NA else cols[f][i]) for f in cols})
-        yield rec
-
-
 def _to_recording(cap, out: str) -> int:
     from bpftrace_hostport.collect.batch import FlowBatch
     from bpftrace_hostport.records.recording import RecordingWriter
     w = RecordingWriter(out, _header(cap))
     chunk: List[dict] = []
-    for rec in flow_dicts(cap.flows):
+    for rec in flow_records(cap.flows):
         chunk.append(rec)
         if len(chunk) >= CHUNK:
             w.write_flows(FlowBatch.from_records(chunk))
             chunk = []
     w.write_flows(FlowBatch.from_records(chunk))
-    w.write_misses(list(_miss_dicts(cap.misses)))
+    w.write_misses(list(miss_records(cap.misses)))
     for snap in cap.snapshots:
         w.write_snapshot(snap["kind"], snap.get("items", []))
     for s in cap.summaries:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import List
 
 import click
 
@@ -16,7 +15,10 @@ from bpftrace_hostport.cli.options import Fail, load_pods, user_errors
 @click.option("--json", "as_json", is_flag=True, help="Print the summary record as JSON.")
 @user_errors
 def summary(capture, pod_files, as_json):
-    """Summarize a capture written by `trace --format json` (offline, on any machine).
+    """The summary table of a capture (a recording or JSON lines), on any machine.
+
+    The figures are the kernel's, as the capture's summary record holds them; --pods only
+    names pods the capture did not. `report` says more.
 
     \b
     Example:
@@ -24,26 +26,21 @@ def summary(capture, pod_files, as_json):
     """
     from bpftrace_hostport.analysis.aggregate import name_mappings, summarize
     from bpftrace_hostport.analysis.render import render_summary
-    from bpftrace_hostport.records.jsonl import read_jsonl
-    notes: List[str] = []
-    flows, misses, recorded = read_jsonl(capture, notes)
-    index = load_pods(pod_files)
-    if recorded is not None:
+    from bpftrace_hostport.records.reader import flow_records, miss_records
+    index = load_pods(pod_files)           # a bad --pods file is said before the capture is read
+    cap = _load([capture])
+    if cap.summaries:
         # The kernel's figures as recorded: pod names are filled in, numbers never recomputed.
+        recorded = {k: v for k, v in cap.summaries[-1].items() if k not in ("node", "source")}
         s = name_mappings(recorded, index.names)
     else:
-        notes.append(f"{capture} has no summary record (the tracer did not end cleanly): "
-                     "the figures below are recomputed from its flow records and may be incomplete.")
-        s = summarize(flows, misses, None, None, _span(flows), 0, pod_names=index.names)
-    for n in notes:
-        click.echo(f"note: {n}", err=True)
+        click.echo(f"note: {capture} has no summary record: the figures below are recomputed from "
+                   "its flow records and may be incomplete.", err=True)
+        ts = cap.flows["ts"]
+        span = (ts.max() - ts.min()).total_seconds() if len(ts) > 1 else 0.0
+        s = summarize(list(flow_records(cap.flows)), list(miss_records(cap.misses)), None, None,
+                      span, 0, pod_names=index.names)
     click.echo(json.dumps(s) if as_json else render_summary(s))
-
-
-def _span(flows) -> float:
-    from datetime import datetime
-    ts = sorted(datetime.fromisoformat(f["ts"].replace("Z", "+00:00")) for f in flows if f.get("ts"))
-    return (ts[-1] - ts[0]).total_seconds() if len(ts) > 1 else 0.0
 
 
 # -- report --------------------------------------------------------------------------------

@@ -783,13 +783,18 @@ def _in_netns(netns: Optional[str], view: NodeView, route_ips: List[str]) -> Dic
         read_any = False
         for fname, proto, v6 in (("tcp", "TCP", False), ("tcp6", "TCP", True),
                                  ("udp", "UDP", False), ("udp6", "UDP", True)):
-            text = _read(f"/proc/net/{fname}")
+            text = _read(f"{_PROC_NET}/{fname}")
             read_any = read_any or text is not None
             sockets += _listening(text, proto, v6)
         view.listening = sorted(set(sockets))
         view.sockets_read = read_any
-        return {4: set((_read("/proc/net/ip_tables_names") or "").split()),
-                6: set((_read("/proc/net/ip6_tables_names") or "").split())}
+        return {4: set((_read(f"{_PROC_NET}/ip_tables_names") or "").split()),
+                6: set((_read(f"{_PROC_NET}/ip6_tables_names") or "").split())}
+
+
+# /proc/net is /proc/self/net: the namespace of the process's main thread. This code may run in
+# a thread that entered another namespace (the agent's check loop), so read the thread's own.
+_PROC_NET = "/proc/thread-self/net"
 
 
 def _conf_path(key: str) -> str:

@@ -16,6 +16,7 @@ Anything else wrong is a UserError naming the file (and line), never a traceback
 from __future__ import annotations
 
 import glob
+import math
 import io
 import os
 import sys
@@ -30,9 +31,10 @@ from bpftrace_hostport import proto as protomod
 from bpftrace_hostport.collect.batch import FlowBatch, ns_to_iso, unpack_addr
 from bpftrace_hostport.errors import UserError
 from bpftrace_hostport.records.anonymize import ADDR, distinct_addrs
+from bpftrace_hostport.records import check
 from bpftrace_hostport.records.capture import Capture
 from bpftrace_hostport.records.schema import (
-    CAPTURE, MAPPING, RECORDING_MAGIC, RECORDS, SCHEMA_VERSION, SUMMARY, Field, recording_schema)
+    CAPTURE, RECORDING_MAGIC, RECORDS, SCHEMA_VERSION, Field, field_names, recording_schema)
 
 STREAM_MAGIC = b"\xff\xff\xff\xff"        # an Arrow IPC stream's first message continuation
 STDIN_NAME = "<stdin>"
@@ -75,7 +77,7 @@ def iter_flow_batches(path: str, notes: Optional[List[str]] = None) -> Iterator[
                     yield FlowBatch.from_records(recs).to_arrow()
                 except (ValueError, OSError):             # an address that is not one
                     raise UserError(f"{path} holds a flow that cannot be converted between lines "
-                                    f"{nums[0]} and {nums[-1]}; {_FIX}.") from None
+                                    f"{nums[0]} and {nums[-1]}; {check.FIX}.") from None
 
 
 def detect(path: str) -> str:
@@ -350,16 +352,6 @@ def _with_origin(df: pd.DataFrame, node: str, source: str) -> pd.DataFrame:
 
 # ------------------------------------------------------------------------------- JSON lines
 
-_TYPES = {"string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,),
-          "object": (dict,), "array": (list,)}
-_WORDS = {"string": "a string", "integer": "an integer", "number": "a number",
-          "boolean": "true or false", "object": "an object", "array": "an array"}
-_CHOICES = {"proto": protomod.ALL, "family": (4, 6), "hook": tuple(protomod.HOOKS.values())}
-_V1_DEFAULTS = {"hook": "prerouting", "midstream": False, "masqueraded": False}   # not in old captures
-_MISSING = object()
-_FIX = "give the tracer's JSON-lines output or fix that line"
-
-
 def _read_jsonl(name: str, f) -> Capture:
     notes: List[str] = []
     lines = _JsonLines(name, f, notes)
@@ -370,7 +362,7 @@ def _read_jsonl(name: str, f) -> Capture:
             frames[kind].append(_frame(kind, cols))
         except (OverflowError, TypeError):          # beyond int64 (types were checked)
             raise UserError(f"{name} holds an integer too large for a {kind} field near line "
-                            f"{nums[0]}; {_FIX}.") from None
+                            f"{nums[0]}; {check.FIX}.") from None
     flows, misses = (pd.concat(frames[k], ignore_index=True) if frames[k] else _frame(k, {})
                      for k in ("flow", "miss"))
     header = lines.header or _header(1, (lines.summary or {}).get("backend"))
@@ -392,12 +384,11 @@ class _JsonLines:
         for lineno, rec in self._records():
             kind = rec.get("type") if isinstance(rec.get("type"), str) else None
             if kind == "capture" and first:
-                self.header = self._check(CAPTURE, rec, f"line {lineno}")
+                self.header = check.check_record(CAPTURE, rec, f"{self.name} line {lineno}",
+                                                 required=("schema",))
                 self._check_version()
             elif kind == "summary":
-                self.summary = self._check(SUMMARY, rec, f"line {lineno}")
-                for i, m in enumerate(rec["mappings"]):
-                    self._check(MAPPING, m, f"line {lineno}, mappings[{i}]")
+                self.summary = check.check_summary(rec, f"{self.name} line {lineno}")
             elif kind in pending:
                 pending[kind][0].append(rec)
                 pending[kind][1].append(lineno)
@@ -412,17 +403,11 @@ class _JsonLines:
 
     def columns(self, kind: str, recs: List[dict], nums: List[int]) -> Dict[str, list]:
         """The chunk's fields as checked columns, `ts` parsed to int64 ns."""
-        defaults = _V1_DEFAULTS if (self.header or {}).get("schema", 1) == 1 else {}
+        defaults = check.v1_defaults((self.header or {}).get("schema", 1))
         where = lambda i: f"{self.name} line {nums[i]}"          # noqa: E731
-        cols = _columns(RECORDS[kind], recs, where, defaults)
+        cols = check.check_columns(RECORDS[kind], recs, where, defaults)
         cols["ts"] = _iso_ns(cols["ts"], where)
         return cols
-
-    def _check(self, fields, rec, where: str) -> dict:
-        if not isinstance(rec, dict):
-            raise UserError(f"{self.name} {where} is not a JSON object; {_FIX}.")
-        _columns(fields, [rec], lambda i: f"{self.name} {where}", {})
-        return rec
 
     def _check_version(self) -> None:
         if self.header["schema"] > SCHEMA_VERSION:
@@ -441,50 +426,54 @@ class _JsonLines:
                     self.notes.append(f"{self.name} ends in a cut line {lineno} (the capture was "
                                       "interrupted); it was skipped.")
                     return
-                raise UserError(f"{self.name} line {lineno} is not JSON; {_FIX}.") from None
+                raise UserError(f"{self.name} line {lineno} is not JSON; {check.FIX}.") from None
             if not isinstance(rec, dict):
-                raise UserError(f"{self.name} line {lineno} is not a JSON object; {_FIX}.")
+                raise UserError(f"{self.name} line {lineno} is not a JSON object; {check.FIX}.")
             yield lineno, rec
 
 
-def _columns(fields: Sequence[Field], recs: List[dict], where: Callable[[int], str],
-             defaults: dict) -> Dict[str, list]:
-    """Each field of `recs` as a list, type-checked column by column (a set of the types seen,
-    not a check per value); the first bad value is named with its line."""
-    cols = {}
-    for f in fields:
-        if f.name == "type":
-            continue
-        default = defaults.get(f.name, None if f.nullable else _MISSING)
-        col = [r.get(f.name, default) for r in recs]
-        ok = _TYPES[f.type] + ((type(None),) if f.nullable else ())
-        choices = _CHOICES.get(f.name)
-        if not set(map(type, col)) <= set(ok) or (choices and not set(col) <= set(choices) | {None}):
-            i = next(i for i, v in enumerate(col)
-                     if type(v) not in ok or (choices and v is not None and v not in choices))
-            raise UserError(f"{where(i)}: {_problem(f, col[i], ok, choices)}; {_FIX}.")
-        cols[f.name] = col
-    return cols
-
-
-def _problem(f: Field, value, ok, choices) -> str:
-    if value is _MISSING:
-        return f"field {f.name} is missing"
-    shown = orjson.dumps(value).decode()[:40]
-    if type(value) in ok:
-        return f"field {f.name} should be one of {', '.join(map(str, choices))}, not {shown}"
-    return f"field {f.name} should be {_WORDS[f.type]}{' or null' if f.nullable else ''}, not {shown}"
-
-
 def _iso_ns(values: list, where: Callable[[int], str]) -> np.ndarray:
-    """ISO 8601 strings -> int64 ns (UTC), parsed as one column; a bad one is named."""
+    """ISO 8601 strings with their zone -> int64 ns (UTC), parsed as one column; a bad one (an
+    empty one, which pandas would take for "no time", or one without a zone) is named."""
+    zoned = all(v[-1:] == "Z" or v[-6:-5] in ("+", "-") for v in values)
     try:
-        return pd.to_datetime(values, utc=True, format="ISO8601").as_unit("ns").asi8
-    except (ValueError, OverflowError):
-        for i, v in enumerate(values):
-            try:
-                pd.to_datetime([v], utc=True, format="ISO8601").as_unit("ns")
-            except (ValueError, OverflowError):
-                raise UserError(f"{where(i)}: field ts should be an ISO 8601 time, not "
-                                f"{orjson.dumps(v).decode()[:40]}; {_FIX}.") from None
-        raise UserError(f"{where(0)}: the ts fields cannot be read as times; {_FIX}.") from None
+        ns = pd.to_datetime(values, utc=True, format="ISO8601").as_unit("ns").asi8 if zoned else None
+    except (ValueError, OverflowError, TypeError):
+        ns = None
+    if ns is not None and not (ns == np.iinfo(np.int64).min).any():
+        return ns
+    for i, v in enumerate(values):
+        if not check.is_time(v):
+            raise UserError(f"{where(i)}: field ts should be {check.TIME}, not {check.shown(v)}; "
+                            f"{check.FIX}.")
+    raise UserError(f"{where(0)}: the ts fields cannot be read as times; {check.FIX}.")
+
+
+# ------------------------------------------------------------------ frames -> JSON records
+
+def flow_records(df) -> Iterator[dict]:
+    """The flow rows as JSON "flow" records (schema order), chunk by chunk."""
+    fields = [f for f in field_names("flow") if f != "type"]
+    for start in range(0, len(df), _CHUNK):
+        part = df.iloc[start:start + _CHUNK]
+        ts = part["ts"].dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ").tolist()
+        cols = {f: part[f].astype(object).tolist() for f in fields if f != "ts"}
+        for i in range(len(part)):
+            rec = {"type": "flow", "ts": ts[i]}
+            for f in fields[1:]:
+                v = cols[f][i]
+                rec[f] = None if v is None or (isinstance(v, float) and math.isnan(v)) or v is pd.NA else v
+            yield rec
+
+
+def miss_records(df) -> Iterator[dict]:
+    """The miss rows as JSON "miss" records."""
+    if df is None or len(df) == 0:
+        return
+    fields = [f for f in field_names("miss") if f != "type"]
+    ts = df["ts"].dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ").tolist()
+    cols = {f: df[f].astype(object).tolist() for f in fields if f != "ts" and f in df.columns}
+    for i in range(len(df)):
+        rec = {"type": "miss", "ts": ts[i]}
+        rec.update({f: (None if cols[f][i] is pd.NA else cols[f][i]) for f in cols})
+        yield rec

@@ -1,7 +1,6 @@
 """Unit tests for analysis/aggregate.py and analysis/render.py (no kernel, no cluster)."""
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 from bpftrace_hostport.errors import UserError
 from bpftrace_hostport.analysis.aggregate import summarize
 from bpftrace_hostport.analysis.render import render_summary
-from bpftrace_hostport.records.jsonl import read_jsonl
+from bpftrace_hostport.records.reader import flow_records, load, miss_records
 
 
 def flow(**kw):
@@ -447,60 +446,54 @@ def test_render_accepts_json_roundtrip():
     assert render_summary(json.loads(json.dumps(s))) == render_summary(s)
 
 
-# ----------------------------------------------------------------------------- read_jsonl
+# ------------------------------------------------------- captures read back (records/reader.py)
 
-def test_read_jsonl_from_lines():
-    lines = [json.dumps(flow()), "", json.dumps(miss()), json.dumps({"type": "start"}),
-             json.dumps({"type": "summary", "flows": 1}) + "\n",
-             json.dumps({"type": "summary", "flows": 2}) + "\n"]
-    flows, misses, summary = read_jsonl(lines)
-    assert flows == [flow()]
-    assert misses == [miss()]
-    assert summary == {"type": "summary", "flows": 2}
-
-
-def test_read_jsonl_no_summary():
-    assert read_jsonl(io.StringIO(json.dumps(flow()) + "\n")) == ([flow()], [], None)
-
-
-def test_read_jsonl_from_path(tmp_path):
+def _write(tmp_path, lines):
     p = tmp_path / "trace.jsonl"
-    p.write_text("\n".join(json.dumps(r) for r in (flow(), miss(), flow(pod_ip="10.22.0.6"))) + "\n")
-    flows, misses, summary = read_jsonl(p)
-    assert len(flows) == 2 and len(misses) == 1 and summary is None
-    assert read_jsonl(str(p)) == (flows, misses, summary)
+    p.write_text("".join(line + "\n" for line in lines))
+    return p
 
 
-def test_read_jsonl_bad_line_names_file_and_line(tmp_path):
-    p = tmp_path / "trace.jsonl"
-    p.write_text(json.dumps(flow()) + "\n" + "\n" + "Attaching 3 probes...\n")
+def _flows(cap):
+    return list(flow_records(cap.flows))
+
+
+def test_capture_read_back_keeps_records_and_the_last_summary(tmp_path):
+    s1, s2 = (summarize([flow()], [], None, None, n, 0) for n in (1, 2))
+    p = _write(tmp_path, [json.dumps(flow()), "", json.dumps(miss()), json.dumps(s1), json.dumps(s2)])
+    cap = load([str(p)])
+    assert _flows(cap) == [dict(flow(), midstream=False)]
+    assert len(cap.misses) == 1 and cap.summaries[-1]["duration_s"] == 2
+
+
+def test_capture_without_summary_is_marked_truncated(tmp_path):
+    cap = load([str(_write(tmp_path, [json.dumps(flow())]))])
+    assert cap.summaries == [] and cap.truncated and cap.notes
+
+
+def test_bad_line_names_file_and_line(tmp_path):
+    p = _write(tmp_path, [json.dumps(flow()), "", "Attaching 3 probes..."])
     with pytest.raises(UserError) as err:
-        read_jsonl(p)
-    assert str(p) in str(err.value)
-    assert "line 3" in str(err.value)
+        load([str(p)])
+    assert str(p) in str(err.value) and "line 3" in str(err.value)
+    with pytest.raises(UserError, match="line 2 is not a JSON object"):
+        load([str(_write(tmp_path, [json.dumps(flow()), "[1, 2]"]))])
 
 
-def test_read_jsonl_bad_line_in_iterable():
-    with pytest.raises(UserError, match="line 2"):
-        read_jsonl([json.dumps(flow()), "{not json"])
-    with pytest.raises(UserError, match="line 1 is not a JSON object"):
-        read_jsonl(["[1, 2]"])
-
-
-def test_read_jsonl_missing_file(tmp_path):
-    p = tmp_path / "nope.jsonl"
+def test_missing_capture_names_the_file(tmp_path):
     with pytest.raises(UserError, match="nope.jsonl"):
-        read_jsonl(p)
+        load([str(tmp_path / "nope.jsonl")])
 
 
 def test_read_then_summarize_roundtrip(tmp_path):
-    p = tmp_path / "trace.jsonl"
     recs = [flow(latency_us=100.0), flow(latency_us=300.0), miss(host_port=9000, count=2)]
-    p.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    flows, misses, _ = read_jsonl(p)
-    s = summarize(flows, misses, None, None, 2, 0)
+    p = _write(tmp_path, [json.dumps(r) for r in recs])
+    cap = load([str(p)])
+    s = summarize(_flows(cap), list(miss_records(cap.misses)), None, None, 2, 0)
     p.write_text(p.read_text() + json.dumps(s) + "\n")
-    assert read_jsonl(p)[2] == s
+    got = {k: v for k, v in load([str(p)]).summaries[-1].items() if k not in ("node", "source")}
+    assert got == s
+
 
 
 def test_flow_aggregate_gives_the_same_summary_as_the_records():

@@ -49,7 +49,10 @@ def test_summary_of_a_capture(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("oops\n")
     res = CliRunner().invoke(cli, ["summary", str(bad)])
-    assert res.exit_code == 2 and "line 1" in res.output
+    assert res.exit_code == 2 and "neither a recording nor a JSON-lines capture" in res.output
+    bad.write_text('{"type": "flow"}\noops\n')
+    res = CliRunner().invoke(cli, ["summary", str(bad)])
+    assert res.exit_code == 2 and "line 2" in res.output
 
 
 def test_auto_backend_falls_back_to_conntrack_after_one_warning(monkeypatch):

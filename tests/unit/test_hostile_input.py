@@ -35,7 +35,8 @@ from bpftrace_hostport.node.nodeview import CtEntry, parse_conntrack_text
 from bpftrace_hostport.node.rules import parse_iptables_save, parse_nft_json
 from bpftrace_hostport.pods.manifests import PodPlan, load_documents, load_manifests
 from bpftrace_hostport.pods.podlist import pod_from_k8s, read_pod_list
-from bpftrace_hostport.records.jsonl import read_jsonl
+from bpftrace_hostport.records.reader import flow_records, miss_records
+from bpftrace_hostport.records.reader import load as load_capture
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 CORPUS = FIXTURES / "hostile"
@@ -169,14 +170,13 @@ def read_manifests(path: Path):
 
 
 def read_capture(path: Path):
-    notes: List[str] = []
-    got = outcome(read_jsonl, str(path), notes)
-    for n in notes:
-        sentence(n)
-    if got is not None:
-        flows, misses, summary = got
+    cap = outcome(load_capture, [str(path)])
+    if cap is not None:
+        for n in cap.notes:
+            sentence(n)
         from bpftrace_hostport.analysis.aggregate import summarize
-        summarize(flows, misses, None, None, 1.0, 0)     # the records go on to FlowBatch: no surprise
+        # the records go on to FlowBatch (summary, export to a recording): no surprise there
+        summarize(list(flow_records(cap.flows)), list(miss_records(cap.misses)), None, None, 1.0, 0)
 
 
 def read_recording(path: Path):
@@ -625,7 +625,7 @@ def test_corpus_through_the_parser(path):
         else:
             READERS[kind](path)
     fn = {"pods": read_pod_list, "manifest": lambda p: load_manifests([p]),
-          "jsonl": lambda p: read_jsonl(p, []), "nft": lambda p: parse_nft_json(Path(p).read_text())}.get(kind)
+          "jsonl": lambda p: load_capture([p]), "nft": lambda p: parse_nft_json(Path(p).read_text())}.get(kind)
     if fn is None or path.name in CORPUS_OK or (kind == "nft" and "nesting" not in path.name):
         return
     with pytest.raises(UserError):

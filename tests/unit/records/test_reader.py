@@ -81,7 +81,7 @@ def test_json_lines_and_recording_give_the_same_frames(tmp_path):
     ({"latency_us": "fast"}, "line 2: field latency_us should be a number or null, not \"fast\""),
     ({"client_ip": None}, "line 2: field client_ip should be a string, not null"),
     ({"proto": "icmp"}, "line 2: field proto should be one of tcp, udp, sctp, not \"icmp\""),
-    ({"ts": "yesterday"}, "line 2: field ts should be an ISO 8601 time, not \"yesterday\""),
+    ({"ts": "yesterday"}, "line 2: field ts should be an ISO 8601 time with its zone (years 1678 to 2261), such as 2026-01-01T00:00:00Z, not \"yesterday\""),
     ({"family": True}, "line 2: field family should be an integer, not true"),
 ])
 def test_bad_field_is_one_sentence_with_its_line(tmp_path, change, message):
@@ -104,7 +104,8 @@ def test_missing_field_and_bad_summary_are_named(tmp_path):
 
 
 def test_integer_too_large_is_one_sentence(tmp_path):
-    with pytest.raises(UserError, match="holds an integer too large for a flow field near line 1"):
+    with pytest.raises(UserError, match="line 1: field packets should be an integer of 0 or more, not "
+                                        "18446744073709551615"):
         load([jsonl(tmp_path, lines(dict(OLD_FLOW, packets=2**64 - 1)))])
 
 
