@@ -26,7 +26,9 @@ def run(cmd: Sequence[str], timeout: float = 30, check: bool = True) -> subproce
 
 
 def nsexec(ns: str, *cmd: str) -> List[str]:
-    return ["ip", "netns", "exec", ns, *cmd]
+    """argv running cmd in one of the bench lab's namespaces (the tool's netns.py says how)."""
+    from bpftrace_hostport.netns import command_prefix
+    return command_prefix(ns) + list(cmd)
 
 
 class Procs:

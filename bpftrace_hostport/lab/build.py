@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from bpftrace_hostport import netns as netns_mod
 from bpftrace_hostport.errors import UserError
 from bpftrace_hostport.lab import SCENARIOS
 from bpftrace_hostport.model import ContainerPort
@@ -62,7 +63,8 @@ class LabError(UserError):
 
 
 def _nsexec(ns: str, *cmd: str) -> List[str]:
-    return ["ip", "netns", "exec", ns, *cmd]
+    """argv running cmd in one of the lab's own namespaces (netns.py says how)."""
+    return netns_mod.command_prefix(ns) + list(cmd)
 
 
 @dataclass

@@ -29,8 +29,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 from bpftrace_hostport.model import ContainerPort, HostPortRule, PodInfo
+from bpftrace_hostport.netns import command_prefix_text
 from bpftrace_hostport.node.nodeview import (CtEntry, FilterTable, IptRule, NodeView, live_pods, local_pods, mappings,
-                       is_synthetic, netns_prefix_text, parse_rule_line, pod_label, rule_rank)
+                       is_synthetic, parse_rule_line, pod_label, rule_rank)
 
 __all__ = ["Finding", "findings", "CODES", "SEVERITIES", "has_errors"]
 
@@ -140,7 +141,7 @@ def _iface_of(view: NodeView, ip: str) -> Optional[str]:
 
 def _check_hostnetwork(view: NodeView, pods: List[PodInfo]) -> List[Finding]:
     out = []
-    px = netns_prefix_text(view.netns)
+    px = command_prefix_text(view.netns)
     for pod in pods:
         if not pod.host_network or not pod.host_ports:
             continue
@@ -235,7 +236,7 @@ def _check_missing_rules(view: NodeView, pods: List[PodInfo]) -> List[Finding]:
 
 
 def _leak_fix(view: NodeView, rules: List[HostPortRule]) -> str:
-    px = netns_prefix_text(view.netns)
+    px = command_prefix_text(view.netns)
     r = rules[0]
     if r.source in ("iptables-nft", "iptables-legacy") and r.chain and r.chain.startswith("CNI-DN-"):
         save, restore = _tool(r.source, r.family, save=True), _tool(r.source, r.family) + "-restore"
@@ -394,7 +395,7 @@ def _check_stale_conntrack(view: NodeView, pods: List[PodInfo]) -> List[Finding]
     """
     if not view.conntrack_read:
         return []
-    px = netns_prefix_text(view.netns)
+    px = command_prefix_text(view.netns)
     targets: Dict[Tuple[int, str, int], List[HostPortRule]] = {}
     for r in view.rules:
         targets.setdefault((r.family, r.proto, r.host_port), []).append(r)
@@ -488,7 +489,7 @@ def _remote_targets(view: NodeView, family: int) -> List[HostPortRule]:
 
 
 def _check_forwarding(view: NodeView) -> List[Finding]:
-    px = netns_prefix_text(view.netns)
+    px = command_prefix_text(view.netns)
     out = []
     for fam, key, code in ((4, "net.ipv4.ip_forward", "ip-forward-off"),
                            (6, "net.ipv6.conf.all.forwarding", "ipv6-forwarding-off")):
@@ -629,7 +630,7 @@ def _verdict(table: FilterTable, pkt: _Pkt) -> Tuple[str, Optional[str]]:
 
 
 def _check_forward(view: NodeView) -> List[Finding]:
-    px = netns_prefix_text(view.netns)
+    px = command_prefix_text(view.netns)
     out = []
     for table in view.filters:
         rules = _remote_targets(view, table.family)
@@ -696,7 +697,7 @@ def _check_forward(view: NodeView) -> List[Finding]:
 
 
 def _check_hooks(view: NodeView) -> List[Finding]:
-    px = netns_prefix_text(view.netns)
+    px = command_prefix_text(view.netns)
     out = []
     for nat in view.nat:
         if not any(t.startswith("CNI-DN-") for t, _, _ in nat.dnat_jumps):
@@ -730,7 +731,7 @@ def _localhost_rules(view: NodeView) -> List[HostPortRule]:
 
 
 def _check_localhost(view: NodeView) -> List[Finding]:
-    px = netns_prefix_text(view.netns)
+    px = command_prefix_text(view.netns)
     out = []
     ports = {(r.proto, r.host_port) for r in view.rules}
     seen4 = [e for e in view.conntrack if e.family == 4 and e.orig_dst.startswith("127.")
@@ -802,7 +803,7 @@ def _check_hairpin(view: NodeView) -> List[Finding]:
     address as source, a martian); a call to *another* pod on the bridge still works while
     bridge-nf-call-iptables=1, because br_netfilter un-DNATs the bridged reply.
     """
-    px = netns_prefix_text(view.netns)
+    px = command_prefix_text(view.netns)
     out = []
     for nat in view.nat:
         if not any(t.startswith("CNI-DN-") for t, _, _ in nat.dnat_jumps):

@@ -30,6 +30,7 @@ import subprocess
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from bpftrace_hostport import netns as netns_mod
 from bpftrace_hostport.errors import UserError
 from bpftrace_hostport.model import ContainerPort, HostPortRule, PodInfo
 from bpftrace_hostport.node import rules as rules_mod
@@ -38,7 +39,7 @@ __all__ = [
     "NodeView", "CtEntry", "NatSummary", "FilterTable", "NftForwardChain",
     "gather", "mappings", "rule_rank", "rule_conflicts", "live_pods", "local_pods", "this_node", "pod_index", "is_synthetic", "pod_label",
     "nat_summary", "filter_table", "parse_conntrack_text", "parse_sysctl_text",
-    "nft_forward_chains", "parse_rule_line", "netns_prefix_text",
+    "nft_forward_chains", "parse_rule_line",
 ]
 
 _TIMEOUT_S = 30
@@ -588,29 +589,12 @@ def mappings(view: NodeView) -> List[dict]:
 # --------------------------------------------------------------------------- gathering
 
 
-def netns_prefix_text(netns: Optional[str]) -> str:
-    """`ip netns exec NS ` (or `nsenter --net=PATH -- `) to put before a fix command; "" for None."""
-    if not netns:
-        return ""
-    if "/" in netns:
-        return f"nsenter --net={netns} -- "
-    return f"ip netns exec {netns} "
-
-
-def _prefix(netns: Optional[str]) -> List[str]:
-    if netns is None:
-        return []
-    if "/" in netns:
-        return ["nsenter", f"--net={netns}", "--"]
-    return ["ip", "netns", "exec", netns]
-
-
 def _run(netns: Optional[str], argv: Sequence[str], notes: List[str], what: str) -> Optional[str]:
     if shutil.which(argv[0]) is None:
         notes.append(f"{argv[0]} not found; skipped {what}.")
         return None
     try:
-        p = subprocess.run(_prefix(netns) + list(argv), capture_output=True, text=True, timeout=_TIMEOUT_S)
+        p = subprocess.run(netns_mod.command_prefix(netns) + list(argv), capture_output=True, text=True, timeout=_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         notes.append(f"{argv[0]} did not answer within {_TIMEOUT_S} s; skipped {what}.")
         return None
@@ -632,16 +616,6 @@ def _read(path: str) -> Optional[str]:
         return None
 
 
-def _enter(netns: Optional[str]):
-    from bpftrace_hostport import netns as netns_mod
-    if netns is not None and "/" in netns:
-        # A path (/proc/PID/ns/net): netns.entered() takes names and paths alike.
-        if not os.path.exists(netns):
-            raise UserError(f"Network namespace file {netns} does not exist; pass a name from "
-                            "`ip netns list` or an existing /proc/<pid>/ns/net path.")
-    return netns_mod.entered(netns)
-
-
 def _conntrack_netlink(netns: Optional[str]) -> List[CtEntry]:
     from pyroute2.netlink.nfnetlink.nfctsocket import AsyncNFCTSocket
 
@@ -657,7 +631,7 @@ def _conntrack_netlink(netns: Optional[str]) -> List[CtEntry]:
                 pr.get_attr("CTA_PROTO_DST_PORT") or 0, 6 if v6 else 4)
 
     async def dump(only_dnat: bool):
-        with _enter(netns):
+        with netns_mod.entered(netns):
             sock = AsyncNFCTSocket(nfgen_family=socket.AF_UNSPEC)
             await sock.setup_endpoint()      # the socket is created here, inside the namespace
         msgs = []
@@ -739,7 +713,7 @@ def _in_netns(netns: Optional[str], view: NodeView, route_ips: List[str]) -> Dic
     Returns the legacy (x_tables) tables that exist, by family, from /proc/net/ip*_tables_names.
     """
     from pyroute2 import IPRoute
-    with _enter(netns):
+    with netns_mod.entered(netns):
         ipr = IPRoute()
         try:
             ifnames: Dict[int, str] = {}
@@ -818,7 +792,6 @@ def gather(netns: Optional[str] = None, resolver_or_index: Any = None, *, node_n
     if netns is not None and os.geteuid() != 0:
         raise UserError("Entering another network namespace needs root: run it with sudo.")
     if netns is not None and "/" not in netns:
-        from bpftrace_hostport import netns as netns_mod
         netns_mod.require(netns)
     pod_list, known = _pods_of(resolver_or_index)
     pod_list = _drop_synthetic_duplicates(pod_list)

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
 import re
 import shutil
 import subprocess
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Tuple
 
+from bpftrace_hostport import netns as netns_mod
 from bpftrace_hostport.errors import UserError
 from bpftrace_hostport.model import HostPortRule
 
@@ -513,25 +513,6 @@ _TOOLS = (
 _TIMEOUT_S = 30
 
 
-def _netns_prefix(netns: Optional[str]) -> List[str]:
-    if netns is None:
-        return []
-    if "/" in netns:  # a path such as /proc/<pid>/ns/net or /run/netns/<name>
-        if not os.path.exists(netns):
-            raise UserError(f"Network namespace file {netns} does not exist; pass a name from "
-                            "`ip netns list` or an existing /proc/<pid>/ns/net path.")
-        if shutil.which("nsenter") is None:
-            raise UserError("nsenter is needed to enter a network namespace by path; "
-                            "install util-linux or pass a name from `ip netns list`.")
-        return ["nsenter", f"--net={netns}", "--"]
-    if not os.path.exists(os.path.join("/run/netns", netns)) and \
-            not os.path.exists(os.path.join("/var/run/netns", netns)):
-        raise UserError(f"Network namespace {netns!r} does not exist; pick one from `ip netns list`.")
-    if shutil.which("ip") is None:
-        raise UserError("The ip command is needed to enter a network namespace; install iproute2.")
-    return ["ip", "netns", "exec", netns]
-
-
 def _first_line(s: str) -> str:
     for ln in s.splitlines():
         if ln.strip():
@@ -566,7 +547,7 @@ def read_node_rules(netns: Optional[str] = None) -> Tuple[List[HostPortRule], Li
     a tool that is missing or fails is skipped and named in the notes, one sentence each. The same
     mapping seen through two backends is kept once (the copy with counters).
     """
-    prefix = _netns_prefix(netns)
+    prefix = netns_mod.command_prefix(netns)
     found: List[HostPortRule] = []
     notes: List[str] = []
     for tool in _TOOLS:

@@ -216,9 +216,10 @@ def test_cni_state_pods_standing_for_known_pods_are_dropped():
 
 
 def test_netns_prefix_text():
-    assert nv.netns_prefix_text(None) == ""
-    assert nv.netns_prefix_text("node1") == "ip netns exec node1 "
-    assert nv.netns_prefix_text("/proc/1/ns/net") == "nsenter --net=/proc/1/ns/net -- "
+    from bpftrace_hostport.netns import command_prefix_text
+    assert command_prefix_text(None) == ""
+    assert command_prefix_text("node1") == "ip netns exec node1 "
+    assert command_prefix_text("/proc/1/ns/net") == "nsenter --net=/proc/1/ns/net -- "
 
 
 def test_view_is_plain_data():

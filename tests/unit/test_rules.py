@@ -333,8 +333,10 @@ def test_read_node_rules_in_netns_prefixes_ip_netns_exec(monkeypatch):
     fake = FakeRun({"iptables-nft-save": "", "iptables-legacy-save": "", "ip6tables-nft-save": "",
                     "ip6tables-legacy-save": "", "nft": '{"nftables": []}'})
     monkeypatch.setattr(rules.subprocess, "run", fake)
+    from bpftrace_hostport import netns as netns_mod
     monkeypatch.setattr(rules.shutil, "which", lambda name: f"/usr/sbin/{name}")
-    monkeypatch.setattr(rules.os.path, "exists", lambda p: p == "/run/netns/node1")
+    monkeypatch.setattr(netns_mod.shutil, "which", lambda name: f"/usr/sbin/{name}")
+    monkeypatch.setattr(netns_mod.os.path, "exists", lambda p: p == "/var/run/netns/node1")
     assert read_node_rules("node1") == ([], [])
     assert all(c[:4] == ["ip", "netns", "exec", "node1"] for c in fake.calls)
     assert len(fake.calls) == 5
