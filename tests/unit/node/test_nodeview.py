@@ -10,7 +10,7 @@ from bpftrace_hostport.pods.index import PodIndex
 from bpftrace_hostport.pods.podlist import read_pod_list
 from bpftrace_hostport.node.rules import parse_iptables_save
 
-FX = Path(__file__).resolve().parent.parent / "fixtures" / "check"
+FX = Path(__file__).resolve().parents[2] / "fixtures" / "check"
 RULES_FX = FX.parent / "rules"
 
 

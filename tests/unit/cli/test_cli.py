@@ -6,7 +6,7 @@ from click.testing import CliRunner
 
 from bpftrace_hostport.cli import cli
 
-README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+README = (Path(__file__).resolve().parents[3] / "README.md").read_text()
 
 
 def all_commands(group=cli, prefix=()):

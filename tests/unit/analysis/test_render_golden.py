@@ -18,9 +18,9 @@ from bpftrace_hostport.cli import node as cli_node
 from bpftrace_hostport.model import ContainerPort, PodInfo
 from bpftrace_hostport.node import nodeview
 from bpftrace_hostport.node.check import findings
-from tests.unit.test_check import blackhole_view, lab_view
+from tests.unit.node.test_check import blackhole_view, lab_view
 
-GOLDEN = Path(__file__).resolve().parent.parent / "fixtures" / "golden"
+GOLDEN = Path(__file__).resolve().parents[2] / "fixtures" / "golden"
 WIDTHS = (80, 100, 160)
 UPDATE = os.environ.get("UPDATE_GOLDEN") == "1"
 HINT = "sudo bpftrace-hostport check --lab demo"

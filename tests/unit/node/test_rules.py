@@ -16,7 +16,7 @@ from bpftrace_hostport.errors import UserError
 from bpftrace_hostport.model import HostPortRule
 from bpftrace_hostport.node.rules import parse_iptables_save, parse_nft_json, read_node_rules
 
-FIX = Path(__file__).resolve().parent.parent / "fixtures" / "rules"
+FIX = Path(__file__).resolve().parents[2] / "fixtures" / "rules"
 
 ID_A = "9bb860b4a6e4acf959daf85d815086f49d8cfdfacce4f29f84f04e480fa3d7da"  # sha256("pod-a")
 ID_B = "274a81a3a76ae1289a4a97cfa266d1b25cbd3c8b7108070a314078898900671c"  # sha256("pod-b")
