@@ -15,7 +15,7 @@ from bpftrace_hostport.errors import UserError
 
 def _pod_source(pod_files: Sequence[str], pods_from: str, netns: Optional[str],
                 node_name: Optional[str], kubeconfig: Optional[str] = None) -> Tuple[Any, bool, List[str]]:
-    """(pods object for nodeview.gather, pods_known, notes). "none" asks no live source."""
+    """(pods object for node/gather.py's gather, pods_known, notes). "none" asks no live source."""
     from bpftrace_hostport.pods.sources import Resolver, resolve_sources
     sources, notes = resolve_sources(list(pod_files), pods_from=pods_from, netns=netns,
                                      node_name=node_name, kubeconfig=kubeconfig)
@@ -33,7 +33,7 @@ def _pod_source(pod_files: Sequence[str], pods_from: str, netns: Optional[str],
 def node_view(netns: Optional[str], lab_name: Optional[str], pod_files: Sequence[str],
               pods_from: Optional[str], node_name: Optional[str], kubeconfig: Optional[str] = None):
     """Gathers the node's rules, pods and conntrack (for rules, check and the agent)."""
-    from bpftrace_hostport.node.nodeview import gather
+    from bpftrace_hostport.node.gather import gather
     pod_files = list(pod_files)
     pods_from = pods_from_default(pods_from, pod_files)
     if lab_name:

@@ -68,7 +68,7 @@ class AgentSink(Sink):
 
     def run_check(self) -> List[dict]:
         from bpftrace_hostport.node.check import findings
-        from bpftrace_hostport.node.nodeview import gather
+        from bpftrace_hostport.node.gather import gather
         view = gather(self.opts.netns, self.index, node_name=self.opts.node_name, pods_known=True,
                       notes=[])
         return [f.to_dict() for f in findings(view)]

@@ -30,8 +30,9 @@ from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 from bpftrace_hostport.model import ContainerPort, HostPortRule, PodInfo
 from bpftrace_hostport.netns import command_prefix_text
-from bpftrace_hostport.node.nodeview import (CtEntry, FilterTable, IptRule, NodeView, live_pods, local_pods, mappings,
-                       is_synthetic, parse_rule_line, pod_label, rule_rank)
+from bpftrace_hostport.node.nodeview import (NodeView, is_synthetic, live_pods, local_pods, mappings,
+                                             pod_label, rule_rank)
+from bpftrace_hostport.node.parse import CtEntry, FilterTable, IptRule, parse_rule_line
 
 __all__ = ["Finding", "findings", "CODES", "SEVERITIES", "has_errors"]
 

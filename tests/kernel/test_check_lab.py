@@ -152,7 +152,7 @@ def test_leaked_rule_of_a_pod_gone_without_cni_del_is_found_and_its_fix_works(tm
 
 
 def test_stale_udp_lab_names_the_deleted_pods_ip_and_its_fix_works(monkeypatch):
-    from bpftrace_hostport.node import nodeview
+    from bpftrace_hostport.node import gather as gather_mod
     from bpftrace_hostport.node.check import findings
     from bpftrace_hostport.pods.podlist import read_pod_list
     with lab_up("stale-udp") as (name, st):
@@ -163,8 +163,8 @@ def test_stale_udp_lab_names_the_deleted_pods_ip_and_its_fix_works(monkeypatch):
         assert rc == 1 and f["severity"] == "error" and dead in f["message"]
         # The same answer when ctnetlink cannot be used and `conntrack -L` is parsed instead.
         with monkeypatch.context() as m:
-            m.setattr(nodeview, "_conntrack_netlink", lambda netns: (_ for _ in ()).throw(OSError("no netlink")))
-            view = nodeview.gather(st.node_netns, read_pod_list(str(st.pods_file)), node_name=st.node_name)
+            m.setattr(gather_mod, "_conntrack_netlink", lambda netns: (_ for _ in ()).throw(OSError("no netlink")))
+            view = gather_mod.gather(st.node_netns, read_pod_list(str(st.pods_file)), node_name=st.node_name)
         assert any("conntrack tool" in n for n in view.notes)
         (g,) = [x for x in findings(view) if x.code == "stale-conntrack"]
         assert (g.message, g.fix) == (f["message"], f["fix"])
@@ -175,7 +175,7 @@ def test_stale_udp_lab_names_the_deleted_pods_ip_and_its_fix_works(monkeypatch):
         time.sleep(0.5)       # the client sends 10 datagrams a second: its next one meets dns-v2's rule
         rc, found = check(name)
         assert "stale-conntrack" not in codes(found) and rc == 0, found
-        from bpftrace_hostport.node.nodeview import gather
+        from bpftrace_hostport.node.gather import gather
         view = gather(st.node_netns, None)
         assert any(e.orig_dport == 5353 and e.reply_src == new for e in view.conntrack)
 

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from bpftrace_hostport.cli import cli
 from bpftrace_hostport.errors import UserError
 from bpftrace_hostport.model import ContainerPort, HostPortRule, PodInfo
-from bpftrace_hostport.node.nodeview import CtEntry, parse_conntrack_text
+from bpftrace_hostport.node.parse import CtEntry, parse_conntrack_text
 from bpftrace_hostport.node.rules import parse_iptables_save, parse_nft_json
 from bpftrace_hostport.pods.manifests import PodPlan, load_documents, load_manifests
 from bpftrace_hostport.pods.podlist import pod_from_k8s, read_pod_list

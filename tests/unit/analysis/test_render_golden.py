@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from bpftrace_hostport.analysis.render import BREAKS, render_live, render_summary, wrap
 from bpftrace_hostport.cli import node as cli_node
 from bpftrace_hostport.model import ContainerPort, PodInfo
-from bpftrace_hostport.node import nodeview
+from bpftrace_hostport.node import gather as gather_mod
 from bpftrace_hostport.node.check import findings
 from tests.unit.node.test_check import blackhole_view, lab_view
 
@@ -119,7 +119,7 @@ def test_live_frame_fits_the_terminal(width, height):
 
 
 def fake_view(monkeypatch, view):
-    monkeypatch.setattr(nodeview, "gather", lambda *a, **k: view)
+    monkeypatch.setattr(gather_mod, "gather", lambda *a, **k: view)
 
 
 def invoke(cmd, args, width):

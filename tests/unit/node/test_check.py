@@ -8,10 +8,12 @@ from click.testing import CliRunner
 
 from bpftrace_hostport.node import check
 from bpftrace_hostport.cli import node as cli_node
+from bpftrace_hostport.node import gather as gather_mod
 from bpftrace_hostport.node import nodeview
 from bpftrace_hostport.node.check import CODES, findings
-from bpftrace_hostport.node.nodeview import (NodeView, filter_table, nat_summary, nft_forward_chains,
-                                        parse_conntrack_text, parse_sysctl_text)
+from bpftrace_hostport.node.nodeview import NodeView
+from bpftrace_hostport.node.parse import (filter_table, nat_summary, nft_forward_chains, parse_conntrack_text,
+                                          parse_sysctl_text)
 from bpftrace_hostport.pods.podlist import read_pod_list
 from bpftrace_hostport.node.rules import parse_iptables_save
 
@@ -440,7 +442,7 @@ def fake_gather(monkeypatch):
     def fake(netns, pods, *, node_name=None, pods_known=None, notes=()):
         box.update(netns=netns, pods=pods, node_name=node_name, pods_known=pods_known)
         return box["view"]
-    monkeypatch.setattr(nodeview, "gather", fake)
+    monkeypatch.setattr(gather_mod, "gather", fake)
     return box
 
 

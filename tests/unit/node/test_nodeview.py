@@ -2,10 +2,12 @@
 import json
 from pathlib import Path
 
+from bpftrace_hostport.node import gather as gather_mod
 from bpftrace_hostport.node import nodeview as nv
 from bpftrace_hostport.model import ContainerPort, HostPortRule, PodInfo
-from bpftrace_hostport.node.nodeview import (NodeView, filter_table, mappings, nat_summary, nft_forward_chains,
-                                        parse_conntrack_text, parse_rule_line, parse_sysctl_text)
+from bpftrace_hostport.node.nodeview import NodeView, mappings
+from bpftrace_hostport.node.parse import (filter_table, nat_summary, nft_forward_chains, parse_conntrack_text,
+                                          parse_rule_line, parse_sysctl_text)
 from bpftrace_hostport.pods.index import PodIndex
 from bpftrace_hostport.pods.podlist import read_pod_list
 from bpftrace_hostport.node.rules import parse_iptables_save
@@ -120,17 +122,17 @@ def test_parse_sysctl_text():
 
 
 def test_sysctl_conf_path_keeps_dots_in_interface_names():
-    assert nv._conf_path("net.ipv4.conf.eth0.100.route_localnet") == "net/ipv4/conf/eth0.100/route_localnet"
-    assert nv._conf_path("net.ipv6.conf.all.forwarding") == "net/ipv6/conf/all/forwarding"
+    assert gather_mod._conf_path("net.ipv4.conf.eth0.100.route_localnet") == "net/ipv4/conf/eth0.100/route_localnet"
+    assert gather_mod._conf_path("net.ipv6.conf.all.forwarding") == "net/ipv6/conf/all/forwarding"
 
 
 def test_listening_sockets_from_proc_net():
     tcp6 = ("  sl  local_address                         remote_address                        st\n"
             "   0: 00000000000000000000000000000000:2328 00000000000000000000000000000000:0000 0A 0\n"
             "   1: 0000000000000000FFFF00000100007F:1F90 0000000000000000FFFF00000100007F:A000 01 0\n")
-    assert nv._listening(tcp6, "TCP", True) == [("TCP", "::", 9000)]
+    assert gather_mod._listening(tcp6, "TCP", True) == [("TCP", "::", 9000)]
     tcp = "  sl  local_address rem_address   st\n   0: 0100007F:1F90 00000000:0000 0A 0\n"
-    assert nv._listening(tcp, "TCP", False) == [("TCP", "127.0.0.1", 8080)]
+    assert gather_mod._listening(tcp, "TCP", False) == [("TCP", "127.0.0.1", 8080)]
 
 
 # --------------------------------------------------------------------------- pods
@@ -200,17 +202,17 @@ def test_pods_of_accepts_a_resolver_an_index_a_list_or_nothing():
         def pods(self):
             return [p]
     r = FakeResolver()
-    assert nv._pods_of(r) == ([p], True) and r.refreshed
-    assert nv._pods_of(PodIndex([p])) == ([p], True)
-    assert nv._pods_of([p]) == ([p], True)
-    assert nv._pods_of(None) == ([], False)
+    assert nv.pods_of(r) == ([p], True) and r.refreshed
+    assert nv.pods_of(PodIndex([p])) == ([p], True)
+    assert nv.pods_of([p]) == ([p], True)
+    assert nv.pods_of(None) == ([], False)
 
 
 def test_cni_state_pods_standing_for_known_pods_are_dropped():
     real = PodInfo("ns", "web", ips=("10.0.0.2",))
     twin = PodInfo("", "cni-0123456789ab", ips=("10.0.0.2",))
     alone = PodInfo("", "cni-ba9876543210", ips=("10.0.0.3",))
-    assert nv._drop_synthetic_duplicates([twin, real, alone]) == [real, alone]
+    assert nv.drop_synthetic_duplicates([twin, real, alone]) == [real, alone]
     assert nv.is_synthetic(alone) and not nv.is_synthetic(real)
     assert nv.pod_label("", "cni-x") == "cni-x" and nv.pod_label("a", "b") == "a/b"
 
