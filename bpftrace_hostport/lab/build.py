@@ -175,6 +175,19 @@ def _subnet_for(name: str) -> int:
 
 
 # -- scenarios -------------------------------------------------------------------------------
+# A UDP DNS pod on hostPort 5353: deleted and replaced while a client keeps sending (stale-udp,
+# blackhole).
+_DNS_V1 = """
+apiVersion: v1
+kind: Pod
+metadata: {name: dns-v1, namespace: lab}
+spec:
+  containers:
+  - name: dns
+    image: coredns
+    ports: [{name: dns, containerPort: 53, hostPort: 5353, protocol: UDP}]
+"""
+
 _SCENARIO_PODS = {
     "hostnetwork": """
 apiVersion: v1
@@ -187,26 +200,8 @@ spec:
     image: nginx
     ports: [{name: http, containerPort: 9000, hostPort: 9000, protocol: TCP}]
 """,
-    "stale-udp": """
-apiVersion: v1
-kind: Pod
-metadata: {name: dns-v1, namespace: lab}
-spec:
-  containers:
-  - name: dns
-    image: coredns
-    ports: [{name: dns, containerPort: 53, hostPort: 5353, protocol: UDP}]
-""",
-    "blackhole": """
-apiVersion: v1
-kind: Pod
-metadata: {name: dns-v1, namespace: lab}
-spec:
-  containers:
-  - name: dns
-    image: coredns
-    ports: [{name: dns, containerPort: 53, hostPort: 5353, protocol: UDP}]
-""",
+    "stale-udp": _DNS_V1,
+    "blackhole": _DNS_V1,          # the same pod; the scenario differs in what happens next
     "hairpin": """
 apiVersion: v1
 kind: Pod

@@ -30,8 +30,8 @@ from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 from bpftrace_hostport.model import ContainerPort, HostPortRule, PodInfo
 from bpftrace_hostport.netns import command_prefix_text
-from bpftrace_hostport.node.nodeview import (NodeView, is_synthetic, live_pods, local_pods, mappings,
-                                             pod_label, rule_rank)
+from bpftrace_hostport.node.nodeview import (NodeView, host_ip_key, is_synthetic, live_pods, local_pods,
+                                             mappings, overlap, pod_label, rule_rank)
 from bpftrace_hostport.node.parse import CtEntry, FilterTable, IptRule, parse_rule_line
 
 __all__ = ["Finding", "findings", "CODES", "SEVERITIES", "has_errors"]
@@ -93,18 +93,6 @@ def _family(ip: Optional[str]) -> Optional[int]:
         return ipaddress.ip_address(ip).version if ip else None
     except ValueError:
         return None
-
-
-def _host_ip_key(host_ip: Optional[str]) -> Optional[str]:
-    """None for "any local address" (unset, 0.0.0.0, ::), else the address."""
-    if not host_ip or host_ip in ("0.0.0.0", "::"):
-        return None
-    return host_ip
-
-
-def _overlap(a: Optional[str], b: Optional[str]) -> bool:
-    a, b = _host_ip_key(a), _host_ip_key(b)
-    return a is None or b is None or a == b
 
 
 def _rule_text(r: HostPortRule) -> str:
@@ -205,7 +193,7 @@ def _check_missing_rules(view: NodeView, pods: List[PodInfo]) -> List[Finding]:
             continue
         for cp in pod.host_ports:
             ips = list(pod.ips)
-            fam = _family(_host_ip_key(cp.host_ip))
+            fam = _family(host_ip_key(cp.host_ip))
             if fam:
                 ips = [ip for ip in ips if _family(ip) == fam]
             if not ips:
@@ -321,7 +309,7 @@ def _check_conflicts(view: NodeView, pods: List[PodInfo]) -> List[Finding]:
         if len(owners) < 2:
             continue
         names = list(owners)
-        clash = any(_overlap(a, b) for i, x in enumerate(names) for y in names[i + 1:]
+        clash = any(overlap(a, b) for i, x in enumerate(names) for y in names[i + 1:]
                     for a in owners[x] for b in owners[y])
         if not clash:
             continue
@@ -725,7 +713,7 @@ def _localhost_rules(view: NodeView) -> List[HostPortRule]:
     for r in view.rules:
         if r.family != 4:
             continue
-        key = _host_ip_key(r.host_ip)
+        key = host_ip_key(r.host_ip)
         if key is None or key.startswith("127."):
             out.append(r)
     return out

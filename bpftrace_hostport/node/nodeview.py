@@ -204,15 +204,15 @@ def rule_rank(view: NodeView) -> Callable[[HostPortRule], Tuple[int, int, int]]:
     return rank
 
 
-def _host_ip_key(host_ip: Optional[str]) -> Optional[str]:
+def host_ip_key(host_ip: Optional[str]) -> Optional[str]:
     """None for "any local address" (unset, 0.0.0.0, ::), else the address."""
     if not host_ip or host_ip in ("0.0.0.0", "::"):
         return None
     return host_ip
 
 
-def _overlap(a: Optional[str], b: Optional[str]) -> bool:
-    a, b = _host_ip_key(a), _host_ip_key(b)
+def overlap(a: Optional[str], b: Optional[str]) -> bool:
+    a, b = host_ip_key(a), host_ip_key(b)
     return a is None or b is None or a == b
 
 
@@ -230,7 +230,7 @@ def rule_conflicts(view: NodeView) -> Dict[int, Tuple[str, int]]:
             continue
         ordered = sorted(rules, key=rank)
         for i, r in enumerate(ordered):
-            before = [b for b in ordered[:i] if _overlap(b.host_ip, r.host_ip)
+            before = [b for b in ordered[:i] if overlap(b.host_ip, r.host_ip)
                       and (b.target_ip, b.target_port) != (r.target_ip, r.target_port)]
             if before:
                 out[id(r)] = ("shadowed", i + 1)
