@@ -29,3 +29,19 @@ def number(value: Union[str, int]) -> int:
 
 def hook_number(value: str) -> int:
     return HOOK_NUMBERS[value] if value in HOOK_NUMBERS else int(value)
+
+
+#: Kubernetes spells protocols in upper case (ContainerPort.protocol, the nat rules' mappings).
+K8S = ("TCP", "UDP", "SCTP")
+
+
+def k8s(value) -> "str | None":
+    """'tcp', 'TCP', '6', 6 -> 'TCP' (as Kubernetes spells it); None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return NAMES[value].upper() if value in NAMES else None
+    text = str(value or "").strip().lower()
+    if text.isdigit() and text.isascii():
+        return NAMES[int(text)].upper() if len(text) <= 3 and int(text) in NAMES else None
+    return text.upper() if text in NUMBERS else None

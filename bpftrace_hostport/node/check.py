@@ -28,6 +28,7 @@ import ipaddress
 from dataclasses import asdict, dataclass, field
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
+from bpftrace_hostport import proto as protomod
 from bpftrace_hostport.model import ContainerPort, HostPortRule, PodInfo
 from bpftrace_hostport.netns import command_prefix_text
 from bpftrace_hostport.node.nodeview import (NodeView, host_ip_key, is_synthetic, live_pods, local_pods,
@@ -550,8 +551,7 @@ def _match(rule: IptRule, pkt: _Pkt) -> Optional[bool]:
         if opt in ("-m", "--match", "--comment"):
             continue
         if opt in ("-p", "--protocol"):
-            m = True if v.lower() in ("all", "0") else ({"tcp": "TCP", "udp": "UDP", "sctp": "SCTP", "6": "TCP",
-                                                          "17": "UDP", "132": "SCTP"}.get(v.lower()) == pkt.proto)
+            m = True if v.lower() in ("all", "0") else protomod.k8s(v) == pkt.proto
         elif opt in ("-d", "--destination"):
             m = _in_net(pkt.dst, v)
         elif opt in ("-s", "--source"):

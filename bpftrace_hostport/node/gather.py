@@ -111,7 +111,7 @@ def _conntrack_netlink(netns: Optional[str]) -> List[CtEntry]:
         o, r = tup(m.get_attr("CTA_TUPLE_ORIG")), tup(m.get_attr("CTA_TUPLE_REPLY"))
         if not o or not r or not status & IPS_DST_NAT:
             continue
-        proto = protomod.NAMES.get(o[2], "").upper() or None
+        proto = protomod.k8s(o[2])
         if proto is None:
             continue
         state = None

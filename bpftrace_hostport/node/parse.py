@@ -8,6 +8,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+from bpftrace_hostport import proto as protomod
 from bpftrace_hostport.node import rules as rules_mod
 
 
@@ -151,8 +152,7 @@ def _table_lines(text: str, table: str) -> Tuple[List[str], Dict[str, str], List
 
 
 def _proto(value: Optional[str]) -> Optional[str]:
-    return {"tcp": "TCP", "udp": "UDP", "sctp": "SCTP", "6": "TCP", "17": "UDP", "132": "SCTP"}.get(
-        (value or "").lower())
+    return protomod.k8s(value)
 
 
 def _ports(value: Optional[str]) -> Optional[Tuple[int, ...]]:

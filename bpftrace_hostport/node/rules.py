@@ -31,13 +31,12 @@ import subprocess
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Tuple
 
-from bpftrace_hostport import netns as netns_mod
+from bpftrace_hostport import netns as netns_mod, proto as protomod
 from bpftrace_hostport.errors import UserError
 from bpftrace_hostport.model import HostPortRule
 
 __all__ = ["parse_iptables_save", "parse_nft_json", "read_node_rules"]
 
-_PROTO_NAMES = {"tcp": "TCP", "udp": "UDP", "sctp": "SCTP", "6": "TCP", "17": "UDP", "132": "SCTP"}
 
 # portmap: `dnat name: "net" id: "<container id>"` (trimmed to 256 chars, so the closing quote may go)
 _PORTMAP_ID = re.compile(r'\bid: "([^"]+)"?')
@@ -88,7 +87,7 @@ class _Rule:
         if self.has_negated("-p", "--protocol"):
             return None
         p = self.get("-p", "--protocol")
-        return _PROTO_NAMES.get(p.lower()) if p else None
+        return protomod.k8s(p) if p else None
 
     @property
     def comment(self) -> Optional[str]:
@@ -330,7 +329,7 @@ _CRIO_TABLE = "crio-hostports"
 
 
 def _proto_name(value) -> Optional[str]:
-    return _PROTO_NAMES.get(str(value).lower())
+    return protomod.k8s(value)
 
 
 def _dict(value) -> dict:

@@ -30,6 +30,7 @@ from typing import Any, Dict, Iterator, List, Set, Tuple
 
 import yaml
 
+from bpftrace_hostport import proto as protomod
 from bpftrace_hostport.errors import UserError
 from bpftrace_hostport.files import read_text
 from bpftrace_hostport.model import ContainerPort
@@ -38,7 +39,7 @@ __all__ = ["PodPlan", "load_manifests", "parse_manifests", "WORKLOAD_KINDS"]
 
 WORKLOAD_KINDS = ("Pod", "Deployment", "ReplicaSet", "ReplicationController",
                   "StatefulSet", "DaemonSet", "Job")
-PROTOCOLS = ("TCP", "UDP", "SCTP")
+PROTOCOLS = protomod.K8S
 MAX_PODS = 1000                         # replicas / parallelism of one workload: a node runs ~110 pods
 
 # k8s.io/apimachinery/pkg/util/rand: no vowels, no look-alikes (0/o, 1/l, 3/e).

@@ -50,6 +50,7 @@ import time
 from dataclasses import replace
 from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Sequence, Set, Tuple
 
+from bpftrace_hostport import proto as protomod
 from bpftrace_hostport.errors import UserError
 from bpftrace_hostport.model import ContainerPort, HostPortRule, PodInfo
 from bpftrace_hostport.pods.index import Names, PodIndex
@@ -575,7 +576,7 @@ def _proto(value: Any) -> Optional[str]:
     if isinstance(value, int):
         return _PROTOCOL_BY_NUMBER.get(value)
     text = str(value).upper()
-    return text if text in ("TCP", "UDP", "SCTP") else None
+    return text if text in protomod.K8S else None
 
 
 def _port_number(value: Any) -> Optional[int]:

@@ -74,3 +74,10 @@ def test_group_rows_matches_exact_grouping(monkeypatch):
     first2, inv2 = bm.group_rows(addrs, ports)
     assert len(first2) == len(first)
     assert all(addrs[first2[g]] == a and ports[first2[g]] == p for a, p, g in zip(addrs, ports, inv2))
+
+
+def test_protocol_spellings_come_from_one_table():
+    from bpftrace_hostport import proto
+    assert [proto.k8s(v) for v in ("tcp", "UDP", "6", 17, " sctp ", "icmp", "99", True, None)] == \
+        ["TCP", "UDP", "TCP", "UDP", "SCTP", None, None, None, None]
+    assert proto.name(6) == "tcp" and proto.number("udp") == 17 and proto.name(99) == "99"
