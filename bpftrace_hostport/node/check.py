@@ -33,7 +33,8 @@ from bpftrace_hostport.model import ContainerPort, HostPortRule, PodInfo
 from bpftrace_hostport.netns import command_prefix_text
 from bpftrace_hostport.node.nodeview import (NodeView, host_ip_key, is_synthetic, live_pods, local_pods,
                                              mappings, overlap, pod_label, rule_rank)
-from bpftrace_hostport.node.parse import CtEntry, FilterTable, IptRule, parse_rule_line
+from bpftrace_hostport.node.parse import CtEntry, FilterTable
+from bpftrace_hostport.node.rules import IptRule, parse_rule_line
 
 __all__ = ["Finding", "findings", "CODES", "SEVERITIES", "has_errors"]
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from bpftrace_hostport import proto as protomod
-from bpftrace_hostport.node import rules as rules_mod
+from bpftrace_hostport.node.rules import parse_rule_line
 
 
 # ctnetlink status bits (include/uapi/linux/netfilter/nf_conntrack_common.h)
@@ -75,36 +75,6 @@ class NftForwardChain:
     chain: str
     policy: str                     # "accept" | "drop"
     verdicts: Tuple[str, ...] = ()  # "accept", "drop", "jump NAME", ... of its rules
-
-
-@dataclass
-class IptRule:
-    chain: str
-    args: List[Tuple[bool, str, List[str]]]
-    text: str
-
-    def get(self, *names: str) -> Optional[Tuple[bool, List[str]]]:
-        for neg, opt, values in self.args:
-            if opt in names:
-                return neg, values
-        return None
-
-    def value(self, *names: str) -> Optional[str]:
-        got = self.get(*names)
-        return got[1][0] if got and not got[0] and got[1] else None
-
-    @property
-    def target(self) -> Optional[str]:
-        return self.value("-j", "--jump") or self.value("-g", "--goto")
-
-
-def parse_rule_line(line: str) -> Optional[IptRule]:
-    """`[p:b] -A CHAIN args...` -> IptRule (options with their values and `!`), else None."""
-    body = line.strip()
-    if body.startswith("[") and "]" in body:
-        body = body[body.index("]") + 1:].strip()
-    r = rules_mod.parse_rule_line(line.strip())
-    return IptRule(chain=r.chain, args=r.args, text=body) if r is not None else None
 
 
 def _table_lines(text: str, table: str) -> Tuple[List[str], Dict[str, str], List[str]]:
@@ -180,9 +150,9 @@ def nat_summary(text: str, source: str = "iptables-nft", family: int = 4) -> Nat
     for r in rules:
         t = r.target
         if r.chain in ("CNI-HOSTPORT-DNAT", "KUBE-HOSTPORTS") and t and t not in ("RETURN", "ACCEPT"):
-            got = r.get("--dports", "--destination-ports", "--dport", "--destination-port")
+            got = r.option("--dports", "--destination-ports", "--dport", "--destination-port")
             ports = _ports(got[1][0]) if got and not got[0] and got[1] else None
-            p = r.get("-p", "--protocol")
+            p = r.option("-p", "--protocol")
             jumps.append((t, _proto(p[1][0]) if p and not p[0] and p[1] else None, ports))
         if t == "CNI-HOSTPORT-DNAT" and r.chain in ("PREROUTING", "OUTPUT"):
             hooked.append(r.chain)

@@ -63,11 +63,25 @@ def _counter(value) -> Optional[int]:
 
 
 @dataclass
-class _Rule:
+class IptRule:
+    """One `-A CHAIN ...` line of iptables-save: its options in order, with `!` and values."""
     chain: str
     args: List[Tuple[bool, str, List[str]]]      # (negated, option, values)
     packets: Optional[int] = None
     bytes: Optional[int] = None
+    text: str = ""                               # the line without its counters
+
+    def option(self, *names: str) -> Optional[Tuple[bool, List[str]]]:
+        """(negated, values) of the first of these options, as written."""
+        for neg, opt, values in self.args:
+            if opt in names:
+                return neg, values
+        return None
+
+    def value(self, *names: str) -> Optional[str]:
+        """The first of these options' value, None when it is absent or negated."""
+        got = self.option(*names)
+        return got[1][0] if got and not got[0] and got[1] else None
 
     def get(self, *names: str, negated: bool = False) -> Optional[str]:
         for neg, opt, values in self.args:
@@ -124,8 +138,8 @@ def tokenize(line: str) -> List[Tuple[str, bool]]:
     return tokens
 
 
-def parse_rule_line(line: str) -> Optional[_Rule]:
-    """`[p:b] -A CHAIN args...` (also `-I`, and `iptables -S -v`'s `-c P B`) -> _Rule."""
+def parse_rule_line(line: str) -> Optional[IptRule]:
+    """`[p:b] -A CHAIN args...` (also `-I`, and `iptables -S -v`'s `-c P B`) -> IptRule."""
     packets = bytes_ = None
     m = _COUNTERS.match(line)
     if m:
@@ -165,7 +179,7 @@ def parse_rule_line(line: str) -> Optional[_Rule]:
             continue
         args.append((negate, tok, values))
         negate = False
-    return _Rule(chain=chain, args=args, packets=packets, bytes=bytes_)
+    return IptRule(chain=chain, args=args, packets=packets, bytes=bytes_, text=line.strip())
 
 
 def _split_target(dest: str) -> Optional[Tuple[str, Optional[int]]]:
@@ -258,7 +272,7 @@ def parse_iptables_save(text: str, family: int = 4, source: str = "iptables") ->
             rule_lines.append(ln)
 
     rules = [r for r in (parse_rule_line(ln) for ln in rule_lines) if r is not None]
-    parents: Dict[str, List[_Rule]] = {}
+    parents: Dict[str, List[IptRule]] = {}
     for r in rules:
         if r.target:
             parents.setdefault(r.target, []).append(r)

@@ -63,8 +63,9 @@ def test_nat_summary_of_missing_pieces():
 def test_parse_rule_line_keeps_negation_quotes_and_counters():
     r = parse_rule_line('[3:180] -A CNI-x ! -d 224.0.0.0/4 -m comment --comment "name: \\"n\\" id: \\"-x\\"" -j MASQUERADE')
     assert r.chain == "CNI-x" and r.target == "MASQUERADE"
-    assert r.get("-d") == (True, ["224.0.0.0/4"])
-    assert r.get("--comment") == (False, ['name: "n" id: "-x"'])
+    assert r.option("-d") == (True, ["224.0.0.0/4"])
+    assert r.option("--comment") == (False, ['name: "n" id: "-x"'])
+    assert r.value("-d") is None and r.packets == 3 and r.text.startswith("-A CNI-x ! -d")
     assert parse_rule_line(":CHAIN - [0:0]") is None
     assert parse_rule_line("-I FORWARD 1 -j ACCEPT").target == "ACCEPT"
 
