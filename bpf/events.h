@@ -1,8 +1,10 @@
 /* Records shared by the kernel programs (hostport.bpf.c) and user space.
  *
  * One fact, one place: Python never mirrors these structs by hand. bcc exposes every map's
- * key and value as ctypes classes built from this header as compiled (table.Key / table.Leaf,
- * RingBuf.event()), and bpftrace_hostport/loader.py decodes through those.
+ * key and value as ctypes classes built from this header as compiled (table.Key / table.Leaf),
+ * handed over by the compile child; bpftrace_hostport/collect/netfilter/decode.py builds its
+ * numpy dtype from them. The few #define values Python needs (hooks, flags, stat indexes) are
+ * checked against this file by tests/unit/collect/test_decode.py.
  *
  * Addresses are 16 bytes for both families (IPv4 in the first 4 bytes, the rest zero), as in
  * the kernel's union nf_inet_addr. Ports are in network byte order, as conntrack keeps them.

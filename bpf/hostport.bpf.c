@@ -7,7 +7,8 @@
  * reports them after its no-answer timeout. Nothing is sent per packet.
  *
  * Every struct offset (sk_buff, nf_conn, nf_conntrack_tuple, bpf_nf_ctx) comes from the
- * running kernel's BTF at load time as -D constants (bpftrace_hostport/btf.py, loader.py);
+ * running kernel's BTF at load time as -D constants (bpftrace_hostport/ebpf/btf.py,
+ * collect/netfilter/probe.py);
  * no kernel struct layout is taken from headers. The constants expected:
  *   NF_CTX_SKB        offsetof(struct bpf_nf_ctx, skb)
  *   SKB_NFCT, SKB_LEN offsetof(struct sk_buff, _nfct / len)

@@ -142,3 +142,20 @@ def test_flows_in_flight_are_not_lost_until_the_end():
     assert b.counters()["lost"] == 2 + 1 + 1          # pending full, evicted, counter full
     b.finished = True
     assert b.counters()["lost"] == (10 - 5) + 1
+
+
+def test_python_constants_match_events_h():
+    """The #defines Python mirrors (hook names, flow flags, stat indexes) equal bpf/events.h's."""
+    import re
+    from pathlib import Path
+    from bpftrace_hostport import proto
+    from bpftrace_hostport.collect.netfilter import probe
+    text = (Path(__file__).resolve().parents[3] / "bpf" / "events.h").read_text()
+    defs = {m[1]: int(m[2]) for m in re.finditer(r"#define\s+(\w+)\s+(\d+)", text)}
+    assert proto.HOOKS == {defs["HOOK_PREROUTING"]: "prerouting", defs["HOOK_OUTPUT"]: "output"}
+    assert (ev.FLOW_ANSWERED, ev.FLOW_MASQUERADED, ev.FLOW_MIDSTREAM) == (
+        defs["FLOW_ANSWERED"], defs["FLOW_MASQUERADED"], defs["FLOW_MIDSTREAM"])
+    stats = sorted((v, k) for k, v in defs.items() if k.startswith("STAT_") and k != "STAT_MAX")
+    assert len(probe.STAT_NAMES) == defs["STAT_MAX"] == len(stats)
+    names = {"STAT_FLOW_INSERT_ERR": "flow_insert_errors", "STAT_REPLY_NO_FLOW": "reply_without_flow"}
+    assert list(probe.STAT_NAMES) == [names.get(k, k[5:].lower()) for _, k in stats]
