@@ -386,17 +386,29 @@ def _check_stale_conntrack(view: NodeView, pods: List[PodInfo]) -> List[Finding]
     """
     if not view.conntrack_read:
         return []
-    px = command_prefix_text(view.netns)
-    targets: Dict[Tuple[int, str, int], List[HostPortRule]] = {}
-    for r in view.rules:
-        targets.setdefault((r.family, r.proto, r.host_port), []).append(r)
-    declaring: Dict[Tuple[str, int], List[PodInfo]] = {}
-    for p in pods:
-        for cp in p.host_ports:
-            declaring.setdefault((cp.protocol, cp.host_port), []).append(p)
-    live = _live_ips(view)
+    ctx = _StaleContext(view, pods)
+    return [_stale_finding(view, ctx, key, entries) for key, entries in _stale_groups(view, ctx).items()]
+
+
+class _StaleContext:
+    """What the stale-conntrack check looks entries up in: the rules, declarations and pods."""
+
+    def __init__(self, view: NodeView, pods: List[PodInfo]):
+        self.px = command_prefix_text(view.netns)
+        self.targets: Dict[Tuple[int, str, int], List[HostPortRule]] = {}
+        for r in view.rules:
+            self.targets.setdefault((r.family, r.proto, r.host_port), []).append(r)
+        self.declaring: Dict[Tuple[str, int], List[PodInfo]] = {}
+        for p in pods:
+            for cp in p.host_ports:
+                self.declaring.setdefault((cp.protocol, cp.host_port), []).append(p)
+        self.live = _live_ips(view)
+        self.by_pod = {ip: p for p in live_pods(view) for ip in p.ips}
+
+
+def _stale_groups(view: NodeView, ctx: "_StaleContext") -> Dict[Tuple[int, str, str, int, str], List[CtEntry]]:
+    """The stale UDP/SCTP entries, grouped by (family, proto, hostPort address, port, dead IP)."""
     local = set(view.local_addresses)
-    by_pod = {ip: p for p in live_pods(view) for ip in p.ips}
     kube_proxy = any("KUBE-NODEPORTS" in n.chains for n in view.nat)
     groups: Dict[Tuple[int, str, str, int, str], List[CtEntry]] = {}
     for e in view.conntrack:
@@ -406,12 +418,12 @@ def _check_stale_conntrack(view: NodeView, pods: List[PodInfo]) -> List[Finding]
             continue            # not a hostPort DNAT (a Service IP, ...)
         if e.reply_src in local:
             continue
-        now = targets.get((e.family, e.proto, e.orig_dport), [])
+        now = ctx.targets.get((e.family, e.proto, e.orig_dport), [])
         if now:
             stale = e.reply_src not in {r.target_ip for r in now}
-        elif not view.pods_known or e.reply_src in live:
+        elif not view.pods_known or e.reply_src in ctx.live:
             stale = False       # no pod list: a dead pod cannot be told; a live one: not stale
-        elif (e.proto, e.orig_dport) in declaring:
+        elif (e.proto, e.orig_dport) in ctx.declaring:
             stale = True
         else:
             # Nobody declares the port and no rule exists: stale when the entry still points into
@@ -420,58 +432,61 @@ def _check_stale_conntrack(view: NodeView, pods: List[PodInfo]) -> List[Finding]
                 kube_proxy and e.orig_dport in _NODEPORT_RANGE)
         if stale:
             groups.setdefault((e.family, e.proto, e.orig_dst, e.orig_dport, e.reply_src), []).append(e)
-    out = []
-    for (fam, proto, dst, port, dead), entries in groups.items():
-        now = targets.get((fam, proto, port), [])
-        where = "; ".join(f"{_addr_port(r.target_ip, r.target_port)}"
-                          + (f" ({_label(by_pod[r.target_ip])})" if r.target_ip in by_pod else "") for r in now)
-        holder = by_pod.get(dead)
-        whose = (f"now pod {_label(holder)} has it, not the hostPort's pod" if holder else "no live pod has it")
-        n = len(entries)
-        ev = [f"{e.proto.lower()} {_addr_port(e.orig_src, e.orig_sport)} -> {_addr_port(e.orig_dst, e.orig_dport)}"
-              f" DNAT to {_addr_port(e.reply_src, e.reply_sport)}"
-              + (f", {e.timeout} s left" if e.timeout is not None else "")
-              + (f" [{','.join(e.status)}]" if e.status else "") for e in entries[:5]]
-        if n > 5:
-            ev.append(f"... and {n - 5} more")
-        ev.append(f"rules for {_hp(port, proto)} now go to {where}" if now else
-                  f"no rule for {_hp(port, proto)} exists any more")
-        owners = declaring.get((proto, port), [])
-        host_owners = [p for p in owners if p.host_network]
-        socks = [s for s in view.listening if s[0] == proto and s[2] == port and s[1] in ("0.0.0.0", "::", dst)]
-        severity = "error"
-        entry = f"{n} {proto} conntrack {'entry' if n == 1 else 'entries'} for hostPort {_addr_port(dst, port)} " \
-                f"still DNAT{'s' if n == 1 else ''} to {dead} ({whose})"
-        if now:
-            message = (f"{entry}: a client that keeps sending keeps its entry alive and never reaches the "
-                       "current pod.")
-        elif socks:
-            who = (f"hostNetwork pod {', '.join(_label(p) for p in host_owners)}" if host_owners else
-                   f"no pod declares port {port}: a hostNetwork pod that lists no ports, or a process of the node")
-            listen = ", ".join(f"{s[0].lower()} {_addr_port(s[1], s[2])}" for s in socks)
-            ev.append(f"listening on the node: {listen} ({who})")
-            message = (f"{entry}, although no nat rule for port {port} exists any more: a blackhole. A {proto} "
-                       f"socket on the node now serves port {port} ({listen}), but this client's datagrams "
-                       "still go to the dead pod and never reach it, for as long as the client keeps sending.")
-        elif owners:
-            message = (f"{entry}, and no nat rule for the port exists: {', '.join(_label(p) for p in owners)} "
-                       "declares it but never gets these datagrams while the client keeps sending.")
-        else:
-            severity = "warning"
-            message = (f"{entry}, and nothing serves port {port} any more (no rule, no pod, no socket): the "
-                       "client's datagrams still go to the dead pod instead of being refused, for as long as it "
-                       "keeps sending.")
-        if not now and view.routes.get(dead):
-            r = view.routes[dead]
-            ev.append(f"route to {dead}: {r.get('type') or 'unicast'} via {r.get('ifname') or '-'} "
-                      "(this node's pod network), and no pod has that IP")
-        fam_opt = "-f ipv6 " if fam == 6 else ""
-        out.append(Finding(
-            severity, "stale-conntrack", message, ev,
-            f"Delete {'it' if n == 1 else 'them'}: `{px}conntrack -D {fam_opt}-p {proto.lower()} --orig-dst {dst} "
-            f"--dport {port} --reply-src {dead}`"
-            + (" (the client's next datagram then reaches the node's socket)." if (socks and not now) else ".")))
-    return out
+    return groups
+
+
+def _stale_finding(view: NodeView, ctx: "_StaleContext", key: tuple, entries: List[CtEntry]) -> Finding:
+    fam, proto, dst, port, dead = key
+    targets, declaring, by_pod, px = ctx.targets, ctx.declaring, ctx.by_pod, ctx.px
+    now = targets.get((fam, proto, port), [])
+    where = "; ".join(f"{_addr_port(r.target_ip, r.target_port)}"
+                      + (f" ({_label(by_pod[r.target_ip])})" if r.target_ip in by_pod else "") for r in now)
+    holder = by_pod.get(dead)
+    whose = (f"now pod {_label(holder)} has it, not the hostPort's pod" if holder else "no live pod has it")
+    n = len(entries)
+    ev = [f"{e.proto.lower()} {_addr_port(e.orig_src, e.orig_sport)} -> {_addr_port(e.orig_dst, e.orig_dport)}"
+          f" DNAT to {_addr_port(e.reply_src, e.reply_sport)}"
+          + (f", {e.timeout} s left" if e.timeout is not None else "")
+          + (f" [{','.join(e.status)}]" if e.status else "") for e in entries[:5]]
+    if n > 5:
+        ev.append(f"... and {n - 5} more")
+    ev.append(f"rules for {_hp(port, proto)} now go to {where}" if now else
+              f"no rule for {_hp(port, proto)} exists any more")
+    owners = declaring.get((proto, port), [])
+    host_owners = [p for p in owners if p.host_network]
+    socks = [s for s in view.listening if s[0] == proto and s[2] == port and s[1] in ("0.0.0.0", "::", dst)]
+    severity = "error"
+    entry = f"{n} {proto} conntrack {'entry' if n == 1 else 'entries'} for hostPort {_addr_port(dst, port)} " \
+            f"still DNAT{'s' if n == 1 else ''} to {dead} ({whose})"
+    if now:
+        message = (f"{entry}: a client that keeps sending keeps its entry alive and never reaches the "
+                   "current pod.")
+    elif socks:
+        who = (f"hostNetwork pod {', '.join(_label(p) for p in host_owners)}" if host_owners else
+               f"no pod declares port {port}: a hostNetwork pod that lists no ports, or a process of the node")
+        listen = ", ".join(f"{s[0].lower()} {_addr_port(s[1], s[2])}" for s in socks)
+        ev.append(f"listening on the node: {listen} ({who})")
+        message = (f"{entry}, although no nat rule for port {port} exists any more: a blackhole. A {proto} "
+                   f"socket on the node now serves port {port} ({listen}), but this client's datagrams "
+                   "still go to the dead pod and never reach it, for as long as the client keeps sending.")
+    elif owners:
+        message = (f"{entry}, and no nat rule for the port exists: {', '.join(_label(p) for p in owners)} "
+                   "declares it but never gets these datagrams while the client keeps sending.")
+    else:
+        severity = "warning"
+        message = (f"{entry}, and nothing serves port {port} any more (no rule, no pod, no socket): the "
+                   "client's datagrams still go to the dead pod instead of being refused, for as long as it "
+                   "keeps sending.")
+    if not now and view.routes.get(dead):
+        r = view.routes[dead]
+        ev.append(f"route to {dead}: {r.get('type') or 'unicast'} via {r.get('ifname') or '-'} "
+                  "(this node's pod network), and no pod has that IP")
+    fam_opt = "-f ipv6 " if fam == 6 else ""
+    return Finding(
+        severity, "stale-conntrack", message, ev,
+        f"Delete {'it' if n == 1 else 'them'}: `{px}conntrack -D {fam_opt}-p {proto.lower()} --orig-dst {dst} "
+        f"--dport {port} --reply-src {dead}`"
+        + (" (the client's next datagram then reaches the node's socket)." if (socks and not now) else "."))
 
 
 def _remote_targets(view: NodeView, family: int) -> List[HostPortRule]:
