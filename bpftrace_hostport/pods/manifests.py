@@ -344,8 +344,7 @@ def _containers(pod_spec: Dict[str, Any], spec_path: str, ctx: _Ctx) -> Tuple[bo
 
     names: List[str] = []
     ports: List[ContainerPort] = []
-    port_names: Set[str] = set()
-    host_bindings: Set[Tuple[str, str, int]] = set()
+    seen = _PortsSeen()
     for i, container in enumerate(containers, 1):
         if not isinstance(container, dict):
             raise ctx.fail(f"has container {i} that is {_describe(container)}, not a mapping", "give each container a name and an image")
@@ -365,69 +364,82 @@ def _containers(pod_spec: Dict[str, Any], spec_path: str, ctx: _Ctx) -> Tuple[bo
         if not isinstance(declared, list):
             raise ctx.fail(f'container "{cname}" has ports that is {_describe(declared)}, not a list',
                            "list the ports under ports with a leading '-'")
-        for j, port in enumerate(declared, 1):
-            where = f'container "{cname}" port {j}'
-            if not isinstance(port, dict):
-                raise ctx.fail(f"{where} is {_describe(port)}, not a mapping", "give each port a containerPort")
-            pname = port.get("name")
-            if pname is not None and pname != "":
-                if not isinstance(pname, str) or len(pname) > 15 or not _IANA_SVC_NAME.fullmatch(pname) \
-                        or "--" in pname or not re.search(r"[a-z]", pname):
-                    raise ctx.fail(f"{where} has the invalid name {_describe(pname)}",
-                                   "use at most 15 lower-case letters, digits and '-', with at least one letter")
-                where = f'container "{cname}" port "{pname}"'
-                if pname in port_names:
-                    raise ctx.fail(f'declares the port name "{pname}" twice', "give each port in the pod its own name")
-                port_names.add(pname)
-            else:
-                pname = None
-            if "containerPort" not in port:
-                raise ctx.fail(f"{where} has no containerPort", "add the port number the container listens on")
-            container_port = _port_number(port.get("containerPort"), "containerPort", where, ctx)
-
-            host_port = port.get("hostPort")
-            if host_port == 0 and _is_int(host_port):   # 0 means "no hostPort" to Kubernetes
-                host_port = None
-            if host_port is not None:
-                host_port = _port_number(host_port, "hostPort", where, ctx)
-
-            protocol = port.get("protocol")
-            if protocol is None or protocol == "":
-                protocol = "TCP"
-            if protocol not in PROTOCOLS:
-                if isinstance(protocol, str) and protocol.upper() in PROTOCOLS:
-                    raise ctx.fail(f'{where} has protocol "{protocol}", and Kubernetes only accepts upper case',
-                                   f'write it as "{protocol.upper()}"')
-                raise ctx.fail(f"{where} has protocol {_describe(protocol)}, which Kubernetes does not support",
-                               "use TCP, UDP or SCTP")
-
-            host_ip = port.get("hostIP")
-            if host_ip == "":
-                host_ip = None
-            if host_ip is not None:
-                try:
-                    host_ip = str(ipaddress.ip_address(host_ip))
-                except ValueError:
-                    raise ctx.fail(f"{where} has hostIP {_describe(host_ip)}, which is not an IP address",
-                                   "use an IPv4 or IPv6 address or remove hostIP") from None
-
-            if host_network:
-                if host_port is None:           # the API server defaults it (SetDefaults_Pod)
-                    host_port = container_port
-                elif host_port != container_port:
-                    raise ctx.fail(f"{where} has hostPort {host_port} but containerPort {container_port}, "
-                                   f"and Kubernetes rejects a hostNetwork pod whose hostPort differs from its containerPort",
-                                   f"set hostPort to {container_port} or remove it")
-            if host_port is not None:
-                key = (host_ip or "", protocol, host_port)
-                if key in host_bindings:
-                    ip = f" on {host_ip}" if host_ip else ""
-                    raise ctx.fail(f"declares hostPort {host_port}/{protocol}{ip} twice, which Kubernetes rejects",
-                                   "give each port its own hostPort")
-                host_bindings.add(key)
-            ports.append(ContainerPort(container=cname, container_port=container_port, protocol=protocol,
-                                       name=pname, host_port=host_port, host_ip=host_ip))
+        ports += [_port(port, j, cname, host_network, seen, ctx) for j, port in enumerate(declared, 1)]
     return host_network, tuple(names), tuple(ports)
+
+
+class _PortsSeen:
+    """Port names and host bindings already declared in the pod (each may appear once)."""
+
+    def __init__(self):
+        self.names: Set[str] = set()
+        self.bindings: Set[Tuple[str, str, int]] = set()
+
+
+def _port(port: Any, j: int, cname: str, host_network: bool, seen: "_PortsSeen",
+          ctx: _Ctx) -> ContainerPort:
+    """One entry of a container's ports, checked as the API server would."""
+    where = f'container "{cname}" port {j}'
+    if not isinstance(port, dict):
+        raise ctx.fail(f"{where} is {_describe(port)}, not a mapping", "give each port a containerPort")
+    pname = port.get("name")
+    if pname is not None and pname != "":
+        if not isinstance(pname, str) or len(pname) > 15 or not _IANA_SVC_NAME.fullmatch(pname) \
+                or "--" in pname or not re.search(r"[a-z]", pname):
+            raise ctx.fail(f"{where} has the invalid name {_describe(pname)}",
+                           "use at most 15 lower-case letters, digits and '-', with at least one letter")
+        where = f'container "{cname}" port "{pname}"'
+        if pname in seen.names:
+            raise ctx.fail(f'declares the port name "{pname}" twice', "give each port in the pod its own name")
+        seen.names.add(pname)
+    else:
+        pname = None
+    if "containerPort" not in port:
+        raise ctx.fail(f"{where} has no containerPort", "add the port number the container listens on")
+    container_port = _port_number(port.get("containerPort"), "containerPort", where, ctx)
+
+    host_port = port.get("hostPort")
+    if host_port == 0 and _is_int(host_port):   # 0 means "no hostPort" to Kubernetes
+        host_port = None
+    if host_port is not None:
+        host_port = _port_number(host_port, "hostPort", where, ctx)
+
+    protocol = port.get("protocol")
+    if protocol is None or protocol == "":
+        protocol = "TCP"
+    if protocol not in PROTOCOLS:
+        if isinstance(protocol, str) and protocol.upper() in PROTOCOLS:
+            raise ctx.fail(f'{where} has protocol "{protocol}", and Kubernetes only accepts upper case',
+                           f'write it as "{protocol.upper()}"')
+        raise ctx.fail(f"{where} has protocol {_describe(protocol)}, which Kubernetes does not support",
+                       "use TCP, UDP or SCTP")
+
+    host_ip = port.get("hostIP")
+    if host_ip == "":
+        host_ip = None
+    if host_ip is not None:
+        try:
+            host_ip = str(ipaddress.ip_address(host_ip))
+        except ValueError:
+            raise ctx.fail(f"{where} has hostIP {_describe(host_ip)}, which is not an IP address",
+                           "use an IPv4 or IPv6 address or remove hostIP") from None
+
+    if host_network:
+        if host_port is None:           # the API server defaults it (SetDefaults_Pod)
+            host_port = container_port
+        elif host_port != container_port:
+            raise ctx.fail(f"{where} has hostPort {host_port} but containerPort {container_port}, "
+                           f"and Kubernetes rejects a hostNetwork pod whose hostPort differs from its containerPort",
+                           f"set hostPort to {container_port} or remove it")
+    if host_port is not None:
+        key = (host_ip or "", protocol, host_port)
+        if key in seen.bindings:
+            ip = f" on {host_ip}" if host_ip else ""
+            raise ctx.fail(f"declares hostPort {host_port}/{protocol}{ip} twice, which Kubernetes rejects",
+                           "give each port its own hostPort")
+        seen.bindings.add(key)
+    return ContainerPort(container=cname, container_port=container_port, protocol=protocol,
+                         name=pname, host_port=host_port, host_ip=host_ip)
 
 
 # --------------------------------------------------------------------------- expansion
