@@ -32,7 +32,10 @@ def lab_up(manifests, name, scenario, clients, no_ipv6, as_json):
       sudo bpftrace-hostport lab up my-daemonset.yaml --name ds --scenario hostnetwork
     """
     from bpftrace_hostport.lab import build as labmod
-    st = labmod.up(manifests, name=name, scenario=scenario, clients=clients, ipv6=not no_ipv6)
+    notes: list = []
+    st = labmod.up(manifests, name=name, scenario=scenario, clients=clients, ipv6=not no_ipv6, notes=notes)
+    for n in notes:
+        click.echo(f"warning: {n}", err=True)
     s = st.summary()
     click.echo(json.dumps(s, indent=2) if as_json else _lab_text(s))
 

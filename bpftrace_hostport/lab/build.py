@@ -38,7 +38,7 @@ from bpftrace_hostport import netns as netns_mod
 from bpftrace_hostport.errors import UserError
 from bpftrace_hostport.lab import SCENARIOS
 from bpftrace_hostport.model import ContainerPort
-from bpftrace_hostport.pods.manifests import PodPlan, load_manifests, parse_manifests
+from bpftrace_hostport.pods.manifests import PodPlan, load_manifests, parse_manifests, scheduling_notes
 from bpftrace_hostport.pods.podlist import plan_to_pod, write_pod_list
 
 STATE_ROOT = Path(os.environ.get("BPFTRACE_HOSTPORT_LAB_DIR", "/run/bpftrace-hostport/labs"))
@@ -423,7 +423,9 @@ def _write_pods(st: LabState) -> None:
 
 # -- public operations -----------------------------------------------------------------------
 def up(manifests: Sequence[str] = (), name: str = "lab", scenario: str = "basic",
-       clients: int = 1, ipv6: bool = True, manifest_text: Optional[str] = None) -> LabState:
+       clients: int = 1, ipv6: bool = True, manifest_text: Optional[str] = None,
+       notes: Optional[List[str]] = None) -> LabState:
+    """Builds the lab; what a scheduler would warn about the pods goes into `notes`."""
     if not LAB_NAME_RE.match(name):
         raise LabError(f"Lab name {name!r} is not valid: use 1-12 lower-case letters, digits or dashes.")
     if scenario not in SCENARIOS:
@@ -443,6 +445,8 @@ def up(manifests: Sequence[str] = (), name: str = "lab", scenario: str = "basic"
     names = [(p.namespace, p.name) for p in plans]
     if len(set(names)) != len(names):
         raise LabError("Two pods in the manifests would get the same namespace/name; rename one.")
+    if notes is not None and scenario != "conflict":      # the conflict scenario is one on purpose
+        notes.extend(scheduling_notes(plans))
 
     run_id = secrets.token_hex(2)
     STATE_ROOT.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ import json
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Set, Tuple
+from typing import Any, Dict, Iterator, List, Sequence, Set, Tuple
 
 import yaml
 
@@ -524,14 +524,52 @@ def _parse(text: str, origin: str) -> List[_Planned]:
     seen_workload = False
     for label, obj in _objects(load_documents(text, origin), origin):
         kind = obj["kind"]
+        if kind == "CronJob":
+            obj, kind = _job_of_cronjob(obj, origin, label), "Job"
         if kind not in WORKLOAD_KINDS:
             continue                      # Service, ConfigMap, ...: not ours
         seen_workload = True
         planned.extend(_expand(obj, kind, origin, label, object()))
     if not seen_workload:
         raise UserError(f"{origin} contains no workload; give it at least one Pod, Deployment, ReplicaSet, "
-                        f"StatefulSet, DaemonSet or Job.")
+                        f"StatefulSet, DaemonSet, Job or CronJob.")
     return planned
+
+
+def _job_of_cronjob(obj: Dict[str, Any], origin: str, label: str) -> Dict[str, Any]:
+    """The Job a CronJob runs (its spec.jobTemplate), as `kubectl create job --from=cronjob/NAME`
+    would make it: the lab runs it once, now, named <cronjob>-lab."""
+    ctx = _Ctx(origin, label, "CronJob")
+    meta = _mapping(obj.get("metadata"), "metadata", ctx)
+    template = _mapping(_mapping(obj.get("spec"), "spec", ctx).get("jobTemplate"), "spec.jobTemplate", ctx)
+    name = meta.get("name")
+    if not isinstance(name, str) or not name:
+        raise ctx.fail("has no metadata.name", "give the CronJob a name")
+    job_meta = {"name": f"{name}-lab"[:63].rstrip("-"),
+                **({"namespace": meta["namespace"]} if "namespace" in meta else {})}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": job_meta,
+            "spec": _mapping(template.get("spec"), "spec.jobTemplate.spec", ctx)}
+
+
+def scheduling_notes(plans: Sequence[PodPlan]) -> List[str]:
+    """What a scheduler would say about these pods on one node, one sentence each: no hostPort at
+    all (nothing for the tracer to see), and pods that claim the same hostPort (a real node
+    runs only one of them; the others stay Pending)."""
+    if not any(p.host_ports for p in plans):
+        return ["None of the pods declares a hostPort: the lab builds, but there is no hostPort "
+                "traffic to trace; add hostPort to a container port."]
+    claims: Dict[Tuple[str, str, int], List[PodPlan]] = {}
+    for p in plans:
+        for cp in p.host_ports:
+            claims.setdefault((cp.host_ip or "", cp.protocol, cp.host_port), []).append(p)
+    notes = []
+    for (ip, proto, port), pods in sorted(claims.items()):
+        if len(pods) > 1:
+            who = ", ".join(f"{p.namespace}/{p.name}" for p in pods)
+            notes.append(f"{len(pods)} pods claim hostPort {port}/{proto}{' on ' + ip if ip else ''} ({who}): "
+                         "a real node runs only one of them and the scheduler leaves the others Pending; "
+                         "the lab starts them all, as a conflict.")
+    return notes
 
 
 def _check_unique(planned: List[_Planned]) -> None:

@@ -371,3 +371,52 @@ def test_json_stream_of_objects():
     other["metadata"]["name"] = "b"
     plans = parse_manifests(json.dumps(doc, indent=2) + "\n" + json.dumps(other))
     assert [p.name for p in plans] == ["a", "b"]
+
+
+CRONJOB = """
+apiVersion: batch/v1
+kind: CronJob
+metadata: {name: nightly, namespace: ops}
+spec:
+  schedule: "0 3 * * *"
+  jobTemplate:
+    spec:
+      template:
+        spec:
+          containers:
+          - name: probe
+            image: busybox
+            ports: [{containerPort: 8080, hostPort: 18080}]
+"""
+
+
+def test_a_cronjob_runs_its_job_template_once():
+    (plan,) = parse_manifests(CRONJOB, "<cron>")
+    assert plan.workload == "Job/nightly-lab" and plan.namespace == "ops"
+    assert plan.name.startswith("nightly-lab-") and plan.host_ports[0].host_port == 18080
+
+
+WEB = """
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 3
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      containers:
+      - name: web
+        image: nginx
+        ports: [{containerPort: 80, hostPort: 8000}]
+"""
+
+
+def test_scheduling_notes_say_what_a_scheduler_would():
+    from bpftrace_hostport.pods.manifests import scheduling_notes
+    (note,) = scheduling_notes(parse_manifests(WEB, "<web>"))
+    assert note.startswith("3 pods claim hostPort 8000/TCP (default/web-") and "Pending" in note
+    assert scheduling_notes(parse_manifests(WEB.replace("replicas: 3", "replicas: 1"), "<web>")) == []
+    (none,) = scheduling_notes(parse_manifests(WEB.replace(", hostPort: 8000", ""), "<web>"))
+    assert none.startswith("None of the pods declares a hostPort")
