@@ -10,6 +10,7 @@ from bpftrace_hostport.lab import build as lab
 from bpftrace_hostport.lab.harness import TraceRun
 from tests.conftest import require_kernel
 from tests.kernel.helpers import unique
+from tests.kernel.test_trace import MANIFEST
 
 
 def report(*args) -> dict:
@@ -28,7 +29,7 @@ def test_report_equals_the_tracer_and_conntrack(tmp_path):
     require_kernel()
     name = unique("rep")
     lab.down(name)
-    st = lab.up(name=name, scenario="basic", ipv6=False)
+    st = lab.up(name=name, manifest_text=MANIFEST, ipv6=False)     # nginx (tcp 8000) and dns (udp 5353)
     events = subprocess.Popen(["ip", "netns", "exec", st.node_netns, "conntrack", "-E", "-e", "NEW",
                                "-o", "extended"], stdout=subprocess.PIPE, text=True)
     rec = str(tmp_path / "rec.arrow")
