@@ -250,6 +250,34 @@ class RingBuffer:
             struct.pack_into("<Q", self.cons, 0, cons_pos)
         return out
 
+    def consume_fixed(self, size: int) -> bytes:
+        """The payloads of every submitted record, concatenated, when every record is `size`
+        bytes (our ring carries one record type): the headers are read as one numpy column and
+        the payloads copied in one go, instead of a Python step per record."""
+        import numpy as np
+        stride = (size + BPF_RINGBUF_HDR_SZ + 7) // 8 * 8
+        cons_pos = struct.unpack_from("<Q", self.cons, 0)[0]
+        prod_pos = struct.unpack_from("<Q", self.prod, 0)[0]
+        n = (prod_pos - cons_pos) // stride
+        if n <= 0:
+            return b""
+        # The data area is mapped twice in a row: the span never wraps for the reader.
+        recs = np.frombuffer(self.prod, np.uint8, n * stride, self.page + (cons_pos & self.mask))
+        recs = recs.reshape(n, stride)
+        hdrs = recs[:, :4].copy().view("<u4").ravel()      # read the headers before the payloads
+        busy = np.flatnonzero(hdrs & BPF_RINGBUF_BUSY_BIT)
+        n = int(busy[0]) if len(busy) else n               # stop at the first one still reserved
+        lengths = hdrs[:n] & ~np.uint32(BPF_RINGBUF_BUSY_BIT | BPF_RINGBUF_DISCARD_BIT)
+        if not (lengths == size).all():
+            del recs
+            return b"".join(self.consume())                # another record size: the general walk
+        keep = (hdrs[:n] & BPF_RINGBUF_DISCARD_BIT) == 0
+        payload = recs[:n][keep][:, BPF_RINGBUF_HDR_SZ:BPF_RINGBUF_HDR_SZ + size].tobytes()
+        del recs                                           # no view of the mmap may outlive this
+        if n:
+            struct.pack_into("<Q", self.cons, 0, cons_pos + n * stride)
+        return payload
+
     def close(self) -> None:
         for m in (self.cons, self.prod):
             m.close()

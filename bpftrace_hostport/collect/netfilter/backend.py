@@ -55,8 +55,10 @@ class NetfilterBackend:
         self.probe.set_watch_ports(ports)
 
     def _decode(self, raws: List[bytes]) -> FlowBatch:
-        self.reported += len(raws)
-        return self.decoder.decode(raws)
+        """Chunks of flow_event records (each one or many records back to back) -> a batch."""
+        batch = self.decoder.decode(raws)
+        self.reported += len(batch)
+        return batch
 
     def poll(self) -> FlowBatch:
         return self._decode(self.drain.take())
@@ -83,7 +85,7 @@ class NetfilterBackend:
     def finish(self) -> FlowBatch:
         """Everything still in the kernel: answered records in the ring, then every flow pending."""
         self.drain.stop()
-        raws = self.drain.take() + self.probe.consume()
+        raws = self.drain.take() + [self.probe.consume()]
         raws += self._claimed(self.probe.take_pending(None))
         self.finished = True
         return self._decode(raws)
@@ -119,7 +121,8 @@ class NetfilterBackend:
 
 
 class _RingDrain:
-    """Copies answered-flow records out of the ring buffer every 10 ms, in its own thread."""
+    """Copies answered-flow records out of the ring buffer every 10 ms, in its own thread, one
+    chunk of records back to back per drain."""
 
     def __init__(self, probe):
         self.probe = probe
@@ -130,9 +133,9 @@ class _RingDrain:
 
     def _run(self) -> None:
         while not self.done.wait(0.01):
-            recs = self.probe.consume()
-            if recs:
-                self.buf.extend(recs)
+            chunk = self.probe.consume()
+            if chunk:
+                self.buf.append(chunk)
 
     def take(self) -> List[bytes]:
         out = []

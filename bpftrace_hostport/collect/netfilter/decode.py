@@ -127,9 +127,11 @@ class FlowDecoder:
         self.drop_names = drop_names
 
     def decode(self, raws: List[bytes]) -> FlowBatch:
-        if not raws:
+        """Chunks of records back to back (as drained, or one per claimed flow) -> a batch."""
+        data = b"".join(raws)
+        if not data:
             return FlowBatch.empty()
-        a = np.frombuffer(b"".join(raws), dtype=self.dtype)
+        a = np.frombuffer(data, dtype=self.dtype)
         flags, first, reply = a["v.flags"], a["v.first_ns"], a["v.reply_ns"]
         answered = (flags & FLOW_ANSWERED != 0) & (reply > 0)
         midstream = flags & FLOW_MIDSTREAM != 0

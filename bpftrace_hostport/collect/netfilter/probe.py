@@ -202,6 +202,7 @@ class Probe:
         # struct flow_event {flow_key key; flow_val val;}: val starts at flow_val's alignment
         # (its first member is a u64).
         self._val_off = (self._key_size + 7) // 8 * 8
+        self.event_size = self._val_off + ctypes.sizeof(self.maps["flows"].Leaf)
 
     def _explain(self, reply: dict) -> None:
         out = reply.get("log", "")
@@ -285,13 +286,13 @@ class Probe:
         """(flow_key ctypes class, flow_val ctypes class, offset of val in flow_event)."""
         return self.maps["flows"].Key, self.maps["flows"].Leaf, self._val_off
 
-    def consume(self) -> List[bytes]:
-        """Answered-flow records waiting in the ring buffer, as raw flow_event bytes.
+    def consume(self) -> bytes:
+        """Answered-flow records waiting in the ring buffer: flow_event records back to back.
 
         The kernel submits them without a wakeup (BPF_RB_NO_WAKEUP): reading them in batches
         on a timer costs a few memory reads per batch instead of a wakeup per flow.
         """
-        return self.ring.consume()
+        return self.ring.consume_fixed(self.event_size)
 
     def _raw_event(self, k, v) -> bytes:
         return bytes(k) + bytes(self._val_off - self._key_size) + bytes(v)

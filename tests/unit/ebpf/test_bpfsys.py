@@ -50,3 +50,27 @@ def test_hidden_kernel_symbols_are_detected(tmp_path):
     hidden.write_text("0000000000000000 T _stext\n0000000000000000 T bpf_probe_read_kernel\n")
     assert kernel_symbols_visible(str(shown)) and not kernel_symbols_visible(str(hidden))
     assert kernel_symbols_visible(str(tmp_path / "missing"))
+
+
+def test_ring_buffer_fixed_size_records_in_one_read():
+    """consume_fixed reads submitted records in one go, skips discarded ones, stops at a busy one
+    and advances the consumer position past what it read (kernel/bpf/ringbuf.c layout)."""
+    import mmap
+    import struct
+    page, size, rec = mmap.PAGESIZE, 4096, 20
+    stride = (rec + 8 + 7) // 8 * 8
+    rb = object.__new__(bpfsys.RingBuffer)
+    rb.size, rb.mask, rb.page = size, size - 1, page
+    rb.cons, rb.prod = mmap.mmap(-1, page), mmap.mmap(-1, page + 2 * size)
+    headers = [rec, rec | bpfsys.BPF_RINGBUF_DISCARD_BIT, rec, rec | bpfsys.BPF_RINGBUF_BUSY_BIT, rec]
+    for i, hdr in enumerate(headers):
+        off = page + i * stride
+        struct.pack_into("<II", rb.prod, off, hdr, 0)
+        rb.prod[off + 8: off + 8 + rec] = bytes([i]) * rec
+    struct.pack_into("<Q", rb.prod, 0, len(headers) * stride)       # producer position
+    assert rb.consume_fixed(rec) == bytes([0]) * rec + bytes([2]) * rec
+    assert struct.unpack_from("<Q", rb.cons, 0)[0] == 3 * stride     # up to the busy record
+    assert rb.consume_fixed(rec) == b""
+    struct.pack_into("<I", rb.prod, page + 3 * stride, rec)          # now submitted
+    assert rb.consume_fixed(rec) == bytes([3]) * rec + bytes([4]) * rec
+    rb.close()
