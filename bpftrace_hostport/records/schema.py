@@ -14,6 +14,7 @@ up to theirs and refuse newer ones with one sentence.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
@@ -153,8 +154,10 @@ def markdown_table(kind: str) -> str:
 RECORD_KINDS = ("meta", "pods", "rules", "flow", "miss", "summary", "end")
 
 
+@functools.lru_cache(maxsize=None)
 def recording_schema():
-    """The Arrow schema of a recording (pyarrow is imported only when a recording is used)."""
+    """The Arrow schema of a recording (pyarrow is imported only when a recording is used; built
+    once: every batch written refers to it)."""
     import pyarrow as pa
     s = pa.dictionary(pa.int32(), pa.string())
     addr = pa.binary(16)
