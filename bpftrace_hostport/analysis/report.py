@@ -708,7 +708,23 @@ def _notes(cap: "Capture", c: _Ctx, f: Filters, mappings: List[dict], lost: Opti
             on = f" on node {m['node']}" if multi else ""
             notes.append(f"hostPort {m['host_port']}/{m['proto']}{on}: {plural(m['misses'], 'connection')} "
                          f"reached the node without DNAT ({owner}).")
+    hint = _check_hint(c, mappings)
+    if hint:
+        notes.append(hint)
     return notes
+
+
+def _check_hint(c: _Ctx, mappings: List[dict]) -> Optional[str]:
+    """Where the capture shows trouble (misses, drops, unanswered flows), the command that says
+    why and how to fix it, to run on the node while the trouble lasts."""
+    trouble = [m for m in mappings if m.get("misses") or m.get("drops")
+               or (m.get("flows") and m.get("answered") is not None and m["answered"] < m["flows"])]
+    if not trouble:
+        return None
+    nodes = sorted({m.get("node") or "" for m in trouble} - {""}) or sorted(c.nodes)
+    on = f" on {_join(nodes)}" if nodes and nodes != [""] else " on the node"
+    return (f"Misses, drops or unanswered flows: for the diagnosis and the exact fix, run{on}: "
+            "sudo bpftrace-hostport check")
 
 
 def _join(words: Sequence[str]) -> str:

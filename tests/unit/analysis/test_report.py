@@ -416,3 +416,12 @@ def test_a_hundred_thousand_flows_stay_fast():
     r = build_report(Capture(flows=base, misses=frame(MISSES_A), summaries=[], headers=[]))
     assert time.perf_counter() - started < 2.0
     assert r["mappings"][0]["flows"] == n
+
+
+def test_trouble_points_to_check_with_the_command():
+    notes = build_report(capture())["notes"]
+    assert any(n.endswith("run on the node: sudo bpftrace-hostport check") or
+               "sudo bpftrace-hostport check" in n for n in notes)
+    healthy = [f for f in FLOWS_A if f["answered"] and f["host_port"] == 8080]
+    quiet = build_report(capture(flows=healthy, misses=[], summaries=()))
+    assert not any("bpftrace-hostport check" in n for n in quiet["notes"])
