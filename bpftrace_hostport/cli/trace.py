@@ -2,6 +2,7 @@
 and Prometheus metrics, all fed by one session (collect/session.py)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import Optional
@@ -134,7 +135,6 @@ def run(netns, lab_name, duration, host_ports_, protos, clients, pod_files, pods
         ringbuf_kb, no_drops, no_rules, backend, ready_file, print_program, agent=None):
     from bpftrace_hostport.collect.session import TraceOptions
     from bpftrace_hostport.netns import require
-    keep_pandas_out()
     if os.geteuid() != 0:        # before asking any pod source: the first thing to say
         raise Fail("Tracing needs root (CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN): run it with sudo.")
     pod_files = list(pod_files)
@@ -158,19 +158,27 @@ def run(netns, lab_name, duration, host_ports_, protos, clients, pod_files, pods
                    record_path=record_path, max_size=parse_size(max_size) if max_size else None,
                    max_files=max_files, anonymize_key=_anonymize_key(anonymize, anonymize_key_file),
                    metrics=metrics, agent=agent)
-    index = resolver(pod_files, pods_from, netns, node_name, kubeconfig)
+    with keep_pandas_out():
+        index = resolver(pod_files, pods_from, netns, node_name, kubeconfig)
+        try:
+            _run_backend(backend, opts, index, outputs)
+        finally:
+            index.stop()
+
+
+@contextlib.contextmanager
+def keep_pandas_out():
+    """While tracing, `import pandas` fails: the tracer never needs it (offline analysis does),
+    but pyarrow imports it on its first pa.array() whenever it is installed, about 30 MB of RSS
+    on a busy node for nothing; told it is absent, pyarrow carries on without it."""
+    guard = _NoPandas() if "pandas" not in sys.modules else None
+    if guard is not None:
+        sys.meta_path.insert(0, guard)
     try:
-        _run_backend(backend, opts, index, outputs)
+        yield
     finally:
-        index.stop()
-
-
-def keep_pandas_out() -> None:
-    """The tracer never needs pandas (offline analysis does), but pyarrow imports it on its
-    first pa.array() whenever it is installed: about 50 MB of RSS on a busy node for nothing.
-    Marking it absent for this process makes pyarrow carry on without it."""
-    if "pandas" not in sys.modules and not any(isinstance(f, _NoPandas) for f in sys.meta_path):
-        sys.meta_path.insert(0, _NoPandas())
+        if guard is not None:
+            sys.meta_path.remove(guard)
 
 
 class _NoPandas:
