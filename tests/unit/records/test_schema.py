@@ -28,3 +28,5 @@ def test_header_and_summary_fields(tmp_path):
         measures = {"latency": True, "packets": True, "misses": True, "drops": True}
     h = capture_header(TraceOptions(), B(), 0)
     assert list(h) == field_names("capture")
+    # what shapes the capture, nothing else: no kubeconfig, token or anonymization key
+    assert set(h["options"]) == {"host_ports", "protos", "clients", "timeout_s"}
