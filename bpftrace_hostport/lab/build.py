@@ -522,6 +522,17 @@ def _build(st: LabState, plans: List[PodPlan], clients: int) -> None:
     st.save()
 
 
+def _start_streaming_client(st: LabState, log: str):
+    """A UDP client that keeps sending to hostPort 5353 from a fixed port (10 a second, for up
+    to an hour): it keeps its conntrack entry alive. Returns the dns-v1 pod it reaches first."""
+    args = ["bpftrace_hostport.lab.traffic", "--host", st.node_ip, "--port", "5353", "--proto", "udp",
+            "--source-port", str(STALE_UDP_SOURCE_PORT), "--count", "36000", "--rate", "10",
+            "--timeout", "0.2", "--max-seconds", "3600", "--ready-after", "1"]
+    _start_process(st, st.clients[0]["netns"], args, log, ready=True)
+    time.sleep(0.3)
+    return next(p for p in st.pods if p.name == "dns-v1")
+
+
 def _stale_udp(st: LabState) -> None:
     """A UDP client keeps talking to hostPort 5353 while its pod is replaced by a new one.
 
@@ -530,13 +541,7 @@ def _stale_udp(st: LabState) -> None:
     meets the old pod's DNAT chain first and re-creates the entry to the old IP); then the old
     pod is deleted. The client keeps sending, so conntrack keeps the DNAT to the dead IP.
     """
-    old = next(p for p in st.pods if p.name == "dns-v1")
-    client = st.clients[0]
-    args = ["bpftrace_hostport.lab.traffic", "--host", st.node_ip, "--port", "5353", "--proto", "udp",
-            "--source-port", str(STALE_UDP_SOURCE_PORT), "--count", "36000", "--rate", "10",
-            "--timeout", "0.2", "--max-seconds", "3600", "--ready-after", "1"]
-    _start_process(st, client["netns"], args, "stale-udp-client.log", ready=True)
-    time.sleep(0.3)
+    old = _start_streaming_client(st, "stale-udp-client.log")
     plan = parse_manifests(_SCENARIO_PODS["stale-udp"].replace("dns-v1", "dns-v2"), "<scenario>")[0]
     _add_pod(st, plan, len(st.pods))
     time.sleep(0.3)          # the client's next datagrams re-create the entry to the old pod
@@ -565,13 +570,7 @@ def _blackhole(st: LabState) -> None:
     so its entry keeps DNATing to dns-v1's dead IP: a blackhole, while new clients reach dns-node.
     No pod declares 5353 any more and no rule for it exists.
     """
-    old = next(p for p in st.pods if p.name == "dns-v1")
-    client = st.clients[0]
-    args = ["bpftrace_hostport.lab.traffic", "--host", st.node_ip, "--port", "5353", "--proto", "udp",
-            "--source-port", str(STALE_UDP_SOURCE_PORT), "--count", "36000", "--rate", "10",
-            "--timeout", "0.2", "--max-seconds", "3600", "--ready-after", "1"]
-    _start_process(st, client["netns"], args, "blackhole-client.log", ready=True)
-    time.sleep(0.3)
+    old = _start_streaming_client(st, "blackhole-client.log")
     _delete_pod(st, old)
     plan = parse_manifests(BLACKHOLE_NODE_POD, "<scenario blackhole>")[0]
     pod = _add_pod(st, plan, len(st.pods))
