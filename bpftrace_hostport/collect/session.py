@@ -4,9 +4,10 @@
       -> FlowBatch (columns)  -> Enricher (pod names, once per batch)
       -> FlowAggregate (the running summary)  and  every sink (json, text, live, recording, metrics)
 
-The loop wakes every 50 ms to hand answered flows over, every 250 ms to claim flows that
-timed out, and every second to read misses and the kernel's counters, refresh the node's
-local addresses and the hostPorts to watch, and tick the sinks with the running summary.
+The loop wakes every 50 ms (signals, --duration), hands answered flows and the flows that
+timed out over as one batch every 250 ms, and every second reads misses and the kernel's
+counters, refreshes the node's local addresses and the hostPorts to watch, and ticks the sinks
+with the running summary.
 At the end every flow still in the kernel is reported, and the summary compares what the
 kernel counted with what was reported: the difference is lost_events, never silent.
 """
@@ -24,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, TextIO, Tuple
 
 from bpftrace_hostport import __version__, netns as netns_mod
 from bpftrace_hostport.analysis.aggregate import FlowAggregate, summarize
-from bpftrace_hostport.collect.batch import ns_to_iso
+from bpftrace_hostport.collect.batch import FlowBatch, ns_to_iso
 from bpftrace_hostport.collect.enrich import Enricher
 from bpftrace_hostport.collect.sinks import Sink
 from bpftrace_hostport.errors import UserError
@@ -208,11 +209,13 @@ class Session:
             if opts.duration is not None and now - self.started >= opts.duration:
                 break
             time.sleep(0.05)
-            self._flows(backend.poll())
             now = time.monotonic()
             if now >= next_expire:
+                # Answered and timed-out flows go to the sinks four times a second, as one batch:
+                # every sink's cost per batch (an Arrow record batch, a flush) is spread over
+                # more flows. The drain thread keeps the ring buffer empty in the meantime.
                 next_expire = now + 0.25
-                self._flows(backend.expire())
+                self._flows(FlowBatch.concat([backend.poll(), backend.expire()]))
             if now >= next_slow:
                 next_slow = now + 1.0
                 self._slow(ipr)
