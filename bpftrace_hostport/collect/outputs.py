@@ -16,7 +16,7 @@ def make_backend(name: str, opts, watch):
 
 def make_sinks(outputs: dict, opts, index) -> list:
     from bpftrace_hostport.collect import sinks
-    out = []
+    out, metrics = [], None
     if outputs["fmt"] != "none":
         out.append(sinks.output_sink(outputs["fmt"], sys.stdout, outputs.get("check_hint"),
                                      getattr(index, "pods", None)))
@@ -27,13 +27,13 @@ def make_sinks(outputs: dict, opts, index) -> list:
         from bpftrace_hostport.collect.metrics import MetricsSink
         from bpftrace_hostport.collect.session import node_name
         try:
-            out.append(MetricsSink(node_name(opts), outputs["metrics"]))
+            metrics = MetricsSink(node_name(opts), outputs["metrics"])
         except ValueError as e:
             from bpftrace_hostport.errors import UserError
             raise UserError(str(e)) from None
+        out.append(metrics)
     if outputs.get("agent") is not None:
         from bpftrace_hostport.collect.agent import AgentSink
-        metrics = next((s for s in out if type(s).__name__ == "MetricsSink"), None)
         out.append(AgentSink(outputs["agent"], opts, index, metrics))
     return out
 
