@@ -57,7 +57,8 @@ struct flow_val {
     u32 drop_reason;         /* enum skb_drop_reason of the last drop, 0 = none */
     u8  hook;                /* HOOK_* */
     u8  flags;               /* FLOW_* */
-    u8  _pad[6];
+    u16 _pad;
+    u32 mapping_id;          /* the slot of its mapping's counters (MAP_SIZE: none) */
 };
 
 struct flow_event {          /* one ring-buffer record per flow, when it is first answered */

@@ -51,8 +51,13 @@ BPF_HASH(pending, struct flow_key, u64, PENDING_SIZE);
  * later packet of such a flow only adds to its mapping's counters, found with one lookup of
  * an 8-byte key instead of reading the tuple and hashing a 40-byte flow key. A recycled
  * entry is recognised by its first packet (IP_CT_NEW, not yet confirmed), which drops it. */
-BPF_F_TABLE("lru_hash", u64, struct mapping_key, known, FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
-BPF_PERCPU_HASH(mappings, struct mapping_key, struct mapping_val, MAP_SIZE);
+BPF_F_TABLE("lru_hash", u64, u32, known, FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
+/* Per-mapping counters: a mapping gets a small id once (mapping_ids, mapping_next) and its
+ * counters live in a per-CPU array slot, so a packet adds to them with one array access (which
+ * the verifier inlines) instead of hashing a 24-byte key. `known` keeps the id of each flow. */
+BPF_HASH(mapping_ids, struct mapping_key, u32, MAP_SIZE);
+BPF_QUEUE(free_ids, u32, MAP_SIZE);      /* filled with 0 .. MAP_SIZE-1 by user space */
+BPF_PERCPU_ARRAY(mappings, struct mapping_val, MAP_SIZE);
 BPF_HASH(drops, struct drop_key, u64, MAP_SIZE);
 BPF_TABLE("lru_hash", struct miss_key, struct miss_val, misses, MAP_SIZE);
 BPF_HASH(watch_ports, struct port_key, u8, 4096);
@@ -69,7 +74,16 @@ static __always_inline void stat_inc(int idx)
         (*v)++;
 }
 
-/* The conntrack entry of an skb, and the packet's direction in it. */
+/* The conntrack entry of an skb the program was handed (a netfilter program's ctx->skb, a
+ * trusted pointer the verifier types from BTF): read with plain loads at BTF offsets. */
+static __always_inline void *nf_skb_conntrack(void *skb, u8 *ctinfo)
+{
+    unsigned long nfct = *(unsigned long *)((char *)skb + SKB_NFCT);
+    *ctinfo = nfct & 7;
+    return (void *)(nfct & NFCT_PTRMASK);
+}
+
+/* The same for an skb known only by its address (a tracepoint's record). */
 static __always_inline void *skb_conntrack(void *skb, u8 *ctinfo)
 {
     unsigned long nfct = 0;
@@ -143,16 +157,6 @@ static __always_inline void mapping_from(struct mapping_key *m, struct flow_key 
     copy_addr(m->pod_addr, r + TUP_SRC_U3, k->family);
 }
 
-static __always_inline void mapping_of_flow(struct mapping_key *m, struct flow_key *k,
-                                            struct flow_val *v)
-{
-    m->family = k->family;
-    m->proto = k->proto;
-    m->host_port = k->host_port;
-    m->pod_port = v->pod_port;
-    __builtin_memcpy(m->pod_addr, v->pod_addr, 16);
-}
-
 static __always_inline int proto_allowed(struct config *cfg, u8 proto)
 {
     u8 bit = proto == PROTO_TCP ? 1 : proto == PROTO_UDP ? 2 : proto == PROTO_SCTP ? 4 : 0;
@@ -188,14 +192,33 @@ static __always_inline int client_allowed(struct config *cfg, struct flow_key *k
     return client_cidrs.lookup(&lk) != 0;
 }
 
-static __always_inline void mapping_add(struct mapping_key *m, u64 flows_inc, u64 bytes)
+/* The id of a mapping, given on its first flow from the queue of free ids (a pop is atomic;
+ * this build's compiler has no atomic fetch-and-add). Returns MAP_SIZE when none could be
+ * given (every id in use, or the id table full: counted). Two CPUs giving the same new
+ * mapping an id at once: one insert wins, the other CPU returns its id to the queue. */
+static __always_inline u32 mapping_id(struct mapping_key *m)
 {
-    struct mapping_val zero = {};
-    struct mapping_val *mv = mappings.lookup_or_try_init(m, &zero);
-    if (!mv) {
-        stat_inc(STAT_COUNTER_FULL);
-        return;
+    u32 *have = mapping_ids.lookup(m);
+    if (have)
+        return *have;
+    u32 id = MAP_SIZE;
+    if (free_ids.pop(&id) == 0 && id < MAP_SIZE) {
+        if (mapping_ids.insert(m, &id) == 0)
+            return id;
+        free_ids.push(&id, 0);
     }
+    have = mapping_ids.lookup(m);
+    if (have)
+        return *have;
+    stat_inc(STAT_COUNTER_FULL);
+    return MAP_SIZE;
+}
+
+static __always_inline void mapping_add(u32 id, u64 flows_inc, u64 bytes)
+{
+    struct mapping_val *mv = mappings.lookup(&id);
+    if (!mv)
+        return;                  /* id MAP_SIZE: no counters (counted once, at the flow's start) */
     mv->flows += flows_inc;      /* per-CPU value: no atomics needed */
     mv->packets += 1;
     mv->bytes += bytes;
@@ -265,18 +288,17 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
 {
     void *skb = *(void **)((char *)ctx + NF_CTX_SKB);
     u8 ctinfo = 0;
-    void *ct = skb_conntrack(skb, &ctinfo);
+    void *ct = nf_skb_conntrack(skb, &ctinfo);
     if (!ct)
         return 1;   /* NF_ACCEPT: untracked packets are not ours to judge */
 
     u64 ctkey = (u64)ct;
-    u32 len = 0;
+    u32 len = *(u32 *)((char *)skb + SKB_LEN);
     if (ctinfo == IP_CT_ESTABLISHED || ctinfo == IP_CT_ESTABLISHED_REPLY) {
         /* The hot path: a packet of a flow already answered and reported. */
-        struct mapping_key *km = known.lookup(&ctkey);
-        if (km) {
-            bpf_probe_read_kernel(&len, sizeof(len), (char *)skb + SKB_LEN);
-            mapping_add(km, 0, len);
+        u32 *id = known.lookup(&ctkey);
+        if (id) {
+            mapping_add(*id, 0, len);
             return 1;
         }
     }
@@ -318,8 +340,6 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
     u8 family = flow_key_of(ct, o, &k);
     if (!family)
         return 1;
-
-    bpf_probe_read_kernel(&len, sizeof(len), (char *)skb + SKB_LEN);
 
     struct flow_val *v = flows.lookup(&k);
     if (v && ctinfo == IP_CT_NEW && !(status & IPS_CONFIRMED)) {
@@ -368,6 +388,9 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
         nv.pod_port = *(u16 *)(r + TUP_SRC_PORT);
         if (status & IPS_SRC_NAT)        /* midstream: source NAT already happened */
             note_masquerade(&nv, &k, r, family);
+        struct mapping_key m = {};
+        mapping_from(&m, &k, r);
+        nv.mapping_id = mapping_id(&m);
         if (flows.update(&k, &nv)) {
             stat_inc(STAT_FLOW_INSERT_ERR);
             return 1;
@@ -376,17 +399,14 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
         u64 first = now;
         if (pending.insert(&k, &first))
             stat_inc(STAT_PENDING_FULL);
-        struct mapping_key m = {};
-        mapping_from(&m, &k, r);
-        mapping_add(&m, 1, len);
+        mapping_add(nv.mapping_id, 1, len);
         return 1;
     }
 
     /* Packets of a flow not yet answered (and the first reply): its mapping is the one
      * recorded at its first packet, so the reply tuple is read only once, at the first reply. */
-    struct mapping_key m = {};
-    mapping_of_flow(&m, &k, v);
-    mapping_add(&m, 0, len);
+    u32 mid = v->mapping_id;
+    mapping_add(mid, 0, len);
 
     if (!reply) {
         __sync_fetch_and_add(&v->packets_orig, 1);
@@ -417,7 +437,7 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
     /* On failure the flow stays pending and is reported after --timeout; on success its
      * later packets take the hot path above. */
     if (report_answered(&k, v) == 0)
-        known.update(&ctkey, &m);
+        known.update(&ctkey, &mid);
     return 1;
 }
 

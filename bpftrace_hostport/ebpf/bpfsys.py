@@ -133,7 +133,7 @@ class BpfMap:
         self.percpu = info.type in PERCPU_TYPES
         self.key_size = info.key_size
         self.value_size = info.value_size
-        if self.key_size != ctypes.sizeof(key_type) and info.type != BPF_MAP_TYPE_RINGBUF:
+        if key_type is not None and self.key_size != ctypes.sizeof(key_type) and info.type != BPF_MAP_TYPE_RINGBUF:
             raise ValueError(f"map {name}: key is {self.key_size} bytes, layout says {ctypes.sizeof(key_type)}")
         self._slot = (self.value_size + 7) // 8 * 8
         self._vbuf_size = self._slot * possible_cpus() if self.percpu else self.value_size
@@ -170,6 +170,14 @@ class BpfMap:
             vbytes = one * possible_cpus()
         vbuf = ctypes.create_string_buffer(vbytes, len(vbytes))
         attr, _k = self._attr(bytes(key), ctypes.addressof(vbuf), flags)
+        sys_bpf(BPF_MAP_UPDATE_ELEM, attr)
+
+    def push(self, value) -> None:
+        """Adds a value to a queue or stack map (no key: bpf_attr.key is NULL)."""
+        vbytes = bytes(value)
+        vbuf = ctypes.create_string_buffer(vbytes, len(vbytes))
+        attr = ctypes.create_string_buffer(32)
+        struct.pack_into("<IIQQQ", attr, 0, self.fd, 0, 0, ctypes.addressof(vbuf), BPF_ANY)
         sys_bpf(BPF_MAP_UPDATE_ELEM, attr)
 
     def delete(self, key) -> bool:

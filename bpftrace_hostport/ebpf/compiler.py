@@ -60,7 +60,9 @@ def main(argv=None) -> int:
     for name in req["maps"]:
         t = b[name]
         leaf = getattr(t, "sLeaf", t.Leaf)      # per-CPU tables: the one-CPU value type
-        maps.append({"name": name, "key": desc_from_ctype(t.Key), "leaf": desc_from_ctype(leaf)})
+        key = getattr(t, "Key", None)            # queues and stacks have no key
+        maps.append({"name": name, "key": None if key is None else desc_from_ctype(key),
+                     "leaf": desc_from_ctype(leaf)})
         fds.append(t.map_fd)
     tp_ok = False
     if req.get("tracepoint"):

@@ -93,7 +93,7 @@ def _tuple_len(family: int) -> int:
     return 4 if family == 4 else 16
 
 
-MAPS = ("flows", "pending", "mappings", "drops", "misses", "watch_ports", "local_addrs",
+MAPS = ("flows", "pending", "mapping_ids", "free_ids", "mappings", "drops", "misses", "watch_ports", "local_addrs",
         "client_cidrs", "config", "stats", "events")
 
 
@@ -192,6 +192,7 @@ class Probe:
         self.prog_fds = {name: next(it) for name in reply["progs"]}
         for m in reply["maps"]:
             self.maps[m["name"]] = bpfsys.BpfMap(m["name"], next(it),
+                                                 None if m["key"] is None else
                                                  bpfsys.ctype_from_desc(m["key"], m["name"] + "_key"),
                                                  bpfsys.ctype_from_desc(m["leaf"], m["name"] + "_val"))
         self.drops_enabled = bool(reply["tracepoint"])
@@ -245,6 +246,9 @@ class Probe:
             mask |= protomod.MASK_BITS[p]
         c.proto_mask = mask
         cfg.update(ctypes.c_uint32(0), c)
+        ids = self.maps["free_ids"]
+        for i in range(ids.max_entries):
+            ids.push(ctypes.c_uint32(i))
         self.set_watch_ports(self.opts.watch_ports)
         cl = self.maps["client_cidrs"]
         for cidr in self.opts.client_cidrs:
@@ -318,9 +322,16 @@ class Probe:
         return self.maps["misses"].items()
 
     def read_mappings(self):
-        """(mapping_key, flows, packets, bytes) summed over CPUs."""
-        return [(k, sum(v.flows for v in per_cpu), sum(v.packets for v in per_cpu),
-                 sum(v.bytes for v in per_cpu)) for k, per_cpu in self.maps["mappings"].items()]
+        """(mapping_key, flows, packets, bytes) summed over CPUs: each mapping's id, then its
+        slot of the per-CPU counters array."""
+        counts = self.maps["mappings"]
+        out = []
+        for k, mid in self.maps["mapping_ids"].items():
+            per_cpu = counts.lookup(ctypes.c_uint32(mid.value))
+            if per_cpu is not None:
+                out.append((k, sum(v.flows for v in per_cpu), sum(v.packets for v in per_cpu),
+                            sum(v.bytes for v in per_cpu)))
+        return out
 
     def read_drops(self):
         return [(k.mapping, k.reason, v.value) for k, v in self.maps["drops"].items()]
