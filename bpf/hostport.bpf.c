@@ -19,6 +19,7 @@
  *   TUP_SRC_U3, TUP_SRC_PORT, TUP_L3NUM, TUP_DST_U3, TUP_DST_PORT, TUP_PROTONUM
  *   TP_SKBADDR, TP_REASON   field offsets in the skb:kfree_skb tracepoint record (its format file)
  *   FLOW_TABLE_SIZE, PENDING_SIZE, MAP_SIZE, RINGBUF_PAGES   sizes chosen by the user
+ *   WAKE_EVERY        records per CPU between wake-ups of the reader (probe.py sizes it)
  */
 #include "events.h"
 
@@ -66,6 +67,7 @@ BPF_LPM_TRIE(client_cidrs, struct client_lpm_key, u8, 256);
 BPF_ARRAY(config, struct config, 1);
 BPF_PERCPU_ARRAY(stats, u64, STAT_MAX);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+BPF_PERCPU_ARRAY(since_wakeup, u32, 1);  /* records this CPU submitted since it last woke the reader */
 
 static __always_inline void stat_inc(int idx)
 {
@@ -276,9 +278,18 @@ static __always_inline int report_answered(struct flow_key *k, struct flow_val *
     }
     __builtin_memcpy(&e->key, k, sizeof(*k));
     __builtin_memcpy(&e->val, v, sizeof(*v));
-    /* No wakeup: user space drains the ring on a timer, in batches (a wakeup per flow
-     * would cost a context switch per flow at high connection rates). */
-    events.ringbuf_submit(e, BPF_RB_NO_WAKEUP);
+    /* Batched wake-ups: a wake-up per flow would cost a context switch per flow at high
+     * connection rates. The reader sleeps on the ring (at most 250 ms); each CPU wakes it every
+     * WAKE_EVERY records, which user space sizes so that all CPUs together wake it well before
+     * the ring could fill. */
+    u64 wake = BPF_RB_NO_WAKEUP;
+    int zero = 0;
+    u32 *n = since_wakeup.lookup(&zero);
+    if (n && ++*n >= WAKE_EVERY) {
+        *n = 0;
+        wake = BPF_RB_FORCE_WAKEUP;
+    }
+    events.ringbuf_submit(e, wake);
     return 0;
 }
 

@@ -4,8 +4,8 @@
       -> FlowBatch (columns)  -> Enricher (pod names, once per batch)
       -> FlowAggregate (the running summary)  and  every sink (json, text, live, recording, metrics)
 
-The loop wakes every 50 ms (signals, --duration), hands answered flows and the flows that
-timed out over as one batch every 250 ms, and every second reads misses and the kernel's
+The loop sleeps until something is due (a signal cuts the sleep short), hands answered flows
+and the flows that timed out over as one batch every 250 ms, and every second reads misses and the kernel's
 counters, refreshes the node's local addresses and the hostPorts to watch, and ticks the sinks
 with the running summary.
 At the end every flow still in the kernel is reported, and the summary compares what the
@@ -13,8 +13,10 @@ kernel counted with what was reported: the difference is lost_events, never sile
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import select
 import platform
 import signal
 import socket
@@ -88,6 +90,30 @@ def check_ready_file(path: Optional[str]) -> None:
     if not os.path.isdir(d) or not os.access(d, os.W_OK):
         raise UserError(f"Cannot write the ready file {path}: its directory {d} does not exist "
                         "or is not writable; give a path in a writable directory.")
+
+
+class _SignalWake:
+    """Sleeps that a signal cuts short: the signal module writes a byte to a pipe on every
+    signal (signal.set_wakeup_fd), and the sleep is a select on that pipe."""
+
+    def __enter__(self):
+        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.old = signal.set_wakeup_fd(self.w, warn_on_full_buffer=False)
+        return self
+
+    def sleep(self, seconds: float) -> None:
+        try:
+            ready, _, _ = select.select([self.r], [], [], seconds)
+        except InterruptedError:
+            return
+        if ready:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self.r, 512)
+
+    def __exit__(self, *exc):
+        signal.set_wakeup_fd(self.old)
+        os.close(self.r)
+        os.close(self.w)
 
 
 class _Stop:
@@ -202,23 +228,29 @@ class Session:
                 f.write(f"{os.getpid()}\n")
 
     def _loop(self, ipr) -> None:
-        opts, backend = self.opts, self.backend
-        next_expire = next_slow = time.monotonic()
-        while not self.stop.flag:
-            now = time.monotonic()
-            if opts.duration is not None and now - self.started >= opts.duration:
-                break
-            time.sleep(0.05)
-            now = time.monotonic()
-            if now >= next_expire:
-                # Answered and timed-out flows go to the sinks four times a second, as one batch:
-                # every sink's cost per batch (an Arrow record batch, a flush) is spread over
-                # more flows. The drain thread keeps the ring buffer empty in the meantime.
-                next_expire = now + 0.25
-                self._flows(FlowBatch.concat([backend.poll(), backend.expire()]))
-            if now >= next_slow:
-                next_slow = now + 1.0
-                self._slow(ipr)
+        """Wakes when a batch is due (every 250 ms), for the once-a-second work, at the end of
+        --duration, or on a signal; nothing else runs in between."""
+        opts = self.opts
+        next_batch = next_slow = time.monotonic()
+        end = None if opts.duration is None else self.started + opts.duration
+        with _SignalWake() as wake:
+            while not self.stop.flag:
+                now = time.monotonic()
+                if end is not None and now >= end:
+                    break
+                wake.sleep(max(0.0, min(next_batch, next_slow, end or next_slow) - now))
+                if self.stop.flag:
+                    break
+                now = time.monotonic()
+                if now >= next_batch:
+                    # Answered and timed-out flows go to the sinks four times a second, as one
+                    # batch: every sink's cost per batch (an Arrow record batch, a flush) is spread
+                    # over more flows. The drain thread keeps the ring buffer empty meanwhile.
+                    next_batch = now + 0.25
+                    self._flows(FlowBatch.concat([self.backend.poll(), self.backend.expire()]))
+                if now >= next_slow:
+                    next_slow = now + 1.0
+                    self._slow(ipr)
 
     def _slow(self, ipr) -> None:
         if self.opts.netns and not os.path.exists(netns_mod.path_of(self.opts.netns)):

@@ -234,11 +234,21 @@ class RingBuffer:
     """
 
     def __init__(self, fd: int, size: int):
+        self.fd = fd
         self.size = size
         self.mask = size - 1
         self.page = mmap.PAGESIZE
         self.cons = mmap.mmap(fd, self.page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
         self.prod = mmap.mmap(fd, self.page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=self.page)
+
+    def wait(self, timeout_s: float, also: Tuple[int, ...] = ()) -> None:
+        """Sleeps until the kernel wakes readers of the ring (a record submitted with a wake-up),
+        one of the `also` descriptors is readable, or timeout_s passes."""
+        import select
+        try:
+            select.select([self.fd, *also], [], [], timeout_s)
+        except (OSError, ValueError):    # closed meanwhile
+            pass
 
     def consume(self) -> List[bytes]:
         cons_pos = struct.unpack_from("<Q", self.cons, 0)[0]

@@ -1,8 +1,8 @@
 """The netfilter backend: eBPF on the netfilter BPF link, aggregated in the kernel.
 
 What it hands the session:
-  * answered flows from the ring buffer (one record per flow, drained every 10 ms by its
-    own thread so a stalled writer cannot make the kernel lose records);
+  * answered flows from the ring buffer (one record per flow, drained by its own thread
+    when the kernel wakes it or every 250 ms so a stalled writer cannot make the kernel lose records);
   * unanswered flows claimed from `pending` after --timeout (deleting the entry is the
     claim, so each flow is reported exactly once);
   * miss records: deltas of the in-kernel miss counters, once a second;
@@ -10,6 +10,7 @@ What it hands the session:
 """
 from __future__ import annotations
 
+import os
 import threading
 from collections import deque
 from typing import Dict, List, Optional, Tuple
@@ -121,18 +122,26 @@ class NetfilterBackend:
 
 
 class _RingDrain:
-    """Copies answered-flow records out of the ring buffer every 10 ms, in its own thread, one
-    chunk of records back to back per drain."""
+    """Copies answered-flow records out of the ring buffer in its own thread, so that a stalled
+    sink cannot make the ring overflow: it sleeps on the ring until the kernel wakes it (every
+    WAKE_EVERY records per CPU, see probe.wake_every) or READER_PERIOD_S passes, and takes one
+    chunk of records back to back per wake-up."""
 
     def __init__(self, probe):
         self.probe = probe
         self.buf: deque = deque()
         self.done = threading.Event()
+        self.wake_r, self.wake_w = os.pipe()          # stop() wakes the sleeping thread
         self.thread = threading.Thread(target=self._run, name="ring-drain", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
-        while not self.done.wait(0.01):
+        from bpftrace_hostport.collect.netfilter.probe import READER_PERIOD_S
+        ring = self.probe.ring
+        while not self.done.is_set():
+            ring.wait(READER_PERIOD_S, (self.wake_r,))
+            if self.done.is_set():
+                break
             chunk = self.probe.consume()
             if chunk:
                 self.buf.append(chunk)
@@ -149,5 +158,11 @@ class _RingDrain:
 
     def stop(self) -> None:
         self.done.set()
+        if self.wake_w >= 0:
+            os.write(self.wake_w, b"x")
         if self.thread.is_alive():
             self.thread.join()
+        for fd in (self.wake_r, self.wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self.wake_r = self.wake_w = -1

@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import ipaddress
 import json
+import mmap
 import os
 import platform
 import re
@@ -65,6 +66,9 @@ def bpf_source_dir() -> Path:
     """The eBPF sources, shipped inside the package as `bpftrace_hostport.bpf` (the top-level
     bpf/ folder of the source tree, mapped in pyproject.toml)."""
     from importlib import resources
+    tree = Path(__file__).resolve().parents[3] / "bpf"   # a source tree (or a git worktree of it)
+    if (tree / "hostport.bpf.c").exists() and (tree.parent / "pyproject.toml").exists():
+        return tree
     try:
         cand = Path(str(resources.files("bpftrace_hostport.bpf")))
     except (ModuleNotFoundError, TypeError):
@@ -87,6 +91,20 @@ class ProbeOptions:
     ringbuf_pages: int = 1024                    # 4 MiB with 4 KiB pages: > 1 s of records at 20k flows/s
     drops: bool = True
     debug_print_program: bool = False
+
+
+# A ring-buffer record: struct flow_event (about 160 bytes) and its 8-byte header, rounded up.
+RECORD_BYTES_MAX = 192
+READER_PERIOD_S = 0.25     # the reader sleeps on the ring at most this long
+
+
+def wake_every(ringbuf_pages: int, cpus: int) -> int:
+    """Records each CPU submits between wake-ups of the reader: all CPUs together wake it by
+    the time an eighth of the ring is used, and no more often than every 1024 records per CPU
+    (a wake-up is a context switch; at a rate that fills less in READER_PERIOD_S the reader's
+    own timer is what wakes it)."""
+    capacity = ringbuf_pages * mmap.PAGESIZE // RECORD_BYTES_MAX
+    return max(1, min(1024, capacity // (8 * max(1, cpus))))
 
 
 def _tuple_len(family: int) -> int:
@@ -143,7 +161,8 @@ class Probe:
             defs.update({"TP_SKBADDR": 8, "TP_REASON": 36})   # program compiled but not attached
         o = self.opts
         defs.update({"FLOW_TABLE_SIZE": o.flow_table_size, "PENDING_SIZE": o.pending_size,
-                     "MAP_SIZE": o.map_size, "RINGBUF_PAGES": o.ringbuf_pages})
+                     "MAP_SIZE": o.map_size, "RINGBUF_PAGES": o.ringbuf_pages,
+                     "WAKE_EVERY": wake_every(o.ringbuf_pages, bpfsys.possible_cpus())})
         self.defines = defs
         return [f"-D{k}={v}" for k, v in sorted(defs.items())] + ["-I" + str(bpf_source_dir())]
 
