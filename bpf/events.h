@@ -75,10 +75,20 @@ struct mapping_key {         /* one hostPort mapping as the kernel applied it */
     u8  pod_addr[16];
 };
 
+/* Latency buckets (first packet to first reply), upper bounds in µs, Prometheus style
+ * ("less than or equal"); the last one is +Inf. collect/metrics.py LATENCY_BOUNDS_US is the
+ * same list (a test keeps them equal). */
+#define LAT_BUCKETS 20
+#define LAT_BOUNDS_US 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, \
+                      100000, 250000, 500000, 1000000, 2500000, 5000000, 10000000
+
 struct mapping_val {
     u64 flows;
     u64 packets;
     u64 bytes;
+    u64 answered;            /* flows that got a reply (counted at the first reply) */
+    u64 lat_sum_ns;          /* sum of their latencies (not midstream ones) */
+    u64 lat_hist[LAT_BUCKETS];
 };
 
 struct drop_key {
@@ -124,7 +134,8 @@ struct config {
     u8  watch_all;           /* 1: every DNAT to a local address; 0: only watched ports */
     u8  client_filter;       /* 1: only clients in the client_cidrs trie */
     u8  proto_mask;          /* bit 0 TCP, bit 1 UDP, bit 2 SCTP; 0 = all */
-    u8  _pad[5];
+    u8  no_records;          /* 1: no ring-buffer record per answered flow (counters only) */
+    u8  _pad[4];
 };
 
 #endif

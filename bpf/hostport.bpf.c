@@ -247,6 +247,35 @@ static __always_inline void count_miss(struct flow_key *k, u8 hook)
     mv->last_ns = bpf_ktime_get_ns();
 }
 
+/* The latency bucket of a first reply: the first bound (µs) the latency does not exceed. */
+static __always_inline u32 latency_bucket(u64 ns)
+{
+    u64 bounds[LAT_BUCKETS - 1] = {LAT_BOUNDS_US};
+#pragma unroll
+    for (int i = 0; i < LAT_BUCKETS - 1; i++) {
+        if (ns <= bounds[i] * 1000)
+            return i;
+    }
+    return LAT_BUCKETS - 1;
+}
+
+/* A flow answered: its mapping's answered count and latency histogram, in the kernel, so that
+ * metrics need no per-flow record. Counted once per flow, by whoever holds its claim. */
+static __always_inline void count_answered(u32 id, struct flow_val *v)
+{
+    struct mapping_val *mv = mappings.lookup(&id);
+    if (!mv)
+        return;
+    mv->answered += 1;
+    if (v->flags & FLOW_MIDSTREAM)
+        return;                  /* began before we attached: no latency */
+    u64 lat = v->reply_ns - v->first_ns;
+    mv->lat_sum_ns += lat;
+    u32 b = latency_bucket(lat);
+    if (b < LAT_BUCKETS)
+        mv->lat_hist[b] += 1;
+}
+
 /* Masquerade: a reply tuple whose destination is not the client means the request was
  * source-NATed on its way to the pod (conntrack sets IPS_SRC_NAT once SNAT changed it). */
 static __always_inline void note_masquerade(struct flow_val *v, struct flow_key *k, u8 *r, u8 family)
@@ -259,7 +288,8 @@ static __always_inline void note_masquerade(struct flow_val *v, struct flow_key 
     }
 }
 
-/* Reports an answered flow, at most once. The pending entry is the token for "not yet
+/* Reports an answered flow, at most once: 0 reported, 1 already reported (claimed by user
+ * space as unanswered), -1 deferred (reported by user space after --timeout). The pending entry is the token for "not yet
  * reported": whoever deletes it reports the flow (user space deletes it to report a timed-out
  * flow). The slot is reserved first: if the ring buffer cannot give one (full, or its lock
  * busy: since 6.15 a ring-buffer reservation can fail under contention), the pending entry
@@ -274,7 +304,7 @@ static __always_inline int report_answered(struct flow_key *k, struct flow_val *
     if (pending.delete(k) != 0) {
         /* already reported as unanswered by user space, or never queued */
         events.ringbuf_discard(e, BPF_RB_NO_WAKEUP);
-        return 0;
+        return 1;
     }
     __builtin_memcpy(&e->key, k, sizeof(*k));
     __builtin_memcpy(&e->val, v, sizeof(*v));
@@ -361,7 +391,7 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
         if (!pending.lookup(&k)) {
             v = 0;
         } else if (v->reply_ns) {
-            if (report_answered(&k, v)) {
+            if (report_answered(&k, v) < 0) {
                 pending.delete(&k);
                 stat_inc(STAT_REUSE_LOST);
             }
@@ -442,12 +472,22 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
     v->last_ns = v->reply_ns;
     v->flags |= FLOW_ANSWERED;
     u8 r[TUPLE_BUF] = {};
-    if (read_tuple(ct, CT_TUPLE_REPLY, r))
+    if (read_tuple(ct, CT_TUPLE_REPLY, r) == 0)
+        note_masquerade(v, &k, r, family);   /* by the first reply both NAT manips are settled */
+    if (cfg->no_records) {
+        /* Counters only: deleting the pending entry is the claim, as for a report. */
+        if (pending.delete(&k) == 0) {
+            count_answered(mid, v);
+            known.update(&ctkey, &mid);
+        }
         return 1;
-    note_masquerade(v, &k, r, family);   /* by the first reply both NAT manips are settled */
-    /* On failure the flow stays pending and is reported after --timeout; on success its
-     * later packets take the hot path above. */
-    if (report_answered(&k, v) == 0)
+    }
+    /* Deferred (-1): the flow stays pending and is reported, answered, after --timeout. On
+     * success its later packets take the hot path above. */
+    int rc = report_answered(&k, v);
+    if (rc != 1)
+        count_answered(mid, v);
+    if (rc == 0)
         known.update(&ctkey, &mid);
     return 1;
 }

@@ -145,11 +145,13 @@ class FlowAggregate:
                 reason = b.drop_reasons[code]
                 st["drops"][reason] = st["drops"].get(reason, 0) + int(cnt)
 
-    def flow_stats(self) -> Dict[Key, dict]:
+    def flow_stats(self, latency: bool = True) -> Dict[Key, dict]:
+        """Per mapping; latency=False leaves the percentiles out (None), which is what makes a
+        summary cheap enough to build every second for sinks that never show them."""
         out: Dict[Key, dict] = {}
         for key, st in self.stats.items():
             lat = None
-            if len(st["lat"]):
+            if latency and len(st["lat"]):
                 q = st["lat"].percentiles([p for _, p in PERCENTILES])
                 lat = {name: round(v, 1) for (name, _), v in zip(PERCENTILES, q)}
                 lat["max"] = round(st["lat"].max, 1)
@@ -170,7 +172,7 @@ def _counter_stats(counters: Iterable[dict]) -> Dict[Key, dict]:
     """Kernel per-mapping counters, summed per key (duplicates, e.g. per-CPU, add up)."""
     out: Dict[Key, dict] = {}
     for c in counters:
-        st = out.setdefault(_norm_key(c), {"flows": 0, "packets": 0, "bytes": 0})
+        st = out.setdefault(_norm_key(c), {"flows": 0, "packets": 0, "bytes": 0, "answered": 0})
         for col in st:
             st[col] += int(c.get(col) or 0)
     return out
@@ -228,7 +230,7 @@ def _fill_names(key: Key, names: Tuple, pod_names: Optional[PodNames]) -> Tuple:
 
 
 def _mapping(key: Key, fs: Optional[dict], cs: Optional[dict], drops: Dict[str, int],
-             misses: int, rate, pod_names: Optional[PodNames]) -> dict:
+             misses: int, rate, pod_names: Optional[PodNames], kernel_answered: bool = False) -> dict:
     proto, family, host_port, pod_ip, pod_port = key
     record_flows = fs["flows"] if fs else 0
     if cs is not None:
@@ -241,7 +243,8 @@ def _mapping(key: Key, fs: Optional[dict], cs: Optional[dict], drops: Dict[str, 
     lat = (fs and fs["latency_us"]) or dict.fromkeys([p for p, _ in PERCENTILES] + ["max"])
     return {"proto": proto, "family": family, "host_port": host_port, "pod_ip": pod_ip,
             "pod_port": pod_port, "pod_namespace": ns, "pod_name": name, "port_name": port_name,
-            "flows": int(n_flows), "answered": int(fs["answered"]) if fs else 0,
+            "flows": int(n_flows),
+            "answered": (int(fs["answered"]) if fs else 0) + (cs.get("answered", 0) if kernel_answered and cs else 0),
             "packets": packets, "bytes": nbytes, "misses": misses,
             "drops": dict(sorted(drops.items())), "latency_us": dict(lat),
             "flows_per_s": rate(int(n_flows))}
@@ -249,8 +252,12 @@ def _mapping(key: Key, fs: Optional[dict], cs: Optional[dict], drops: Dict[str, 
 
 def summarize(flows: Union[FlowAggregate, List[dict]], misses: List[dict],
               counters: Optional[List[dict]], drops: Optional[List[dict]], duration_s: float,
-              lost_events: int, pod_names: Optional[PodNames] = None) -> dict:
+              lost_events: int, pod_names: Optional[PodNames] = None, latency: bool = True,
+              kernel_answered: bool = False) -> dict:
     """The "summary" record from folded flows, miss records and the kernel's counters.
+    latency=False: without latency percentiles (a running summary for sinks that need none).
+    kernel_answered: the counters' `answered` are flows that were never reported (the tracer
+    ran without flow records) and add to the records' answered flows.
 
     * flows/packets/bytes: from `counters` when they have that mapping (flows = max of the
       counter and the number of flow records), else from the flow records;
@@ -265,7 +272,7 @@ def summarize(flows: Union[FlowAggregate, List[dict]], misses: List[dict],
         agg = FlowAggregate()
         agg.add_batch(FlowBatch.from_records(flows or []))
         flows = agg
-    flow_stats = flows.flow_stats()
+    flow_stats = flows.flow_stats(latency)
     counter_stats = _counter_stats(counters) if counters is not None else {}
     kernel_drops = _drop_stats(drops) if drops is not None else None
     miss_stats = _miss_stats(misses or [])
@@ -279,7 +286,8 @@ def summarize(flows: Union[FlowAggregate, List[dict]], misses: List[dict],
         fs = flow_stats.get(key)
         d = kernel_drops.get(key, {}) if kernel_drops is not None else (fs["drops"] if fs else {})
         misses_n = miss_stats.get((key[0], key[2]), {}).get("count", 0)
-        mappings.append(_mapping(key, fs, counter_stats.get(key), d, int(misses_n), rate, pod_names))
+        mappings.append(_mapping(key, fs, counter_stats.get(key), d, int(misses_n), rate, pod_names,
+                                 kernel_answered))
     mapped = {(m["proto"], m["host_port"]) for m in mappings}
     for (proto, host_port), ms in miss_stats.items():
         if (proto, host_port) not in mapped:

@@ -24,6 +24,8 @@ class AgentOptions:
 
 
 class AgentSink(Sink):
+    tick_latency = False      # it logs misses, drops and losses only
+
     def __init__(self, aopts: AgentOptions, opts, index, metrics=None, err: TextIO = sys.stderr):
         self.aopts, self.opts, self.index, self.metrics, self.err = aopts, opts, index, metrics, err
         self.done = threading.Event()

@@ -117,6 +117,7 @@ class _Series:
 
 
 class MetricsSink(Sink):
+    tick_latency = False      # latency comes from the flows' histogram, not the summary
     def __init__(self, node: str, listen: str = "127.0.0.1:9469", *, grace_s: float = 300.0,
                  max_series: int = 10000, clock=time.monotonic):
         self.node, self.grace_s, self.max_series, self.clock = node, grace_s, max_series, clock
@@ -127,6 +128,10 @@ class MetricsSink(Sink):
         self.miss_counts: Dict[Tuple[str, ...], list] = {}      # key -> [count, last update]
         self.findings: Dict[Tuple[str, str], list] = {}        # key -> [count, last nonzero]
         self.overflow = self.lost = 0
+        # answered flows and latency counted in the kernel, per series key: (answered, bucket
+        # counts, latency sum in s); `additive`: they are flows never reported (no flow records)
+        self.kernel: Dict[Key, Tuple[int, np.ndarray, float]] = {}
+        self.additive = False
         self.ready = False
         self.measures = {"latency": True, "packets": True, "misses": True, "drops": True}
         self.addr = AddrNames()
@@ -245,6 +250,32 @@ class MetricsSink(Sink):
             self.lost = max(self.lost, int(summary.get("lost_events") or 0))
             self._expire(now)
 
+    def kernel_counters(self, counters: dict) -> None:
+        """The kernel's per-mapping answered counts and latency histograms (netfilter backend).
+        With flow records they count flows the records also carry (the larger figure wins); without,
+        flows no record carries (they add up)."""
+        fresh = {}
+        for m in counters.get("mappings") or ():
+            hist = m.get("latency_hist")
+            if hist is None or m.get("pod_ip") is None:
+                continue
+            key = (str(m["proto"]).lower(), str(int(m["host_port"])), str(m["pod_ip"]),
+                   str(int(m.get("pod_port") or 0)))
+            fresh[key] = (int(m.get("answered") or 0), np.asarray(hist, np.int64),
+                          float(m.get("latency_sum_s") or 0.0))
+        with self.lock:
+            self.additive = bool(counters.get("answered_in_kernel_only"))
+            self.kernel.update(fresh)
+
+    def _answered(self, key: Key, s: _Series):
+        """answered, bucket counts, latency sum: the records' and the kernel's together."""
+        k = self.kernel.get(key)
+        if k is None:
+            return s.answered, s.buckets.copy(), s.lat_sum
+        if self.additive:
+            return s.answered + k[0], s.buckets + k[1], s.lat_sum + k[2]
+        return max(s.answered, k[0]), np.maximum(s.buckets, k[1]), max(s.lat_sum, k[2])
+
     def set_findings(self, findings: List[dict]) -> None:
         counts = Counter((str(f["code"]), str(f["severity"])) for f in findings)
         with self.lock:
@@ -269,8 +300,8 @@ class MetricsSink(Sink):
     # -- exposition --------------------------------------------------------------------------
     def collect(self):
         with self.lock:
-            rows = [((self.node,) + k + tuple(s.names), s.flows, s.answered, s.packets, s.bytes,
-                     dict(s.drops), s.buckets.copy(), s.lat_sum) for k, s in self.series.items()]
+            rows = [((self.node,) + k + tuple(s.names), s.flows, s.packets, s.bytes, dict(s.drops),
+                     *self._answered(k, s)) for k, s in self.series.items()]
             misses = [((self.node,) + k, v[0]) for k, v in self.miss_counts.items()]
             findings = [((self.node,) + k, v[0]) for k, v in self.findings.items()]
             overflow, lost, ready, measures = self.overflow, self.lost, self.ready, dict(self.measures)
@@ -299,16 +330,16 @@ def _flow_families(rows, measures: dict):
     yield _family(CounterMetricFamily, "flows", "Flows DNATed to a hostPort mapping.", FLOW_LABELS,
                   [(r[0], r[1]) for r in rows])
     yield _family(CounterMetricFamily, "answered_flows", "Flows that got a reply.", FLOW_LABELS,
-                  [(r[0], r[2]) for r in rows])
+                  [(r[0], r[5]) for r in rows])
     if measures.get("packets"):
         yield _family(CounterMetricFamily, "packets", "Packets of the mapping's flows, both "
-                      "directions.", FLOW_LABELS, [(r[0], r[3]) for r in rows])
+                      "directions.", FLOW_LABELS, [(r[0], r[2]) for r in rows])
         yield _family(CounterMetricFamily, "bytes", "Bytes of the mapping's flows, both directions.",
-                      FLOW_LABELS, [(r[0], r[4]) for r in rows])
+                      FLOW_LABELS, [(r[0], r[3]) for r in rows])
     if measures.get("drops"):
         yield _family(CounterMetricFamily, "drops", "Translated packets dropped, by kernel drop "
                       "reason.", FLOW_LABELS + ("reason",),
-                      [(r[0] + (reason,), n) for r in rows for reason, n in sorted(r[5].items())])
+                      [(r[0] + (reason,), n) for r in rows for reason, n in sorted(r[4].items())])
     if measures.get("latency"):
         hist = HistogramMetricFamily(PREFIX + "latency_seconds", "First packet to first reply of "
                                      "answered flows (not midstream).", labels=FLOW_LABELS,

@@ -1,6 +1,7 @@
 """Choosing a backend and the sinks for a session, from the command line's outputs."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 from bpftrace_hostport.collect.session import Session, watch_list
@@ -38,7 +39,14 @@ def make_sinks(outputs: dict, opts, index) -> list:
     return out
 
 
+def needs_flow_records(outputs: dict) -> bool:
+    """Only metrics (and the agent's log) need no record per flow: the kernel counts answered
+    flows and their latency per mapping, and the ring buffer stays unused."""
+    return outputs["fmt"] != "none" or bool(outputs.get("record_path"))
+
+
 def run_session(backend_name: str, opts, index, outputs: dict) -> dict:
+    opts = dataclasses.replace(opts, flow_records=needs_flow_records(outputs))
     watch, notes = watch_list(opts, index)
     for n in notes:
         print(f"note: {n}", file=sys.stderr)

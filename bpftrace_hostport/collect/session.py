@@ -46,6 +46,7 @@ class TraceOptions:
     flow_table_size: int = 65536
     ringbuf_pages: int = 1024
     drops: bool = True
+    flow_records: bool = True                      # False: answered flows are counted, not reported
     use_rules: bool = True
     debug_print_program: bool = False
     node_name: Optional[str] = None
@@ -165,12 +166,13 @@ class Session:
                 self.failure = self.failure or e
                 self.stop.flag = True
 
-    def summary(self) -> dict:
-        c = self.backend.counters()
+    def summary(self, latency: bool = True, counters: Optional[dict] = None) -> dict:
+        c = self.backend.counters() if counters is None else counters
         misses = [{"proto": p, "family": f, "host_port": hp, "count": n}
                   for (p, f, hp), n in self.miss_totals.items()]
         s = summarize(self.agg, misses, c.get("mappings"), c.get("drops"),
-                      time.monotonic() - self.started, c["lost"], pod_names=self.index.names)
+                      time.monotonic() - self.started, c["lost"], pod_names=self.index.names,
+                      latency=latency, kernel_answered=bool(c.get("answered_in_kernel_only")))
         for m in s["mappings"]:
             if m["pod_ip"] is None:      # misses only: name the hostNetwork pod owning the port
                 owner = self.index.host_network_owner(m["proto"], m["host_port"])
@@ -203,7 +205,9 @@ class Session:
             self._loop(ipr)
             self._flows(backend.finish())
             self._misses(backend.misses())
-            summary = self.summary()
+            c = backend.counters()
+            self._each("kernel_counters", c)
+            summary = self.summary(counters=c)
         finally:
             for sig, handler in old.items():
                 signal.signal(sig, handler)
@@ -267,8 +271,11 @@ class Session:
             if new:
                 self.backend.watch_more(sorted(new))
                 self.watch += sorted(new)
-        if any(type(s).tick is not Sink.tick for s in self.sinks):
-            self._each("tick", self.summary())
+        ticking = [s for s in self.sinks if type(s).tick is not Sink.tick]
+        if ticking:
+            c = self.backend.counters()
+            self._each("kernel_counters", c)
+            self._each("tick", self.summary(latency=any(s.tick_latency for s in ticking), counters=c))
 
     def _snapshots(self) -> None:
         """What a review needs once the node is gone: the pods and the node's hostPort rules."""

@@ -15,6 +15,8 @@ from bpftrace_hostport.collect.batch import AddrNames, FlowBatch
 
 
 class Sink:
+    tick_latency = True       # tick() is given latency percentiles (False: a cheaper summary)
+
     def start(self, header: dict) -> None:
         pass
 
@@ -29,6 +31,10 @@ class Sink:
 
     def tick(self, summary: dict) -> None:
         pass
+
+    def kernel_counters(self, counters: dict) -> None:
+        """The backend's raw counters, before each tick (netfilter: per-mapping answered flows
+        and latency histograms counted in the kernel)."""
 
     def close(self, summary: dict) -> None:
         pass

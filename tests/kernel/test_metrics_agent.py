@@ -8,6 +8,7 @@ import tempfile
 import time
 import urllib.request
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bpftrace_hostport.collect.metrics import EXPORTED_METRICS
@@ -46,14 +47,17 @@ def wait_for(fn, timeout=10.0):
         time.sleep(0.3)
 
 
-def test_metrics_during_real_traffic():
+@pytest.mark.parametrize("fmt", ["json", "none"])
+def test_metrics_during_real_traffic(fmt):
+    """With flow records (json) and without (--format none: the kernel counts answered flows
+    and their latency per mapping, no record per flow), the same figures."""
     require_kernel()
     name = unique("met")
     lab.down(name)
     st = lab.up(name=name, scenario="hostnetwork")
     port = free_port()
     try:
-        with tracing("--lab", name, "--timeout", "1", "--metrics", str(port)) as t:
+        with tracing("--lab", name, "--timeout", "1", "--metrics", str(port), "--format", fmt) as t:
             sent = lab.traffic(name, to=8000, count=20, concurrency=2)
             lab.traffic(name, to=9000, count=4)
             # the loop ticks the sinks once a second with the kernel's counters

@@ -26,10 +26,11 @@ class NetfilterBackend:
     def __init__(self, opts, watch: List[Tuple[str, int]]):
         from bpftrace_hostport.collect.netfilter.probe import Probe, ProbeOptions   # BTF, syscalls
         self.opts = opts
+        self.records = opts.flow_records
         self.probe = Probe(ProbeOptions(
             netns=opts.netns, watch_ports=watch, protos=opts.protos, client_cidrs=opts.client_cidrs,
             flow_table_size=opts.flow_table_size, ringbuf_pages=opts.ringbuf_pages, drops=opts.drops,
-            debug_print_program=opts.debug_print_program))
+            records=opts.flow_records, debug_print_program=opts.debug_print_program))
         self.clock = ev.Clock()
         self.decoder: Optional[ev.FlowDecoder] = None
         self.finished = False
@@ -95,9 +96,11 @@ class NetfilterBackend:
         """The kernel's counters: per mapping, drops, and flows lost before they were reported."""
         stats = self.probe.read_stats()
         mappings = []
-        for k, flows, packets, nbytes in self.probe.read_mappings():
+        for k, c in self.probe.read_mappings():
             d = ev.decode_mapping(k)
-            d.update(flows=flows, packets=packets, bytes=nbytes)
+            d.update(flows=c["flows"], packets=c["packets"], bytes=c["bytes"],
+                     answered=c["answered"], latency_sum_s=c["lat_sum_ns"] / 1e9,
+                     latency_hist=c["lat_hist"])
             mappings.append(d)
         drops = []
         for mk, reason, count in self.probe.read_drops():
@@ -112,8 +115,10 @@ class NetfilterBackend:
             lost = max(0, stats["flows_created"] - self.reported) + errors
         else:
             lost = stats["pending_full"] + self.evicted + stats["reuse_lost"] + errors
+        # answered/latency_*: flows the kernel claimed at their first reply. With records they
+        # are also among the reported flows; without, they are exactly the ones not reported.
         return {"mappings": mappings, "drops": drops, "kernel": stats, "lost": lost,
-                "reported": self.reported}
+                "reported": self.reported, "answered_in_kernel_only": not self.records}
 
     def close(self) -> None:
         if self.drain is not None:

@@ -90,6 +90,7 @@ class ProbeOptions:
     map_size: int = 4096
     ringbuf_pages: int = 1024                    # 4 MiB with 4 KiB pages: > 1 s of records at 20k flows/s
     drops: bool = True
+    records: bool = True                         # False: no ring-buffer record per answered flow
     debug_print_program: bool = False
 
 
@@ -264,6 +265,7 @@ class Probe:
         for p in self.opts.protos:
             mask |= protomod.MASK_BITS[p]
         c.proto_mask = mask
+        c.no_records = 0 if self.opts.records else 1
         cfg.update(ctypes.c_uint32(0), c)
         ids = self.maps["free_ids"]
         for i in range(ids.max_entries):
@@ -340,16 +342,20 @@ class Probe:
     def read_misses(self):
         return self.maps["misses"].items()
 
-    def read_mappings(self):
-        """(mapping_key, flows, packets, bytes) summed over CPUs: each mapping's id, then its
-        slot of the per-CPU counters array."""
+    def read_mappings(self) -> List[Tuple[object, dict]]:
+        """(mapping_key, counters summed over CPUs) per mapping: each mapping's id, then its slot
+        of the per-CPU counters array. Counters: flows, packets, bytes, answered, lat_sum_ns and
+        lat_hist (a list of LAT_BUCKETS counts)."""
         counts = self.maps["mappings"]
         out = []
         for k, mid in self.maps["mapping_ids"].items():
             per_cpu = counts.lookup(ctypes.c_uint32(mid.value))
-            if per_cpu is not None:
-                out.append((k, sum(v.flows for v in per_cpu), sum(v.packets for v in per_cpu),
-                            sum(v.bytes for v in per_cpu)))
+            if per_cpu is None:
+                continue
+            c = {f: sum(getattr(v, f) for v in per_cpu)
+                 for f in ("flows", "packets", "bytes", "answered", "lat_sum_ns")}
+            c["lat_hist"] = [sum(col) for col in zip(*(list(v.lat_hist) for v in per_cpu))]
+            out.append((k, c))
         return out
 
     def read_drops(self):

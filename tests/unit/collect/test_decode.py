@@ -138,7 +138,7 @@ def test_flows_in_flight_are_not_lost_until_the_end():
             return []
 
     b = object.__new__(NetfilterBackend)
-    b.probe, b.reported, b.evicted, b.finished = Probe(), 5, 1, False
+    b.probe, b.reported, b.evicted, b.finished, b.records = Probe(), 5, 1, False, True
     assert b.counters()["lost"] == 2 + 1 + 1          # pending full, evicted, counter full
     b.finished = True
     assert b.counters()["lost"] == (10 - 5) + 1
@@ -159,3 +159,16 @@ def test_python_constants_match_events_h():
     assert len(probe.STAT_NAMES) == defs["STAT_MAX"] == len(stats)
     names = {"STAT_FLOW_INSERT_ERR": "flow_insert_errors", "STAT_REPLY_NO_FLOW": "reply_without_flow"}
     assert list(probe.STAT_NAMES) == [names.get(k, k[5:].lower()) for _, k in stats]
+
+
+def test_kernel_latency_buckets_match_the_metrics_buckets():
+    """The kernel's histogram (events.h LAT_BOUNDS_US) and the exported one have the same bounds."""
+    import re
+    from pathlib import Path
+    from bpftrace_hostport.collect.metrics import LATENCY_BOUNDS_US
+    text = (Path(__file__).resolve().parents[3] / "bpf" / "events.h").read_text()
+    body = re.search(r"#define LAT_BOUNDS_US ((?:[^\n]*\\\n)*[^\n]*)", text)[1].replace("\\\n", " ")
+    bounds = [int(v) for v in body.split(",")]
+    n = int(re.search(r"#define LAT_BUCKETS (\d+)", text)[1])
+    assert len(bounds) == n - 1 == len(LATENCY_BOUNDS_US) - 1
+    assert bounds == [int(b) for b in LATENCY_BOUNDS_US[:-1]]

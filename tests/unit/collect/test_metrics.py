@@ -140,6 +140,46 @@ def test_kernel_totals_never_go_down(sinks):
     assert value(scrape(s), "bpftrace_hostport_flows_total") == 10
 
 
+def _kernel(answered, hist, lat_sum_s, without_records):
+    m = dict(mapping(flows=answered + 1), answered=answered, latency_hist=hist,
+             latency_sum_s=lat_sum_s)
+    return {"mappings": [m], "answered_in_kernel_only": without_records}
+
+
+def test_kernel_latency_without_flow_records_adds_to_the_records(sinks):
+    """Without flow records the kernel's answered flows and histogram are flows no record
+    carries (only timed-out flows come as records): the two add up."""
+    s = sinks()
+    hist = [0] * 20
+    hist[2], hist[19] = 5, 1                       # 5 flows <= 50 µs, 1 over 10 s
+    s.flows(batch([A_ROWS[1], A_ROWS[4]]))        # records: one answered (30 µs), one not
+    s.kernel_counters(_kernel(6, hist, 12.5, True))
+    s.tick(summary(mapping(flows=8)))
+    m = scrape(s)
+    assert value(m, "bpftrace_hostport_answered_flows_total") == 7
+    assert value(m, "bpftrace_hostport_latency_seconds_count") == 7
+    assert value(m, "bpftrace_hostport_latency_seconds_sum") == pytest.approx(12.50003)
+    buckets = {lab["le"]: v for lab, v in m["bpftrace_hostport_latency_seconds_bucket"]}
+    assert (buckets["2.5e-05"], buckets["5e-05"], buckets["10.0"], buckets["+Inf"]) == (0, 6, 6, 7)
+
+
+def test_kernel_latency_with_flow_records_is_not_counted_twice(sinks):
+    """With flow records the kernel counts the same flows the records carry: the larger wins."""
+    s = sinks()
+    s.flows(batch(A_ROWS))                        # 4 answered, 3 timed
+    hist = [0] * 20
+    hist[0], hist[2], hist[16] = 1, 1, 1
+    s.kernel_counters(_kernel(4, hist, 2.00004, False))
+    s.tick(summary(mapping(flows=5)))
+    m = scrape(s)
+    assert value(m, "bpftrace_hostport_answered_flows_total") == 4
+    assert value(m, "bpftrace_hostport_latency_seconds_count") == 3
+    s.kernel_counters(_kernel(9, [2 * v for v in hist], 4.0, False))   # ahead of the records
+    m = scrape(s)
+    assert value(m, "bpftrace_hostport_answered_flows_total") == 9
+    assert value(m, "bpftrace_hostport_latency_seconds_count") == 6
+
+
 def test_conntrack_has_no_packets_latency_or_drops(sinks):
     s = sinks(CONNTRACK)
     s.flows(batch([r[:6] + (NAN, r[7]) for r in A_ROWS]))
