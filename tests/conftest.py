@@ -5,8 +5,23 @@ kernel path every time.
 """
 import os
 import shutil
+import tempfile
 
 import pytest
+
+# The compile cache (bpftrace_hostport/ebpf/objcache.py): one empty directory per test session
+# unless the caller chose one (e.g. BPFTRACE_HOSTPORT_CACHE_DIR=/var/cache/bpftrace-hostport to
+# reuse the machine's). The session's first trace compiles, later ones load from the cache;
+# tests/kernel/test_objcache.py covers both paths with directories of its own.
+_SESSION_CACHE = None
+if "BPFTRACE_HOSTPORT_CACHE_DIR" not in os.environ:
+    _SESSION_CACHE = tempfile.mkdtemp(prefix="bhp-objcache-")
+    os.environ["BPFTRACE_HOSTPORT_CACHE_DIR"] = _SESSION_CACHE
+
+
+def pytest_unconfigure(config):
+    if _SESSION_CACHE is not None:
+        shutil.rmtree(_SESSION_CACHE, ignore_errors=True)
 
 
 def kernel_unavailable_reason():

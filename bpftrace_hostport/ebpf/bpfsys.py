@@ -1,4 +1,6 @@
-"""The raw bpf() syscall: maps by file descriptor, the ring buffer by mmap, object info.
+"""The raw bpf() syscall: maps by file descriptor, the ring buffer by mmap, object info; and,
+for a start from the compile cache (objcache.py), map creation, program load and the
+tracepoint attach through perf_event_open(2).
 
 The tracer's own process never loads bcc (and with it LLVM and clang, 60+ MB resident, plus
 the compile's heap): compiler.py compiles and loads the programs in a short-lived child and
@@ -6,7 +8,8 @@ hands over the file descriptors. Everything the tracer then does with maps goes 
 with the key and value layouts as bcc compiled them (rebuilt by `ctype_from_desc`).
 
 Kernel ABI references: include/uapi/linux/bpf.h (union bpf_attr, struct bpf_map_info,
-BPF_RINGBUF_*), kernel/bpf/ringbuf.c (the mmap layout of a ring buffer map).
+BPF_RINGBUF_*), kernel/bpf/ringbuf.c (the mmap layout of a ring buffer map),
+include/uapi/linux/perf_event.h (struct perf_event_attr, PERF_EVENT_IOC_*).
 """
 from __future__ import annotations
 
@@ -20,10 +23,12 @@ from functools import lru_cache
 from typing import Iterator, List, Optional, Tuple
 
 # enum bpf_cmd
+BPF_MAP_CREATE = 0
 BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
+BPF_PROG_LOAD = 5
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_LINK_CREATE = 28
 
@@ -32,6 +37,10 @@ PERCPU_TYPES = {5, 6, 10}          # PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH
 BPF_MAP_TYPE_RINGBUF = 27
 
 BPF_ANY, BPF_NOEXIST = 0, 1
+
+# enum bpf_prog_type (the ones we load); BPF_PROG_TYPE_NETFILTER is in nflink.py
+BPF_PROG_TYPE_TRACEPOINT = 5
+BPF_OBJ_NAME_LEN = 16
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280, "armv7l": 386, "ppc64le": 361, "s390x": 351,
             "riscv64": 280}
@@ -299,6 +308,114 @@ class RingBuffer:
     def close(self) -> None:
         for m in (self.cons, self.prod):
             m.close()
+
+
+# -- creating maps, loading programs (a start from the compile cache) -------------------------
+def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, map_flags: int = 0,
+               name: str = "") -> int:
+    """BPF_MAP_CREATE without BTF; returns the new map's fd.
+
+    union bpf_attr, the anonymous struct for BPF_MAP_CREATE (zero-filled past what is set):
+        0 u32 map_type      4 u32 key_size     8 u32 value_size    12 u32 max_entries
+       16 u32 map_flags    20 u32 inner_map_fd 24 u32 numa_node    28 char map_name[16]
+       44 u32 map_ifindex  48 u32 btf_fd  52 btf_key_type_id  56 btf_value_type_id ...
+    """
+    attr = ctypes.create_string_buffer(72)
+    struct.pack_into("<IIIII", attr, 0, map_type, key_size, value_size, max_entries, map_flags)
+    struct.pack_into("15s", attr, 28, name.encode()[:BPF_OBJ_NAME_LEN - 1])
+    return sys_bpf(BPF_MAP_CREATE, attr)
+
+
+class ProgLoadError(BpfError):
+    """BPF_PROG_LOAD failed; .log holds the tail of the verifier's log (may be empty)."""
+
+    def __init__(self, err: int, msg: str, log: str = ""):
+        super().__init__(err, msg)
+        self.log = log
+
+
+def prog_load(prog_type: int, insns: bytes, license: str = "GPL", name: str = "",
+              expected_attach_type: int = 0, kern_version: int = 0,
+              log_size: int = 1 << 20) -> int:
+    """BPF_PROG_LOAD of raw instructions (struct bpf_insn, 8 bytes each); returns the prog fd.
+
+    Loaded first without a verifier log (the fast path); on failure once more with a log
+    buffer (log_level 1) so that ProgLoadError can say why. union bpf_attr for BPF_PROG_LOAD:
+        0 u32 prog_type     4 u32 insn_cnt      8 u64 insns (pointer)  16 u64 license (pointer)
+       24 u32 log_level    28 u32 log_size     32 u64 log_buf         40 u32 kern_version
+       44 u32 prog_flags   48 char prog_name[16]                      64 u32 prog_ifindex
+       68 u32 expected_attach_type   72 u32 prog_btf_fd ...
+    """
+    if len(insns) % 8:
+        raise ValueError("BPF instructions must be a multiple of 8 bytes")
+    ibuf = ctypes.create_string_buffer(insns, len(insns))
+    lic = ctypes.create_string_buffer(license.encode())
+
+    def attempt(log_level: int, logbuf) -> int:
+        attr = ctypes.create_string_buffer(128)
+        struct.pack_into("<IIQQIIQII", attr, 0, prog_type, len(insns) // 8, ctypes.addressof(ibuf),
+                         ctypes.addressof(lic), log_level, len(logbuf) if logbuf is not None else 0,
+                         ctypes.addressof(logbuf) if logbuf is not None else 0, kern_version, 0)
+        struct.pack_into("15s", attr, 48, name.encode()[:BPF_OBJ_NAME_LEN - 1])
+        struct.pack_into("<I", attr, 68, expected_attach_type)
+        return sys_bpf(BPF_PROG_LOAD, attr)
+
+    try:
+        return attempt(0, None)
+    except BpfError as first:
+        logbuf = ctypes.create_string_buffer(log_size)
+        try:
+            return attempt(1, logbuf)      # a transient failure: it loaded this time
+        except BpfError:
+            pass
+        log = logbuf.value.decode(errors="replace")
+        raise ProgLoadError(first.errno, first.strerror, log[-4000:]) from None
+
+
+# perf_event_open(2): syscall numbers, and struct perf_event_attr as bcc's
+# bpf_attach_tracing_event fills it (src/cc/libbpf.c): type, config, sample_period 1, wakeup_events 1.
+_SYS_PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241, "armv7l": 364, "ppc64le": 319, "s390x": 331,
+                        "riscv64": 241}
+PERF_TYPE_TRACEPOINT = 2
+PERF_FLAG_FD_CLOEXEC = 1 << 3
+PERF_ATTR_SIZE_VER0 = 64
+# _IO('$', 0) and _IOW('$', 8, __u32); powerpc encodes the write direction as 4 << 29
+PERF_EVENT_IOC_ENABLE = 0x2400
+PERF_EVENT_IOC_SET_BPF = 0x80042408 if platform.machine().startswith("ppc") else 0x40042408
+
+
+def perf_event_open_tracepoint(tp_id: int, cpu: int = 0) -> int:
+    """A perf event on tracepoint `tp_id` (events/<cat>/<name>/id in tracefs), pid -1, one cpu.
+
+    struct perf_event_attr (its first PERF_ATTR_SIZE_VER0 bytes; the rest stays zero):
+        0 u32 type   4 u32 size   8 u64 config   16 u64 sample_period   24 u64 sample_type
+       32 u64 read_format   40 u64 flag bits (disabled, inherit, ...)   48 u32 wakeup_events
+    A tracepoint event fires on every CPU whatever `cpu` says; the kernel only wants pid and
+    cpu not both -1.
+    """
+    machine = platform.machine()
+    if machine not in _SYS_PERF_EVENT_OPEN:
+        raise BpfError(errno.ENOSYS, f"unknown perf_event_open() syscall number on {machine}")
+    attr = ctypes.create_string_buffer(PERF_ATTR_SIZE_VER0)
+    struct.pack_into("<IIQQ", attr, 0, PERF_TYPE_TRACEPOINT, PERF_ATTR_SIZE_VER0, tp_id, 1)
+    struct.pack_into("<I", attr, 48, 1)
+    fd = _libc.syscall(_SYS_PERF_EVENT_OPEN[machine], attr, -1, cpu, -1,
+                       ctypes.c_ulong(PERF_FLAG_FD_CLOEXEC))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise BpfError(err, os.strerror(err))
+    return fd
+
+
+def perf_event_attach_bpf(perf_fd: int, prog_fd: int) -> None:
+    """ioctl PERF_EVENT_IOC_SET_BPF (the event holds its own reference on the program), then
+    PERF_EVENT_IOC_ENABLE, as bcc's bpf_attach_tracing_event does."""
+    import fcntl
+    try:
+        fcntl.ioctl(perf_fd, PERF_EVENT_IOC_SET_BPF, prog_fd)
+        fcntl.ioctl(perf_fd, PERF_EVENT_IOC_ENABLE, 0)
+    except OSError as e:
+        raise BpfError(e.errno, e.strerror) from None
 
 
 def recv_fds(sock, msglen: int = 1 << 20, maxfds: int = 64):

@@ -8,10 +8,15 @@ live on through the tracer's descriptors, while bcc, LLVM and clang's compile he
 100 MB) leave with the child instead of staying resident in the tracer.
 
 Request: {"text": C source, "cflags": [...], "netfilter": [function names], "prog_type": int,
-          "attach_type": int, "tracepoint": {"tp": "skb:kfree_skb", "fn": "..."} | null}
+          "attach_type": int, "maps": [names], "tracepoint": {"tp": "skb:kfree_skb", "fn": "..."} | null,
+          "cache": {"dir": path, "key": sha256} (optional)}
 Reply:   {"ok": true, "progs": [names], "maps": [{"name", "key", "leaf"}], "tracepoint": bool}
          with fds in the order progs, maps, tracepoint perf fd;
          or {"ok": false, "kind": "compile" | "load" | "tracepoint", "message": ..., "log": ...}
+
+With "cache" in the request, the child also stores what it loaded in the compile cache
+(objcache.py) before it replies, so that the next start with the same key needs no compile.
+A failure to store is silent: the reply is the same either way.
 """
 from __future__ import annotations
 
@@ -74,9 +79,31 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001
             _send(sock, {"ok": False, "kind": "tracepoint", "message": str(e), "log": ""})
             return 1
-    _send(sock, {"ok": True, "progs": progs, "maps": maps, "tracepoint": tp_ok}, fds)
+    reply = {"ok": True, "progs": progs, "maps": maps, "tracepoint": tp_ok}
+    if req.get("cache"):
+        _save_cache_entry(b, req, reply)
+    _send(sock, reply, fds)
     sock.recv(1)      # the parent holds the descriptors now
     return 0
+
+
+def _save_cache_entry(b, req: dict, reply: dict) -> bool:
+    """The loaded programs' instructions and their maps' parameters, into the compile cache."""
+    try:
+        import bcc
+        from bcc import BPF, lib
+        from bpftrace_hostport.ebpf import bpfsys, objcache
+        progs = [(name, req["prog_type"], req["attach_type"], b.dump_func(name)) for name in reply["progs"]]
+        if reply["tracepoint"]:
+            progs.append((req["tracepoint"]["fn"], BPF.TRACEPOINT, 0, b.dump_func(req["tracepoint"]["fn"])))
+        lic = lib.bpf_module_license(b.module)
+        entry = objcache.make_entry(
+            req["cache"]["key"], req, reply, progs, {name: b[name].map_fd for name in req["maps"]},
+            bpfsys.map_info, lic.decode() if isinstance(lic, bytes) else str(lic or "GPL"),
+            lib.bpf_module_kern_version(b.module), str(getattr(bcc, "__version__", "unknown")))
+        return objcache.save(req["cache"]["dir"], entry)
+    except Exception:  # noqa: BLE001 - the cache is an optimisation: never fail the compile for it
+        return False
 
 
 if __name__ == "__main__":

@@ -19,10 +19,11 @@ def cli(*args, check=True, timeout=120, env=None):
 
 
 @contextmanager
-def tracing(*args, start_timeout=60, prefix=(), python=PY):
+def tracing(*args, start_timeout=60, prefix=(), python=PY, env=None):
     """Runs `trace --format json ARGS` (lab/harness.py, as the demo and the bench do) and yields a
     handle; on exit SIGTERMs it and parses what it wrote."""
-    run = TraceRun(["--format", "json", *args], python=python, prefix=prefix, start_timeout=start_timeout)
+    run = TraceRun(["--format", "json", *args], python=python, prefix=prefix, start_timeout=start_timeout,
+                   env=env)
     try:
         run.start()
     except UserError as e:

@@ -45,10 +45,11 @@ class NetfilterBackend:
         key_t, val_t, val_off = self.probe.event_layout()
         self.decoder = ev.FlowDecoder(key_t, val_t, val_off, self.clock, self.probe.drop_names)
         self.drain = _RingDrain(self.probe)
+        cached = "; eBPF programs from the compile cache" if self.probe.loaded_from_cache else ""
         if self.probe.drops_enabled:
-            return "drops via skb:kfree_skb"
+            return "drops via skb:kfree_skb" + cached
         return "drops not traced" + ("" if not self.opts.drops else
-                                     " (tracefs is not available)")
+                                     " (tracefs is not available)") + cached
 
     def set_local_addrs(self, addrs: List[str]) -> None:
         self.probe.set_local_addrs(addrs)

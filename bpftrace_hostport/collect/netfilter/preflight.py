@@ -1,7 +1,8 @@
 """Before a compile: what the machine must offer, each missing piece one sentence with the fix.
 
-Privileges and capabilities, kernel symbols visible to bcc, kernel headers, tracefs for the
-drop tracepoint, and the names the kernel gives its drop reasons (from BTF).
+Privileges and capabilities (always); kernel symbols visible to bcc, bcc itself and the kernel
+headers (only when the programs must be compiled, not on a start from the compile cache);
+tracefs for the drop tracepoint, and the names the kernel gives its drop reasons (from BTF).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ KFREE_SKB_FORMAT = TRACEFS + "/events/skb/kfree_skb/format"
 
 
 def preflight() -> None:
-    """Checks that need no compile; each failure is one sentence with the fix."""
+    """Checks before anything is loaded; each failure is one sentence with the fix."""
     if os.geteuid() != 0:
         raise UserError("bpftrace-hostport needs root (CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN): "
                         "run it with sudo.")
@@ -30,6 +31,10 @@ def preflight() -> None:
     if missing:
         raise UserError(f"This process lacks {', '.join(missing)}: run as root with all capabilities "
                         "(in a container: --privileged, or --cap-add BPF,PERFMON,NET_ADMIN,NET_RAW,SYSLOG).")
+
+
+def preflight_compile() -> None:
+    """What a compile needs on top (bcc and its inputs); a start from the compile cache does not."""
     if not kernel_symbols_visible():
         raise UserError("Kernel symbol addresses are hidden (/proc/kallsyms shows zeros), so bcc cannot "
                         "use bpf_probe_read_kernel: grant CAP_SYSLOG and keep kernel.kptr_restrict at 0 or 1.")

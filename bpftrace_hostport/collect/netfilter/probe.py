@@ -3,7 +3,8 @@
 Struct offsets come from BTF (ebpf/btf.py) and are handed to the compile as -D constants; the
 kernel headers bcc needs are used only for its own helper definitions, never for a layout.
 bcc itself runs in a child process (ebpf/compiler.py, the only module that imports it); this
-module keeps the descriptors it hands over. Everything it returns is raw (ctypes records with
+module keeps the descriptors it hands over. A start whose compile is already in the compile
+cache (ebpf/objcache.py) runs no child: the same descriptors come from the cached instructions. Everything it returns is raw (ctypes records with
 bcc's layouts); decode.py gives them meaning. What is checked before a compile (privileges,
 headers, tracefs) is preflight.py.
 """
@@ -26,9 +27,10 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 from bpftrace_hostport.ebpf import bpfsys
 from bpftrace_hostport.ebpf import nflink
+from bpftrace_hostport.ebpf import objcache
 from bpftrace_hostport import netns as netns_mod, proto as protomod
 from bpftrace_hostport.collect.netfilter.preflight import (drop_reason_names, ensure_tracefs, preflight,
-                                                         tracepoint_field_offsets)
+                                                         preflight_compile, tracepoint_field_offsets)
 from bpftrace_hostport.ebpf.btf import BTF, BTFError
 from bpftrace_hostport.errors import KernelFeatureMissing, UserError
 
@@ -121,6 +123,8 @@ class Probe:
 
     bcc compiles and loads in a child process (compiler.py); this object holds the program,
     map and perf-event descriptors it handed over, and works the maps through bpfsys.py.
+    With the compile in the cache, the same descriptors come from objcache.instantiate and no
+    child runs: `loaded_from_cache` says which; `cache` is "hit", "miss" or "off".
     """
 
     def __init__(self, opts: ProbeOptions):
@@ -130,6 +134,8 @@ class Probe:
         self.maps = {}
         self.ring = None
         self.drops_enabled = False
+        self.loaded_from_cache = False
+        self.cache = "off"
         preflight()
         try:
             self.btf = BTF.load()
@@ -180,6 +186,69 @@ class Probe:
                    "prog_type": nflink.BPF_PROG_TYPE_NETFILTER, "attach_type": nflink.BPF_NETFILTER,
                    "maps": list(MAPS),
                    "tracepoint": {"tp": "skb:kfree_skb", "fn": "tp_kfree_skb"} if self.drops_enabled else None}
+        reply = self._load_cached(request)
+        if reply is not None:
+            try:
+                self._adopt(reply)
+                return
+            except (ValueError, KeyError, TypeError, StopIteration, OSError):
+                self._release()                        # a damaged entry: compile as usual
+                objcache.discard(request["cache"]["dir"], request["cache"]["key"])
+                self.loaded_from_cache, self.cache = False, "miss"
+        self._adopt(self._compile(request))
+
+    def _adopt(self, reply: dict) -> None:
+        """Takes over the descriptors in self.fds, in the reply's order: programs, maps, perf event."""
+        it = iter(self.fds)
+        self.prog_fds = {name: next(it) for name in reply["progs"]}
+        for m in reply["maps"]:
+            self.maps[m["name"]] = bpfsys.BpfMap(m["name"], next(it),
+                                                 None if m["key"] is None else
+                                                 bpfsys.ctype_from_desc(m["key"], m["name"] + "_key"),
+                                                 bpfsys.ctype_from_desc(m["leaf"], m["name"] + "_val"))
+        self.drops_enabled = bool(reply["tracepoint"])
+        ev = self.maps["events"]
+        self.ring = bpfsys.RingBuffer(ev.fd, ev.max_entries)
+        fk = self.maps["flows"].Key
+        self._key_size = ctypes.sizeof(fk)
+        # struct flow_event {flow_key key; flow_val val;}: val starts at flow_val's alignment
+        # (its first member is a u64).
+        self._val_off = (self._key_size + 7) // 8 * 8
+        self.event_size = self._val_off + ctypes.sizeof(self.maps["flows"].Leaf)
+
+    def _load_cached(self, request: dict) -> Optional[dict]:
+        """The reply and descriptors from the compile cache (no child, no bcc), or None: a miss,
+        the cache off or untrusted, or an entry the kernel refuses. Never an error: a cache
+        problem only means compiling as usual. On a miss `request` gains where the child stores
+        its entry."""
+        directory = objcache.usable_dir(objcache.cache_dir())
+        if directory is None:
+            self.cache = "off"
+            return None
+        self.cache = "miss"
+        try:
+            key = objcache.cache_key(request)
+        except (OSError, KeyError, TypeError, ValueError):
+            return None
+        request["cache"] = {"dir": directory, "key": key}
+        entry = objcache.load(directory, key)
+        if entry is None:
+            return None
+        try:
+            got = objcache.instantiate(entry)
+        except (bpfsys.ProgLoadError, objcache.CacheError, ValueError, KeyError, TypeError):
+            objcache.discard(directory, key)       # stale (a kernel update) or damaged: recompile
+            return None
+        except OSError:
+            return None                            # not the entry's fault: compile as usual
+        self.fds = got.fds
+        self.cache = "hit"
+        self.loaded_from_cache = True
+        return got.reply
+
+    def _compile(self, request: dict) -> dict:
+        """bcc in a child process (compiler.py): the reply and, in self.fds, its descriptors."""
+        preflight_compile()
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             proc = subprocess.Popen([sys.executable, "-m", "bpftrace_hostport.ebpf.compiler", str(child.fileno())],
@@ -202,28 +271,14 @@ class Probe:
             proc.wait(timeout=60)
         finally:
             parent.close()
+            child.close()
         if not msg:
             tail = " | ".join(err.strip().splitlines()[-2:]) or f"exit status {proc.returncode}"
             raise UserError(f"The eBPF compiler process failed ({tail}); is python3-bpfcc installed?")
         reply = json.loads(msg)
         if not reply["ok"]:
             self._explain(reply)
-        it = iter(self.fds)
-        self.prog_fds = {name: next(it) for name in reply["progs"]}
-        for m in reply["maps"]:
-            self.maps[m["name"]] = bpfsys.BpfMap(m["name"], next(it),
-                                                 None if m["key"] is None else
-                                                 bpfsys.ctype_from_desc(m["key"], m["name"] + "_key"),
-                                                 bpfsys.ctype_from_desc(m["leaf"], m["name"] + "_val"))
-        self.drops_enabled = bool(reply["tracepoint"])
-        ev = self.maps["events"]
-        self.ring = bpfsys.RingBuffer(ev.fd, ev.max_entries)
-        fk = self.maps["flows"].Key
-        self._key_size = ctypes.sizeof(fk)
-        # struct flow_event {flow_key key; flow_val val;}: val starts at flow_val's alignment
-        # (its first member is a u64).
-        self._val_off = (self._key_size + 7) // 8 * 8
-        self.event_size = self._val_off + ctypes.sizeof(self.maps["flows"].Leaf)
+        return reply
 
     def _explain(self, reply: dict) -> None:
         out = reply.get("log", "")
@@ -370,6 +425,9 @@ class Probe:
         for link in self.links:
             link.close()
         self.links = []
+        self._release()
+
+    def _release(self) -> None:
         if self.ring is not None:
             self.ring.close()
             self.ring = None
