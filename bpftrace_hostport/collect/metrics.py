@@ -274,7 +274,10 @@ class MetricsSink(Sink):
             return s.answered, s.buckets.copy(), s.lat_sum
         if self.additive:
             return s.answered + k[0], s.buckets + k[1], s.lat_sum + k[2]
-        return max(s.answered, k[0]), np.maximum(s.buckets, k[1]), max(s.lat_sum, k[2])
+        # The same flows counted twice: one source as a whole, the one that has seen more
+        # (bucket by bucket they may differ at a bound: records carry latency rounded to 0.1 µs).
+        hist, lat_sum = (k[1].copy(), k[2]) if k[1].sum() >= s.buckets.sum() else (s.buckets.copy(), s.lat_sum)
+        return max(s.answered, k[0]), hist, lat_sum
 
     def set_findings(self, findings: List[dict]) -> None:
         counts = Counter((str(f["code"]), str(f["severity"])) for f in findings)
