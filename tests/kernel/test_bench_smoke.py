@@ -99,7 +99,8 @@ def test_bench_quick(tmp_path):
     # 4. tracer CPU per flow, RSS (attached, peaks) and time to attached, per output.
     for mode in TRACER_MODES:
         tr = res["tracer"][mode]
-        assert number(tr["us_per_flow"]["median"]) and tr["us_per_flow"]["median"] > 0, mode
+        # metrics alone has no per-flow work: a 1 s trial may use less than one 10 ms CPU tick
+        assert number(tr["us_per_flow"]["median"]) and tr["us_per_flow"]["median"] >= (0 if mode == "metrics" else 1e-9), mode
         for key in ("cpu_load_pct_of_core_median", "cpu_attach_s_median", "cpu_total_s_median",
                     "rss_end_of_load_mb_max", "own_peak_mb", "maxrss_wait4_mb", "startup_tree_pss_peak_mb",
                     "peak_mb", "attach_first_s"):
