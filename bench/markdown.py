@@ -98,9 +98,9 @@ def targets(a: dict) -> List[str]:
         ["tracer RSS once attached <= 60 MB (largest of the modes)",
          " / ".join(f"{m} {f(tr[m]['rss_at_ready_mb']['max'], 1)}" for m in TRACER_MODES) + " MB",
          ok(ck["rss_attached_mb"]["met"])],
-        ["peak <= 150 MB (tracer and compile child together)",
-         f"{f(ck['peak_mb']['value'], 1, ' MB')} (wait4 ru_maxrss: "
-         f"{f(max(tr[m]['maxrss_wait4_mb'] or 0 for m in TRACER_MODES), 1, ' MB')})", ok(ck["peak_mb"]["met"])],
+        ["peak <= 150 MB (tracer and compile child together; warm starts, from the compile cache)",
+         f"{f(ck['peak_mb']['value'], 1, ' MB')} (the cold first start, which compiles: "
+         f"{f(tr[TRACER_MODES[0]].get('peak_cold_mb'), 1, ' MB')})", ok(ck["peak_mb"]["met"])],
         ["attached <= 3 s (warm starts)", f(ck["attach_warm_s"]["value"], 2, " s max"), ok(ck["attach_warm_s"]["met"])],
         ["trace --format json's ratio better than conntrack -E's",
          " vs ".join(f(x, 3) for x in ck["json_beats_conntrack"]["value"]), ok(ck["json_beats_conntrack"]["met"])],
@@ -239,7 +239,12 @@ def resources(a: dict) -> List[str]:
     first = tr[TRACER_MODES[0]]["attach_first_s"]
     return ["## Tracer resources (conn/s trials unless said)", ""] + \
         table(["metric"] + [SHORT[m] for m in TRACER_MODES], rows) + \
-        [f"First start of the run (cold): {f(first, 2, ' s')} to attached; bcc compiles at every start.", ""]
+        [f"First start of the run (cold): {f(first, 2, ' s')} to attached, peak "
+         f"{f(tr[TRACER_MODES[0]].get('peak_cold_mb'), 1, ' MB')} with the compile child; it "
+         f"{'compiled' if tr[TRACER_MODES[0]].get('cold_compiled') else 'did NOT compile'} and filled the run's "
+         "compile cache. Every later start loads the programs from that cache (no compile child; "
+         f"starts that compiled anyway: {sum(tr[m].get('warm_compiled') or 0 for m in TRACER_MODES)}); "
+         "the peaks and warm times above are theirs.", ""]
 
 
 def bpf(a: dict) -> List[str]:

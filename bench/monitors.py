@@ -171,6 +171,8 @@ class TracerWatcher(ProcessWatcher):
         self.perf_ids = perf_prog_ids(self.p.pid)
         self.names = prog_names(set(prog_fd_stats(self.p.pid)) | set(self.perf_ids))
         self.info.update({
+            # the startup line says when the programs came from the compile cache
+            "compiled": "from the compile cache" not in self.err_path.read_text(errors="replace"),
             "attach_s": round(time.monotonic() - t0, 3),
             "cpu_at_ready_s": proc_cpu_s(self.p.pid),
             "startup_tree_pss_peak_kb": peak,

@@ -146,13 +146,23 @@ def prog_id_stats(ids) -> Dict[int, dict]:
     return out
 
 
+# The tracer's programs. Loaded from the compile cache they carry no BTF, and the kernel keeps
+# only the first 15 characters of a name (BPF_OBJ_NAME_LEN): the full name is restored here.
+PROGRAMS = ("nf_prerouting_post_dnat", "nf_output_post_dnat", "tp_kfree_skb")
+
+
+def full_prog_name(name: str) -> str:
+    found = [p for p in PROGRAMS if p.startswith(name)] if len(name) == 15 else []
+    return found[0] if len(found) == 1 else name
+
+
 def prog_names(ids) -> Dict[int, str]:
     names = {}
     if shutil.which("bpftool"):
         for i in ids:
             p = run(["bpftool", "prog", "show", "id", str(i), "-j"], timeout=10, check=False)
             with contextlib.suppress(ValueError, KeyError):
-                names[i] = json.loads(p.stdout)["name"]
+                names[i] = full_prog_name(json.loads(p.stdout)["name"])
     return names
 
 

@@ -227,6 +227,9 @@ def main(argv=None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     args.out.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="bhp-bench-"))
+    # The run's own compile cache (mkdtemp makes it 0700): its first tracer start compiles and
+    # fills it, every later one loads from it, whatever the machine's cache holds.
+    os.environ["BPFTRACE_HOSTPORT_CACHE_DIR"] = str(workdir / "compile-cache")
     procs = Procs()
     lab = BenchLab(name, procs, workdir)
     meta = run_meta(args, p, argv, name, workdir)

@@ -82,11 +82,14 @@ struct mapping_key {         /* one hostPort mapping as the kernel applied it */
 #define LAT_BOUNDS_US 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000, 50000, \
                       100000, 250000, 500000, 1000000, 2500000, 5000000, 10000000
 
-struct mapping_val {
+struct mapping_val {         /* per CPU: added to by every packet */
     u64 flows;
     u64 packets;
     u64 bytes;
-    u64 answered;            /* flows that got a reply (counted at the first reply) */
+};
+
+struct mapping_lat {         /* shared (atomic adds): added to once per flow, at its first reply */
+    u64 answered;            /* flows that got a reply */
     u64 lat_sum_ns;          /* sum of their latencies (not midstream ones) */
     u64 lat_hist[LAT_BUCKETS];
 };

@@ -59,6 +59,7 @@ BPF_F_TABLE("lru_hash", u64, u32, known, FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
 BPF_HASH(mapping_ids, struct mapping_key, u32, MAP_SIZE);
 BPF_QUEUE(free_ids, u32, MAP_SIZE);      /* filled with 0 .. MAP_SIZE-1 by user space */
 BPF_PERCPU_ARRAY(mappings, struct mapping_val, MAP_SIZE);
+BPF_ARRAY(mapping_lat, struct mapping_lat, MAP_SIZE);
 BPF_HASH(drops, struct drop_key, u64, MAP_SIZE);
 BPF_TABLE("lru_hash", struct miss_key, struct miss_val, misses, MAP_SIZE);
 BPF_HASH(watch_ports, struct port_key, u8, 4096);
@@ -263,17 +264,17 @@ static __always_inline u32 latency_bucket(u64 ns)
  * metrics need no per-flow record. Counted once per flow, by whoever holds its claim. */
 static __always_inline void count_answered(u32 id, struct flow_val *v)
 {
-    struct mapping_val *mv = mappings.lookup(&id);
-    if (!mv)
+    struct mapping_lat *ml = mapping_lat.lookup(&id);
+    if (!ml)
         return;
-    mv->answered += 1;
+    __sync_fetch_and_add(&ml->answered, 1);
     if (v->flags & FLOW_MIDSTREAM)
         return;                  /* began before we attached: no latency */
     u64 lat = v->reply_ns - v->first_ns;
-    mv->lat_sum_ns += lat;
+    __sync_fetch_and_add(&ml->lat_sum_ns, lat);
     u32 b = latency_bucket(lat);
     if (b < LAT_BUCKETS)
-        mv->lat_hist[b] += 1;
+        __sync_fetch_and_add(&ml->lat_hist[b], 1);
 }
 
 /* Masquerade: a reply tuple whose destination is not the client means the request was

@@ -10,12 +10,43 @@ attached (shared/KERNEL.md). Commands run in it through `command_prefix`.
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import os
 import shutil
+import sys
 from typing import Iterator, List, Optional
 
-from pyroute2 import IPRoute
-from pyroute2 import netns as pr_netns
+
+def _pyroute2_by_parts() -> None:
+    """pyroute2's package __init__ imports every part of the library (NDB, IPDB, wireless,
+    devlink, ...: about 7 MB resident that a tracer on every node would carry and never use).
+    When nothing has imported pyroute2 yet, its package is registered without running that
+    __init__; submodules import as usual, and the first use of any other name runs the
+    package's own __init__ after all, so `from pyroute2 import X` keeps working everywhere."""
+    if "pyroute2" in sys.modules:
+        return
+    spec = importlib.util.find_spec("pyroute2")
+    if spec is None or spec.loader is None or not spec.submodule_search_locations:
+        return
+    pkg = importlib.util.module_from_spec(spec)
+
+    def __getattr__(name: str):
+        if not name.startswith("__"):
+            if importlib.util.find_spec(f"pyroute2.{name}") is not None:
+                return importlib.import_module(f"pyroute2.{name}")
+            del pkg.__getattr__
+            spec.loader.exec_module(pkg)          # the whole library, as `import pyroute2` would
+            return getattr(pkg, name)
+        raise AttributeError(name)
+
+    pkg.__getattr__ = __getattr__
+    sys.modules["pyroute2"] = pkg
+
+
+_pyroute2_by_parts()
+from pyroute2 import netns as pr_netns            # noqa: E402
+from pyroute2.iproute import IPRoute              # noqa: E402
 
 from bpftrace_hostport.errors import UserError
 

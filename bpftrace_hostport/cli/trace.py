@@ -35,7 +35,7 @@ def kernel_options(fn):
                      help="Report a flow as unanswered after S seconds without a reply."),
         click.option("--flow-table", type=click.IntRange(1024, 1 << 22), default=65536, show_default=True,
                      help="Entries in the in-kernel flow table (LRU)."),
-        click.option("--ringbuf-kb", type=click.IntRange(16, 1 << 20), default=4096, show_default=True,
+        click.option("--ringbuf-kb", type=click.IntRange(16, 1 << 20), default=2048, show_default=True,
                      help="Ring buffer size for answered-flow records, KiB (rounded to a power of two)."),
         click.option("--no-drops", is_flag=True, help="Do not attach skb:kfree_skb (drop attribution)."),
         click.option("--no-rules", is_flag=True, help="Do not read the node's nat rules for ports to watch."),

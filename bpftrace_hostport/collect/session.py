@@ -44,7 +44,7 @@ class TraceOptions:
     timeout: float = 5.0                           # no-answer timeout, seconds
     ready_file: Optional[str] = None
     flow_table_size: int = 65536
-    ringbuf_pages: int = 1024
+    ringbuf_pages: int = 512
     drops: bool = True
     flow_records: bool = True                      # False: answered flows are counted, not reported
     use_rules: bool = True

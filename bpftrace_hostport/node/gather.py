@@ -165,7 +165,7 @@ def _in_netns(netns: Optional[str], view: NodeView, route_ips: List[str]) -> Dic
 
     Returns the legacy (x_tables) tables that exist, by family, from /proc/net/ip*_tables_names.
     """
-    from pyroute2 import IPRoute
+    from pyroute2.iproute import IPRoute
     with netns_mod.entered(netns):
         ipr = IPRoute()
         try:

@@ -147,3 +147,13 @@ def test_both_entry_points_start(cmd, tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--help"], cwd=str(tmp_path),
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr
+
+
+def test_cached_programs_truncated_names_are_restored():
+    from bench.procfs import PROGRAMS, full_prog_name
+    from bpftrace_hostport.collect.netfilter.probe import ATTACH_POINTS
+    assert {n for n, _, _ in ATTACH_POINTS} | {"tp_kfree_skb"} == set(PROGRAMS)
+    assert full_prog_name("nf_prerouting_p") == "nf_prerouting_post_dnat"
+    assert full_prog_name("nf_output_post_") == "nf_output_post_dnat"
+    assert full_prog_name("tp_kfree_skb") == "tp_kfree_skb"
+    assert full_prog_name("something_else1") == "something_else1"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import ipaddress
 import json
 import mmap
@@ -90,7 +91,7 @@ class ProbeOptions:
     flow_table_size: int = 65536
     pending_size: int = 16384
     map_size: int = 4096
-    ringbuf_pages: int = 1024                    # 4 MiB with 4 KiB pages: > 1 s of records at 20k flows/s
+    ringbuf_pages: int = 512                     # 2 MiB with 4 KiB pages: 0.5 s of records at 20k flows/s
     drops: bool = True
     records: bool = True                         # False: no ring-buffer record per answered flow
     debug_print_program: bool = False
@@ -114,7 +115,7 @@ def _tuple_len(family: int) -> int:
     return 4 if family == 4 else 16
 
 
-MAPS = ("flows", "pending", "mapping_ids", "free_ids", "mappings", "drops", "misses", "watch_ports", "local_addrs",
+MAPS = ("flows", "pending", "mapping_ids", "free_ids", "mappings", "mapping_lat", "drops", "misses", "watch_ports", "local_addrs",
         "client_cidrs", "config", "stats", "events")
 
 
@@ -147,6 +148,11 @@ class Probe:
         except BaseException:
             self.close()
             raise
+        finally:
+            # The kernel's type index (about 10 MB here) is needed only to compile and load;
+            # every offset it gave is in self.defines.
+            self.btf = None
+            gc.collect()
 
     # -- compile & load -------------------------------------------------------------------
     def cflags(self) -> List[str]:
@@ -398,18 +404,18 @@ class Probe:
         return self.maps["misses"].items()
 
     def read_mappings(self) -> List[Tuple[object, dict]]:
-        """(mapping_key, counters summed over CPUs) per mapping: each mapping's id, then its slot
-        of the per-CPU counters array. Counters: flows, packets, bytes, answered, lat_sum_ns and
-        lat_hist (a list of LAT_BUCKETS counts)."""
-        counts = self.maps["mappings"]
+        """(mapping_key, counters) per mapping: each mapping's id, then its slot of the per-CPU
+        counters (flows, packets, bytes: summed over CPUs) and of the latency array (answered,
+        lat_sum_ns, lat_hist: a list of LAT_BUCKETS counts)."""
+        counts, lats = self.maps["mappings"], self.maps["mapping_lat"]
         out = []
         for k, mid in self.maps["mapping_ids"].items():
-            per_cpu = counts.lookup(ctypes.c_uint32(mid.value))
-            if per_cpu is None:
+            slot = ctypes.c_uint32(mid.value)
+            per_cpu, lat = counts.lookup(slot), lats.lookup(slot)
+            if per_cpu is None or lat is None:
                 continue
-            c = {f: sum(getattr(v, f) for v in per_cpu)
-                 for f in ("flows", "packets", "bytes", "answered", "lat_sum_ns")}
-            c["lat_hist"] = [sum(col) for col in zip(*(list(v.lat_hist) for v in per_cpu))]
+            c = {f: sum(getattr(v, f) for v in per_cpu) for f in ("flows", "packets", "bytes")}
+            c.update(answered=int(lat.answered), lat_sum_ns=int(lat.lat_sum_ns), lat_hist=list(lat.lat_hist))
             out.append((k, c))
         return out
 
