@@ -330,9 +330,12 @@ def _prog_ns(t: dict) -> int:
 
 def bpf_table(trials: List[dict]) -> dict:
     """Per program: ns per run, runs and ns per connection (connections: accepted by the pod),
-    in the conn/s trials of each tracer mode and of all of them; bulk trials apart."""
+    in the trials timed with run-time statistics (burst trials when the run has them, else the
+    conn/s trials) of each tracer mode and of all of them; bulk trials apart."""
     out: dict = {}
-    groups = {m: by(trials, "conn", m) for m in TRACER_MODES}
+    kind = "burst" if any(t["kind"] == "burst" for t in trials) else "conn"
+    out["kind"] = kind
+    groups = {m: by(trials, kind, m) for m in TRACER_MODES}
     groups["all"] = [t for m in TRACER_MODES for t in groups[m]]
     for name, ts in groups.items():
         conns = sum(t["pod_passive_opens"] for t in ts)

@@ -260,10 +260,13 @@ def bpf(a: dict) -> List[str]:
     kfree = ("tp_kfree_skb (found through `bpftool perf show`) runs for every freed skb with a drop reason on "
              "the machine." if any("kfree" in n for n in allp) else
              "tp_kfree_skb is not in these figures (this run read only the programs the tracer holds fds of).")
+    which = ("Burst trials (the same full rate as the conn/s trials, which run with the statistics off: "
+             "timing every run costs the kernel two clock reads per run, which is not what a node pays)"
+             if b.get("kind") == "burst" else "Conn/s trials")
     return ["## eBPF program run time (BPF_ENABLE_STATS)", "",
-            "Conn/s trials of every tracer mode together; connections are those the pod accepted. One run is "
+            f"{which} of every tracer mode together; connections are those the pod accepted. One run is "
             f"one packet at one hook (prerouting sees both directions). {kfree}", ""] + \
-        table(["program", "conn/s runs", "runs per conn", "ns per run", "ns per conn", "bulk runs", "ns per run"], rows) + \
+        table(["program", "timed runs", "runs per conn", "ns per run", "ns per conn", "bulk runs", "ns per run"], rows) + \
         ["Per mode (the programs are the same; the spread is trial to trial):", ""] + \
         table(["mode", "connections", "ns per conn", "per trial: median", "min-max"], per_mode)
 
@@ -304,8 +307,9 @@ def method() -> List[str]:
             "utime + stime from /proc/<pid>/stat across the load (10 ms ticks; the schedstat line has no "
             "rounding). eBPF run time: run_time_ns/run_cnt in /proc/<tracer>/fdinfo of its program fds, and of "
             "the programs behind its perf-event fds (`bpftool perf show`: the skb:kfree_skb tracepoint), names "
-            "from `bpftool prog show`, statistics on through bpf(BPF_ENABLE_STATS) for the run "
-            "(kernel.bpf_stats_enabled is not written).",
+            "from `bpftool prog show`, statistics on through bpf(BPF_ENABLE_STATS) during the burst and bulk "
+            "trials only (kernel.bpf_stats_enabled is not written): the conn/s trials, whose throughput and CPU "
+            "are the headline ratios, run without the two clock reads per program run that timing adds.",
             "* Memory: RSS once attached is the tracer's VmRSS. wait4's ru_maxrss covers the reaped compile "
             "child, but as the larger of the two processes, not their sum; so the peak is the proportional set "
             "size (PSS) of the tracer and its children together, sampled every 10 ms until attached, or the "
