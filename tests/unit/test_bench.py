@@ -157,3 +157,17 @@ def test_cached_programs_truncated_names_are_restored():
     assert full_prog_name("nf_output_post_") == "nf_output_post_dnat"
     assert full_prog_name("tp_kfree_skb") == "tp_kfree_skb"
     assert full_prog_name("something_else1") == "something_else1"
+
+
+def test_ebpf_sections_anchors_match_the_source():
+    """bench/ebpf_sections.py instruments bpf/hostport.bpf.c by anchors: each is found once, and
+    without its markers the instrumented source is the original."""
+    from pathlib import Path
+    from bench.ebpf_sections import HELPER, SECTIONS, instrument
+    src = (Path(__file__).resolve().parents[2] / "bpf" / "hostport.bpf.c").read_text()
+    out = instrument(src)
+    for i, *_ in SECTIONS:
+        assert out.count(f"prof_add({i}, &_t);") == 1, i
+    lines = [ln for ln in out.replace(HELPER, "").splitlines()
+             if "prof_add(" not in ln and ln.strip() != "u64 _t = bpf_ktime_get_ns();"]
+    assert lines == src.splitlines()

@@ -1,0 +1,197 @@
+"""Where the eBPF time of a connection goes: the kernel programs, instrumented section by
+section, under the bench's load.
+
+    sudo .venv/bin/python -m bench.ebpf_sections [--seconds S] [--lab-name NAME]
+
+BPF_ENABLE_STATS gives a program's run time as a whole; this splits it. A copy of bpf/ is
+made with a clock read after each section of on_post_dnat (the anchors below), the copy is
+loaded the way the tracer loads its programs (collect/netfilter/probe.py, compile cache off,
+records on), attached to a bench lab's node and loaded with wrk (one connection per request,
+the bench's client settings), and each section's total time and count are read from a per-CPU
+array. Every clock read costs about 20-30 ns, which each section's figure includes: the
+sections add up to more than the plain program's run time. An anchor that no longer matches
+the source fails loudly: the tool measures the source as it is.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+HELPER = """
+BPF_PERCPU_ARRAY(prof, u64, 64);
+static __always_inline void prof_add(u32 i, u64 *t)
+{
+    u64 n = bpf_ktime_get_ns();
+    u32 k = i;
+    u64 *p = prof.lookup(&k);
+    if (p)
+        *p += n - *t;
+    k = i + 32;
+    p = prof.lookup(&k);
+    if (p)
+        *p += 1;
+    *t = n;
+}
+"""
+HELPER_AFTER = "BPF_PERCPU_ARRAY(stats, u64, STAT_MAX);\n"
+START = "    void *skb = *(void **)((char *)ctx + NF_CTX_SKB);\n"
+
+# (section, what it covers, anchor in hostport.bpf.c, marker placed "before" or "after" it)
+SECTIONS = [
+    (0, "known flow's packet: known lookup + counters (hot path)",
+     "            mapping_add(*id, 0, len);\n", "after"),
+    (1, "not known: the known lookup that missed",
+     "    u32 status = 0;\n    bpf_probe_read_kernel(&status, sizeof(status), (char *)ct + CT_STATUS);\n"
+     "    if (ctinfo == IP_CT_NEW && !(status", "before"),
+    (15, "conntrack status read (bpf_probe_read_kernel, 4 B)",
+     "    if (ctinfo == IP_CT_NEW && !(status", "before"),
+    (2, "known.delete on a first packet",
+     "        known.delete(&ctkey);   /* a new entry: whatever used this address before is gone */\n", "after"),
+    (3, "config, ORIGINAL tuple read (64 B), flow key",
+     "    struct flow_val *v = flows.lookup(&k);\n    if (v && ctinfo == IP_CT_NEW", "before"),
+    (4, "flows.lookup (40-byte key)",
+     "    struct flow_val *v = flows.lookup(&k);\n    if (v && ctinfo == IP_CT_NEW", "mid"),
+    (5, "new flow: is_local, port_watched, client filter",
+     "        u8 r[TUPLE_BUF] = {};\n        if (read_tuple(ct, CT_TUPLE_REPLY, r))\n            return 1;\n        u64 now",
+     "before"),
+    (6, "new flow: REPLY tuple read",
+     "        u64 now = bpf_ktime_get_ns();\n        struct flow_val nv = {};\n", "before"),
+    (7, "new flow: value, mapping_id",
+     "        if (flows.update(&k, &nv)) {\n", "before"),
+    (8, "new flow: flows.update (insert)",
+     "        stat_inc(STAT_FLOWS_CREATED);\n", "before"),
+    (9, "new flow: pending.insert, mapping counters",
+     "        mapping_add(nv.mapping_id, 1, len);\n", "after"),
+    (10, "first reply: counters, atomics",
+     "    v->reply_ns = bpf_ktime_get_ns();\n", "before"),
+    (11, "first reply: clock, REPLY tuple read, masquerade",
+     "    if (cfg->no_records) {\n", "before"),
+    (12, "first reply: ring-buffer record, pending.delete",
+     "    int rc = report_answered(&k, v);\n", "after"),
+    (13, "first reply: answered count, latency histogram",
+     "        count_answered(mid, v);\n    if (rc == 0)\n", "mid"),
+    (14, "first reply: known.update (insert)",
+     "        known.update(&ctkey, &mid);\n    return 1;\n}\n", "mid"),
+]
+
+
+def instrument(text: str) -> str:
+    """The source with the section markers; SystemExit when an anchor is missing or ambiguous."""
+    def place(text: str, anchor: str, marker: str, where: str) -> str:
+        n = text.count(anchor)
+        if n != 1:
+            raise SystemExit(f"bench.ebpf_sections: anchor found {n} times, expected once "
+                             f"(the source changed; update SECTIONS): {anchor.strip()[:70]!r}")
+        if where == "before":
+            return text.replace(anchor, marker + anchor)
+        if where == "after":
+            return text.replace(anchor, anchor + marker)
+        first, _, rest = anchor.partition("\n")            # "mid": after the anchor's first line
+        return text.replace(anchor, first + "\n" + marker + rest)
+
+    text = place(text, HELPER_AFTER, HELPER, "after")
+    text = place(text, START, "    u64 _t = bpf_ktime_get_ns();\n", "before")
+    for i, _label, anchor, where in SECTIONS:
+        if text.count(anchor) == 0 and os.environ.get("SECTIONS_SKIP_MISSING"):
+            continue                                   # a variant without this section
+        ref = anchor.split("\n")[1 if where == "mid" else 0]
+        indent = ref[:len(ref) - len(ref.lstrip())]
+        text = place(text, anchor, f"{indent}prof_add({i}, &_t);\n", where)
+    return text
+
+
+def client_sysctls(ns: str) -> None:
+    from bench.config import CLIENT_PORT_RANGE
+    lo, hi = CLIENT_PORT_RANGE
+    for kv in (f"net.ipv4.ip_local_port_range={lo} {hi}", "net.ipv4.tcp_tw_reuse=1"):
+        subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", kv], check=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=4.0, help="wrk duration (default 4)")
+    ap.add_argument("--lab-name", default=f"sect-{secrets.token_hex(2)}")
+    ap.add_argument("--source", type=Path, default=ROOT / "bpf",
+                    help="the folder with hostport.bpf.c and events.h (default bpf/): to measure a variant")
+    ap.add_argument("--plain", action="store_true",
+                    help="no section markers: only each program's run time (BPF_ENABLE_STATS) per connection")
+    args = ap.parse_args(argv)
+    os.environ["BPFTRACE_HOSTPORT_CACHE_DIR"] = "off"
+    from bench.config import HTTP_HOST_PORT, MANIFEST
+    from bpftrace_hostport import netns as netns_mod
+    from bpftrace_hostport.collect.netfilter import probe as P
+    from bpftrace_hostport.lab import build as lab
+
+    src = Path(tempfile.mkdtemp(prefix="bhp-sections-"))
+    shutil.copy(args.source / "events.h", src / "events.h")
+    text = (args.source / "hostport.bpf.c").read_text()
+    (src / "hostport.bpf.c").write_text(text if args.plain else instrument(text))
+    P.bpf_source_dir = lambda: src
+    if not args.plain:
+        P.MAPS = P.MAPS + ("prof",)
+    from bench.procfs import bpf_run_time_stats
+    st = lab.up([str(MANIFEST)], name=args.lab_name, ipv6=False)
+    try:
+        client = st.clients[0]["netns"]
+        client_sysctls(client)
+        with P.Probe(P.ProbeOptions(netns=st.node_netns, watch_ports=[("tcp", HTTP_HOST_PORT)])) as pr:
+            ipr = netns_mod.open_iproute(st.node_netns)
+            pr.set_local_addrs(netns_mod.local_addresses(ipr))
+            ipr.close()
+            pr.attach()
+            stats = bpf_run_time_stats()
+            stats.__enter__()
+            wrk = subprocess.Popen(["ip", "netns", "exec", client, "wrk", "-t2", "-c64", f"-d{args.seconds:g}s",
+                                    "-H", "Connection: close", f"http://{st.node_ip}:{HTTP_HOST_PORT}/"],
+                                   stdout=subprocess.PIPE, text=True)
+            while wrk.poll() is None:
+                pr.consume()                         # the ring must not fill: records as in the tracer
+                time.sleep(0.05)
+            rate = next((ln.split()[-1] for ln in wrk.stdout.read().splitlines() if "Requests/sec" in ln), "?")
+            runs = {name: _run_time(fd) for name, fd in pr.prog_fds.items()}
+            stats.__exit__(None, None, None)
+            created = pr.read_stats()["flows_created"]
+            vals = ([0] * 64 if args.plain else
+                    [sum(x.value for x in pr.maps["prof"].lookup(ctypes.c_uint32(i))) for i in range(64)])
+    finally:
+        lab.down(args.lab_name)
+        shutil.rmtree(src, ignore_errors=True)
+    conns = created or 1                             # new flows inserted
+    print(f"{rate} connections/s; {conns} new flows")
+    for name, (ns, cnt) in runs.items():
+        if cnt:
+            print(f"  {name}: {cnt / conns:.2f} runs per connection, {ns / cnt:.1f} ns per run, "
+                  f"{ns / conns:.1f} ns per connection (with the markers' clock reads)" if not args.plain else
+                  f"  {name}: {cnt / conns:.2f} runs per connection, {ns / cnt:.1f} ns per run, "
+                  f"{ns / conns:.1f} ns per connection")
+    if args.plain:
+        return 0
+    print("per section (each includes one clock read):")
+    print(f"{'#':>2} {'section':52} {'runs':>9} {'ns/run':>8} {'ns/conn':>8}")
+    for i, label, _a, _w in SECTIONS:
+        n = vals[32 + i]
+        if n:
+            print(f"{i:2d} {label:52} {n:9d} {vals[i] / n:8.1f} {vals[i] / conns:8.1f}")
+    total = sum(vals[i] for i, *_ in SECTIONS)
+    print(f"   {'all sections':52} {'':9} {'':8} {total / conns:8.1f}")
+    return 0
+
+
+def _run_time(fd: int):
+    """(run_time_ns, run_cnt) of one of our program fds, from /proc/self/fdinfo."""
+    info = dict(line.split(":", 1) for line in open(f"/proc/self/fdinfo/{fd}").read().splitlines() if ":" in line)
+    return int(info.get("run_time_ns", "0")), int(info.get("run_cnt", "0"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
