@@ -22,15 +22,14 @@
 #define FLOW_MIDSTREAM   4   /* first seen mid-connection: it began before the tracer attached */
 
 /* Indexes into the per-CPU `stats` array. */
-#define STAT_RINGBUF_DEFERRED 0 /* no ring-buffer slot: the flow is reported from pending instead */
+#define STAT_RINGBUF_DEFERRED 0 /* no ring-buffer slot: the flow is reported after the timeout instead */
 #define STAT_FLOWS_CREATED   1  /* new flows inserted into the flow table */
-#define STAT_PENDING_FULL    2  /* a new flow could not be queued for its no-answer timeout */
-#define STAT_FLOW_INSERT_ERR 3  /* the flow table refused an insert */
-#define STAT_REPLY_NO_FLOW   4  /* a reply for a flow no longer in the table (evicted) */
-#define STAT_DROPS_SEEN      5  /* translated packets freed with a drop reason */
-#define STAT_COUNTER_FULL    6  /* a mapping/miss/drop counter could not be created (map full) */
-#define STAT_REUSE_LOST      7  /* a deferred answered flow whose tuple was reused before its report */
-#define STAT_MAX             8
+#define STAT_FLOW_INSERT_ERR 2  /* the flow table refused an insert (full: more flows in flight than it holds) */
+#define STAT_REPLY_NO_FLOW   3  /* a reply for a flow we did not see start (it began before we attached) */
+#define STAT_DROPS_SEEN      4  /* translated packets freed with a drop reason */
+#define STAT_COUNTER_FULL    5  /* a mapping/miss/drop counter could not be created (map full) */
+#define STAT_REUSE_LOST      6  /* a deferred answered flow whose tuple was reused before its report */
+#define STAT_MAX             7
 
 struct flow_key {            /* the conntrack ORIGINAL tuple: client -> node:hostPort */
     u8  family;              /* 4 or 6 */

@@ -3,8 +3,15 @@
  * Programs of type BPF_PROG_TYPE_NETFILTER (kernel >= 6.4), attached with the netfilter BPF
  * link inside the node's network namespace, read each packet's conntrack entry and keep
  * per-flow and per-mapping counters here, in maps. User space gets one ring-buffer record per
- * flow (when the flow is first answered); unanswered flows wait in `pending` until user space
+ * flow (when the flow is first answered); unanswered flows wait in `flows` until user space
  * reports them after its no-answer timeout. Nothing is sent per packet.
+ *
+ * `flows` holds exactly the flows not yet reported, and deleting a flow's entry is the claim to
+ * report it: the kernel deletes it when it reports the flow answered, user space when it
+ * reports it after the timeout; whoever's delete succeeds reports, so each flow is reported
+ * once. The table stays as small as the flows in flight, which keeps its lookups and inserts
+ * in the CPU caches. A reported flow's conntrack entry goes to `known`, where its later
+ * packets find their mapping's counters.
  *
  * Every struct offset (sk_buff, nf_conn, nf_conntrack_tuple, bpf_nf_ctx) comes from the
  * running kernel's BTF at load time as -D constants (bpftrace_hostport/ebpf/btf.py,
@@ -18,7 +25,7 @@
  *   TUPLE_SIZE        sizeof(struct nf_conntrack_tuple)
  *   TUP_SRC_U3, TUP_SRC_PORT, TUP_L3NUM, TUP_DST_U3, TUP_DST_PORT, TUP_PROTONUM
  *   TP_SKBADDR, TP_REASON   field offsets in the skb:kfree_skb tracepoint record (its format file)
- *   FLOW_TABLE_SIZE, PENDING_SIZE, MAP_SIZE, RINGBUF_PAGES   sizes chosen by the user
+ *   FLOW_TABLE_SIZE, MAP_SIZE, RINGBUF_PAGES   sizes chosen by the user
  *   WAKE_EVERY        records per CPU between wake-ups of the reader (probe.py sizes it)
  */
 #include "events.h"
@@ -44,20 +51,21 @@
 #define TUPLE_BUF 64
 #endif
 
-/* Per-CPU LRU lists (no common list): inserts at high connection rates do not contend on
- * one lock; any CPU still finds any flow. */
-BPF_F_TABLE("lru_hash", struct flow_key, struct flow_val, flows, FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
-BPF_HASH(pending, struct flow_key, u64, PENDING_SIZE);
-/* Flows already answered and reported, by their conntrack entry (struct nf_conn *): every
- * later packet of such a flow only adds to its mapping's counters, found with one lookup of
- * an 8-byte key instead of reading the tuple and hashing a 40-byte flow key. A recycled
- * entry is recognised by its first packet (IP_CT_NEW, not yet confirmed), which drops it. */
+/* Flows not yet reported (see above). A plain hash, not an LRU: when it is full a new flow is
+ * refused and counted (flow_insert_errors), never an unreported one silently evicted. */
+BPF_HASH(flows, struct flow_key, struct flow_val, FLOW_TABLE_SIZE);
+/* Flows already reported (answered, or timed out), by their conntrack entry (struct nf_conn *):
+ * every later packet of such a flow only adds to its mapping's counters, found with one lookup
+ * of an 8-byte key instead of reading the tuple and hashing a 40-byte flow key. A recycled
+ * entry is recognised by its first packet (IP_CT_NEW, not yet confirmed), which drops it.
+ * User space adds the flows it reports after the timeout. */
 BPF_F_TABLE("lru_hash", u64, u32, known, FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
 /* Per-mapping counters: a mapping gets a small id once (mapping_ids, mapping_next) and its
  * counters live in a per-CPU array slot, so a packet adds to them with one array access (which
  * the verifier inlines) instead of hashing a 24-byte key. `known` keeps the id of each flow. */
 BPF_HASH(mapping_ids, struct mapping_key, u32, MAP_SIZE);
 BPF_QUEUE(free_ids, u32, MAP_SIZE);      /* filled with 0 .. MAP_SIZE-1 by user space */
+BPF_ARRAY(mapping_keys, struct mapping_key, MAP_SIZE);  /* id -> mapping, for drops */
 BPF_PERCPU_ARRAY(mappings, struct mapping_val, MAP_SIZE);
 BPF_ARRAY(mapping_lat, struct mapping_lat, MAP_SIZE);
 BPF_HASH(drops, struct drop_key, u64, MAP_SIZE);
@@ -206,6 +214,7 @@ static __always_inline u32 mapping_id(struct mapping_key *m)
         return *have;
     u32 id = MAP_SIZE;
     if (free_ids.pop(&id) == 0 && id < MAP_SIZE) {
+        mapping_keys.update(&id, m);        /* before the id is published */
         if (mapping_ids.insert(m, &id) == 0)
             return id;
         free_ids.push(&id, 0);
@@ -262,15 +271,14 @@ static __always_inline u32 latency_bucket(u64 ns)
 
 /* A flow answered: its mapping's answered count and latency histogram, in the kernel, so that
  * metrics need no per-flow record. Counted once per flow, by whoever holds its claim. */
-static __always_inline void count_answered(u32 id, struct flow_val *v)
+static __always_inline void count_answered(u32 id, u8 flags, u64 lat)
 {
     struct mapping_lat *ml = mapping_lat.lookup(&id);
     if (!ml)
         return;
     __sync_fetch_and_add(&ml->answered, 1);
-    if (v->flags & FLOW_MIDSTREAM)
+    if (flags & FLOW_MIDSTREAM)
         return;                  /* began before we attached: no latency */
-    u64 lat = v->reply_ns - v->first_ns;
     __sync_fetch_and_add(&ml->lat_sum_ns, lat);
     u32 b = latency_bucket(lat);
     if (b < LAT_BUCKETS)
@@ -290,11 +298,11 @@ static __always_inline void note_masquerade(struct flow_val *v, struct flow_key 
 }
 
 /* Reports an answered flow, at most once: 0 reported, 1 already reported (claimed by user
- * space as unanswered), -1 deferred (reported by user space after --timeout). The pending entry is the token for "not yet
- * reported": whoever deletes it reports the flow (user space deletes it to report a timed-out
- * flow). The slot is reserved first: if the ring buffer cannot give one (full, or its lock
- * busy: since 6.15 a ring-buffer reservation can fail under contention), the pending entry
- * stays and user space reports the flow, answered, after --timeout. Nothing is lost. */
+ * space after the timeout), -1 deferred (reported by user space after --timeout). The flow is
+ * copied into a reserved ring-buffer slot first, then its entry deleted: the delete is the
+ * claim (the entry's memory may be reused once it is deleted). If the ring buffer cannot give
+ * a slot (full, or its lock busy: since 6.15 a reservation can fail under contention), the
+ * entry stays and user space reports the flow, answered, after --timeout. Nothing is lost. */
 static __always_inline int report_answered(struct flow_key *k, struct flow_val *v)
 {
     struct flow_event *e = events.ringbuf_reserve(sizeof(struct flow_event));
@@ -302,13 +310,13 @@ static __always_inline int report_answered(struct flow_key *k, struct flow_val *
         stat_inc(STAT_RINGBUF_DEFERRED);
         return -1;
     }
-    if (pending.delete(k) != 0) {
-        /* already reported as unanswered by user space, or never queued */
+    __builtin_memcpy(&e->key, k, sizeof(*k));
+    __builtin_memcpy(&e->val, v, sizeof(*v));
+    if (flows.delete(k) != 0) {
+        /* already claimed by user space */
         events.ringbuf_discard(e, BPF_RB_NO_WAKEUP);
         return 1;
     }
-    __builtin_memcpy(&e->key, k, sizeof(*k));
-    __builtin_memcpy(&e->val, v, sizeof(*v));
     /* Batched wake-ups: a wake-up per flow would cost a context switch per flow at high
      * connection rates. The reader sleeps on the ring (at most 250 ms); each CPU wakes it every
      * WAKE_EVERY records, which user space sizes so that all CPUs together wake it well before
@@ -347,8 +355,19 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
 
     u32 status = 0;
     bpf_probe_read_kernel(&status, sizeof(status), (char *)ct + CT_STATUS);
-    if (ctinfo == IP_CT_NEW && !(status & IPS_CONFIRMED))
-        known.delete(&ctkey);   /* a new entry: whatever used this address before is gone */
+    if (ctinfo == IP_CT_NEW) {
+        if (!(status & IPS_CONFIRMED)) {
+            known.delete(&ctkey);   /* a new entry: whatever used this address before is gone */
+        } else {
+            /* A retransmitted first packet (or a UDP request before any reply) of a flow
+             * user space reported after the timeout: its counters, as on the hot path. */
+            u32 *id = known.lookup(&ctkey);
+            if (id) {
+                mapping_add(*id, 0, len);
+                return 1;
+            }
+        }
+    }
 
     int zero = 0;
     struct config *cfg = config.lookup(&zero);
@@ -385,17 +404,14 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
 
     struct flow_val *v = flows.lookup(&k);
     if (v && ctinfo == IP_CT_NEW && !(status & IPS_CONFIRMED)) {
-        /* The first packet of a new conntrack entry on a tuple an earlier flow used (a client
-         * port reused after TIME_WAIT, a retry after the timeout) starts a new flow, unless it
-         * is a retry of the same unanswered attempt (a SYN retransmitted after a drop). An
-         * earlier flow that was answered but whose report was deferred is reported now. */
-        if (!pending.lookup(&k)) {
-            v = 0;
-        } else if (v->reply_ns) {
-            if (report_answered(&k, v) < 0) {
-                pending.delete(&k);
+        /* The first packet of a new conntrack entry on the tuple of a flow not yet reported: a
+         * retry of the same unanswered attempt (a SYN retransmitted after a drop) is that flow;
+         * a flow that was answered but whose report was deferred is reported now, and the new
+         * entry starts a new flow. (A reported flow has no entry here any more: a client port
+         * reused after TIME_WAIT, or a retry after the timeout, starts a new flow.) */
+        if (v->reply_ns) {
+            if (report_answered(&k, v) < 0 && flows.delete(&k) == 0)
                 stat_inc(STAT_REUSE_LOST);
-            }
             v = 0;
         }
     }
@@ -438,9 +454,6 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
             return 1;
         }
         stat_inc(STAT_FLOWS_CREATED);
-        u64 first = now;
-        if (pending.insert(&k, &first))
-            stat_inc(STAT_PENDING_FULL);
         mapping_add(nv.mapping_id, 1, len);
         return 1;
     }
@@ -475,19 +488,22 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
     u8 r[TUPLE_BUF] = {};
     if (read_tuple(ct, CT_TUPLE_REPLY, r) == 0)
         note_masquerade(v, &k, r, family);   /* by the first reply both NAT manips are settled */
+    /* What the answered count needs, read before the entry may go. */
+    u8 flags = v->flags;
+    u64 lat = v->reply_ns - v->first_ns;
     if (cfg->no_records) {
-        /* Counters only: deleting the pending entry is the claim, as for a report. */
-        if (pending.delete(&k) == 0) {
-            count_answered(mid, v);
+        /* Counters only: deleting the entry is the claim, as for a report. */
+        if (flows.delete(&k) == 0) {
+            count_answered(mid, flags, lat);
             known.update(&ctkey, &mid);
         }
         return 1;
     }
-    /* Deferred (-1): the flow stays pending and is reported, answered, after --timeout. On
+    /* Deferred (-1): the flow stays in `flows` and is reported, answered, after --timeout. On
      * success its later packets take the hot path above. */
     int rc = report_answered(&k, v);
     if (rc != 1)
-        count_answered(mid, v);
+        count_answered(mid, flags, lat);
     if (rc == 0)
         known.update(&ctkey, &mid);
     return 1;
@@ -505,7 +521,8 @@ int nf_output_post_dnat(void *ctx)
 
 /* skb:kfree_skb fires for every dropped skb on the machine (tracepoints are global). A drop
  * is charged to one of our flows only when its conntrack entry is the very entry the flow
- * recorded, which also confines it to the traced network namespace. */
+ * recorded (in `known`, or the flow's `ct`), which also confines it to the traced network
+ * namespace. */
 int tp_kfree_skb(void *ctx)
 {
     u32 reason = *(u32 *)((char *)ctx + TP_REASON);
@@ -520,21 +537,31 @@ int tp_kfree_skb(void *ctx)
     bpf_probe_read_kernel(&status, sizeof(status), (char *)ct + CT_STATUS);
     if (!(status & IPS_DST_NAT))
         return 0;
-    u8 o[TUPLE_BUF] = {};
-    struct flow_key k = {};
-    if (!flow_key_of(ct, o, &k))
-        return 0;
-    struct flow_val *v = flows.lookup(&k);
-    if (!v || v->ct != (u64)ct)
-        return 0;
-    __sync_fetch_and_add(&v->drops, 1);
-    v->drop_reason = reason;
+    /* A reported flow: its conntrack entry is in `known`, with its mapping's id. A flow not yet
+     * reported: in `flows` (by its tuple), where its own drop count goes too. */
+    u64 ctkey = (u64)ct;
+    u32 id = MAP_SIZE;
+    u32 *kid = known.lookup(&ctkey);
+    if (kid) {
+        id = *kid;
+    } else {
+        u8 o[TUPLE_BUF] = {};
+        struct flow_key k = {};
+        if (!flow_key_of(ct, o, &k))
+            return 0;
+        struct flow_val *v = flows.lookup(&k);
+        if (!v || v->ct != ctkey)
+            return 0;
+        __sync_fetch_and_add(&v->drops, 1);
+        v->drop_reason = reason;
+        id = v->mapping_id;
+    }
     stat_inc(STAT_DROPS_SEEN);
-    u8 r[TUPLE_BUF] = {};
-    if (read_tuple(ct, CT_TUPLE_REPLY, r))
-        return 0;
+    struct mapping_key *mk = mapping_keys.lookup(&id);
+    if (!mk)
+        return 0;                       /* no id (the mapping tables were full): counted then */
     struct drop_key dk = {};
-    mapping_from(&dk.mapping, &k, r);
+    __builtin_memcpy(&dk.mapping, mk, sizeof(*mk));
     dk.reason = reason;
     u64 *c = drops.lookup(&dk);
     if (c) {

@@ -30,6 +30,7 @@ BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
 BPF_PROG_LOAD = 5
 BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_MAP_LOOKUP_AND_DELETE_ELEM = 21
 BPF_LINK_CREATE = 28
 
 # enum bpf_map_type (the ones we use)
@@ -180,6 +181,21 @@ class BpfMap:
         vbuf = ctypes.create_string_buffer(vbytes, len(vbytes))
         attr, _k = self._attr(bytes(key), ctypes.addressof(vbuf), flags)
         sys_bpf(BPF_MAP_UPDATE_ELEM, attr)
+
+    def lookup_and_delete(self, key):
+        """The value, deleted in the same step (hash maps: Linux >= 5.14), or None when the key
+        is not there: the atomic claim of an entry that someone else may delete too."""
+        if self.percpu:
+            raise ValueError("lookup_and_delete of a per-CPU map is not used here")
+        vbuf = ctypes.create_string_buffer(self._vbuf_size)
+        attr, _k = self._attr(bytes(key), ctypes.addressof(vbuf))
+        try:
+            sys_bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, attr)
+        except BpfError as e:
+            if e.errno == errno.ENOENT:
+                return None
+            raise
+        return self.Leaf.from_buffer_copy(vbuf.raw)
 
     def push(self, value) -> None:
         """Adds a value to a queue or stack map (no key: bpf_attr.key is NULL)."""

@@ -37,7 +37,6 @@ class NetfilterBackend:
         self.drain: Optional[_RingDrain] = None
         self.miss_seen: Dict[ev.MissKey, int] = {}
         self.reported = 0
-        self.evicted = 0          # pending flows gone from the flow table before their report
 
     def start(self, local_addrs: List[str]) -> str:
         self.probe.set_local_addrs(local_addrs)
@@ -66,14 +65,8 @@ class NetfilterBackend:
     def poll(self) -> FlowBatch:
         return self._decode(self.drain.take())
 
-    def _claimed(self, pend: List[Optional[bytes]]) -> List[bytes]:
-        raws = [raw for raw in pend if raw is not None]
-        self.evicted += len(pend) - len(raws)        # None: evicted before its report, lost
-        return raws
-
     def expire(self) -> FlowBatch:
-        pend = self.probe.take_pending(ev.Clock.now_mono_ns() - int(self.opts.timeout * 1e9))
-        return self._decode(self._claimed(pend))
+        return self._decode(self.probe.take_pending(ev.Clock.now_mono_ns() - int(self.opts.timeout * 1e9)))
 
     def misses(self) -> List[dict]:
         out = []
@@ -89,7 +82,7 @@ class NetfilterBackend:
         """Everything still in the kernel: answered records in the ring, then every flow pending."""
         self.drain.stop()
         raws = self.drain.take() + [self.probe.consume()]
-        raws += self._claimed(self.probe.take_pending(None))
+        raws += self.probe.take_pending(None)
         self.finished = True
         return self._decode(raws)
 
@@ -115,7 +108,7 @@ class NetfilterBackend:
         if self.finished:
             lost = max(0, stats["flows_created"] - self.reported) + errors
         else:
-            lost = stats["pending_full"] + self.evicted + stats["reuse_lost"] + errors
+            lost = stats["reuse_lost"] + errors
         # answered/latency_*: flows the kernel claimed at their first reply. With records they
         # are also among the reported flows; without, they are exactly the ones not reported.
         return {"mappings": mappings, "drops": drops, "kernel": stats, "lost": lost,

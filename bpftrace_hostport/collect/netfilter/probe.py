@@ -61,7 +61,7 @@ OFFSETS = {
     "TUP_PROTONUM": ("nf_conntrack_tuple", "dst.protonum"),
 }
 
-STAT_NAMES = ("ringbuf_deferred", "flows_created", "pending_full", "flow_insert_errors",
+STAT_NAMES = ("ringbuf_deferred", "flows_created", "flow_insert_errors",
               "reply_without_flow", "drops_seen", "counter_full", "reuse_lost")
 
 
@@ -89,7 +89,6 @@ class ProbeOptions:
     protos: Sequence[str] = ()                   # empty = all
     client_cidrs: Sequence[str] = ()
     flow_table_size: int = 65536
-    pending_size: int = 16384
     map_size: int = 4096
     ringbuf_pages: int = 512                     # 2 MiB with 4 KiB pages: 0.5 s of records at 20k flows/s
     drops: bool = True
@@ -115,7 +114,7 @@ def _tuple_len(family: int) -> int:
     return 4 if family == 4 else 16
 
 
-MAPS = ("flows", "pending", "mapping_ids", "free_ids", "mappings", "mapping_lat", "drops", "misses", "watch_ports", "local_addrs",
+MAPS = ("flows", "known", "mapping_ids", "free_ids", "mappings", "mapping_lat", "drops", "misses", "watch_ports", "local_addrs",
         "client_cidrs", "config", "stats", "events")
 
 
@@ -173,7 +172,7 @@ class Probe:
         else:
             defs.update({"TP_SKBADDR": 8, "TP_REASON": 36})   # program compiled but not attached
         o = self.opts
-        defs.update({"FLOW_TABLE_SIZE": o.flow_table_size, "PENDING_SIZE": o.pending_size,
+        defs.update({"FLOW_TABLE_SIZE": o.flow_table_size,
                      "MAP_SIZE": o.map_size, "RINGBUF_PAGES": o.ringbuf_pages,
                      "WAKE_EVERY": wake_every(o.ringbuf_pages, bpfsys.possible_cpus())})
         self.defines = defs
@@ -383,21 +382,26 @@ class Probe:
     def _raw_event(self, k, v) -> bytes:
         return bytes(k) + bytes(self._val_off - self._key_size) + bytes(v)
 
-    def take_pending(self, older_than_ns: Optional[int]) -> List[Optional[bytes]]:
-        """Claims unanswered flows queued before `older_than_ns` (None: all of them).
+    def take_pending(self, older_than_ns: Optional[int]) -> List[bytes]:
+        """Claims the flows still in `flows` that began before `older_than_ns` (None: all of
+        them): unanswered ones, and answered ones whose ring-buffer record was deferred.
 
-        Deleting the pending entry is the claim: the kernel reports a flow as answered only
-        if it can still delete that entry, so each flow is reported exactly once.
+        Deleting a flow's entry is the claim: the kernel reports a flow as answered only if it
+        can still delete that entry, so each flow is reported exactly once; the value comes
+        back with the delete (BPF_MAP_LOOKUP_AND_DELETE_ELEM), as it was at the claim. The
+        flow's conntrack entry goes to `known` first, so that its later packets (a late reply,
+        a retransmission) add to its mapping's counters and do not start a flow again.
         """
-        pending, flows = self.maps["pending"], self.maps["flows"]
+        flows, known = self.maps["flows"], self.maps["known"]
         out = []
-        for k, v in pending.items():
-            if older_than_ns is not None and v.value > older_than_ns:
-                continue
-            if not pending.delete(k):
-                continue          # answered meanwhile: the kernel reported it
-            val = flows.lookup(k)
-            out.append(self._raw_event(k, val) if val is not None else None)   # None: evicted
+        for k in list(flows.keys()):
+            v = flows.lookup(k)
+            if v is None or (older_than_ns is not None and v.first_ns > older_than_ns):
+                continue                  # reported meanwhile, or not yet due
+            known.update(ctypes.c_uint64(v.ct), ctypes.c_uint32(v.mapping_id))
+            claimed = flows.lookup_and_delete(k)
+            if claimed is not None:       # None: the kernel reported it meanwhile
+                out.append(self._raw_event(k, claimed))
         return out
 
     def read_misses(self):

@@ -128,8 +128,7 @@ def test_flows_in_flight_are_not_lost_until_the_end():
         drop_names = {}
 
         def read_stats(self):
-            return {"flows_created": 10, "flow_insert_errors": 0, "counter_full": 1,
-                    "pending_full": 2, "reuse_lost": 0}
+            return {"flows_created": 10, "flow_insert_errors": 2, "counter_full": 1, "reuse_lost": 1}
 
         def read_mappings(self):
             return []
@@ -138,10 +137,10 @@ def test_flows_in_flight_are_not_lost_until_the_end():
             return []
 
     b = object.__new__(NetfilterBackend)
-    b.probe, b.reported, b.evicted, b.finished, b.records = Probe(), 5, 1, False, True
-    assert b.counters()["lost"] == 2 + 1 + 1          # pending full, evicted, counter full
+    b.probe, b.reported, b.finished, b.records = Probe(), 5, False, True
+    assert b.counters()["lost"] == 2 + 1 + 1          # refused inserts, counter full, reuse lost
     b.finished = True
-    assert b.counters()["lost"] == (10 - 5) + 1
+    assert b.counters()["lost"] == (10 - 5) + 2 + 1
 
 
 def test_python_constants_match_events_h():
