@@ -34,7 +34,8 @@ def kernel_options(fn):
         click.option("--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True, metavar="S",
                      help="Report a flow as unanswered after S seconds without a reply."),
         click.option("--flow-table", type=click.IntRange(1024, 1 << 22), default=65536, show_default=True,
-                     help="Entries in the in-kernel flow table (LRU)."),
+                     help="Flows in flight the kernel can hold (started, not yet reported; more are "
+                          "refused and counted as lost), and reported connections it remembers (LRU)."),
         click.option("--ringbuf-kb", type=click.IntRange(16, 1 << 20), default=2048, show_default=True,
                      help="Ring buffer size for answered-flow records, KiB (rounded to a power of two)."),
         click.option("--no-drops", is_flag=True, help="Do not attach skb:kfree_skb (drop attribution)."),

@@ -3,8 +3,8 @@
 What it hands the session:
   * answered flows from the ring buffer (one record per flow, drained by its own thread
     when the kernel wakes it or every 250 ms so a stalled writer cannot make the kernel lose records);
-  * unanswered flows claimed from `pending` after --timeout (deleting the entry is the
-    claim, so each flow is reported exactly once);
+  * flows still in the flow table after --timeout, claimed with lookup-and-delete (deleting
+    the entry is the claim, so each flow is reported exactly once);
   * miss records: deltas of the in-kernel miss counters, once a second;
   * the kernel's per-mapping, drop and loss counters for the summary.
 """
@@ -79,7 +79,7 @@ class NetfilterBackend:
         return out
 
     def finish(self) -> FlowBatch:
-        """Everything still in the kernel: answered records in the ring, then every flow pending."""
+        """Everything still in the kernel: answered records in the ring, then every flow in the table."""
         self.drain.stop()
         raws = self.drain.take() + [self.probe.consume()]
         raws += self.probe.take_pending(None)
@@ -101,8 +101,8 @@ class NetfilterBackend:
             d = ev.decode_mapping(mk)
             d.update(reason=self.probe.drop_names.get(reason, f"REASON_{reason}"), count=int(count))
             drops.append(d)
-        # Every flow the kernel created must be reported once; the rest were lost (pending
-        # queue full, evicted before reported), and so are refused inserts and counters. While
+        # Every flow the kernel created must be reported once; the rest were lost (a deferred
+        # flow whose tuple was reused), and so are refused inserts and counters. While
         # tracing, flows still in flight are neither: only losses already certain are counted.
         errors = stats["flow_insert_errors"] + stats["counter_full"]
         if self.finished:
