@@ -4,6 +4,7 @@ One lab (module scope) with the nginx-hostport Deployment, a UDP pod and a hostN
 dual-stack. Each test starts `trace` as a user would, sends traffic with `lab traffic`,
 stops the tracer with SIGTERM and checks its JSON records against what was sent.
 """
+import concurrent.futures
 import ipaddress
 import json
 import os
@@ -196,6 +197,32 @@ def test_forward_drop_is_attributed_with_reason(tlab):
                for f in flows), flows
     m = [m for m in t.summary["mappings"] if m["host_port"] == 8000 and m["family"] == 4][0]
     assert m["drops"].get("NETFILTER_DROP", 0) >= 2 and m["answered"] == 0
+
+
+def test_a_reply_after_the_timeout_neither_starts_a_flow_nor_goes_uncounted(tlab):
+    """The pod's SYN-ACK is held back (dropped in the pod) past --timeout: the flow is reported
+    unanswered at the timeout, and the client's retransmitted SYN, the late SYN-ACK and the rest
+    of the connection add to the mapping's counters without starting a second (midstream) flow."""
+    pod = nginx(tlab)
+    hold = ["ip", "netns", "exec", pod.netns, "iptables", "-{}", "OUTPUT", "-p", "tcp", "--sport", "80",
+            "-j", "DROP"]
+    subprocess.run([a.format("A") for a in hold], check=True)
+    try:
+        with tracing("--lab", tlab.name, "--timeout", "1") as t:
+            with concurrent.futures.ThreadPoolExecutor(1) as ex:
+                fut = ex.submit(lab.traffic, tlab.name, to=8000, count=1, timeout=8.0, source_port=41555)
+                time.sleep(2.5)             # claimed after 1 s; the client retransmits its SYN at 1 s, 3 s
+                subprocess.run([a.format("D") for a in hold], check=True)
+                res = fut.result()
+            time.sleep(1.5)
+    finally:
+        subprocess.run([a.format("D") for a in hold], check=False, capture_output=True)
+    assert res["answered"] == 1, res
+    mine = [f for f in t.flows if f["client_port"] == 41555]
+    assert len(mine) == 1, mine
+    assert not mine[0]["answered"] and not mine[0]["midstream"], mine
+    m = [m for m in t.summary["mappings"] if m["host_port"] == 8000 and m["family"] == 4][0]
+    assert m["flows"] == 1 and m["packets"] > mine[0]["packets"] + 3, (m, mine)
 
 
 def test_conntrack_backend_sees_the_same_translation(tlab):
