@@ -155,8 +155,9 @@ def accounting(t: dict) -> dict:
     k = s.get("kernel") or {}
     w = t["wrk"]
     got = s["http_delivered"]
-    kernel_lost = int(s.get("lost_events") or 0) + int(k.get("pending_full") or 0) + \
-        int(k.get("flow_insert_errors") or 0)
+    # lost_events (the final summary) already holds the flows a full table refused
+    # (flow_insert_errors) and every flow created but never reported.
+    kernel_lost = int(s.get("lost_events") or 0)
     # wrk counts completed requests (+ errors); connections still open when it stops are not
     # counted, so the tracer may see up to `connections` more flows than that: never fewer.
     # The pod's kernel (TcpPassiveOpens) is the other witness: every connection it accepted
@@ -174,7 +175,6 @@ def accounting(t: dict) -> dict:
         "lost_events_exported": s.get("lost_events_exported"),
         "kernel_flows_created": k.get("flows_created"),
         "kernel_ringbuf_deferred": k.get("ringbuf_deferred"),
-        "kernel_pending_full": k.get("pending_full"),
         "kernel_flow_insert_errors": k.get("flow_insert_errors"),
         "unaccounted_vs_wrk": vs_wrk, "unaccounted_vs_server": vs_server,
         "unaccounted": max(vs_wrk, vs_server),

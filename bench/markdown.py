@@ -300,8 +300,9 @@ def method() -> List[str]:
             "* wrk sent = completed requests + socket errors; server accepted = TcpPassiveOpens in the pod's "
             "namespace. Unaccounted = the larger of (wrk sent - the tracer's flows for hostPort 8000) and "
             "(server accepted - those flows), never negative (wrk does not count the connections still open "
-            "when it stops; the tracer also counts SYNs that never completed). Lost = lost_events + pending_full + "
-            "flow_insert_errors (from the final summary; not available with --metrics) + unaccounted.",
+            "when it stops; the tracer also counts SYNs that never completed). Lost = lost_events (from the final summary: "
+            "flows a full table refused and flows created but never reported; not available with --metrics) + "
+            "unaccounted.",
             "* CPU per connection: machine busy time (/proc/stat: user, nice, system, irq, softirq of both CPUs) "
             "over the load, divided by wrk's completed requests (one connection each). The watcher's CPU: "
             "utime + stime from /proc/<pid>/stat across the load (10 ms ticks; the schedstat line has no "

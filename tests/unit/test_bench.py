@@ -24,7 +24,7 @@ def test_spread_quartiles_and_relative_spread():
 
 def _summary(flows, lost=0):
     return {"http_delivered": flows, "http_counted": flows, "http_answered": flows, "lost_events": lost,
-            "kernel": {"ringbuf_deferred": 0, "pending_full": 0, "flow_insert_errors": 0, "flows_created": flows},
+            "kernel": {"ringbuf_deferred": 0, "flow_insert_errors": 0, "flows_created": flows},
             "http_span_s": 5.0}
 
 
