@@ -14,6 +14,7 @@ import importlib
 import importlib.util
 import os
 import shutil
+import socket
 import sys
 from typing import Iterator, List, Optional
 
@@ -128,6 +129,48 @@ def local_addresses(ipr: IPRoute) -> List[str]:
         if addr and addr not in out:
             out.append(addr)
     return out
+
+
+# rtnetlink multicast groups of address changes (include/uapi/linux/rtnetlink.h)
+RTMGRP_IPV4_IFADDR = 0x10
+RTMGRP_IPV6_IFADDR = 0x100
+
+
+class AddressWatch:
+    """Tells whether the addresses of a namespace may have changed since the last call: a
+    netlink socket in the namespace, subscribed to address notifications (RTM_NEWADDR,
+    RTM_DELADDR), is read without blocking. Cheaper than dumping every address every second;
+    an overflowing socket (ENOBUFS) or a socket that cannot be made counts as a change."""
+
+    def __init__(self, name: Optional[str]):
+        self.sock: Optional[socket.socket] = None
+        try:
+            with entered(name):
+                sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK,
+                                     socket.NETLINK_ROUTE)
+            sock.bind((0, RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR))
+            self.sock = sock
+        except OSError:
+            self.sock = None
+
+    def changed(self) -> bool:
+        if self.sock is None:
+            return True
+        seen = False
+        while True:
+            try:
+                if not self.sock.recv(65536):
+                    return seen
+                seen = True
+            except BlockingIOError:
+                return seen
+            except OSError:              # ENOBUFS: notifications were lost
+                return True
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
 
 def current_netns_inode() -> int:

@@ -6,7 +6,7 @@
 
 The loop sleeps until something is due (a signal cuts the sleep short), hands answered flows
 and the flows that timed out over as one batch every 250 ms, and every second reads misses and the kernel's
-counters, refreshes the node's local addresses and the hostPorts to watch, and ticks the sinks
+counters, re-reads the node's addresses when the kernel announces a change, refreshes the hostPorts to watch, and ticks the sinks
 with the running summary.
 At the end every flow still in the kernel is reported, and the summary compares what the
 kernel counted with what was reported: the difference is lost_events, never silent.
@@ -136,6 +136,7 @@ class Session:
         self.started = time.monotonic()
         self.stop = _Stop()
         self.failure: Optional[UserError] = None     # a sink that failed (e.g. a full disk)
+        self.addrs_due = 0.0                         # when the node's addresses are re-read anyway
         self.ended: Optional[str] = None             # why tracing ended by itself
 
     # -- the pipeline ------------------------------------------------------------------------
@@ -195,6 +196,7 @@ class Session:
         check_ready_file(opts.ready_file)
         old = {sig: signal.signal(sig, self.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         ipr = netns_mod.open_iproute(opts.netns)
+        self.addr_watch = netns_mod.AddressWatch(opts.netns)
         try:
             how = backend.start(netns_mod.local_addresses(ipr))
             self.started = time.monotonic()
@@ -213,6 +215,7 @@ class Session:
                 signal.signal(sig, handler)
             backend.close()
             ipr.close()
+            self.addr_watch.close()
         if self.ended:
             print(f"note: {self.ended}", file=self.err, flush=True)
         self._each("close", summary)
@@ -264,7 +267,12 @@ class Session:
             return
         self._misses(self.backend.misses())
         self.enrich.forget()
-        self.backend.set_local_addrs(netns_mod.local_addresses(ipr))
+        # The node's addresses: re-read when the kernel announces a change (and every 30 s in
+        # any case), not dumped every second.
+        now = time.monotonic()
+        if self.addr_watch.changed() or now >= self.addrs_due:
+            self.addrs_due = now + 30.0
+            self.backend.set_local_addrs(netns_mod.local_addresses(ipr))
         if self.watch and not self.opts.host_ports:
             # pods come and go (API watch, CRI): watch the hostPorts of new ones too
             new = set(self.index.host_ports()) - set(self.watch)

@@ -260,6 +260,8 @@ class RingBuffer:
 
     def __init__(self, fd: int, size: int):
         self.fd = fd
+        self._ep = None
+        self._also: set = set()
         self.size = size
         self.mask = size - 1
         self.page = mmap.PAGESIZE
@@ -268,10 +270,22 @@ class RingBuffer:
 
     def wait(self, timeout_s: float, also: Tuple[int, ...] = ()) -> None:
         """Sleeps until the kernel wakes readers of the ring (a record submitted with a wake-up),
-        one of the `also` descriptors is readable, or timeout_s passes."""
+        one of the `also` descriptors is readable, or timeout_s passes.
+
+        Edge-triggered: a ring buffer's fd polls readable for as long as any record is unread,
+        so a level-triggered poll would return at once after every partial drain and the reader
+        would spin, taking a few records per turn. With EPOLLET only the kernel's wake-ups end
+        the sleep."""
         import select
         try:
-            select.select([self.fd, *also], [], [], timeout_s)
+            if self._ep is None:
+                self._ep = select.epoll()
+                self._ep.register(self.fd, select.EPOLLIN | select.EPOLLET)
+            for fd in also:
+                if fd not in self._also:
+                    self._ep.register(fd, select.EPOLLIN)
+                    self._also.add(fd)
+            self._ep.poll(timeout_s)
         except (OSError, ValueError):    # closed meanwhile
             pass
 
@@ -322,6 +336,9 @@ class RingBuffer:
         return payload
 
     def close(self) -> None:
+        if self._ep is not None:
+            self._ep.close()
+            self._ep = None
         for m in (self.cons, self.prod):
             m.close()
 

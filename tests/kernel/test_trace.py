@@ -9,6 +9,7 @@ import ipaddress
 import json
 import os
 import subprocess
+import sys
 import time
 
 import pytest
@@ -223,6 +224,31 @@ def test_a_reply_after_the_timeout_neither_starts_a_flow_nor_goes_uncounted(tlab
     assert not mine[0]["answered"] and not mine[0]["midstream"], mine
     m = [m for m in t.summary["mappings"] if m["host_port"] == 8000 and m["family"] == 4][0]
     assert m["flows"] == 1 and m["packets"] > mine[0]["packets"] + 3, (m, mine)
+
+
+def test_an_address_the_node_gains_while_tracing_is_watched(tlab):
+    """The node's addresses are re-read when the kernel announces a change (not dumped every
+    second): a hostPort reached through an address added after the start is traced."""
+    ns, client = tlab.node_netns, tlab.clients[0]["netns"]
+    links = json.loads(subprocess.run(["ip", "-n", ns, "-j", "addr"], capture_output=True, text=True,
+                                      check=True).stdout)
+    dev, plen = next((ln["ifname"], a["prefixlen"]) for ln in links for a in ln.get("addr_info", [])
+                     if a.get("local") == tlab.node_ip)
+    new_ip = str(ipaddress.ip_interface(f"{tlab.node_ip}/{plen}").network.network_address + 77)
+    with tracing("--lab", tlab.name, "--timeout", "1") as t:
+        subprocess.run(["ip", "-n", ns, "addr", "add", f"{new_ip}/{plen}", "dev", dev], check=True)
+        try:
+            time.sleep(1.5)                   # the next once-a-second turn sees the change
+            got = subprocess.run(
+                ["ip", "netns", "exec", client, sys.executable, "-c",
+                 "import socket,sys; s=socket.create_connection((sys.argv[1], 8000), 3); "
+                 "s.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); print(len(s.recv(100)))", new_ip],
+                capture_output=True, text=True, timeout=10)
+        finally:
+            subprocess.run(["ip", "-n", ns, "addr", "del", f"{new_ip}/{plen}", "dev", dev], check=False)
+    assert got.returncode == 0 and int(got.stdout) > 0, got.stderr
+    mine = [f for f in t.flows if f["node_ip"] == new_ip]
+    assert len(mine) == 1 and mine[0]["answered"] and mine[0]["host_port"] == 8000, t.flows
 
 
 def test_conntrack_backend_sees_the_same_translation(tlab):

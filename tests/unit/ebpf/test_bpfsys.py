@@ -60,7 +60,7 @@ def test_ring_buffer_fixed_size_records_in_one_read():
     page, size, rec = mmap.PAGESIZE, 4096, 20
     stride = (rec + 8 + 7) // 8 * 8
     rb = object.__new__(bpfsys.RingBuffer)
-    rb.size, rb.mask, rb.page = size, size - 1, page
+    rb.size, rb.mask, rb.page, rb._ep, rb._also = size, size - 1, page, None, set()
     rb.cons, rb.prod = mmap.mmap(-1, page), mmap.mmap(-1, page + 2 * size)
     headers = [rec, rec | bpfsys.BPF_RINGBUF_DISCARD_BIT, rec, rec | bpfsys.BPF_RINGBUF_BUSY_BIT, rec]
     for i, hdr in enumerate(headers):
