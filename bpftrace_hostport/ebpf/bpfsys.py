@@ -154,11 +154,13 @@ class BpfMap:
         struct.pack_into("<IIQQQ", attr, 0, self.fd, 0, ctypes.addressof(kbuf), val_addr, flags)
         return attr, kbuf
 
-    def lookup_raw(self, key: bytes) -> Optional[bytes]:
+    def lookup_raw(self, key: bytes, cmd: int = BPF_MAP_LOOKUP_ELEM) -> Optional[bytes]:
+        """The value's bytes, or None when the key is not there; `cmd` may also be
+        BPF_MAP_LOOKUP_AND_DELETE_ELEM."""
         vbuf = ctypes.create_string_buffer(self._vbuf_size)
         attr, _k = self._attr(key, ctypes.addressof(vbuf))
         try:
-            sys_bpf(BPF_MAP_LOOKUP_ELEM, attr)
+            sys_bpf(cmd, attr)
         except BpfError as e:
             if e.errno == errno.ENOENT:
                 return None
@@ -187,15 +189,8 @@ class BpfMap:
         is not there: the atomic claim of an entry that someone else may delete too."""
         if self.percpu:
             raise ValueError("lookup_and_delete of a per-CPU map is not used here")
-        vbuf = ctypes.create_string_buffer(self._vbuf_size)
-        attr, _k = self._attr(bytes(key), ctypes.addressof(vbuf))
-        try:
-            sys_bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, attr)
-        except BpfError as e:
-            if e.errno == errno.ENOENT:
-                return None
-            raise
-        return self.Leaf.from_buffer_copy(vbuf.raw)
+        raw = self.lookup_raw(bytes(key), BPF_MAP_LOOKUP_AND_DELETE_ELEM)
+        return None if raw is None else self.Leaf.from_buffer_copy(raw)
 
     def push(self, value) -> None:
         """Adds a value to a queue or stack map (no key: bpf_attr.key is NULL)."""
