@@ -167,8 +167,11 @@ class Session:
                 self.failure = self.failure or e
                 self.stop.flag = True
 
-    def summary(self, latency: bool = True, counters: Optional[dict] = None) -> dict:
-        c = self.backend.counters() if counters is None else counters
+    def summary(self, latency: bool = True) -> dict:
+        """The running (or final) summary, from the kernel's counters read now; the sinks get
+        those raw counters first (kernel_counters)."""
+        c = self.backend.counters()
+        self._each("kernel_counters", c)
         misses = [{"proto": p, "family": f, "host_port": hp, "count": n}
                   for (p, f, hp), n in self.miss_totals.items()]
         s = summarize(self.agg, misses, c.get("mappings"), c.get("drops"),
@@ -207,9 +210,7 @@ class Session:
             self._loop(ipr)
             self._flows(backend.finish())
             self._misses(backend.misses())
-            c = backend.counters()
-            self._each("kernel_counters", c)
-            summary = self.summary(counters=c)
+            summary = self.summary()
         finally:
             for sig, handler in old.items():
                 signal.signal(sig, handler)
@@ -281,9 +282,7 @@ class Session:
                 self.watch += sorted(new)
         ticking = [s for s in self.sinks if type(s).tick is not Sink.tick]
         if ticking:
-            c = self.backend.counters()
-            self._each("kernel_counters", c)
-            self._each("tick", self.summary(latency=any(s.tick_latency for s in ticking), counters=c))
+            self._each("tick", self.summary(latency=any(s.tick_latency for s in ticking)))
 
     def _snapshots(self) -> None:
         """What a review needs once the node is gone: the pods and the node's hostPort rules."""

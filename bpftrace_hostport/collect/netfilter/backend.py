@@ -26,7 +26,6 @@ class NetfilterBackend:
     def __init__(self, opts, watch: List[Tuple[str, int]]):
         from bpftrace_hostport.collect.netfilter.probe import Probe, ProbeOptions   # BTF, syscalls
         self.opts = opts
-        self.records = opts.flow_records
         self.probe = Probe(ProbeOptions(
             netns=opts.netns, watch_ports=watch, protos=opts.protos, client_cidrs=opts.client_cidrs,
             flow_table_size=opts.flow_table_size, ringbuf_pages=opts.ringbuf_pages, drops=opts.drops,
@@ -112,7 +111,7 @@ class NetfilterBackend:
         # answered/latency_*: flows the kernel claimed at their first reply. With records they
         # are also among the reported flows; without, they are exactly the ones not reported.
         return {"mappings": mappings, "drops": drops, "kernel": stats, "lost": lost,
-                "reported": self.reported, "answered_in_kernel_only": not self.records}
+                "reported": self.reported, "answered_in_kernel_only": not self.opts.flow_records}
 
     def close(self) -> None:
         if self.drain is not None:

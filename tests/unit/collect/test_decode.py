@@ -137,7 +137,8 @@ def test_flows_in_flight_are_not_lost_until_the_end():
             return []
 
     b = object.__new__(NetfilterBackend)
-    b.probe, b.reported, b.finished, b.records = Probe(), 5, False, True
+    b.probe, b.reported, b.finished = Probe(), 5, False
+    b.opts = SimpleNamespace(flow_records=True)
     assert b.counters()["lost"] == 2 + 1 + 1          # refused inserts, counter full, reuse lost
     b.finished = True
     assert b.counters()["lost"] == (10 - 5) + 2 + 1
