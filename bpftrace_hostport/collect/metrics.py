@@ -116,8 +116,15 @@ class _Series:
         return before != (self.flows, self.packets, self.bytes, sum(self.drops.values()))
 
 
+def _series_key(m: dict) -> Key:
+    """The series of a summary's (or the kernel's) mapping record."""
+    return (str(m["proto"]).lower(), str(int(m["host_port"])), str(m["pod_ip"]),
+            str(int(m.get("pod_port") or 0)))
+
+
 class MetricsSink(Sink):
-    tick_latency = False      # latency comes from the flows' histogram, not the summary
+    tick_latency = False      # latency comes from histograms (kernel, batches), not the summary
+
     def __init__(self, node: str, listen: str = "127.0.0.1:9469", *, grace_s: float = 300.0,
                  max_series: int = 10000, clock=time.monotonic):
         self.node, self.grace_s, self.max_series, self.clock = node, grace_s, max_series, clock
@@ -240,8 +247,7 @@ class MetricsSink(Sink):
             for m in summary.get("mappings") or ():
                 if m.get("pod_ip") is None:          # misses only: no DNAT, no flow series
                     continue
-                key = (str(m["proto"]).lower(), str(int(m["host_port"])), str(m["pod_ip"]),
-                       str(int(m.get("pod_port") or 0)))
+                key = _series_key(m)
                 s = self.series.get(key) or self.retired.get(key) or _Series()
                 # an unchanged total is the summary repeating itself, not a sign of life;
                 # over the cap a new mapping is skipped here and counted when its flows arrive
@@ -259,9 +265,7 @@ class MetricsSink(Sink):
             hist = m.get("latency_hist")
             if hist is None or m.get("pod_ip") is None:
                 continue
-            key = (str(m["proto"]).lower(), str(int(m["host_port"])), str(m["pod_ip"]),
-                   str(int(m.get("pod_port") or 0)))
-            fresh[key] = (int(m.get("answered") or 0), np.asarray(hist, np.int64),
+            fresh[_series_key(m)] = (int(m.get("answered") or 0), np.asarray(hist, np.int64),
                           float(m.get("latency_sum_s") or 0.0))
         with self.lock:
             self.additive = bool(counters.get("answered_in_kernel_only"))
