@@ -49,7 +49,7 @@ START = "    void *skb = *(void **)((char *)ctx + NF_CTX_SKB);\n"
 # (section, what it covers, anchor in hostport.bpf.c, marker placed "before" or "after" it)
 SECTIONS = [
     (0, "known flow's packet: known lookup + counters (hot path)",
-     "            mapping_add(*id, 0, len);\n            return 1;\n        }\n    }\n\n    u32 status", "mid"),
+     "        if (count_known(ctkey, len)) {\n            return 1;\n        }\n    }\n\n    u32 status", "mid"),
     (1, "not known: the known lookup that missed",
      "    u32 status = 0;\n    bpf_probe_read_kernel(&status, sizeof(status), (char *)ct + CT_STATUS);\n"
      "    if (ctinfo == IP_CT_NEW) {", "before"),

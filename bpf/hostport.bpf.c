@@ -60,7 +60,7 @@ BPF_HASH(flows, struct flow_key, struct flow_val, FLOW_TABLE_SIZE);
  * entry is recognised by its first packet (IP_CT_NEW, not yet confirmed), which drops it.
  * User space adds the flows it reports after the timeout. */
 BPF_F_TABLE("lru_hash", u64, u32, known, FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
-/* Per-mapping counters: a mapping gets a small id once (mapping_ids, mapping_next) and its
+/* Per-mapping counters: a mapping gets a small id once (mapping_ids, free_ids) and its
  * counters live in a per-CPU array slot, so a packet adds to them with one array access (which
  * the verifier inlines) instead of hashing a 24-byte key. `known` keeps the id of each flow. */
 BPF_HASH(mapping_ids, struct mapping_key, u32, MAP_SIZE);
@@ -257,6 +257,17 @@ static __always_inline void count_miss(struct flow_key *k, u8 hook)
     mv->last_ns = bpf_ktime_get_ns();
 }
 
+/* A packet of a reported flow: added to its mapping's counters (1), or 0 when its conntrack
+ * entry is not in `known`. */
+static __always_inline int count_known(u64 ctkey, u32 len)
+{
+    u32 *id = known.lookup(&ctkey);
+    if (!id)
+        return 0;
+    mapping_add(*id, 0, len);
+    return 1;
+}
+
 /* The latency bucket of a first reply: the first bound (µs) the latency does not exceed. */
 static __always_inline u32 latency_bucket(u64 ns)
 {
@@ -346,9 +357,7 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
     u32 len = *(u32 *)((char *)skb + SKB_LEN);
     if (ctinfo == IP_CT_ESTABLISHED || ctinfo == IP_CT_ESTABLISHED_REPLY) {
         /* The hot path: a packet of a flow already answered and reported. */
-        u32 *id = known.lookup(&ctkey);
-        if (id) {
-            mapping_add(*id, 0, len);
+        if (count_known(ctkey, len)) {
             return 1;
         }
     }
@@ -361,11 +370,8 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
         } else {
             /* A retransmitted first packet (or a UDP request before any reply) of a flow
              * user space reported after the timeout: its counters, as on the hot path. */
-            u32 *id = known.lookup(&ctkey);
-            if (id) {
-                mapping_add(*id, 0, len);
+            if (count_known(ctkey, len))
                 return 1;
-            }
         }
     }
 
