@@ -22,6 +22,7 @@ from bpftrace_hostport.records import recording
 from bpftrace_hostport.records.anonymize import Anonymizer
 from bpftrace_hostport.records.reader import iter_flow_batches, load
 from bpftrace_hostport.records.recording import RecordingWriter
+from tests.samples import flow
 
 REPO = Path(__file__).resolve().parents[3]
 HEADER = {"type": "capture", "schema": 2, "tool": "bpftrace-hostport test", "backend": "netfilter",
@@ -29,17 +30,6 @@ HEADER = {"type": "capture", "schema": 2, "tool": "bpftrace-hostport test", "bac
           "options": {"host_ports": ["8000/tcp"], "protos": ["tcp"], "clients": ["10.1.0.0/16"],
                       "timeout_s": 5.0},
           "measures": {"latency": True, "packets": True, "misses": True, "drops": True}}
-
-
-def flow(**kw):
-    rec = {"type": "flow", "ts": "2026-01-01T00:00:01.123456Z", "proto": "tcp", "family": 4,
-           "client_ip": "10.1.2.3", "client_port": 40000, "node_ip": "192.168.1.2", "host_port": 8000,
-           "pod_ip": "10.22.0.5", "pod_port": 80, "hook": "prerouting", "answered": True,
-           "latency_us": 123.4, "midstream": False, "masqueraded": False, "snat_ip": None,
-           "packets": 4, "bytes": 400, "pod_namespace": "default", "pod_name": "web-0",
-           "port_name": "http", "drop_reason": None}
-    rec.update(kw)
-    return rec
 
 
 SAMPLE = [
