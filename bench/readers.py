@@ -78,7 +78,8 @@ def recording(path: Path) -> Optional[dict]:
     first = last = None
     with pa.OSFile(str(path)) as f:
         for rb in pa.ipc.open_stream(f):
-            kind = rb.column("record").dictionary_decode()
+            col = rb.column("record")            # dictionary-encoded up to schema 2
+            kind = col.dictionary_decode() if pa.types.is_dictionary(col.type) else col
             flows = pc.and_(pc.equal(kind, "flow"), pc.equal(rb.column("host_port"), HTTP_HOST_PORT))
             k = pc.sum(flows).as_py() or 0
             if k:

@@ -170,8 +170,8 @@ def run(netns, lab_name, duration, host_ports_, protos, clients, pod_files, pods
 @contextlib.contextmanager
 def keep_pandas_out():
     """While tracing, `import pandas` fails: the tracer never needs it (offline analysis does),
-    but pyarrow imports it on its first pa.array() whenever it is installed, about 30 MB of RSS
-    on a busy node for nothing; told it is absent, pyarrow carries on without it."""
+    and a library that imports it whenever it is installed (pyarrow does, on its first array)
+    would cost about 30 MB of RSS on a busy node for nothing."""
     guard = _NoPandas() if "pandas" not in sys.modules else None
     if guard is not None:
         sys.meta_path.insert(0, guard)

@@ -244,49 +244,33 @@ class FlowBatch:
         return out
 
     def to_arrow(self):
-        """The batch as an Arrow record batch in the recording's schema (rows of kind "flow")."""
-        import pyarrow as pa
-        from ..records.schema import recording_schema
-        schema = recording_schema()
+        """The batch as rows of kind "flow" in the recording's columns: a nanoarrow array
+        (records/arrowout.py); pyarrow.record_batch() takes it as it is."""
+        from ..records import arrowout as ao
         c = self.cols
-        n = len(self)
-
-        def addr_col(name):
-            return pa.FixedSizeBinaryArray.from_buffers(
-                pa.binary(16), n, [None, pa.py_buffer(np.ascontiguousarray(c[name]).tobytes())])
-
-        def dict_col(idx, values):
-            idx = np.ascontiguousarray(idx, dtype=np.int32)
-            return pa.DictionaryArray.from_arrays(
-                pa.array(idx, mask=idx < 0), pa.array(list(values), pa.string()))
-
-        def opt_int(col):
-            v = c[col]
-            return pa.array(np.where(v < 0, 0, v).astype(np.uint64), mask=v < 0)
-
         pods = self.pods
-        arrays = {
-            "record": pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int8)),
-                                                     pa.array(["flow"])),
-            "ts": pa.array(c["ts_ns"], pa.int64()).cast(pa.timestamp("ns", tz="UTC")),
-            "proto": pa.array(c["proto"]), "family": pa.array(c["family"]),
-            "hook": pa.array(c["hook"]),
-            "client_addr": addr_col("client_addr"), "client_port": pa.array(c["client_port"]),
-            "node_addr": addr_col("node_addr"), "host_port": pa.array(c["host_port"]),
-            "pod_addr": addr_col("pod_addr"), "pod_port": pa.array(c["pod_port"]),
-            "answered": pa.array(c["answered"]), "midstream": pa.array(c["midstream"]),
-            "masqueraded": pa.array(c["masqueraded"], mask=~c["masq_known"]),
-            "snat_addr": addr_col("snat_addr"),
-            "latency_us": pa.array(c["latency_us"], mask=np.isnan(c["latency_us"])),
+
+        def opt_int(name):
+            v = c[name]
+            return ao.column(name, np.where(v < 0, 0, v).astype(np.uint64), v >= 0)
+
+        def text(name, codes, values):
+            return ao.column(name, *ao.strings(codes, values))
+
+        cols = {name: ao.column(name, c[name]) for name in (
+            "proto", "family", "hook", "client_addr", "client_port", "node_addr", "host_port",
+            "pod_addr", "pod_port", "answered", "midstream", "snat_addr")}
+        cols.update({
+            "ts": ao.column("ts", c["ts_ns"]),
+            "masqueraded": ao.column("masqueraded", c["masqueraded"], c["masq_known"]),
+            "latency_us": ao.column("latency_us", c["latency_us"], ~np.isnan(c["latency_us"])),
             "packets": opt_int("packets"), "bytes": opt_int("bytes"),
-            "pod_namespace": dict_col(_pod_field(c["pod"], pods, 0), _values(pods, 0)),
-            "pod_name": dict_col(_pod_field(c["pod"], pods, 1), _values(pods, 1)),
-            "port_name": dict_col(_pod_field(c["pod"], pods, 2), _values(pods, 2)),
-            "drop_reason": dict_col(c["drop"], self.drop_reasons),
-            "count": pa.nulls(n, pa.uint64()),
-            "payload": pa.nulls(n, pa.string()),
-        }
-        return pa.RecordBatch.from_arrays([arrays[f.name] for f in schema], schema=schema)
+            "pod_namespace": text("pod_namespace", _pod_field(c["pod"], pods, 0), _values(pods, 0)),
+            "pod_name": text("pod_name", _pod_field(c["pod"], pods, 1), _values(pods, 1)),
+            "port_name": text("port_name", _pod_field(c["pod"], pods, 2), _values(pods, 2)),
+            "drop_reason": text("drop_reason", c["drop"], self.drop_reasons),
+        })
+        return ao.batch("flow", len(self), cols)
 
 
 def _intern(table: list, value) -> int:

@@ -26,11 +26,11 @@ import numpy as np
 import orjson
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from bpftrace_hostport import proto as protomod
-from bpftrace_hostport.collect.batch import FlowBatch, ns_to_iso, unpack_addr
+from bpftrace_hostport.collect.batch import ADDR, FlowBatch, ns_to_iso, unpack_addr
 from bpftrace_hostport.errors import UserError
-from bpftrace_hostport.records.anonymize import ADDR, distinct_addrs
 from bpftrace_hostport.records import check
 from bpftrace_hostport.records.capture import Capture
 from bpftrace_hostport.records.schema import (
@@ -74,7 +74,7 @@ def iter_flow_batches(path: str, notes: Optional[List[str]] = None) -> Iterator[
             if kind == "flow":
                 lines.columns(kind, recs, nums)           # validated before conversion
                 try:
-                    yield FlowBatch.from_records(recs).to_arrow()
+                    yield pa.record_batch(FlowBatch.from_records(recs).to_arrow())
                 except (ValueError, OSError):             # an address that is not one
                     raise UserError(f"{path} holds a flow that cannot be converted between lines "
                                     f"{nums[0]} and {nums[-1]}; {check.FIX}.") from None
@@ -217,7 +217,7 @@ def _stream(name: str, src, notes: List[str]) -> Iterator[pa.RecordBatch]:
             # damaged on disk must end the file here, never crash the reader (or the process).
             batch.validate(full=True)
             read += batch.num_rows
-            yield batch
+            yield _plain(batch)
     except StopIteration:
         return
     except (pa.ArrowException, OSError, ValueError, UnicodeDecodeError, IndexError, OverflowError):
@@ -237,13 +237,25 @@ def _check_schema(name: str, schema: pa.Schema) -> None:
                         f"this one reads up to {SCHEMA_VERSION}); upgrade to read it.")
 
 
+def _plain(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """Schema 2 wrote the strings dictionary-encoded: decoded here, every batch has the plain
+    strings of schema 3."""
+    if not any(pa.types.is_dictionary(f.type) for f in batch.schema):
+        return batch
+    cols = [c.dictionary_decode() if pa.types.is_dictionary(c.type) else c for c in batch.columns]
+    schema = pa.schema([f.with_type(c.type) for f, c in zip(batch.schema, cols)],
+                       metadata=batch.schema.metadata)
+    return pa.RecordBatch.from_arrays(cols, schema=schema)
+
+
 def _kinds(batch: pa.RecordBatch) -> List[Tuple[str, pa.RecordBatch]]:
     """(kind, rows of that kind): the writer makes one kind per batch; others are split."""
     col = batch.column(0)
-    kinds = col.dictionary.to_pylist()
-    if len(kinds) == 1:
+    enc = col.dictionary_encode()
+    kinds = enc.dictionary.to_pylist()
+    if len(kinds) == 1 and col.null_count == 0:
         return [(kinds[0], batch)]
-    idx = col.indices.to_numpy(zero_copy_only=False)
+    idx = enc.indices.fill_null(-1).to_numpy(zero_copy_only=False)
     return [(k, batch.filter(pa.array(idx == i))) for i, k in enumerate(kinds) if (idx == i).any()]
 
 
@@ -293,8 +305,8 @@ def _arrow_columns(kind: str, t: pa.Table) -> dict:
             cols[f.name] = col.cast(pa.int64()).fill_null(0).to_numpy()
         elif pa.types.is_fixed_size_binary(col.type):
             cols[f.name] = _addr_text(_v16(col), fam)
-        elif pa.types.is_dictionary(col.type):
-            cols[f.name] = _dict_text(col)
+        elif pa.types.is_string(col.type):
+            cols[f.name] = col.to_numpy(zero_copy_only=False).astype(object)
         elif pa.types.is_integer(col.type) and f.nullable:
             values = col.fill_null(0).cast(pa.int64(), safe=False).to_numpy()
             cols[f.name] = pd.arrays.IntegerArray(values, col.is_null().to_numpy(zero_copy_only=False))
@@ -317,11 +329,17 @@ def _addr_text(addrs: np.ndarray, fams: np.ndarray) -> np.ndarray:
     return np.array([unpack_addr(raw, fam) for raw, fam in uniq] + [None], dtype=object)[inv]
 
 
-def _dict_text(col: pa.ChunkedArray) -> np.ndarray:
-    """Dictionary-encoded strings (a dictionary per batch) -> str/None."""
-    parts = [np.array(c.dictionary.to_pylist() + [None], dtype=object)[
-        c.indices.fill_null(-1).to_numpy(zero_copy_only=False)] for c in col.chunks]
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=object)
+def distinct_addrs(addrs: np.ndarray, families: np.ndarray) -> Tuple[List[Tuple[bytes, int]], np.ndarray]:
+    """The distinct (16 address bytes, family) pairs of a column and each row's index into them.
+    Arrow's hash kernel does it (50x faster than numpy's sort-based unique on 1M rows); used by
+    the reader, which turns each distinct address into text once."""
+    n = len(addrs)
+    keys = np.empty(n, dtype=[("a", ADDR), ("f", "u1")])      # 17 packed bytes per row
+    keys["a"], keys["f"] = addrs, families
+    enc = pc.dictionary_encode(pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(17), n, [None, pa.py_buffer(keys.tobytes())]))
+    uniq = [(v[:16], v[16]) for v in enc.dictionary.to_pylist()]
+    return uniq, enc.indices.to_numpy(zero_copy_only=False).astype(np.intp, copy=False)
 
 
 def _frame(kind: str, cols: dict) -> pd.DataFrame:

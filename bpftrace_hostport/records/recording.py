@@ -1,7 +1,7 @@
 """The recording writer (`trace --record`, `agent --record-dir`): an Arrow IPC stream.
 
-Rows are schema.recording_schema(); each write_* call is one record batch of one `record`
-kind. Every file starts with a `meta` row (the capture header plus `file_index`, and
+Rows are schema.RECORDING_COLUMNS, built and written with nanoarrow (records/arrowout.py);
+each write_* call is one record batch of one `record` kind. Every file starts with a `meta` row (the capture header plus `file_index`, and
 `anonymized` when client addresses are pseudonyms), then the latest `pods` and `rules`
 snapshots, so each file stands alone; it ends with an `end` row holding the file's own
 counts ({"rows", "flows", "misses", "files", "rotated"}), so a file without one reads as cut.
@@ -31,17 +31,15 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import orjson
-import pyarrow as pa
 
 from bpftrace_hostport import proto as protomod
 from bpftrace_hostport.collect.batch import ADDR, FlowBatch, iso_to_ns, pack_addr
 from bpftrace_hostport.errors import UserError
+from bpftrace_hostport.records import arrowout as ao
 from bpftrace_hostport.records.anonymize import Anonymizer
-from bpftrace_hostport.records.schema import recording_schema
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 SNAPSHOT_KINDS = ("pods", "rules")
-_TS = pa.timestamp("ns", tz="UTC")
 
 
 def _open_file(path: str):
@@ -63,11 +61,10 @@ class RecordingWriter:
         self.max_size, self.max_files = max_size, max_files
         self.anonymizer = Anonymizer(anonymize_key) if anonymize_key is not None else None
         self.header = self._header(header)
-        self.schema = recording_schema()
         self.paths: List[str] = (sorted(_dir_files(path)) if self.directory else [])
         self.path = ""
         self.rows_written = self.flows_written = self.misses_written = self.files = 0
-        self._snapshots: Dict[str, pa.RecordBatch] = {}
+        self._snapshots: Dict[str, object] = {}       # kind -> its latest row
         self._file = self._stream = None
         self._closed = False
         self._open_next()
@@ -79,7 +76,7 @@ class RecordingWriter:
         if self.anonymizer is not None:       # a copy: the caller's batch feeds other sinks
             client = self.anonymizer.map_column(batch["client_addr"], batch["family"])
             batch = FlowBatch(dict(batch.cols, client_addr=client), batch.pods, batch.drop_reasons)
-        self._append(batch.to_arrow(), flows=len(batch))
+        self._append(batch.to_arrow(), len(batch), flows=len(batch))
 
     def write_misses(self, misses: List[dict]) -> None:
         if self._closed or not misses:
@@ -90,15 +87,15 @@ class RecordingWriter:
             client = self.anonymizer.map_column(client, fam)
         hooks = [protomod.hook_number(m.get("hook") or "prerouting") for m in misses]
         cols = {
-            "ts": pa.array([iso_to_ns(m["ts"]) for m in misses], pa.int64()).cast(_TS),
-            "proto": pa.array([protomod.number(m["proto"]) for m in misses], pa.uint8()),
-            "family": pa.array(fam), "hook": pa.array(hooks, pa.uint8()),
-            "client_addr": _addr_array(client),
-            "node_addr": _addr_array(_addrs(m["node_ip"] for m in misses)),
-            "host_port": pa.array([m["host_port"] for m in misses], pa.uint16()),
-            "count": pa.array([m["count"] for m in misses], pa.uint64()),
+            "ts": ao.column("ts", np.array([iso_to_ns(m["ts"]) for m in misses], np.int64)),
+            "proto": ao.column("proto", np.array([protomod.number(m["proto"]) for m in misses], np.uint8)),
+            "family": ao.column("family", fam), "hook": ao.column("hook", np.array(hooks, np.uint8)),
+            "client_addr": ao.column("client_addr", client),
+            "node_addr": ao.column("node_addr", _addrs(m["node_ip"] for m in misses)),
+            "host_port": ao.column("host_port", np.array([m["host_port"] for m in misses], np.uint16)),
+            "count": ao.column("count", np.array([m["count"] for m in misses], np.uint64)),
         }
-        self._append(_rows("miss", len(misses), cols), misses=len(misses))
+        self._append(ao.batch("miss", len(misses), cols), len(misses), misses=len(misses))
 
     def write_snapshot(self, kind: str, items: List[dict]) -> None:
         if kind not in SNAPSHOT_KINDS:
@@ -106,11 +103,11 @@ class RecordingWriter:
         if self._closed:
             return
         self._snapshots[kind] = _payload_row(kind, {"items": items})     # repeated at rotation
-        self._append(self._snapshots[kind])
+        self._append(self._snapshots[kind], 1)
 
     def write_summary(self, summary: dict) -> None:
         if not self._closed:
-            self._append(_payload_row("summary", summary))
+            self._append(_payload_row("summary", summary), 1)
 
     def flush(self) -> None:
         if not self._closed:
@@ -146,20 +143,20 @@ class RecordingWriter:
         self.path = self._next_path()
         with self._guard("create"):
             self._file = _open_file(self.path)
-            self._stream = pa.ipc.new_stream(self._file, self.schema)
+            self._stream = ao.StreamWriter(self._file)
         self.paths.append(self.path)
         self.files += 1
         self._rows = self._flows = self._misses = 0
         self._good = 0                        # the offset after the last complete batch
-        self._write(_payload_row("meta", dict(self.header, file_index=self.files - 1)))
+        self._write(_payload_row("meta", dict(self.header, file_index=self.files - 1)), 1)
         for rb in self._snapshots.values():
-            self._write(rb)
+            self._write(rb, 1)
         self._prune()
 
     def _finish(self, rotated: bool) -> None:
         self._write(_payload_row("end", {"rows": self._rows, "flows": self._flows,
                                          "misses": self._misses, "files": self.files,
-                                         "rotated": rotated}))
+                                         "rotated": rotated}), 1)
         with self._guard():
             self._stream.close()              # the end-of-stream marker
             os.fsync(self._file.fileno())
@@ -173,8 +170,8 @@ class RecordingWriter:
                 pass                          # gone already, or not ours to delete
 
     # -- batches ------------------------------------------------------------------------------
-    def _append(self, rb: pa.RecordBatch, flows: int = 0, misses: int = 0) -> None:
-        self._write(rb)
+    def _append(self, rb, rows: int, flows: int = 0, misses: int = 0) -> None:
+        self._write(rb, rows)
         self._flows += flows
         self._misses += misses
         self.flows_written += flows
@@ -183,13 +180,13 @@ class RecordingWriter:
             self._finish(rotated=True)
             self._open_next()
 
-    def _write(self, rb: pa.RecordBatch) -> None:
+    def _write(self, rb, rows: int) -> None:
         with self._guard():
-            self._stream.write_batch(rb)
+            self._stream.write(rb)
             self._file.flush()
             self._good = self._file.tell()
-        self._rows += rb.num_rows
-        self.rows_written += rb.num_rows
+        self._rows += rows
+        self.rows_written += rows
 
     @contextmanager
     def _guard(self, doing: str = "write"):
@@ -217,28 +214,14 @@ class RecordingWriter:
 
 
 # -- row builders -----------------------------------------------------------------------------
-def _rows(kind: str, n: int, columns: Dict[str, pa.Array]) -> pa.RecordBatch:
-    """n rows of one kind: the given columns, every other one null."""
-    schema = recording_schema()
-    record = pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int8)), pa.array([kind]))
-    arrays = [record] + [columns[f.name] if f.name in columns else pa.nulls(n, f.type)
-                         for f in list(schema)[1:]]
-    return pa.RecordBatch.from_arrays(arrays, schema=schema)
-
-
-def _payload_row(kind: str, obj) -> pa.RecordBatch:
+def _payload_row(kind: str, obj):
     text = orjson.dumps(obj, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
-    ts = pa.array([time.time_ns()], pa.int64()).cast(_TS)
-    return _rows(kind, 1, {"ts": ts, "payload": pa.array([text], pa.string())})
+    return ao.batch(kind, 1, {"ts": ao.column("ts", np.array([time.time_ns()], np.int64)),
+                              "payload": ao.column("payload", *ao.texts([text]))})
 
 
 def _addrs(texts) -> np.ndarray:
     return np.array([np.void(pack_addr(t)) for t in texts], dtype=ADDR)
-
-
-def _addr_array(addrs: np.ndarray) -> pa.Array:
-    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(16), len(addrs),
-                                                [None, pa.py_buffer(addrs.tobytes())])
 
 
 def _dir_files(directory: str) -> List[str]:

@@ -18,7 +18,8 @@ import functools
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
-SCHEMA_VERSION = 2            # 1: JSON lines without a header (before 0.2); 2: header + recording
+SCHEMA_VERSION = 3            # 1: JSON lines without a header (before 0.2); 2: header + recording;
+                              # 3: the recording's strings plain, not dictionary-encoded
 RECORDING_MAGIC = "bpftrace-hostport-recording"
 
 
@@ -148,32 +149,37 @@ def markdown_table(kind: str) -> str:
 
 
 # -- the recording's columns ------------------------------------------------------------------
-# Flows and misses are stored compactly (addresses as 16 raw bytes, as the kernel keeps them;
-# strings dictionary-encoded); the reader turns them back into the fields above. Rows of the
-# other records keep their JSON object in `payload`.
+# Flows and misses are stored compactly (addresses as 16 raw bytes, as the kernel keeps them);
+# the reader turns them back into the fields above. Rows of the other records keep their JSON
+# object in `payload`. Schema 2 recordings stored the strings
+# dictionary-encoded; the reader decodes them into the plain strings of schema 3.
 RECORD_KINDS = ("meta", "pods", "rules", "flow", "miss", "summary", "end")
+
+RECORDING_COLUMNS: Tuple[Tuple[str, str, bool], ...] = (     # name, type, nullable
+    ("record", "string", False), ("ts", "timestamp", True),
+    ("proto", "uint8", True), ("family", "uint8", True), ("hook", "uint8", True),
+    ("client_addr", "addr", True), ("client_port", "uint16", True),
+    ("node_addr", "addr", True), ("host_port", "uint16", True),
+    ("pod_addr", "addr", True), ("pod_port", "uint16", True),
+    ("answered", "bool", True), ("midstream", "bool", True),
+    ("masqueraded", "bool", True), ("snat_addr", "addr", True),
+    ("latency_us", "float64", True),
+    ("packets", "uint64", True), ("bytes", "uint64", True),
+    ("pod_namespace", "string", True), ("pod_name", "string", True), ("port_name", "string", True),
+    ("drop_reason", "string", True),
+    ("count", "uint64", True),
+    ("payload", "string", True),
+)
 
 
 @functools.lru_cache(maxsize=None)
 def recording_schema():
-    """The Arrow schema of a recording (pyarrow is imported only when a recording is used; built
-    once: every batch written refers to it)."""
+    """The Arrow schema of a recording as pyarrow sees it (readers and tests; the tracer writes
+    with records/arrowout.py, which builds the same schema with nanoarrow)."""
     import pyarrow as pa
-    s = pa.dictionary(pa.int32(), pa.string())
-    addr = pa.binary(16)
-    return pa.schema([
-        pa.field("record", pa.dictionary(pa.int8(), pa.string()), nullable=False),
-        pa.field("ts", pa.timestamp("ns", tz="UTC")),
-        pa.field("proto", pa.uint8()), pa.field("family", pa.uint8()), pa.field("hook", pa.uint8()),
-        pa.field("client_addr", addr), pa.field("client_port", pa.uint16()),
-        pa.field("node_addr", addr), pa.field("host_port", pa.uint16()),
-        pa.field("pod_addr", addr), pa.field("pod_port", pa.uint16()),
-        pa.field("answered", pa.bool_()), pa.field("midstream", pa.bool_()),
-        pa.field("masqueraded", pa.bool_()), pa.field("snat_addr", addr),
-        pa.field("latency_us", pa.float64()),
-        pa.field("packets", pa.uint64()), pa.field("bytes", pa.uint64()),
-        pa.field("pod_namespace", s), pa.field("pod_name", s), pa.field("port_name", s),
-        pa.field("drop_reason", s),
-        pa.field("count", pa.uint64()),
-        pa.field("payload", pa.string()),
-    ], metadata={"format": RECORDING_MAGIC, "schema": str(SCHEMA_VERSION)})
+    types = {"string": pa.string(), "timestamp": pa.timestamp("ns", tz="UTC"), "uint8": pa.uint8(),
+             "uint16": pa.uint16(), "uint64": pa.uint64(), "bool": pa.bool_(),
+             "float64": pa.float64(), "addr": pa.binary(16)}
+    return pa.schema([pa.field(name, types[kind], nullable=nullable)
+                      for name, kind, nullable in RECORDING_COLUMNS],
+                     metadata={"format": RECORDING_MAGIC, "schema": str(SCHEMA_VERSION)})

@@ -21,6 +21,7 @@ from bpftrace_hostport.errors import UserError
 from bpftrace_hostport.records import recording
 from bpftrace_hostport.records.anonymize import Anonymizer
 from bpftrace_hostport.records.reader import iter_flow_batches, load
+from bpftrace_hostport.records.schema import recording_schema
 from bpftrace_hostport.records.recording import RecordingWriter
 from tests.samples import flow
 
@@ -90,6 +91,27 @@ def test_round_trip_gives_back_every_field(tmp_path):
     assert cap.headers[0]["started"] == HEADER["started"] and cap.headers[0]["file_index"] == 0
     assert [(s["kind"], s["items"][0]["name"]) for s in cap.snapshots] == [("pods", "web-0")]
     assert sum(b.num_rows for b in iter_flow_batches(str(tmp_path / "rec.arrow"))) == 4
+
+
+def test_schema_2_recordings_with_dictionary_strings_still_read(tmp_path):
+    """Schema 2 (pyarrow's writer) stored the strings dictionary-encoded; they read the same."""
+    new = tmp_path / "rec.arrow"
+    write(new, [FlowBatch.from_records(SAMPLE), many(3)])
+    old = tmp_path / "old.arrow"
+    table = pa.ipc.open_stream(str(new)).read_all()
+    schema = pa.schema([f.with_type(pa.dictionary(pa.int8() if f.name == "record" else pa.int32(), pa.string()))
+                        if pa.types.is_string(f.type) and f.name != "payload" else f for f in table.schema],
+                       metadata={"format": "bpftrace-hostport-recording", "schema": "2"})
+    with pa.OSFile(str(old), "wb") as f, pa.ipc.new_stream(f, schema) as s:
+        for rb in table.to_batches():
+            s.write_batch(pa.RecordBatch.from_arrays(
+                [c.dictionary_encode().cast(t.type) if pa.types.is_dictionary(t.type) else c
+                 for c, t in zip(rb.columns, schema)], schema=schema))
+    a, b = load([str(new)]), load([str(old)])
+    assert records(b.flows) == records(a.flows) and records(b.misses, "miss") == [MISS]
+    assert records(b.flows)[:len(SAMPLE)] == SAMPLE and (b.notes, b.truncated) == ([], False)
+    assert b.summaries[0]["duration_s"] == SUMMARY["duration_s"]
+    assert [rb.schema.field("pod_name").type for rb in iter_flow_batches(str(old))] == [pa.string()] * 2
 
 
 def test_file_is_0600_whatever_the_umask(tmp_path):
@@ -183,10 +205,10 @@ def test_zero_bytes_after_the_last_batch_read_as_cut(tmp_path):
 
 def test_end_counts_that_disagree_are_a_note(tmp_path):
     path = tmp_path / "rec.arrow"
-    with pa.OSFile(str(path), "wb") as f, pa.ipc.new_stream(f, recording.recording_schema()) as s:
-        s.write_batch(recording._payload_row("meta", HEADER))
-        s.write_batch(many(3).to_arrow())
-        s.write_batch(recording._payload_row("end", {"rows": 9, "flows": 9, "misses": 0}))
+    with pa.OSFile(str(path), "wb") as f, pa.ipc.new_stream(f, recording_schema()) as s:
+        s.write_batch(pa.record_batch(recording._payload_row("meta", HEADER)))
+        s.write_batch(pa.record_batch(many(3).to_arrow()))
+        s.write_batch(pa.record_batch(recording._payload_row("end", {"rows": 9, "flows": 9, "misses": 0})))
     cap = load([str(path)])
     assert len(cap.flows) == 3 and cap.truncated and "says it holds 9 rows (9 flows)" in cap.notes[0]
 
