@@ -106,31 +106,47 @@ class FlowAggregate:
             return
         self.count += n
         first, inv = group_rows(*(b[name] for name in _KEY_DTYPE.names))
-        order = np.argsort(inv, kind="stable")
-        bounds = np.searchsorted(inv[order], np.arange(len(first) + 1))
-        answered, lat, pod, drop = b["answered"], b["latency_us"], b["pod"], b["drop"]
-        pk, by = b["packets"], b["bytes"]
+        g = len(first)
+        # Counters for every mapping of the batch at once; a Python step per mapping only to
+        # add them up and to hand each its latencies.
+        flows = np.bincount(inv, minlength=g).tolist()
+        answered = b["answered"]
+        n_answered = np.bincount(inv, weights=answered, minlength=g).astype(np.int64).tolist()
+        sums = {}
+        for name in ("packets", "bytes"):
+            v = b[name]
+            known = v >= 0
+            if known.any():
+                sums[name] = (np.bincount(inv[known], weights=v[known], minlength=g).astype(np.int64).tolist(),
+                              (np.bincount(inv[known], minlength=g) > 0).tolist())
+        lat = b["latency_us"]
+        timed = np.flatnonzero(answered & ~np.isnan(lat))
+        by_group = timed[np.argsort(inv[timed], kind="stable")]
+        lat_bounds = np.searchsorted(inv[by_group], np.arange(g + 1)).tolist()
+        lat_sorted = lat[by_group]
+        pod, drop = b["pod"], b["drop"]
+        any_drop = bool((drop >= 0).any())
+        fam_col, proto_col, hp_col, pa_col, pp_col = (b["family"], b["proto"], b["host_port"],
+                                                      b["pod_addr"], b["pod_port"])
         for j, i in enumerate(first.tolist()):
-            rows = order[bounds[j]:bounds[j + 1]]
-            fam = int(b["family"][i])
-            key = (protomod.name(b["proto"][i]), fam, int(b["host_port"][i]),
-                   self._addr(b["pod_addr"][i].tobytes(), fam), int(b["pod_port"][i]))
+            fam = int(fam_col[i])
+            key = (protomod.name(proto_col[i]), fam, int(hp_col[i]),
+                   self._addr(pa_col[i].tobytes(), fam), int(pp_col[i]))
             st = self.stats.get(key)
             if st is None:
                 st = self.stats[key] = _new_stats()
-            self._fold(st, rows, answered, lat, pk, by, pod, drop, b)
+            st["flows"] += flows[j]
+            st["answered"] += n_answered[j]
+            for name, (total, seen) in sums.items():
+                if seen[j]:
+                    st[name] = (st[name] or 0) + total[j]
+            if lat_bounds[j + 1] > lat_bounds[j]:
+                st["lat"].add(lat_sorted[lat_bounds[j]:lat_bounds[j + 1]])
+            if None in (st["pod_namespace"], st["pod_name"], st["port_name"]) or any_drop:
+                self._names_and_drops(st, np.flatnonzero(inv == j), pod, drop, b)
 
     @staticmethod
-    def _fold(st, rows, answered, lat, pk, by, pod, drop, b) -> None:
-        st["flows"] += len(rows)
-        st["answered"] += int(np.count_nonzero(answered[rows]))
-        for col, name in ((pk, "packets"), (by, "bytes")):
-            v = col[rows]
-            known = v[v >= 0]
-            if len(known):
-                st[name] = (st[name] or 0) + int(known.sum())
-        la = lat[rows]
-        st["lat"].add(la[answered[rows] & ~np.isnan(la)])
+    def _names_and_drops(st, rows, pod, drop, b) -> None:
         if None in (st["pod_namespace"], st["pod_name"], st["port_name"]):
             for p in np.unique(pod[rows]):
                 if p < 0:
