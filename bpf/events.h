@@ -29,7 +29,8 @@
 #define STAT_DROPS_SEEN      4  /* translated packets freed with a drop reason */
 #define STAT_COUNTER_FULL    5  /* a mapping/miss/drop counter could not be created (map full) */
 #define STAT_REUSE_LOST      6  /* a deferred answered flow whose tuple was reused before its report */
-#define STAT_MAX             7
+#define STAT_FLOW_RETRIES    7  /* a new conntrack entry on the tuple of a flow not yet answered: a retry (a SYN retransmitted after a drop, a client port reused) */
+#define STAT_MAX             8
 
 struct flow_key {            /* the conntrack ORIGINAL tuple: client -> node:hostPort */
     u8  family;              /* 4 or 6 */

@@ -39,6 +39,9 @@
 #define IP_CT_NEW         2
 #define IP_CT_ESTABLISHED_REPLY 3
 #define IP_CT_RELATED_REPLY     4
+#ifndef EEXIST
+#define EEXIST          17     /* include/uapi/asm-generic/errno-base.h */
+#endif
 #define NFCT_PTRMASK    (~7UL) /* skb->_nfct keeps ctinfo in its low 3 bits */
 #define NF_AF_INET      2
 #define NF_AF_INET6     10
@@ -57,9 +60,13 @@ BPF_HASH(flows, struct flow_key, struct flow_val, FLOW_TABLE_SIZE);
 /* Flows already reported (answered, or timed out), by their conntrack entry (struct nf_conn *):
  * every later packet of such a flow only adds to its mapping's counters, found with one lookup
  * of an 8-byte key instead of reading the tuple and hashing a 40-byte flow key. A recycled
- * entry is recognised by its first packet (IP_CT_NEW, not yet confirmed), which drops it.
+ * entry is recognised by its first packet (IP_CT_NEW, not yet confirmed), which marks it
+ * KNOWN_PENDING.
  * User space adds the flows it reports after the timeout. */
 BPF_F_TABLE("lru_hash", u64, u32, known, FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
+/* A `known` entry left by an earlier user of a recycled conntrack entry's address, marked by
+ * the new entry's first packet: its packets take the slow path until its first reply. */
+#define KNOWN_PENDING 0xffffffff
 /* Per-mapping counters: a mapping gets a small id once (mapping_ids, free_ids) and its
  * counters live in a per-CPU array slot, so a packet adds to them with one array access (which
  * the verifier inlines) instead of hashing a 24-byte key. `known` keeps the id of each flow. */
@@ -262,10 +269,22 @@ static __always_inline void count_miss(struct flow_key *k, u8 hook)
 static __always_inline int count_known(u64 ctkey, u32 len)
 {
     u32 *id = known.lookup(&ctkey);
-    if (!id)
+    if (!id || *id == KNOWN_PENDING)
         return 0;
     mapping_add(*id, 0, len);
     return 1;
+}
+
+/* A reported flow's conntrack entry goes to `known`. When the entry's address still has the
+ * stale entry its first packet marked KNOWN_PENDING, that one is reused in place (a store)
+ * instead of replaced (an insert takes bucket and LRU locks: about 500 ns). */
+static __always_inline void remember(u64 ctkey, u32 id)
+{
+    u32 *slot = known.lookup(&ctkey);
+    if (slot)
+        *slot = id;
+    else
+        known.update(&ctkey, &id);
 }
 
 /* The latency bucket of a first reply: the first bound (µs) the latency does not exceed. */
@@ -343,6 +362,46 @@ static __always_inline int report_answered(struct flow_key *k, struct flow_val *
     return 0;
 }
 
+/* A new flow of this packet in *nv: 1, or -1 when the packet is not one we trace (another
+ * protocol, a DNAT to something other than a local address such as a Service ClusterIP, a port
+ * not watched, a client filtered out) or its reply tuple cannot be read. */
+static __always_inline int new_flow(struct config *cfg, void *ct, struct flow_key *k, u8 family,
+                                    u8 ctinfo, u32 status, u32 len, u8 hook, struct flow_val *nv)
+{
+    if (!proto_allowed(cfg, k->proto) || !is_local(family, k->node_addr))
+        return -1;   /* e.g. a Service ClusterIP DNAT: not a hostPort */
+    if (!cfg->watch_all && !port_watched(k->proto, k->host_port))
+        return -1;
+    if (!client_allowed(cfg, k))
+        return -1;
+    u8 r[TUPLE_BUF] = {};
+    if (read_tuple(ct, CT_TUPLE_REPLY, r))
+        return -1;
+    u64 now = bpf_ktime_get_ns();
+    nv->ct = (u64)ct;
+    nv->first_ns = now;
+    nv->last_ns = now;
+    nv->packets_orig = 1;
+    nv->bytes_orig = len;
+    nv->hook = hook;
+    if (ctinfo != IP_CT_NEW)
+        nv->flags = FLOW_MIDSTREAM;   /* began before we attached: no latency to measure */
+    copy_addr(nv->pod_addr, r + TUP_SRC_U3, family);
+    nv->pod_port = *(u16 *)(r + TUP_SRC_PORT);
+    if (status & IPS_SRC_NAT)         /* midstream: source NAT already happened */
+        note_masquerade(nv, k, r, family);
+    struct mapping_key m = {};
+    mapping_from(&m, k, r);
+    nv->mapping_id = mapping_id(&m);
+    return 1;
+}
+
+static __always_inline void flow_created(struct flow_val *nv, u32 len)
+{
+    stat_inc(STAT_FLOWS_CREATED);
+    mapping_add(nv->mapping_id, 1, len);
+}
+
 /* Runs just after DNAT (priority NF_IP_PRI_NAT_DST + 1 = -99): the packet's destination is
  * already the pod and the conntrack entry holds both tuples. */
 static __always_inline int on_post_dnat(void *ctx, u8 hook)
@@ -366,7 +425,12 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
     bpf_probe_read_kernel(&status, sizeof(status), (char *)ct + CT_STATUS);
     if (ctinfo == IP_CT_NEW) {
         if (!(status & IPS_CONFIRMED)) {
-            known.delete(&ctkey);   /* a new entry: whatever used this address before is gone */
+            /* A new entry: whatever used this address before is gone. Its `known` entry, if
+             * any, is marked in place (a store, no lock) rather than deleted (the bucket's lock:
+             * about 400 ns); the first reply overwrites it. */
+            u32 *stale = known.lookup(&ctkey);
+            if (stale)
+                *stale = KNOWN_PENDING;
         } else {
             /* A retransmitted first packet (or a UDP request before any reply) of a flow
              * user space reported after the timeout: its counters, as on the hot path. */
@@ -408,6 +472,26 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
     if (!family)
         return 1;
 
+    /* The first packet of a new conntrack entry almost always starts a new flow: it is
+     * inserted without a lookup first (BPF_NOEXIST), and only when the tuple is already there
+     * (a retry of a flow not yet reported, below) is that flow looked up. */
+    struct flow_val nv = {};
+    int built = 0;               /* 1: nv is this packet's new flow; -1: not a hostPort flow */
+    if (ctinfo == IP_CT_NEW && !(status & IPS_CONFIRMED)) {
+        built = new_flow(cfg, ct, &k, family, ctinfo, status, len, hook, &nv);
+        if (built > 0) {
+            int rc = flows.insert(&k, &nv);
+            if (rc == 0) {
+                flow_created(&nv, len);
+                return 1;
+            }
+            if (rc != -EEXIST) {
+                stat_inc(STAT_FLOW_INSERT_ERR);
+                return 1;
+            }
+        }
+    }
+
     struct flow_val *v = flows.lookup(&k);
     if (v && ctinfo == IP_CT_NEW && !(status & IPS_CONFIRMED)) {
         /* The first packet of a new conntrack entry on the tuple of a flow not yet reported: a
@@ -419,6 +503,8 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
             if (report_answered(&k, v) < 0 && flows.delete(&k) == 0)
                 stat_inc(STAT_REUSE_LOST);
             v = 0;
+        } else {
+            stat_inc(STAT_FLOW_RETRIES);
         }
     }
     if (!v) {
@@ -428,39 +514,15 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
             stat_inc(STAT_REPLY_NO_FLOW);
             return 1;
         }
-        if (!proto_allowed(cfg, k.proto) || !is_local(family, k.node_addr))
-            return 1;   /* e.g. a Service ClusterIP DNAT: not a hostPort */
-        if (!cfg->watch_all && !port_watched(k.proto, k.host_port))
+        if (!built)
+            built = new_flow(cfg, ct, &k, family, ctinfo, status, len, hook, &nv);
+        if (built < 0)
             return 1;
-        if (!client_allowed(cfg, &k))
-            return 1;
-
-        u8 r[TUPLE_BUF] = {};
-        if (read_tuple(ct, CT_TUPLE_REPLY, r))
-            return 1;
-        u64 now = bpf_ktime_get_ns();
-        struct flow_val nv = {};
-        nv.ct = (u64)ct;
-        nv.first_ns = now;
-        nv.last_ns = now;
-        nv.packets_orig = 1;
-        nv.bytes_orig = len;
-        nv.hook = hook;
-        if (ctinfo != IP_CT_NEW)
-            nv.flags = FLOW_MIDSTREAM;   /* began before we attached: no latency to measure */
-        copy_addr(nv.pod_addr, r + TUP_SRC_U3, family);
-        nv.pod_port = *(u16 *)(r + TUP_SRC_PORT);
-        if (status & IPS_SRC_NAT)        /* midstream: source NAT already happened */
-            note_masquerade(&nv, &k, r, family);
-        struct mapping_key m = {};
-        mapping_from(&m, &k, r);
-        nv.mapping_id = mapping_id(&m);
         if (flows.update(&k, &nv)) {
             stat_inc(STAT_FLOW_INSERT_ERR);
             return 1;
         }
-        stat_inc(STAT_FLOWS_CREATED);
-        mapping_add(nv.mapping_id, 1, len);
+        flow_created(&nv, len);
         return 1;
     }
 
@@ -501,7 +563,7 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
         /* Counters only: deleting the entry is the claim, as for a report. */
         if (flows.delete(&k) == 0) {
             count_answered(mid, flags, lat);
-            known.update(&ctkey, &mid);
+            remember(ctkey, mid);
         }
         return 1;
     }
@@ -511,7 +573,7 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
     if (rc != 1)
         count_answered(mid, flags, lat);
     if (rc == 0)
-        known.update(&ctkey, &mid);
+        remember(ctkey, mid);
     return 1;
 }
 
@@ -548,7 +610,7 @@ int tp_kfree_skb(void *ctx)
     u64 ctkey = (u64)ct;
     u32 id = MAP_SIZE;
     u32 *kid = known.lookup(&ctkey);
-    if (kid) {
+    if (kid && *kid != KNOWN_PENDING) {
         id = *kid;
     } else {
         u8 o[TUPLE_BUF] = {};

@@ -380,9 +380,11 @@ def test_flow_table_overflow_is_counted_as_lost_never_silent(tlab):
     flows = [f for f in t.flows if f["host_port"] == 8000]
     created, refused = s["kernel"]["flows_created"], s["kernel"]["flow_insert_errors"]
     # Under load a client may give up (0.5 s, before any retransmission) before its SYN leaves,
-    # so the count is the kernel's: every SYN the DNAT rules translated is a flow, in the table
-    # or refused by it (full: 1024 unanswered flows in flight).
-    assert syns > 1024 and created + refused == syns, (s["kernel"], syns, res)
+    # so the count is the kernel's: every SYN the DNAT rules translated is a new flow, in the
+    # table or refused by it (full: 1024 unanswered flows in flight), or a retry of a flow in
+    # the table (a client port reused by a later connection while the first is unanswered).
+    retries = s["kernel"]["flow_retries"]
+    assert syns > 1024 and created + refused + retries == syns, (s["kernel"], syns, res)
     assert created <= 1024 and refused > 0, s["kernel"]
     assert s["lost_events"] >= refused, s["kernel"]
     assert len(flows) + s["lost_events"] == created + refused, (len(flows), s["kernel"])   # reported or counted lost

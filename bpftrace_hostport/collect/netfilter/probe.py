@@ -62,7 +62,7 @@ OFFSETS = {
 }
 
 STAT_NAMES = ("ringbuf_deferred", "flows_created", "flow_insert_errors",
-              "reply_without_flow", "drops_seen", "counter_full", "reuse_lost")
+              "reply_without_flow", "drops_seen", "counter_full", "reuse_lost", "flow_retries")
 
 
 def bpf_source_dir() -> Path:
