@@ -141,17 +141,20 @@ class Probe:
             self.btf = BTF.load()
         except BTFError as e:
             raise UserError(str(e)) from None
-        self.drop_names = drop_reason_names(self.btf)
         try:
-            self._load()
+            self.drop_names = drop_reason_names(self.btf)
+            cflags = self.cflags()
+        finally:
+            # The kernel's type index (about 10 MB here) is needed only for the offsets, and every
+            # offset it gave is in self.defines now: it goes before a compile child (bcc and LLVM,
+            # about 130 MB) runs beside this process.
+            self.btf = None
+            gc.collect()
+        try:
+            self._load(cflags)
         except BaseException:
             self.close()
             raise
-        finally:
-            # The kernel's type index (about 10 MB here) is needed only to compile and load;
-            # every offset it gave is in self.defines.
-            self.btf = None
-            gc.collect()
 
     # -- compile & load -------------------------------------------------------------------
     def cflags(self) -> List[str]:
@@ -181,8 +184,7 @@ class Probe:
     def program_text(self) -> str:
         return (bpf_source_dir() / "hostport.bpf.c").read_text()
 
-    def _load(self) -> None:
-        cflags = self.cflags()
+    def _load(self, cflags: List[str]) -> None:
         text = self.program_text()
         if self.opts.debug_print_program:
             print("\n".join(f"#define {k} {v}" for k, v in sorted(self.defines.items())))
