@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import gc
 import ipaddress
 import json
@@ -94,6 +95,19 @@ class ProbeOptions:
     drops: bool = True
     records: bool = True                         # False: no ring-buffer record per answered flow
     debug_print_program: bool = False
+
+
+def probe_options(opts, watch_ports: Sequence[Tuple[str, int]] = ()) -> ProbeOptions:
+    """A tracing session's options (collect/options.py TraceOptions) as the probe's."""
+    return ProbeOptions(netns=opts.netns, watch_ports=list(watch_ports), protos=opts.protos,
+                        client_cidrs=opts.client_cidrs, flow_table_size=opts.flow_table_size,
+                        ringbuf_pages=opts.ringbuf_pages, drops=opts.drops, records=opts.flow_records,
+                        debug_print_program=opts.debug_print_program)
+
+
+# Options that take effect when the probe attaches (configure()), not when it is compiled and
+# loaded: a probe loaded before the pod sources and rules were read gets them afterwards.
+ATTACH_TIME_OPTIONS = ("watch_ports", "records")
 
 
 # A ring-buffer record: struct flow_event (about 160 bytes) and its 8-byte header, rounded up.
@@ -302,6 +316,14 @@ class Probe:
                                        "the full tracer needs Linux >= 6.4 (BPF_PROG_TYPE_NETFILTER); "
                                        "use --backend conntrack on older kernels.")
         raise UserError(f"Could not attach skb:kfree_skb ({reply['message']}); rerun with --no-drops.")
+
+    def set_options(self, opts: ProbeOptions) -> None:
+        """The options it will attach with: the same as it was loaded with but for
+        ATTACH_TIME_OPTIONS (what to watch, known once the pods and rules are read)."""
+        same = {f: getattr(self.opts, f) for f in ATTACH_TIME_OPTIONS}
+        if dataclasses.replace(opts, **same) != self.opts:
+            raise ValueError("the probe was loaded with other sizes or options")
+        self.opts = opts
 
     # -- attach ------------------------------------------------------------------------------
     def attach(self) -> None:
