@@ -16,7 +16,7 @@ import os
 import shutil
 import socket
 import sys
-from typing import Iterator, List, Optional
+from typing import TYPE_CHECKING, Iterator, List, Optional
 
 
 def _pyroute2_by_parts() -> None:
@@ -45,11 +45,14 @@ def _pyroute2_by_parts() -> None:
     sys.modules["pyroute2"] = pkg
 
 
+# Registered now, imported on first use (entered, open_iproute): about 8 MB of pyroute2 that a
+# tracer should not hold while its compile child (bcc and LLVM) runs beside it.
 _pyroute2_by_parts()
-from pyroute2 import netns as pr_netns            # noqa: E402
-from pyroute2.iproute import IPRoute              # noqa: E402
 
-from bpftrace_hostport.errors import UserError
+from bpftrace_hostport.errors import UserError    # noqa: E402
+
+if TYPE_CHECKING:
+    from pyroute2.iproute import IPRoute
 
 NETNS_RUN_DIR = "/var/run/netns"
 
@@ -100,6 +103,7 @@ def entered(name: Optional[str]) -> Iterator[None]:
         yield
         return
     require(name)
+    from pyroute2 import netns as pr_netns
     # flags=0: never create a namespace by accident (pyroute2 defaults to O_CREAT).
     saved = os.open("/proc/self/ns/net", os.O_RDONLY)
     try:
@@ -117,6 +121,7 @@ def entered(name: Optional[str]) -> Iterator[None]:
 
 def open_iproute(name: Optional[str]) -> IPRoute:
     """An rtnetlink socket bound to namespace `name`; it stays there after we leave."""
+    from pyroute2.iproute import IPRoute
     with entered(name):
         return IPRoute()
 

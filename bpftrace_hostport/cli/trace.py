@@ -134,7 +134,7 @@ def agent(netns, lab_name, pod_files, pods_from, kubeconfig, node_name, host_por
 def run(netns, lab_name, duration, host_ports_, protos, clients, pod_files, pods_from, kubeconfig, node_name,
         fmt, record_path, max_size, max_files, anonymize, anonymize_key_file, metrics, *, timeout, flow_table,
         ringbuf_kb, no_drops, no_rules, backend, ready_file, print_program, agent=None):
-    from bpftrace_hostport.collect.session import TraceOptions
+    from bpftrace_hostport.collect.options import TraceOptions
     from bpftrace_hostport.netns import require
     if os.geteuid() != 0:        # before asking any pod source: the first thing to say
         raise Fail("Tracing needs root (CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN): run it with sudo.")
@@ -160,11 +160,16 @@ def run(netns, lab_name, duration, host_ports_, protos, clients, pod_files, pods
                    max_files=max_files, anonymize_key=_anonymize_key(anonymize, anonymize_key_file),
                    metrics=metrics, agent=agent)
     with keep_pandas_out():
-        index = resolver(pod_files, pods_from, netns, node_name, kubeconfig)
+        backend, probe = _load_first(backend, opts)
         try:
-            _run_backend(backend, opts, index, outputs)
+            index = resolver(pod_files, pods_from, netns, node_name, kubeconfig)
+            try:
+                _run_backend(backend, opts, index, outputs, probe)
+            finally:
+                index.stop()
         finally:
-            index.stop()
+            if probe is not None:
+                probe.close()        # already closed when a session ran; not when the pods failed
 
 
 @contextlib.contextmanager
@@ -208,18 +213,38 @@ def _anonymize_key(anonymize: bool, key_file: Optional[str]) -> Optional[bytes]:
     return None
 
 
-def _run_backend(backend: str, opts, index, outputs) -> None:
+def _load_first(backend: str, opts):
+    """The netfilter backend's eBPF programs, loaded before the pod sources, rules and sinks are
+    imported and read, so that a compile child runs beside a small tracer (outputs.load_probe).
+    -> (the backend to run, the loaded probe or None)."""
+    if backend == "conntrack":
+        return backend, None
+    from bpftrace_hostport.collect.outputs import load_probe
+    try:
+        return backend, load_probe(opts)
+    except UserError as e:
+        if backend != "auto" or not getattr(e, "fallback", False):
+            raise
+        _falling_back(e)
+        return "conntrack", None
+
+
+def _run_backend(backend: str, opts, index, outputs, probe=None) -> None:
     from bpftrace_hostport.collect.outputs import run_session
     if backend != "auto":
-        run_session(backend, opts, index, outputs)
+        run_session(backend, opts, index, outputs, probe)
         return
     try:
-        run_session("netfilter", opts, index, outputs)
+        run_session("netfilter", opts, index, outputs, probe)
     except UserError as e:
         if not getattr(e, "fallback", False):
             raise
-        click.echo(f"warning: {e} Falling back to conntrack events (no latency, misses or drops).", err=True)
+        _falling_back(e)
         run_session("conntrack", opts, index, outputs)
+
+
+def _falling_back(e: UserError) -> None:
+    click.echo(f"warning: {e} Falling back to conntrack events (no latency, misses or drops).", err=True)
 
 
 COMMANDS = [trace, agent]

@@ -22,34 +22,16 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, TextIO, Tuple
+from typing import Dict, List, Optional, TextIO, Tuple
 
 from bpftrace_hostport import __version__, netns as netns_mod
 from bpftrace_hostport.analysis.aggregate import FlowAggregate, summarize
 from bpftrace_hostport.collect.batch import FlowBatch, ns_to_iso
 from bpftrace_hostport.collect.enrich import Enricher
+from bpftrace_hostport.collect.options import TraceOptions
 from bpftrace_hostport.collect.sinks import Sink
 from bpftrace_hostport.errors import UserError
 from bpftrace_hostport.records.schema import SCHEMA_VERSION
-
-
-@dataclass
-class TraceOptions:
-    netns: Optional[str] = None
-    duration: Optional[float] = None
-    host_ports: Sequence[Tuple[str, int]] = ()     # explicit watch list (restricts)
-    protos: Sequence[str] = ()
-    client_cidrs: Sequence[str] = ()
-    timeout: float = 5.0                           # no-answer timeout, seconds
-    ready_file: Optional[str] = None
-    flow_table_size: int = 65536
-    ringbuf_pages: int = 512
-    drops: bool = True
-    flow_records: bool = True                      # False: answered flows are counted, not reported
-    use_rules: bool = True
-    debug_print_program: bool = False
-    node_name: Optional[str] = None
 
 
 def node_name(opts: TraceOptions) -> str:

@@ -20,11 +20,14 @@ A failure to store is silent: the reply is the same either way.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import socket
 import sys
 import tempfile
+import threading
 
 
 def _send(sock: socket.socket, reply: dict, fds=()) -> None:
@@ -44,7 +47,8 @@ def main(argv=None) -> int:
     os.dup2(log.fileno(), 2)      # clang prints straight to fd 2
     try:
         try:
-            b = BPF(text=req["text"], cflags=req["cflags"])
+            with _heap_trimmed():
+                b = BPF(text=req["text"], cflags=req["cflags"])
         except Exception as e:  # noqa: BLE001 - reported to the parent, which explains it
             os.dup2(saved, 2)
             log.seek(0)
@@ -85,6 +89,37 @@ def main(argv=None) -> int:
     _send(sock, reply, fds)
     sock.recv(1)      # the parent holds the descriptors now
     return 0
+
+
+@contextlib.contextmanager
+def _heap_trimmed(period_s: float = 0.02):
+    """Hands the heap that clang and LLVM free back to the kernel while they compile.
+
+    clang parses the program twice (bcc's rewrite, then the compile) and frees each parse's
+    AST, but glibc keeps the freed heap mapped (about 24 MB here); the code generation that
+    follows maps another 10-15 MB of LLVM's code on top of it. A thread calling malloc_trim
+    every period_s (ctypes releases the GIL while bcc compiles) returns that heap as soon as
+    it is free, so the child's peak is its first parse instead of the end of the compile:
+    about 5 MB less beside the tracer. Without glibc (no malloc_trim) nothing changes."""
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if trim is None:
+        yield
+        return
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    done = threading.Event()
+
+    def run() -> None:
+        while not done.wait(period_s):
+            trim(0)
+
+    thread = threading.Thread(target=run, name="malloc-trim", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        trim(0)
 
 
 def _save_cache_entry(b, req: dict, reply: dict) -> bool:

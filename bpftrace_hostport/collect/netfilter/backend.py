@@ -23,13 +23,15 @@ class NetfilterBackend:
     name = "netfilter"
     measures = {"latency": True, "packets": True, "misses": True, "drops": True}
 
-    def __init__(self, opts, watch: List[Tuple[str, int]]):
-        from bpftrace_hostport.collect.netfilter.probe import Probe, ProbeOptions   # BTF, syscalls
+    def __init__(self, opts, watch: List[Tuple[str, int]], probe=None):
+        """probe: one already loaded for these options (outputs.load_probe); else it loads now."""
+        from bpftrace_hostport.collect.netfilter.probe import Probe, probe_options   # BTF, syscalls
         self.opts = opts
-        self.probe = Probe(ProbeOptions(
-            netns=opts.netns, watch_ports=watch, protos=opts.protos, client_cidrs=opts.client_cidrs,
-            flow_table_size=opts.flow_table_size, ringbuf_pages=opts.ringbuf_pages, drops=opts.drops,
-            records=opts.flow_records, debug_print_program=opts.debug_print_program))
+        if probe is None:
+            probe = Probe(probe_options(opts, watch))
+        else:
+            probe.set_options(probe_options(opts, watch))
+        self.probe = probe
         self.clock = ev.Clock()
         self.decoder: Optional[ev.FlowDecoder] = None
         self.finished = False

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import gc
 import ipaddress
 import json
@@ -96,6 +97,19 @@ class ProbeOptions:
     debug_print_program: bool = False
 
 
+def probe_options(opts, watch_ports: Sequence[Tuple[str, int]] = ()) -> ProbeOptions:
+    """A tracing session's options (collect/options.py TraceOptions) as the probe's."""
+    return ProbeOptions(netns=opts.netns, watch_ports=list(watch_ports), protos=opts.protos,
+                        client_cidrs=opts.client_cidrs, flow_table_size=opts.flow_table_size,
+                        ringbuf_pages=opts.ringbuf_pages, drops=opts.drops, records=opts.flow_records,
+                        debug_print_program=opts.debug_print_program)
+
+
+# Options that take effect when the probe attaches (configure()), not when it is compiled and
+# loaded: a probe loaded before the pod sources and rules were read gets them afterwards.
+ATTACH_TIME_OPTIONS = ("watch_ports", "records")
+
+
 # A ring-buffer record: struct flow_event (about 160 bytes) and its 8-byte header, rounded up.
 RECORD_BYTES_MAX = 192
 READER_PERIOD_S = 0.25     # the reader sleeps on the ring at most this long
@@ -141,17 +155,20 @@ class Probe:
             self.btf = BTF.load()
         except BTFError as e:
             raise UserError(str(e)) from None
-        self.drop_names = drop_reason_names(self.btf)
         try:
-            self._load()
+            self.drop_names = drop_reason_names(self.btf)
+            cflags = self.cflags()
+        finally:
+            # The kernel's type index (about 10 MB here) is needed only for the offsets, and every
+            # offset it gave is in self.defines now: it goes before a compile child (bcc and LLVM,
+            # about 130 MB) runs beside this process.
+            self.btf = None
+            gc.collect()
+        try:
+            self._load(cflags)
         except BaseException:
             self.close()
             raise
-        finally:
-            # The kernel's type index (about 10 MB here) is needed only to compile and load;
-            # every offset it gave is in self.defines.
-            self.btf = None
-            gc.collect()
 
     # -- compile & load -------------------------------------------------------------------
     def cflags(self) -> List[str]:
@@ -181,8 +198,7 @@ class Probe:
     def program_text(self) -> str:
         return (bpf_source_dir() / "hostport.bpf.c").read_text()
 
-    def _load(self) -> None:
-        cflags = self.cflags()
+    def _load(self, cflags: List[str]) -> None:
         text = self.program_text()
         if self.opts.debug_print_program:
             print("\n".join(f"#define {k} {v}" for k, v in sorted(self.defines.items())))
@@ -300,6 +316,14 @@ class Probe:
                                        "the full tracer needs Linux >= 6.4 (BPF_PROG_TYPE_NETFILTER); "
                                        "use --backend conntrack on older kernels.")
         raise UserError(f"Could not attach skb:kfree_skb ({reply['message']}); rerun with --no-drops.")
+
+    def set_options(self, opts: ProbeOptions) -> None:
+        """The options it will attach with: the same as it was loaded with but for
+        ATTACH_TIME_OPTIONS (what to watch, known once the pods and rules are read)."""
+        same = {f: getattr(self.opts, f) for f in ATTACH_TIME_OPTIONS}
+        if dataclasses.replace(opts, **same) != self.opts:
+            raise ValueError("the probe was loaded with other sizes or options")
+        self.opts = opts
 
     # -- attach ------------------------------------------------------------------------------
     def attach(self) -> None:

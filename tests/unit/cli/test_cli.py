@@ -55,25 +55,68 @@ def test_summary_of_a_capture(tmp_path):
     assert res.exit_code == 2 and "line 2" in res.output
 
 
+class _LoadedProbe:
+    """What outputs.load_probe returns, without a kernel."""
+    closed = False
+
+    def close(self):
+        self.closed = True
+
+
 def test_auto_backend_falls_back_to_conntrack_after_one_warning(monkeypatch):
     from bpftrace_hostport.collect import outputs
     from bpftrace_hostport.errors import KernelFeatureMissing
 
     called = {}
+    loaded = _LoadedProbe()
 
-    def session(backend, opts, index, outs):
+    def session(backend, opts, index, outs, probe=None):
         if backend == "netfilter":
+            assert probe is loaded           # the session attaches the probe loaded first
             raise KernelFeatureMissing("Could not create the netfilter BPF link (Invalid argument); "
                                        "it needs Linux >= 6.4.")
-        called["ct"] = opts
+        called["ct"] = (opts, probe)
 
+    monkeypatch.setattr(outputs, "load_probe", lambda opts: loaded)
     monkeypatch.setattr(outputs, "run_session", session)
     res = CliRunner().invoke(cli, ["trace", "--duration", "1", "--format", "json"])
     assert res.exit_code == 0, res.output
-    assert "warning: Could not create the netfilter BPF link" in res.output and "Falling back" in res.output
-    assert called["ct"].duration == 1
+    assert res.output.count("warning: Could not create the netfilter BPF link") == 1 and "Falling back" in res.output
+    assert called["ct"][0].duration == 1 and called["ct"][1] is None and loaded.closed
     res = CliRunner().invoke(cli, ["trace", "--duration", "1", "--backend", "netfilter"])
     assert res.exit_code == 2 and "Linux >= 6.4" in res.output
+
+
+def test_programs_load_before_the_pods_and_a_refused_load_falls_back(monkeypatch):
+    """The eBPF programs are loaded first (a compile child then runs beside a small tracer);
+    with --backend auto a load the kernel refuses means conntrack, after one warning."""
+    from bpftrace_hostport.collect import outputs
+    from bpftrace_hostport.errors import KernelFeatureMissing
+    from bpftrace_hostport.pods import sources
+
+    order = []
+
+    def refused(opts):
+        order.append("load")
+        raise KernelFeatureMissing("The kernel refused the netfilter BPF programs (Invalid argument); "
+                                   "the full tracer needs Linux >= 6.4 (BPF_PROG_TYPE_NETFILTER).")
+
+    real_resolve = sources.resolve_sources
+    monkeypatch.setattr(sources, "resolve_sources", lambda *a, **kw: order.append("pods") or real_resolve(*a, **kw))
+    monkeypatch.setattr(outputs, "load_probe", refused)
+    monkeypatch.setattr(outputs, "run_session", lambda backend, opts, index, outs, probe=None:
+                        order.append((backend, probe)))
+    res = CliRunner().invoke(cli, ["trace", "--duration", "1", "--format", "json", "--pods-from", "none"])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("warning: The kernel refused the netfilter BPF programs") == 1
+    assert order == ["load", "pods", ("conntrack", None)]
+    order.clear()
+    res = CliRunner().invoke(cli, ["trace", "--duration", "1", "--backend", "netfilter", "--pods-from", "none"])
+    assert res.exit_code == 2 and "Linux >= 6.4" in res.output and order == ["load"]
+    order.clear()
+    res = CliRunner().invoke(cli, ["trace", "--duration", "1", "--backend", "conntrack", "--pods-from", "none"])
+    assert res.exit_code == 0, res.output
+    assert order == ["pods", ("conntrack", None)]
 
 
 def test_summary_of_a_capture_cut_mid_line(tmp_path):
@@ -90,3 +133,30 @@ def test_summary_of_a_capture_cut_mid_line(tmp_path):
     bad.write_text(line + "\n" + line[:57] + "\n" + line + "\n")     # damage in the middle is an error
     res = CliRunner().invoke(cli, ["summary", str(bad)])
     assert res.exit_code == 2 and "line 2" in res.output
+
+
+# Modules worth megabytes that the tracer loads for its session (pod sources, rules, sinks) and
+# that must not be resident while a compile child (bcc and LLVM, about 130 MB) runs beside it.
+HEAVY = ("numpy", "pyarrow", "pandas", "pyroute2.iproute", "pyroute2.netns", "bcc")
+
+
+def test_trace_loads_its_programs_before_importing_heavy_modules():
+    """`trace` loads the eBPF programs (a cold start compiles them in a child process) while the
+    tracer is still small: what it has imported by then, in a fresh interpreter."""
+    import json
+    import subprocess
+    import sys
+    code = f"""
+import json, os, sys
+os.geteuid = lambda: 0                      # not root here: only the order of the steps matters
+from bpftrace_hostport.collect import outputs
+def load_probe(opts):
+    print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]), flush=True)
+    os._exit(0)
+outputs.load_probe = load_probe
+from bpftrace_hostport.cli import main
+main(["trace", "--format", "json", "--duration", "1", "--pods-from", "none"])
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.strip(), p.stderr
+    assert json.loads(p.stdout) == [], p.stdout
