@@ -489,6 +489,10 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
                 stat_inc(STAT_FLOW_INSERT_ERR);
                 return 1;
             }
+        } else {
+            /* Not a hostPort flow (a Service ClusterIP DNAT, a port not watched): a node
+             * with much Service traffic pays no flow table lookup for it. */
+            return 1;
         }
     }
 
