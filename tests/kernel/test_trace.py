@@ -390,6 +390,31 @@ def test_flow_table_overflow_is_counted_as_lost_never_silent(tlab):
     assert len(flows) + s["lost_events"] == created + refused, (len(flows), s["kernel"])   # reported or counted lost
 
 
+def test_a_service_dnat_is_not_a_hostport_flow(tlab):
+    """A DNAT to a pod from an address that is not the node's (a Service ClusterIP, as kube-proxy
+    writes it) is not a hostPort flow: not reported, not counted, while a hostPort request in
+    the same session is."""
+    ns, pod = tlab.node_netns, nginx(tlab)
+    pod_ip = next(ip for ip in pod.ips if ":" not in ip)
+    rule = ["-d", "10.96.0.10/32", "-p", "tcp", "--dport", "80", "-j", "DNAT", "--to-destination", f"{pod_ip}:80"]
+    subprocess.run(["ip", "netns", "exec", ns, "iptables", "-t", "nat", "-I", "PREROUTING", *rule], check=True)
+    try:
+        with tracing("--lab", tlab.name, "--timeout", "1") as t:
+            p = subprocess.run(["ip", "netns", "exec", tlab.clients[0]["netns"], sys.executable, "-m",
+                                "bpftrace_hostport.lab.traffic", "--host", "10.96.0.10", "--port", "80",
+                                "--proto", "tcp", "--count", "3", "--timeout", "2"],
+                               capture_output=True, text=True, check=True)
+            assert lab.traffic(tlab.name, to=8000, count=1)["answered"] == 1
+        hits = subprocess.run(["ip", "netns", "exec", ns, "iptables", "-t", "nat", "-L", "PREROUTING", "-v", "-x", "-n"],
+                              capture_output=True, text=True, check=True).stdout
+    finally:
+        subprocess.run(["ip", "netns", "exec", ns, "iptables", "-t", "nat", "-D", "PREROUTING", *rule], check=True)
+    assert json.loads(p.stdout.strip().splitlines()[-1])["answered"] == 3      # the Service answered
+    assert any("10.96.0.10" in line and int(line.split()[0]) >= 3 for line in hits.splitlines()[2:]), hits
+    assert [f["host_port"] for f in t.flows] == [8000], t.flows
+    assert t.summary["kernel"]["flows_created"] == 1 and t.summary["kernel"]["flow_retries"] == 0
+
+
 def test_pod_names_from_the_kubernetes_api(tlab, tmp_path):
     """trace and rules name pods from a (fake, local) API server: list + watch, this node only."""
     from tests.unit.pods.test_sources import FakeAPI, kubeconfig_for
