@@ -12,7 +12,7 @@ Python object per row. A column left out of a batch is all nulls.
 from __future__ import annotations
 
 import functools
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
@@ -105,25 +105,13 @@ def strings(codes: np.ndarray, values: Sequence[str]) -> "tuple":
     return (offsets, data), valid
 
 
-def texts(values: List[Optional[str]]):
-    """A string column from a short list (payload rows): ((offsets, bytes), valid)."""
-    enc = [b"" if v is None else v.encode("utf-8", "surrogatepass") for v in values]
-    offsets = np.zeros(len(enc) + 1, dtype=np.int32)
-    np.cumsum([len(b) for b in enc], out=offsets[1:])
-    return (offsets, np.frombuffer(b"".join(enc), dtype=np.uint8)), np.array([v is not None for v in values])
-
-
 def _nulls(name: str, n: int):
-    na = _na()
+    """A column of n nulls."""
     kind = _KIND[name]
-    bitmap = np.zeros((n + 7) // 8, dtype=np.uint8)
     if kind == "string":
-        return na.c_array_from_buffers(column_types()[name], n, [bitmap, np.zeros(n + 1, np.int32), b""],
-                                       null_count=n, validation_level="minimal")
-    width = {"bool": 0, "addr": 16}.get(kind)
-    size = (n + 7) // 8 if width == 0 else n * (width or np.dtype(_DTYPE[kind]).itemsize)
-    return na.c_array_from_buffers(column_types()[name], n, [bitmap, np.zeros(size, np.uint8)],
-                                   null_count=n, validation_level="minimal")
+        return column(name, *strings(np.full(n, -1), ()))
+    dtype = {"bool": bool, "addr": "V16"}.get(kind) or _DTYPE[kind]
+    return column(name, np.zeros(n, dtype), np.zeros(n, bool))
 
 
 def batch(kind: str, n: int, columns: Dict[str, object]):
@@ -154,10 +142,8 @@ class StreamWriter:
         self._started = True
 
     def close(self) -> None:
-        """The end-of-stream marker."""
+        """The end-of-stream marker (after at least one batch: the first one carries the schema)."""
         try:
-            if not self._started:
-                self._w.write_stream(_na().c_array_stream([], schema()))
             self._w.close()
         except Exception:
             self._file.reraise()

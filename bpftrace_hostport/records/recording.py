@@ -76,7 +76,7 @@ class RecordingWriter:
         if self.anonymizer is not None:       # a copy: the caller's batch feeds other sinks
             client = self.anonymizer.map_column(batch["client_addr"], batch["family"])
             batch = FlowBatch(dict(batch.cols, client_addr=client), batch.pods, batch.drop_reasons)
-        self._append(batch.to_arrow(), len(batch), flows=len(batch))
+        self._append(batch.to_arrow(), flows=len(batch))
 
     def write_misses(self, misses: List[dict]) -> None:
         if self._closed or not misses:
@@ -95,7 +95,7 @@ class RecordingWriter:
             "host_port": ao.column("host_port", np.array([m["host_port"] for m in misses], np.uint16)),
             "count": ao.column("count", np.array([m["count"] for m in misses], np.uint64)),
         }
-        self._append(ao.batch("miss", len(misses), cols), len(misses), misses=len(misses))
+        self._append(ao.batch("miss", len(misses), cols), misses=len(misses))
 
     def write_snapshot(self, kind: str, items: List[dict]) -> None:
         if kind not in SNAPSHOT_KINDS:
@@ -103,11 +103,11 @@ class RecordingWriter:
         if self._closed:
             return
         self._snapshots[kind] = _payload_row(kind, {"items": items})     # repeated at rotation
-        self._append(self._snapshots[kind], 1)
+        self._append(self._snapshots[kind])
 
     def write_summary(self, summary: dict) -> None:
         if not self._closed:
-            self._append(_payload_row("summary", summary), 1)
+            self._append(_payload_row("summary", summary))
 
     def flush(self) -> None:
         if not self._closed:
@@ -148,15 +148,15 @@ class RecordingWriter:
         self.files += 1
         self._rows = self._flows = self._misses = 0
         self._good = 0                        # the offset after the last complete batch
-        self._write(_payload_row("meta", dict(self.header, file_index=self.files - 1)), 1)
+        self._write(_payload_row("meta", dict(self.header, file_index=self.files - 1)))
         for rb in self._snapshots.values():
-            self._write(rb, 1)
+            self._write(rb)
         self._prune()
 
     def _finish(self, rotated: bool) -> None:
         self._write(_payload_row("end", {"rows": self._rows, "flows": self._flows,
                                          "misses": self._misses, "files": self.files,
-                                         "rotated": rotated}), 1)
+                                         "rotated": rotated}))
         with self._guard():
             self._stream.close()              # the end-of-stream marker
             os.fsync(self._file.fileno())
@@ -170,8 +170,8 @@ class RecordingWriter:
                 pass                          # gone already, or not ours to delete
 
     # -- batches ------------------------------------------------------------------------------
-    def _append(self, rb, rows: int, flows: int = 0, misses: int = 0) -> None:
-        self._write(rb, rows)
+    def _append(self, rb, flows: int = 0, misses: int = 0) -> None:
+        self._write(rb)
         self._flows += flows
         self._misses += misses
         self.flows_written += flows
@@ -180,13 +180,13 @@ class RecordingWriter:
             self._finish(rotated=True)
             self._open_next()
 
-    def _write(self, rb, rows: int) -> None:
+    def _write(self, rb) -> None:
         with self._guard():
             self._stream.write(rb)
             self._file.flush()
             self._good = self._file.tell()
-        self._rows += rows
-        self.rows_written += rows
+        self._rows += rb.length
+        self.rows_written += rb.length
 
     @contextmanager
     def _guard(self, doing: str = "write"):
@@ -217,7 +217,7 @@ class RecordingWriter:
 def _payload_row(kind: str, obj):
     text = orjson.dumps(obj, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
     return ao.batch(kind, 1, {"ts": ao.column("ts", np.array([time.time_ns()], np.int64)),
-                              "payload": ao.column("payload", *ao.texts([text]))})
+                              "payload": ao.column("payload", *ao.strings(np.zeros(1), [text]))})
 
 
 def _addrs(texts) -> np.ndarray:
