@@ -126,6 +126,7 @@ class FlowAggregate:
         lat_sorted = lat[by_group]
         pod, drop = b["pod"], b["drop"]
         any_drop = bool((drop >= 0).any())
+        order = bounds = None         # the rows by mapping, sorted once if names or drops need them
         fam_col, proto_col, hp_col, pa_col, pp_col = (b["family"], b["proto"], b["host_port"],
                                                       b["pod_addr"], b["pod_port"])
         for j, i in enumerate(first.tolist()):
@@ -143,7 +144,10 @@ class FlowAggregate:
             if lat_bounds[j + 1] > lat_bounds[j]:
                 st["lat"].add(lat_sorted[lat_bounds[j]:lat_bounds[j + 1]])
             if None in (st["pod_namespace"], st["pod_name"], st["port_name"]) or any_drop:
-                self._names_and_drops(st, np.flatnonzero(inv == j), pod, drop, b)
+                if order is None:
+                    order = np.argsort(inv, kind="stable")
+                    bounds = np.searchsorted(inv[order], np.arange(g + 1)).tolist()
+                self._names_and_drops(st, order[bounds[j]:bounds[j + 1]], pod, drop, b)
 
     @staticmethod
     def _names_and_drops(st, rows, pod, drop, b) -> None:
