@@ -423,8 +423,10 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
 
     u32 status = 0;
     bpf_probe_read_kernel(&status, sizeof(status), (char *)ct + CT_STATUS);
+    /* The first packet of a new conntrack entry (not yet confirmed). */
+    int fresh = ctinfo == IP_CT_NEW && !(status & IPS_CONFIRMED);
     if (ctinfo == IP_CT_NEW) {
-        if (!(status & IPS_CONFIRMED)) {
+        if (fresh) {
             /* A new entry: whatever used this address before is gone. Its `known` entry, if
              * any, is marked in place (a store, no lock) rather than deleted (the bucket's lock:
              * about 400 ns); the first reply overwrites it. */
@@ -477,7 +479,7 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
      * (a retry of a flow not yet reported, below) is that flow looked up. */
     struct flow_val nv = {};
     int built = 0;               /* 1: nv is this packet's new flow; -1: not a hostPort flow */
-    if (ctinfo == IP_CT_NEW && !(status & IPS_CONFIRMED)) {
+    if (fresh) {
         built = new_flow(cfg, ct, &k, family, ctinfo, status, len, hook, &nv);
         if (built > 0) {
             int rc = flows.insert(&k, &nv);
@@ -497,7 +499,7 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
     }
 
     struct flow_val *v = flows.lookup(&k);
-    if (v && ctinfo == IP_CT_NEW && !(status & IPS_CONFIRMED)) {
+    if (v && fresh) {
         /* The first packet of a new conntrack entry on the tuple of a flow not yet reported: a
          * retry of the same unanswered attempt (a SYN retransmitted after a drop) is that flow;
          * a flow that was answered but whose report was deferred is reported now, and the new
