@@ -3,17 +3,13 @@ import numpy as np
 
 from bpftrace_hostport.collect.batch import FlowBatch, iso_to_ns, ns_to_iso, pack_addr
 from bpftrace_hostport.records.schema import field_names
+from tests import samples
 
 
 def flow(**kw):
-    rec = {"type": "flow", "ts": "2026-01-01T00:00:01.000123Z", "proto": "tcp", "family": 4,
-           "client_ip": "10.0.0.10", "client_port": 41000, "node_ip": "10.0.0.1", "host_port": 8000,
-           "pod_ip": "10.0.1.2", "pod_port": 80, "hook": "prerouting", "answered": True,
-           "latency_us": 120.5, "midstream": False, "masqueraded": False, "snat_ip": None,
-           "packets": 4, "bytes": 300, "pod_namespace": "web", "pod_name": "nginx-0",
-           "port_name": "http", "drop_reason": None}
-    rec.update(kw)
-    return rec
+    """The shared sample flow, with the values these tests check."""
+    return samples.flow(**{"ts": "2026-01-01T00:00:01.000123Z", "latency_us": 120.5, "bytes": 300,
+                           "pod_namespace": "web", "pod_name": "nginx-0", **kw})
 
 
 SAMPLES = [
