@@ -66,6 +66,12 @@ struct flow_event {          /* one ring-buffer record per flow, when it is firs
     struct flow_val val;
 };
 
+struct claimed_val {         /* a flow user space reported after the timeout */
+    u64 ct;                  /* its struct nf_conn * (flow_val.ct) */
+    u32 mapping_id;
+    u32 _pad;
+};
+
 struct mapping_key {         /* one hostPort mapping as the kernel applied it */
     u8  family;
     u8  proto;

@@ -10,7 +10,7 @@
  * report it: the kernel deletes it when it reports the flow answered, user space when it
  * reports it after the timeout; whoever's delete succeeds reports, so each flow is reported
  * once. The table stays as small as the flows in flight, which keeps its lookups and inserts
- * in the CPU caches. A reported flow's conntrack entry goes to `known`, where its later
+ * in the CPU caches. A reported flow's conntrack entry goes to `ctcache`, where its later
  * packets find their mapping's counters.
  *
  * Every struct offset (sk_buff, nf_conn, nf_conntrack_tuple, bpf_nf_ctx) comes from the
@@ -26,6 +26,7 @@
  *   TUP_SRC_U3, TUP_SRC_PORT, TUP_L3NUM, TUP_DST_U3, TUP_DST_PORT, TUP_PROTONUM
  *   TP_SKBADDR, TP_REASON   field offsets in the skb:kfree_skb tracepoint record (its format file)
  *   FLOW_TABLE_SIZE, MAP_SIZE, RINGBUF_PAGES   sizes chosen by the user
+ *   CT_SET_BITS       log2 of the sets of `ctcache` (four ways each: FLOW_TABLE_SIZE slots)
  *   WAKE_EVERY        records per CPU between wake-ups of the reader (probe.py sizes it)
  */
 #include "events.h"
@@ -57,19 +58,39 @@
 /* Flows not yet reported (see above). A plain hash, not an LRU: when it is full a new flow is
  * refused and counted (flow_insert_errors), never an unreported one silently evicted. */
 BPF_HASH(flows, struct flow_key, struct flow_val, FLOW_TABLE_SIZE);
-/* Flows already reported (answered, or timed out), by their conntrack entry (struct nf_conn *):
- * every later packet of such a flow only adds to its mapping's counters, found with one lookup
- * of an 8-byte key instead of reading the tuple and hashing a 40-byte flow key. A recycled
- * entry is recognised by its first packet (IP_CT_NEW, not yet confirmed), which marks it
- * KNOWN_PENDING.
- * User space adds the flows it reports after the timeout. */
-BPF_F_TABLE("lru_hash", u64, u32, known, FLOW_TABLE_SIZE, BPF_F_NO_COMMON_LRU);
-/* A `known` entry left by an earlier user of a recycled conntrack entry's address, marked by
- * the new entry's first packet: its packets take the slow path until its first reply. */
-#define KNOWN_PENDING 0xffffffff
+/* Flows the kernel reported (answered), by their conntrack entry (struct nf_conn *): every
+ * later packet of such a flow only adds to its mapping's counters, found with one array access
+ * and four compares instead of reading the tuple and hashing a 40-byte flow key.
+ *
+ * A 4-way set-associative cache in an array, not a hash map: a hash map's insert takes the
+ * bucket's lock and its LRU upkeep walks lists (about 300 ns per insert here, a cold bucket
+ * lookup about as much); here a slot is one 8-byte word, the entry's address and its mapping's
+ * id, written with compare-and-swap, and a set is 40 bytes. A set keeps the entries used most
+ * recently (by a coarse clock, refreshed at most once per tick): an idle connection's slot goes
+ * first, as in an LRU, and such a flow's next packet counts as a new, midstream flow.
+ * A recycled entry is recognised by its first packet (IP_CT_NEW, not yet confirmed), which
+ * marks its slot CT_PENDING. */
+#define CT_WAYS     4
+#define CT_ID_BITS  14
+#define CT_ID_MASK  ((1ULL << CT_ID_BITS) - 1)
+/* A slot left by an earlier user of a recycled conntrack entry's address, marked by the new
+ * entry's first packet: its packets take the slow path until its first reply. */
+#define CT_PENDING  CT_ID_MASK
+#if MAP_SIZE >= CT_ID_MASK
+#error "MAP_SIZE must stay below 16383: a cache slot keeps a mapping id in 14 bits"
+#endif
+struct ct_set {
+    u64 slot[CT_WAYS];       /* (address >> 3) << CT_ID_BITS | mapping id; 0: empty */
+    u16 seen[CT_WAYS];       /* the coarse clock (jiffies >> 8) when the slot was last used */
+};
+BPF_ARRAY(ctcache, struct ct_set, 1 << CT_SET_BITS);
+/* Flows user space reported after the timeout (unanswered, or answered with the record
+ * deferred), by flow key: a later packet of one (a late reply, a retransmission) finds its
+ * mapping here and moves it into `ctcache`, rather than starting a flow again. */
+BPF_TABLE("lru_hash", struct flow_key, struct claimed_val, claimed, FLOW_TABLE_SIZE);
 /* Per-mapping counters: a mapping gets a small id once (mapping_ids, free_ids) and its
  * counters live in a per-CPU array slot, so a packet adds to them with one array access (which
- * the verifier inlines) instead of hashing a 24-byte key. `known` keeps the id of each flow. */
+ * the verifier inlines) instead of hashing a 24-byte key. `ctcache` keeps the id of each flow. */
 BPF_HASH(mapping_ids, struct mapping_key, u32, MAP_SIZE);
 BPF_QUEUE(free_ids, u32, MAP_SIZE);      /* filled with 0 .. MAP_SIZE-1 by user space */
 BPF_ARRAY(mapping_keys, struct mapping_key, MAP_SIZE);  /* id -> mapping, for drops */
@@ -114,6 +135,34 @@ static __always_inline void *skb_conntrack(void *skb, u8 *ctinfo)
 static __always_inline int read_tuple(void *ct, int off, u8 *buf)
 {
     return bpf_probe_read_kernel(buf, TUPLE_SIZE, (char *)ct + off);
+}
+
+/* What the slow path needs of a conntrack entry (both tuples and the status) in one read when
+ * the BTF offsets put them close together (tuplehash[2], then status: every kernel with the
+ * netfilter link), else in three. Where each lands in the buffer: */
+#if CT_TUPLE_ORIG < CT_TUPLE_REPLY && CT_TUPLE_REPLY + TUPLE_SIZE <= CT_STATUS && \
+    CT_STATUS + 4 - CT_TUPLE_ORIG <= 160
+#define CT_ONE_READ 1
+#define CT_O 0
+#define CT_R (CT_TUPLE_REPLY - CT_TUPLE_ORIG)
+#define CT_S (CT_STATUS - CT_TUPLE_ORIG)
+#else
+#define CT_O 0
+#define CT_R 64
+#define CT_S 128
+#endif
+#define CT_BUF 160
+
+static __always_inline int read_ct(void *ct, u8 *b)
+{
+#ifdef CT_ONE_READ
+    return bpf_probe_read_kernel(b, CT_S + 4, (char *)ct + CT_TUPLE_ORIG);
+#else
+    if (bpf_probe_read_kernel(b + CT_O, TUPLE_SIZE, (char *)ct + CT_TUPLE_ORIG) ||
+        bpf_probe_read_kernel(b + CT_R, TUPLE_SIZE, (char *)ct + CT_TUPLE_REPLY))
+        return -1;
+    return bpf_probe_read_kernel(b + CT_S, 4, (char *)ct + CT_STATUS);
+#endif
 }
 
 static __always_inline u8 tuple_family(u8 *t)
@@ -264,27 +313,115 @@ static __always_inline void count_miss(struct flow_key *k, u8 hook)
     mv->last_ns = bpf_ktime_get_ns();
 }
 
-/* A packet of a reported flow: added to its mapping's counters (1), or 0 when its conntrack
- * entry is not in `known`. */
-static __always_inline int count_known(u64 ctkey, u32 len)
+/* A conntrack entry's tag in a cache slot: its address without the 3 low bits (always zero:
+ * skb->_nfct keeps ctinfo there) nor the top ones (the same for every kernel address), moved
+ * above the mapping id. */
+static __always_inline u64 ct_tag(u64 ct)
 {
-    u32 *id = known.lookup(&ctkey);
-    if (!id || *id == KNOWN_PENDING)
+    return (ct >> 3) << CT_ID_BITS;
+}
+
+static __always_inline struct ct_set *ct_set_of(u64 ct)
+{
+    u32 i = (u32)(((ct >> 3) * 0x9E3779B97F4A7C15ULL) >> (64 - CT_SET_BITS));
+    return ctcache.lookup(&i);
+}
+
+/* The way of set s that holds tag, or -1. */
+static __always_inline int ct_way(struct ct_set *s, u64 tag)
+{
+#pragma unroll
+    for (int w = 0; w < CT_WAYS; w++) {
+        if ((s->slot[w] & ~CT_ID_MASK) == tag)
+            return w;
+    }
+    return -1;
+}
+
+static __always_inline u16 ct_clock(void)
+{
+    return (u16)(bpf_jiffies64() >> 8);
+}
+
+/* A packet of a reported flow: added to its mapping's counters (1), or 0 when its conntrack
+ * entry is not in the cache (or is marked CT_PENDING). */
+static __always_inline int count_known(u64 ct, u32 len)
+{
+    struct ct_set *s = ct_set_of(ct);
+    if (!s)
         return 0;
-    mapping_add(*id, 0, len);
+    int w = ct_way(s, ct_tag(ct));
+    if (w < 0)
+        return 0;
+    w &= CT_WAYS - 1;
+    u32 id = s->slot[w] & CT_ID_MASK;
+    if (id == CT_PENDING)
+        return 0;
+    u16 now = ct_clock();
+    if (s->seen[w] != now)
+        s->seen[w] = now;        /* a store at most once per tick: the line stays clean */
+    mapping_add(id, 0, len);
     return 1;
 }
 
-/* A reported flow's conntrack entry goes to `known`. When the entry's address still has the
- * stale entry its first packet marked KNOWN_PENDING, that one is reused in place (a store)
- * instead of replaced (an insert takes bucket and LRU locks: about 500 ns). */
-static __always_inline void remember(u64 ctkey, u32 id)
+/* The first packet of a new conntrack entry: a slot its address still has from an earlier
+ * entry is marked CT_PENDING (compare-and-swap: another CPU may be taking the slot). */
+static __always_inline void ct_forget(u64 ct)
 {
-    u32 *slot = known.lookup(&ctkey);
-    if (slot)
-        *slot = id;
-    else
-        known.update(&ctkey, &id);
+    struct ct_set *s = ct_set_of(ct);
+    if (!s)
+        return;
+    u64 tag = ct_tag(ct);
+    int w = ct_way(s, tag);
+    if (w < 0)
+        return;
+    w &= CT_WAYS - 1;
+    u64 old = s->slot[w];
+    if ((old & ~CT_ID_MASK) == tag)
+        __sync_val_compare_and_swap(&s->slot[w], old, tag | CT_PENDING);
+}
+
+/* The way to give a new entry: an empty one, else the one used longest ago. */
+static __always_inline int ct_victim(struct ct_set *s, u16 now)
+{
+    int best = 0;
+    u16 oldest = 0;
+#pragma unroll
+    for (int w = 0; w < CT_WAYS; w++) {
+        if (s->slot[w] == 0)
+            return w;
+        u16 age = now - s->seen[w];
+        if (w == 0 || age > oldest) {
+            oldest = age;
+            best = w;
+        }
+    }
+    return best;
+}
+
+/* A reported flow's conntrack entry goes to the cache: into its own slot when the address still
+ * has one (marked CT_PENDING by its first packet), else into the set's emptiest or stalest way.
+ * Compare-and-swap, so that two CPUs taking the same way at once cannot mix their words; the
+ * loser tries once more, then gives up (its flow's next packet counts as a midstream flow). */
+static __always_inline void remember(u64 ct, u32 id)
+{
+    struct ct_set *s = ct_set_of(ct);
+    if (!s)
+        return;
+    u64 tag = ct_tag(ct);
+    u16 now = ct_clock();
+#pragma unroll
+    for (int tries = 0; tries < 2; tries++) {
+        int w = ct_way(s, tag);
+        if (w < 0)
+            w = ct_victim(s, now);
+        w &= CT_WAYS - 1;
+        u64 old = s->slot[w];
+        if (__sync_val_compare_and_swap(&s->slot[w], old, tag | id) == old) {
+            s->seen[w] = now;
+            return;
+        }
+    }
 }
 
 /* The latency bucket of a first reply: the first bound (µs) the latency does not exceed. */
@@ -362,21 +499,21 @@ static __always_inline int report_answered(struct flow_key *k, struct flow_val *
     return 0;
 }
 
-/* A new flow of this packet in *nv: 1, or -1 when the packet is not one we trace (another
- * protocol, a DNAT to something other than a local address such as a Service ClusterIP, a port
- * not watched, a client filtered out) or its reply tuple cannot be read. */
-static __always_inline int new_flow(struct config *cfg, void *ct, struct flow_key *k, u8 family,
-                                    u8 ctinfo, u32 status, u32 len, u8 hook, struct flow_val *nv)
+/* Whether a DNATed connection's ORIGINAL tuple is one we trace: a watched protocol and port on
+ * a local address (not, say, a Service ClusterIP), from a client not filtered out. */
+static __always_inline int traced(struct config *cfg, struct flow_key *k)
 {
-    if (!proto_allowed(cfg, k->proto) || !is_local(family, k->node_addr))
-        return -1;   /* e.g. a Service ClusterIP DNAT: not a hostPort */
+    if (!proto_allowed(cfg, k->proto) || !is_local(k->family, k->node_addr))
+        return 0;
     if (!cfg->watch_all && !port_watched(k->proto, k->host_port))
-        return -1;
-    if (!client_allowed(cfg, k))
-        return -1;
-    u8 r[TUPLE_BUF] = {};
-    if (read_tuple(ct, CT_TUPLE_REPLY, r))
-        return -1;
+        return 0;
+    return client_allowed(cfg, k);
+}
+
+/* A new flow of this packet in *nv (r: its conntrack entry's REPLY tuple). */
+static __always_inline void new_flow(void *ct, struct flow_key *k, u8 *r, u8 ctinfo, u32 status,
+                                     u32 len, u8 hook, struct flow_val *nv)
+{
     u64 now = bpf_ktime_get_ns();
     nv->ct = (u64)ct;
     nv->first_ns = now;
@@ -386,14 +523,13 @@ static __always_inline int new_flow(struct config *cfg, void *ct, struct flow_ke
     nv->hook = hook;
     if (ctinfo != IP_CT_NEW)
         nv->flags = FLOW_MIDSTREAM;   /* began before we attached: no latency to measure */
-    copy_addr(nv->pod_addr, r + TUP_SRC_U3, family);
+    copy_addr(nv->pod_addr, r + TUP_SRC_U3, k->family);
     nv->pod_port = *(u16 *)(r + TUP_SRC_PORT);
     if (status & IPS_SRC_NAT)         /* midstream: source NAT already happened */
-        note_masquerade(nv, k, r, family);
+        note_masquerade(nv, k, r, k->family);
     struct mapping_key m = {};
     mapping_from(&m, k, r);
     nv->mapping_id = mapping_id(&m);
-    return 1;
 }
 
 static __always_inline void flow_created(struct flow_val *nv, u32 len)
@@ -421,21 +557,22 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
         }
     }
 
-    u32 status = 0;
-    bpf_probe_read_kernel(&status, sizeof(status), (char *)ct + CT_STATUS);
+    /* Everything else needs the entry's tuples and status: one read. */
+    u8 cb[CT_BUF];
+    if (read_ct(ct, cb))
+        return 1;
+    u8 *o = cb + CT_O, *r = cb + CT_R;
+    u32 status = *(u32 *)(cb + CT_S);
     /* The first packet of a new conntrack entry (not yet confirmed). */
     int fresh = ctinfo == IP_CT_NEW && !(status & IPS_CONFIRMED);
     if (ctinfo == IP_CT_NEW) {
         if (fresh) {
-            /* A new entry: whatever used this address before is gone. Its `known` entry, if
-             * any, is marked in place (a store, no lock) rather than deleted (the bucket's lock:
-             * about 400 ns); the first reply overwrites it. */
-            u32 *stale = known.lookup(&ctkey);
-            if (stale)
-                *stale = KNOWN_PENDING;
+            /* A new entry: whatever used this address before is gone. Its slot in the cache,
+             * if any, is marked CT_PENDING; the first reply takes it over. */
+            ct_forget(ctkey);
         } else {
             /* A retransmitted first packet (or a UDP request before any reply) of a flow
-             * user space reported after the timeout: its counters, as on the hot path. */
+             * already reported: its counters, as on the hot path. */
             if (count_known(ctkey, len))
                 return 1;
         }
@@ -451,15 +588,15 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
     if (ctinfo == IP_CT_RELATED || ctinfo == IP_CT_RELATED_REPLY)
         return 1;
     int reply = ctinfo == IP_CT_ESTABLISHED_REPLY;
+    u8 family = tuple_family(o);
+    if (!family)
+        return 1;
+    struct flow_key k = {};
     if (!(status & IPS_DST_NAT)) {
         /* Not translated: only the first packet of a new connection can be a miss. */
         if (reply || ctinfo != IP_CT_NEW || cfg->watch_all)
             return 1;
-        u8 o[TUPLE_BUF] = {};
-        struct flow_key k = {};
-        u8 family = flow_key_of(ct, o, &k);
-        if (!family)
-            return 1;
+        key_from_orig(&k, o, family);
         if (!proto_allowed(cfg, k.proto) || !port_watched(k.proto, k.host_port))
             return 1;
         if (!is_local(family, k.node_addr) || !client_allowed(cfg, &k))
@@ -467,33 +604,25 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
         count_miss(&k, hook);
         return 1;
     }
-
-    u8 o[TUPLE_BUF] = {};
-    struct flow_key k = {};
-    u8 family = flow_key_of(ct, o, &k);
-    if (!family)
-        return 1;
+    key_from_orig(&k, o, family);
 
     /* The first packet of a new conntrack entry almost always starts a new flow: it is
      * inserted without a lookup first (BPF_NOEXIST), and only when the tuple is already there
      * (a retry of a flow not yet reported, below) is that flow looked up. */
     struct flow_val nv = {};
-    int built = 0;               /* 1: nv is this packet's new flow; -1: not a hostPort flow */
+    int built = 0;               /* 1: nv is this packet's new flow */
     if (fresh) {
-        built = new_flow(cfg, ct, &k, family, ctinfo, status, len, hook, &nv);
-        if (built > 0) {
-            int rc = flows.insert(&k, &nv);
-            if (rc == 0) {
-                flow_created(&nv, len);
-                return 1;
-            }
-            if (rc != -EEXIST) {
-                stat_inc(STAT_FLOW_INSERT_ERR);
-                return 1;
-            }
-        } else {
-            /* Not a hostPort flow (a Service ClusterIP DNAT, a port not watched): a node
-             * with much Service traffic pays no flow table lookup for it. */
+        if (!traced(cfg, &k))
+            return 1;   /* a Service ClusterIP DNAT, a port not watched: no flow table lookup */
+        new_flow(ct, &k, r, ctinfo, status, len, hook, &nv);
+        built = 1;
+        int rc = flows.insert(&k, &nv);
+        if (rc == 0) {
+            flow_created(&nv, len);
+            return 1;
+        }
+        if (rc != -EEXIST) {
+            stat_inc(STAT_FLOW_INSERT_ERR);
             return 1;
         }
     }
@@ -514,6 +643,19 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
         }
     }
     if (!v) {
+        if (!built && !traced(cfg, &k))
+            return 1;   /* not a hostPort flow (a Service ClusterIP): nothing to count */
+        if (!fresh) {
+            /* A flow user space reported after the timeout (this very conntrack entry): its
+             * later packets go to its mapping's counters, from the cache from now on. */
+            struct claimed_val *c = claimed.lookup(&k);
+            if (c && c->ct == ctkey) {
+                u32 cid = c->mapping_id;
+                remember(ctkey, cid);
+                mapping_add(cid, 0, len);
+                return 1;
+            }
+        }
         if (reply) {
             /* Only flows we saw start are tracked; a reply with no flow means the flow
              * table evicted it (or it began before we attached). */
@@ -521,9 +663,7 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
             return 1;
         }
         if (!built)
-            built = new_flow(cfg, ct, &k, family, ctinfo, status, len, hook, &nv);
-        if (built < 0)
-            return 1;
+            new_flow(ct, &k, r, ctinfo, status, len, hook, &nv);
         if (flows.update(&k, &nv)) {
             stat_inc(STAT_FLOW_INSERT_ERR);
             return 1;
@@ -533,7 +673,7 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
     }
 
     /* Packets of a flow not yet answered (and the first reply): its mapping is the one
-     * recorded at its first packet, so the reply tuple is read only once, at the first reply. */
+     * recorded at its first packet. */
     u32 mid = v->mapping_id;
     mapping_add(mid, 0, len);
 
@@ -545,11 +685,8 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
         /* No program runs after SNAT (it would cost every packet of every flow): a flow not
          * yet answered learns of its masquerade from its next packet, which passes here after
          * the first one was source-NATed. An unanswered flow of one packet cannot know. */
-        if ((status & IPS_SRC_NAT) && !(v->flags & FLOW_MASQUERADED)) {
-            u8 r[TUPLE_BUF] = {};
-            if (!read_tuple(ct, CT_TUPLE_REPLY, r))
-                note_masquerade(v, &k, r, family);
-        }
+        if ((status & IPS_SRC_NAT) && !(v->flags & FLOW_MASQUERADED))
+            note_masquerade(v, &k, r, family);
         return 1;
     }
     __sync_fetch_and_add(&v->packets_reply, 1);
@@ -559,9 +696,7 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
     v->reply_ns = bpf_ktime_get_ns();
     v->last_ns = v->reply_ns;
     v->flags |= FLOW_ANSWERED;
-    u8 r[TUPLE_BUF] = {};
-    if (read_tuple(ct, CT_TUPLE_REPLY, r) == 0)
-        note_masquerade(v, &k, r, family);   /* by the first reply both NAT manips are settled */
+    note_masquerade(v, &k, r, family);   /* by the first reply both NAT manips are settled */
     /* What the answered count needs, read before the entry may go. */
     u8 flags = v->flags;
     u64 lat = v->reply_ns - v->first_ns;
@@ -595,7 +730,7 @@ int nf_output_post_dnat(void *ctx)
 
 /* skb:kfree_skb fires for every dropped skb on the machine (tracepoints are global). A drop
  * is charged to one of our flows only when its conntrack entry is the very entry the flow
- * recorded (in `known`, or the flow's `ct`), which also confines it to the traced network
+ * recorded (in the cache, `claimed`, or the flow's `ct`), which also confines it to the traced network
  * namespace. */
 int tp_kfree_skb(void *ctx)
 {
@@ -611,24 +746,33 @@ int tp_kfree_skb(void *ctx)
     bpf_probe_read_kernel(&status, sizeof(status), (char *)ct + CT_STATUS);
     if (!(status & IPS_DST_NAT))
         return 0;
-    /* A reported flow: its conntrack entry is in `known`, with its mapping's id. A flow not yet
-     * reported: in `flows` (by its tuple), where its own drop count goes too. */
+    /* A flow the kernel reported: its conntrack entry is in the cache, with its mapping's id.
+     * A flow not yet reported: in `flows` (by its tuple), where its own drop count goes too. A
+     * flow user space reported after the timeout: in `claimed`. */
     u64 ctkey = (u64)ct;
-    u32 id = MAP_SIZE;
-    u32 *kid = known.lookup(&ctkey);
-    if (kid && *kid != KNOWN_PENDING) {
-        id = *kid;
-    } else {
+    u32 id = CT_PENDING;
+    struct ct_set *s = ct_set_of(ctkey);
+    if (s) {
+        int w = ct_way(s, ct_tag(ctkey));
+        if (w >= 0)
+            id = s->slot[w & (CT_WAYS - 1)] & CT_ID_MASK;
+    }
+    if (id == CT_PENDING) {
         u8 o[TUPLE_BUF] = {};
         struct flow_key k = {};
         if (!flow_key_of(ct, o, &k))
             return 0;
         struct flow_val *v = flows.lookup(&k);
-        if (!v || v->ct != ctkey)
-            return 0;
-        __sync_fetch_and_add(&v->drops, 1);
-        v->drop_reason = reason;
-        id = v->mapping_id;
+        if (v && v->ct == ctkey) {
+            __sync_fetch_and_add(&v->drops, 1);
+            v->drop_reason = reason;
+            id = v->mapping_id;
+        } else {
+            struct claimed_val *c = claimed.lookup(&k);
+            if (!c || c->ct != ctkey)
+                return 0;
+            id = c->mapping_id;
+        }
     }
     stat_inc(STAT_DROPS_SEEN);
     struct mapping_key *mk = mapping_keys.lookup(&id);

@@ -124,11 +124,17 @@ def wake_every(ringbuf_pages: int, cpus: int) -> int:
     return max(1, min(1024, capacity // (8 * max(1, cpus))))
 
 
+def ct_set_bits(flow_table_size: int) -> int:
+    """log2 of the sets of the kernel's cache of reported flows (`ctcache`, four ways a set):
+    at least as many slots as the flow table holds flows."""
+    return max(1, (max(4, flow_table_size) - 1).bit_length() - 2)
+
+
 def _tuple_len(family: int) -> int:
     return 4 if family == 4 else 16
 
 
-MAPS = ("flows", "known", "mapping_ids", "free_ids", "mappings", "mapping_lat", "drops", "misses", "watch_ports", "local_addrs",
+MAPS = ("flows", "claimed", "mapping_ids", "free_ids", "mappings", "mapping_lat", "drops", "misses", "watch_ports", "local_addrs",
         "client_cidrs", "config", "stats", "events")
 
 
@@ -189,7 +195,7 @@ class Probe:
         else:
             defs.update({"TP_SKBADDR": 8, "TP_REASON": 36})   # program compiled but not attached
         o = self.opts
-        defs.update({"FLOW_TABLE_SIZE": o.flow_table_size,
+        defs.update({"FLOW_TABLE_SIZE": o.flow_table_size, "CT_SET_BITS": ct_set_bits(o.flow_table_size),
                      "MAP_SIZE": o.map_size, "RINGBUF_PAGES": o.ringbuf_pages,
                      "WAKE_EVERY": wake_every(o.ringbuf_pages, bpfsys.possible_cpus())})
         self.defines = defs
@@ -413,16 +419,17 @@ class Probe:
         Deleting a flow's entry is the claim: the kernel reports a flow as answered only if it
         can still delete that entry, so each flow is reported exactly once; the value comes
         back with the delete (BPF_MAP_LOOKUP_AND_DELETE_ELEM), as it was at the claim. The
-        flow's conntrack entry goes to `known` first, so that its later packets (a late reply,
-        a retransmission) add to its mapping's counters and do not start a flow again.
+        flow goes to `claimed` first (its key, conntrack entry and mapping), so that its later
+        packets (a late reply, a retransmission) add to its mapping's counters and do not start
+        a flow again.
         """
-        flows, known = self.maps["flows"], self.maps["known"]
+        flows, later = self.maps["flows"], self.maps["claimed"]
         out = []
         for k in list(flows.keys()):
             v = flows.lookup(k)
             if v is None or (older_than_ns is not None and v.first_ns > older_than_ns):
                 continue                  # reported meanwhile, or not yet due
-            known.update(ctypes.c_uint64(v.ct), ctypes.c_uint32(v.mapping_id))
+            later.update(k, later.Leaf(ct=v.ct, mapping_id=v.mapping_id))
             claimed = flows.lookup_and_delete(k)
             if claimed is not None:       # None: the kernel reported it meanwhile
                 out.append(self._raw_event(k, claimed))
