@@ -172,3 +172,18 @@ def test_kernel_latency_buckets_match_the_metrics_buckets():
     n = int(re.search(r"#define LAT_BUCKETS (\d+)", text)[1])
     assert len(bounds) == n - 1 == len(LATENCY_BOUNDS_US) - 1
     assert bounds == [int(b) for b in LATENCY_BOUNDS_US[:-1]]
+
+
+def test_the_conntrack_cache_has_a_slot_for_every_flow_the_table_holds():
+    """`ctcache` has 4 << CT_SET_BITS slots: at least --flow-table, at most twice as many."""
+    from bpftrace_hostport.collect.netfilter.probe import ct_set_bits
+    for size in (1024, 1025, 4096, 65535, 65536, 100_000, 1 << 22):
+        slots = 4 << ct_set_bits(size)
+        assert size <= slots < 2 * size
+
+
+def test_mapping_ids_fit_the_cache_slot():
+    """A cache slot keeps a mapping id in 14 bits, CT_PENDING being the largest: MAP_SIZE (the
+    id of "no counters") must stay below it (the C source refuses to compile otherwise)."""
+    from bpftrace_hostport.collect.netfilter.probe import ProbeOptions
+    assert ProbeOptions().map_size < (1 << 14) - 1
