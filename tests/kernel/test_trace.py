@@ -315,6 +315,33 @@ def test_reused_client_port_is_a_new_flow_each_time(tlab):
     assert t.summary["lost_events"] == 0
 
 
+def test_a_recycled_conntrack_entry_is_its_new_flow_not_the_old_one(tlab):
+    """The kernel remembers reported flows by the address of their conntrack entry. Flushing the
+    node's conntrack table frees the entries, and the next connection's entry usually takes the
+    same memory (the slab gives back what was freed last): a TCP flow to 8000 and a UDP flow to
+    5353 in turn, the table flushed after each, must each be its own answered flow with its own
+    pod, never counted into the previous one's mapping."""
+    dns, pod = next(p for p in tlab.pods if p.name == "dns"), nginx(tlab)
+    flush = ["ip", "netns", "exec", tlab.node_netns, "conntrack", "-F"]
+    rounds = 8
+    with tracing("--lab", tlab.name, "--timeout", "1") as t:
+        for _ in range(rounds):
+            assert lab.traffic(tlab.name, to=8000, count=1)["answered"] == 1
+            subprocess.run(flush, check=True, capture_output=True)
+            assert lab.traffic(tlab.name, to=5353, proto="udp", count=1)["answered"] == 1
+            subprocess.run(flush, check=True, capture_output=True)
+    tcp = [f for f in t.flows if f["host_port"] == 8000 and f["family"] == 4]
+    udp = [f for f in t.flows if f["host_port"] == 5353]
+    assert len(tcp) == len(udp) == rounds, t.flows
+    assert all(f["answered"] and not f["midstream"] and f["pod_ip"] == pod.ips[0] for f in tcp), tcp
+    assert all(f["answered"] and not f["midstream"] and f["pod_ip"] == dns.ips[0] for f in udp), udp
+    m = {x["host_port"]: x for x in t.summary["mappings"] if x["family"] == 4}
+    assert m[8000]["flows"] == m[5353]["flows"] == rounds, m
+    # A UDP exchange is two packets; the mapping has them all, and nothing of the TCP flows.
+    assert m[5353]["packets"] == 2 * rounds, m[5353]
+    assert t.summary["lost_events"] == 0 and t.summary["kernel"]["reply_without_flow"] == 0
+
+
 def test_stale_udp_flow_goes_to_the_dead_pod_unanswered():
     require_kernel()
     name = unique("stl")
