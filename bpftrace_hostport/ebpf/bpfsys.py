@@ -211,6 +211,19 @@ class BpfMap:
                 return False
             raise
 
+    def is_empty(self) -> bool:
+        """True when the map holds no key (one BPF_MAP_GET_NEXT_KEY from the start)."""
+        nbuf = ctypes.create_string_buffer(self.key_size)
+        attr = ctypes.create_string_buffer(32)
+        struct.pack_into("<IIQQ", attr, 0, self.fd, 0, 0, ctypes.addressof(nbuf))
+        try:
+            sys_bpf(BPF_MAP_GET_NEXT_KEY, attr)
+        except BpfError as e:
+            if e.errno == errno.ENOENT:
+                return True
+            raise
+        return False
+
     def keys(self) -> Iterator:
         prev = None
         nbuf = ctypes.create_string_buffer(self.key_size)

@@ -18,6 +18,11 @@ from typing import Dict, List, Optional, Tuple
 from bpftrace_hostport.collect.batch import FlowBatch
 from bpftrace_hostport.collect.netfilter import decode as ev
 
+# A flow's first_ns is the kernel's clock read just before the flow goes into `flows`
+# (new_flow in bpf/hostport.bpf.c). How much later than that read the insert may land, with a
+# wide margin: a virtual CPU can be stopped by its host between the two.
+INSERT_SLACK_NS = 1_000_000_000
+
 
 class NetfilterBackend:
     name = "netfilter"
@@ -38,6 +43,7 @@ class NetfilterBackend:
         self.drain: Optional[_RingDrain] = None
         self.miss_seen: Dict[ev.MissKey, int] = {}
         self.reported = 0
+        self.quiet_until_ns = 0      # no flow in the table can reach --timeout before this
 
     def start(self, local_addrs: List[str]) -> str:
         self.probe.set_local_addrs(local_addrs)
@@ -67,7 +73,19 @@ class NetfilterBackend:
         return self._decode(self.drain.take())
 
     def expire(self) -> FlowBatch:
-        return self._decode(self.probe.take_pending(ev.Clock.now_mono_ns() - int(self.opts.timeout * 1e9)))
+        now = ev.Clock.now_mono_ns()
+        if now < self.quiet_until_ns:
+            return FlowBatch.empty()
+        timeout_ns = int(self.opts.timeout * 1e9)
+        if self.probe.flows_empty():
+            # Nothing in flight: a flow that comes later began (first_ns) no earlier than now
+            # less the slack, so none can reach --timeout before now + timeout - slack. Until
+            # then the table is not walked: a node without traffic looks at it once per
+            # timeout instead of four times a second. A flow due then is still claimed at the
+            # first batch after its timeout, as when the table is walked every time.
+            self.quiet_until_ns = now + timeout_ns - INSERT_SLACK_NS
+            return FlowBatch.empty()
+        return self._decode(self.probe.take_pending(now - timeout_ns))
 
     def misses(self) -> List[dict]:
         out = []

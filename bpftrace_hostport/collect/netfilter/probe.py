@@ -428,6 +428,10 @@ class Probe:
                 out.append(self._raw_event(k, claimed))
         return out
 
+    def flows_empty(self) -> bool:
+        """No flow in `flows`: none reported yet, none waiting for its timeout."""
+        return self.maps["flows"].is_empty()
+
     def read_misses(self):
         return self.maps["misses"].items()
 

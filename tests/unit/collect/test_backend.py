@@ -1,0 +1,70 @@
+"""The netfilter backend's loop-side logic, without a kernel: when the flow table is walked for
+flows past --timeout."""
+from types import SimpleNamespace
+
+from bpftrace_hostport.collect.netfilter import backend as bk
+from bpftrace_hostport.collect.netfilter import decode as ev
+from bpftrace_hostport.collect.batch import FlowBatch
+
+S = 1_000_000_000
+
+
+class TableProbe:
+    """A probe whose flow table is empty or not; counts its walks."""
+
+    def __init__(self):
+        self.empty = True
+        self.walks = []
+        self.checks = 0
+
+    def flows_empty(self):
+        self.checks += 1
+        return self.empty
+
+    def take_pending(self, older_than_ns):
+        self.walks.append(older_than_ns)
+        return []
+
+
+def backend(probe, monkeypatch, clock):
+    b = object.__new__(bk.NetfilterBackend)
+    b.probe, b.opts, b.reported, b.quiet_until_ns = probe, SimpleNamespace(timeout=5.0), 0, 0
+    b.decoder = SimpleNamespace(decode=lambda raws: FlowBatch.empty())
+    monkeypatch.setattr(ev.Clock, "now_mono_ns", staticmethod(lambda: clock[0]))
+    return b
+
+
+def test_an_empty_flow_table_is_not_walked_again_before_a_flow_could_time_out(monkeypatch):
+    clock = [100 * S]
+    p = TableProbe()
+    b = backend(p, monkeypatch, clock)
+    b.expire()
+    assert p.checks == 1 and p.walks == []
+    # A flow that arrives now is due at 105 s: nothing is looked at before 105 s less the slack.
+    p.empty = False
+    quiet = 100 * S + 5 * S - bk.INSERT_SLACK_NS
+    for t in range(100 * S, quiet, S // 4):
+        clock[0] = t
+        assert len(b.expire()) == 0
+    assert p.checks == 1 and p.walks == []
+    clock[0] = quiet
+    b.expire()
+    assert p.checks == 2 and p.walks == [quiet - 5 * S]
+
+
+def test_a_table_with_flows_is_walked_at_every_batch(monkeypatch):
+    clock = [100 * S]
+    p = TableProbe()
+    p.empty = False
+    b = backend(p, monkeypatch, clock)
+    for i in range(4):
+        clock[0] = 100 * S + i * S // 4
+        b.expire()
+    assert p.walks == [100 * S + i * S // 4 - 5 * S for i in range(4)]
+    # Once it is empty the walks stop until a flow could be due.
+    p.empty = True
+    clock[0] += S // 4
+    b.expire()
+    clock[0] += S // 4
+    b.expire()
+    assert len(p.walks) == 4 and p.checks == 5
