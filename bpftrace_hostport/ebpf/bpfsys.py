@@ -276,9 +276,9 @@ class RingBuffer:
         self.cons = mmap.mmap(fd, self.page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
         self.prod = mmap.mmap(fd, self.page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=self.page)
 
-    def wait(self, timeout_s: float, also: Tuple[int, ...] = ()) -> None:
+    def wait(self, timeout_s: Optional[float], also: Tuple[int, ...] = ()) -> None:
         """Sleeps until the kernel wakes readers of the ring (a record submitted with a wake-up),
-        one of the `also` descriptors is readable, or timeout_s passes.
+        one of the `also` descriptors is readable, or timeout_s passes (None: no timeout).
 
         Edge-triggered: a ring buffer's fd polls readable for as long as any record is unread,
         so a level-triggered poll would return at once after every partial drain and the reader

@@ -1,8 +1,9 @@
 """The netfilter backend: eBPF on the netfilter BPF link, aggregated in the kernel.
 
 What it hands the session:
-  * answered flows from the ring buffer (one record per flow, drained by its own thread
-    when the kernel wakes it or every 250 ms so a stalled writer cannot make the kernel lose records);
+  * answered flows from the ring buffer (one record per flow): read at each batch, and by
+    a thread of its own whenever the kernel wakes it, so a stalled writer cannot make the
+    kernel lose records;
   * flows still in the flow table after --timeout, claimed with lookup-and-delete (deleting
     the entry is the claim, so each flow is reported exactly once);
   * miss records: deltas of the in-kernel miss counters, once a second;
@@ -70,7 +71,7 @@ class NetfilterBackend:
         return batch
 
     def poll(self) -> FlowBatch:
-        return self._decode(self.drain.take())
+        return self._decode(self.drain.take(rest=True))
 
     def expire(self) -> FlowBatch:
         now = ev.Clock.now_mono_ns()
@@ -142,36 +143,42 @@ class NetfilterBackend:
 class _RingDrain:
     """Copies answered-flow records out of the ring buffer in its own thread, so that a stalled
     sink cannot make the ring overflow: it sleeps on the ring until the kernel wakes it (every
-    WAKE_EVERY records per CPU, see probe.wake_every) or READER_PERIOD_S passes, and takes one
-    chunk of records back to back per wake-up."""
+    WAKE_EVERY records per CPU, see probe.wake_every: well before the ring could fill) and
+    takes one chunk of records back to back per wake-up.
+
+    The records submitted since the last wake-up are read by the loop at each batch
+    (take(rest=True)), not by a timer in this thread: a timer would wake it four times a
+    second on a node without traffic. A lock keeps the two readers of the ring apart."""
 
     def __init__(self, probe):
         self.probe = probe
         self.buf: deque = deque()
+        self.lock = threading.Lock()
         self.done = threading.Event()
         self.wake_r, self.wake_w = os.pipe()          # stop() wakes the sleeping thread
         self.thread = threading.Thread(target=self._run, name="ring-drain", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
-        from bpftrace_hostport.collect.netfilter.probe import READER_PERIOD_S
         ring = self.probe.ring
         while not self.done.is_set():
-            ring.wait(READER_PERIOD_S, (self.wake_r,))
+            ring.wait(None, (self.wake_r,))
             if self.done.is_set():
                 break
-            chunk = self.probe.consume()
-            if chunk:
-                self.buf.append(chunk)
+            with self.lock:
+                chunk = self.probe.consume()
+                if chunk:
+                    self.buf.append(chunk)
 
-    def take(self) -> List[bytes]:
-        out = []
-        pop = self.buf.popleft
-        try:
-            for _ in range(len(self.buf)):
-                out.append(pop())
-        except IndexError:
-            pass
+    def take(self, rest: bool = False) -> List[bytes]:
+        """The chunks drained so far, oldest first; rest: then whatever is in the ring now."""
+        with self.lock:
+            out = list(self.buf)
+            self.buf.clear()
+            if rest:
+                chunk = self.probe.consume()
+                if chunk:
+                    out.append(chunk)
         return out
 
     def stop(self) -> None:

@@ -112,14 +112,13 @@ ATTACH_TIME_OPTIONS = ("watch_ports", "records")
 
 # A ring-buffer record: struct flow_event (about 160 bytes) and its 8-byte header, rounded up.
 RECORD_BYTES_MAX = 192
-READER_PERIOD_S = 0.25     # the reader sleeps on the ring at most this long
 
 
 def wake_every(ringbuf_pages: int, cpus: int) -> int:
     """Records each CPU submits between wake-ups of the reader: all CPUs together wake it by
     the time an eighth of the ring is used, and no more often than every 1024 records per CPU
-    (a wake-up is a context switch; at a rate that fills less in READER_PERIOD_S the reader's
-    own timer is what wakes it)."""
+    (a wake-up is a context switch; at a rate that fills less in a batch's 250 ms, the
+    session's loop reads them at its next batch and nothing wakes the reader)."""
     capacity = ringbuf_pages * mmap.PAGESIZE // RECORD_BYTES_MAX
     return max(1, min(1024, capacity // (8 * max(1, cpus))))
 

@@ -1,5 +1,8 @@
 """The netfilter backend's loop-side logic, without a kernel: when the flow table is walked for
-flows past --timeout."""
+flows past --timeout, and how answered-flow records are taken from the ring buffer."""
+import os
+import select
+import threading
 from types import SimpleNamespace
 
 from bpftrace_hostport.collect.netfilter import backend as bk
@@ -68,3 +71,43 @@ def test_a_table_with_flows_is_walked_at_every_batch(monkeypatch):
     clock[0] += S // 4
     b.expire()
     assert len(p.walks) == 4 and p.checks == 5
+
+
+class Ring:
+    """A ring buffer the drain thread sleeps on until the test (the kernel) or stop() wakes it."""
+
+    def __init__(self):
+        self.r, self.w = os.pipe()
+
+    def kick(self):
+        os.write(self.w, b"x")
+
+    def wait(self, timeout_s, also=()):
+        assert timeout_s is None                 # no timer: only the kernel's wake-ups
+        ready, _, _ = select.select([self.r, *also], [], [])
+        if self.r in ready:
+            os.read(self.r, 1)
+
+    def close(self):
+        os.close(self.r)
+        os.close(self.w)
+
+
+def test_ring_records_come_out_in_order_from_the_thread_and_the_loop():
+    ring = Ring()
+    pending = [b"a", b"b"]
+    probe = SimpleNamespace(ring=ring, consume=lambda: pending.pop(0) if pending else b"")
+    d = bk._RingDrain(probe)
+    try:
+        ring.kick()                          # the kernel wakes the thread: it takes "a"
+        for _ in range(200):
+            if d.buf:
+                break
+            threading.Event().wait(0.01)
+        assert list(d.buf) == [b"a"]
+        assert d.take(rest=True) == [b"a", b"b"]  # the loop: the thread's chunk, then the rest
+        assert d.take(rest=True) == [] and d.take() == []
+    finally:
+        d.stop()
+        ring.close()
+    assert not d.thread.is_alive()
