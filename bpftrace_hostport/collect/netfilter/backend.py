@@ -42,7 +42,7 @@ class NetfilterBackend:
         self.decoder: Optional[ev.FlowDecoder] = None
         self.finished = False
         self.drain: Optional[_RingDrain] = None
-        self.miss_seen: Dict[ev.MissKey, int] = {}
+        self.miss_seen: Dict[bytes, int] = {}    # a miss counter's raw key -> its count
         self.reported = 0
         self.quiet_until_ns = 0      # no flow in the table can reach --timeout before this
 
@@ -89,13 +89,16 @@ class NetfilterBackend:
         return self._decode(self.probe.take_pending(now - timeout_ns))
 
     def misses(self) -> List[dict]:
+        """Miss records for the counters that grew since the last call. Every counter is read
+        every second, but only one that grew is decoded (addresses to text): the counters are
+        remembered by their raw key."""
         out = []
         for k, v in self.probe.read_misses():
-            mk = ev.decode_miss(k)
-            delta = int(v.count) - self.miss_seen.get(mk, 0)
-            if delta > 0:
-                self.miss_seen[mk] = int(v.count)
-                out.append(ev.miss_record(mk, delta, int(v.last_ns) + self.clock.offset_ns))
+            raw, count = bytes(k), int(v.count)
+            seen = self.miss_seen.get(raw, 0)
+            if count > seen:
+                self.miss_seen[raw] = count
+                out.append(ev.miss_record(ev.decode_miss(k), count - seen, int(v.last_ns) + self.clock.offset_ns))
         return out
 
     def finish(self) -> FlowBatch:

@@ -1,7 +1,9 @@
 """The netfilter backend's loop-side logic, without a kernel: when the flow table is walked for
 flows past --timeout, and how answered-flow records are taken from the ring buffer."""
+import ctypes
 import os
 import select
+import socket
 import threading
 from types import SimpleNamespace
 
@@ -111,3 +113,35 @@ def test_ring_records_come_out_in_order_from_the_thread_and_the_loop():
         d.stop()
         ring.close()
     assert not d.thread.is_alive()
+
+
+class MissKey(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("family", ctypes.c_uint8), ("proto", ctypes.c_uint8), ("host_port", ctypes.c_uint16),
+                ("hook", ctypes.c_uint8), ("_pad", ctypes.c_uint8 * 3),
+                ("client_addr", ctypes.c_uint8 * 16), ("node_addr", ctypes.c_uint8 * 16)]
+
+
+def miss_key(client: int) -> MissKey:
+    k = MissKey(family=4, proto=6, host_port=socket.htons(9000))
+    k.client_addr[:4] = [10, 0, 0, client]
+    k.node_addr[:4] = [10, 0, 0, 1]
+    return k
+
+
+def test_misses_are_the_counters_that_grew_and_only_those_are_decoded(monkeypatch):
+    counts = {1: 2, 2: 1}
+    probe = SimpleNamespace(read_misses=lambda: [(miss_key(c), SimpleNamespace(count=n, last_ns=0))
+                                                 for c, n in counts.items()])
+    b = object.__new__(bk.NetfilterBackend)
+    b.probe, b.miss_seen, b.clock = probe, {}, SimpleNamespace(offset_ns=0)
+    decoded = []
+    real = ev.decode_miss
+    monkeypatch.setattr(ev, "decode_miss", lambda k: decoded.append(k.client_addr[3]) or real(k))
+    first = b.misses()
+    assert [(r["client_ip"], r["count"]) for r in first] == [("10.0.0.1", 2), ("10.0.0.2", 1)]
+    assert b.misses() == [] and decoded == [1, 2]         # nothing grew: nothing decoded
+    counts[2] = 4
+    counts[3] = 1
+    assert [(r["client_ip"], r["count"]) for r in b.misses()] == [("10.0.0.2", 3), ("10.0.0.3", 1)]
+    assert decoded == [1, 2, 2, 3]
