@@ -216,19 +216,6 @@ class BpfMap:
                 return False
             raise
 
-    def is_empty(self) -> bool:
-        """True when the map holds no key (one BPF_MAP_GET_NEXT_KEY from the start)."""
-        nbuf = ctypes.create_string_buffer(self.key_size)
-        attr = ctypes.create_string_buffer(32)
-        struct.pack_into("<IIQQ", attr, 0, self.fd, 0, 0, ctypes.addressof(nbuf))
-        try:
-            sys_bpf(BPF_MAP_GET_NEXT_KEY, attr)
-        except BpfError as e:
-            if e.errno == errno.ENOENT:
-                return True
-            raise
-        return False
-
     def keys(self) -> Iterator:
         prev = None
         nbuf = ctypes.create_string_buffer(self.key_size)
@@ -292,36 +279,39 @@ class BpfMap:
     def items(self) -> List[Tuple[object, object]]:
         """Every (key, value): in one BPF_MAP_LOOKUP_BATCH where the kernel has it (a call for
         up to BATCH_ENTRIES entries instead of two per key), else key by key."""
-        if self.batches:
-            try:
-                return self._items_batched()
-            except BpfError as e:
-                if e.errno not in _NO_BATCH:
-                    raise
-                self.batches = False
         out = []
-        for k in list(self.keys()):
-            v = self.lookup(k)
-            if v is not None:
-                out.append((k, v))
+        ks, vs = self.key_size, self._vbuf_size
+        for n, keys, values in self.chunks():
+            out += [(self.Key.from_buffer_copy(keys, i * ks), self._value(values, i * vs)) for i in range(n)]
         return out
 
-    def _items_batched(self) -> List[Tuple[object, object]]:
-        out, start = [], None
-        count = min(self.max_entries, BATCH_ENTRIES)
-        ks, vs = self.key_size, self._vbuf_size
-        while True:
+    def chunks(self) -> Iterator[Tuple[int, bytes, bytes]]:
+        """The whole map as (n, n keys back to back, n values back to back) chunks: from
+        BPF_MAP_LOOKUP_BATCH, up to BATCH_ENTRIES entries each (more where a hash bucket holds
+        more), or, where the kernel has no batch lookup, one chunk read key by key."""
+        start, count = None, min(self.max_entries, BATCH_ENTRIES)
+        while self.batches:
             try:
                 n, keys, values, nxt = self.lookup_batch(start, count)
             except BpfError as e:
-                if e.errno != errno.ENOSPC or count >= self.max_entries:
-                    raise
-                count = min(self.max_entries, count * 2)     # a hash bucket longer than count
-                continue
-            out += [(self.Key.from_buffer_copy(keys, i * ks), self._value(values, i * vs)) for i in range(n)]
+                if e.errno == errno.ENOSPC and count < self.max_entries:
+                    count = min(self.max_entries, count * 2)     # a hash bucket longer than count
+                    continue
+                if e.errno in _NO_BATCH and start is None:
+                    self.batches = False                         # refused at once: key by key
+                    break
+                raise
+            yield n, keys, values
             if nxt is None:
-                return out
+                return
             start = nxt
+        keys, values = [], []
+        for k in list(self.keys()):
+            v = self.lookup_raw(bytes(k))
+            if v is not None:
+                keys.append(bytes(k))
+                values.append(v)
+        yield len(keys), b"".join(keys), b"".join(values)
 
     def values_at(self, slots: List[int]) -> list:
         """The values of an array map at `slots`, as lookup() gives them. Slots that mostly fill

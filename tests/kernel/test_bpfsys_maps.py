@@ -68,13 +68,21 @@ def raw_items(m):
     return out
 
 
-def test_is_empty_follows_the_keys(maps):
-    h = maps.make(HASH, ctypes.c_uint64, ctypes.c_uint64, 64, "t_hash")
-    assert h.is_empty()
-    h.update(ctypes.c_uint64(7), ctypes.c_uint64(1))
-    assert not h.is_empty()
-    assert h.delete(ctypes.c_uint64(7))
-    assert h.is_empty()
+class FlowVal(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("ct", ctypes.c_uint64), ("first_ns", ctypes.c_uint64), ("rest", ctypes.c_uint8 * 100)]
+
+
+@pytest.mark.parametrize("batches", [True, False])
+def test_earliest_flow_of_the_table(maps, batches):
+    flows = maps.make(HASH, MappingKey, FlowVal, 65536, "flows")
+    flows.batches = batches
+    p = object.__new__(probemod.Probe)
+    p.maps = {"flows": flows}
+    assert p.flows_earliest_ns() is None
+    for i in range(3000):
+        flows.update(MappingKey(family=4, proto=6, host_port=i), FlowVal(i, 10**12 + (i * 7919) % 3001))
+    assert p.flows_earliest_ns() == 10**12 + min((i * 7919) % 3001 for i in range(3000))
 
 
 @pytest.mark.parametrize("kind", [HASH, LRU_HASH])

@@ -45,6 +45,7 @@ class NetfilterBackend:
         self.miss_seen: Dict[bytes, int] = {}    # a miss counter's raw key -> its count
         self.reported = 0
         self.quiet_until_ns = 0      # no flow in the table can reach --timeout before this
+        self.claiming = False        # the last walk of the table claimed flows
 
     def start(self, local_addrs: List[str]) -> str:
         self.probe.set_local_addrs(local_addrs)
@@ -74,19 +75,30 @@ class NetfilterBackend:
         return self._decode(self.drain.take(rest=True))
 
     def expire(self) -> FlowBatch:
+        """The flows past --timeout, claimed from the table.
+
+        The table is walked (a lookup and a claim per due flow) only when a flow can be due.
+        Its flows' first_ns are read first, in one batch: none of them reaches the timeout
+        before the earliest, and a flow still to come began no earlier than now less the
+        slack. Until the earlier of the two plus the timeout the table is not looked at: with
+        traffic that is answered, and without traffic, about once per timeout instead of four
+        times a second (each look scans every bucket of the table, 65,536 by default). A due
+        flow is still claimed at the first batch after its timeout. While flows are being
+        claimed (a stream of unanswered ones) the table is walked at every batch, without the
+        read first."""
         now = ev.Clock.now_mono_ns()
         if now < self.quiet_until_ns:
             return FlowBatch.empty()
         timeout_ns = int(self.opts.timeout * 1e9)
-        if self.probe.flows_empty():
-            # Nothing in flight: a flow that comes later began (first_ns) no earlier than now
-            # less the slack, so none can reach --timeout before now + timeout - slack. Until
-            # then the table is not walked: a node without traffic looks at it once per
-            # timeout instead of four times a second. A flow due then is still claimed at the
-            # first batch after its timeout, as when the table is walked every time.
-            self.quiet_until_ns = now + timeout_ns - INSERT_SLACK_NS
-            return FlowBatch.empty()
-        return self._decode(self.probe.take_pending(now - timeout_ns))
+        if not self.claiming and timeout_ns > INSERT_SLACK_NS:    # (a shorter timeout: every batch)
+            earliest = self.probe.flows_earliest_ns()
+            bound = now - INSERT_SLACK_NS if earliest is None else min(earliest, now - INSERT_SLACK_NS)
+            if bound + timeout_ns > now:
+                self.quiet_until_ns = bound + timeout_ns
+                return FlowBatch.empty()
+        batch = self._decode(self.probe.take_pending(now - timeout_ns))
+        self.claiming = len(batch) > 0
+        return batch
 
     def misses(self) -> List[dict]:
         """Miss records for the counters that grew since the last call. Every counter is read

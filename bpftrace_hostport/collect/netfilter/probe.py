@@ -428,9 +428,18 @@ class Probe:
                 out.append(self._raw_event(k, claimed))
         return out
 
-    def flows_empty(self) -> bool:
-        """No flow in `flows`: none reported yet, none waiting for its timeout."""
-        return self.maps["flows"].is_empty()
+    def flows_earliest_ns(self) -> Optional[int]:
+        """The earliest first_ns of the flows in `flows` (None: there is none), read in one
+        batch (a read only: nothing is claimed) rather than a lookup per flow."""
+        import numpy as np                  # only once tracing: the probe loads before numpy
+        fl = self.maps["flows"]
+        off = fl.Leaf.first_ns.offset
+        earliest = None
+        for n, _keys, values in fl.chunks():
+            if n:
+                first = int(np.ndarray((n,), "<u8", values, off, (fl.value_size,)).min())
+                earliest = first if earliest is None else min(earliest, first)
+        return earliest
 
     def read_misses(self):
         return self.maps["misses"].items()

@@ -15,64 +15,89 @@ S = 1_000_000_000
 
 
 class TableProbe:
-    """A probe whose flow table is empty or not; counts its walks."""
+    """A probe whose flow table holds flows that began at `firsts` (mono ns); counts its reads
+    of the table and its walks, and a walk claims the flows due."""
 
-    def __init__(self):
-        self.empty = True
+    def __init__(self, firsts=()):
+        self.firsts = list(firsts)
+        self.reads = 0
         self.walks = []
-        self.checks = 0
 
-    def flows_empty(self):
-        self.checks += 1
-        return self.empty
+    def flows_earliest_ns(self):
+        self.reads += 1
+        return min(self.firsts) if self.firsts else None
 
     def take_pending(self, older_than_ns):
         self.walks.append(older_than_ns)
-        return []
+        due = [f for f in self.firsts if f <= older_than_ns]
+        self.firsts = [f for f in self.firsts if f > older_than_ns]
+        return [b"x"] * len(due)
 
 
-def backend(probe, monkeypatch, clock):
+def backend(probe, monkeypatch, clock, timeout=5.0):
     b = object.__new__(bk.NetfilterBackend)
-    b.probe, b.opts, b.reported, b.quiet_until_ns = probe, SimpleNamespace(timeout=5.0), 0, 0
-    b.decoder = SimpleNamespace(decode=lambda raws: FlowBatch.empty())
+    b.probe, b.opts, b.reported = probe, SimpleNamespace(timeout=timeout), 0
+    b.quiet_until_ns, b.claiming = 0, False
+    b.decoder = SimpleNamespace(decode=lambda raws: FlowBatch.empty(len(raws)))
     monkeypatch.setattr(ev.Clock, "now_mono_ns", staticmethod(lambda: clock[0]))
     return b
 
 
-def test_an_empty_flow_table_is_not_walked_again_before_a_flow_could_time_out(monkeypatch):
-    clock = [100 * S]
-    p = TableProbe()
-    b = backend(p, monkeypatch, clock)
-    b.expire()
-    assert p.checks == 1 and p.walks == []
-    # A flow that arrives now is due at 105 s: nothing is looked at before 105 s less the slack.
-    p.empty = False
-    quiet = 100 * S + 5 * S - bk.INSERT_SLACK_NS
-    for t in range(100 * S, quiet, S // 4):
+def batches(b, clock, start, end):
+    """expire() at every batch (250 ms) from start to end: the ones that claimed flows, by time."""
+    out = {}
+    for t in range(start, end, S // 4):
         clock[0] = t
-        assert len(b.expire()) == 0
-    assert p.checks == 1 and p.walks == []
-    clock[0] = quiet
-    b.expire()
-    assert p.checks == 2 and p.walks == [quiet - 5 * S]
+        n = len(b.expire())
+        if n:
+            out[t] = n
+    return out
 
 
-def test_a_table_with_flows_is_walked_at_every_batch(monkeypatch):
+def test_an_empty_flow_table_is_not_looked_at_again_before_a_flow_could_time_out(monkeypatch):
     clock = [100 * S]
     p = TableProbe()
-    p.empty = False
     b = backend(p, monkeypatch, clock)
-    for i in range(4):
-        clock[0] = 100 * S + i * S // 4
-        b.expire()
-    assert p.walks == [100 * S + i * S // 4 - 5 * S for i in range(4)]
-    # Once it is empty the walks stop until a flow could be due.
-    p.empty = True
-    clock[0] += S // 4
-    b.expire()
-    clock[0] += S // 4
-    b.expire()
-    assert len(p.walks) == 4 and p.checks == 5
+    assert batches(b, clock, 100 * S, 104 * S) == {}
+    assert p.reads == 1 and p.walks == []          # once: nothing can be due before 104 s
+    batches(b, clock, 104 * S, 108 * S)
+    assert p.reads == 2 and p.walks == []
+
+
+def test_young_flows_are_not_walked_until_the_oldest_could_be_due(monkeypatch):
+    clock = [100 * S]
+    p = TableProbe([100 * S - S // 10, 100 * S - S // 2])    # answered soon, as most are
+    b = backend(p, monkeypatch, clock)
+    batches(b, clock, 100 * S, 104 * S)
+    assert p.reads == 1 and p.walks == []
+
+
+def test_an_unanswered_flow_is_claimed_at_the_same_batch_as_when_walking_every_time(monkeypatch):
+    clock = [100 * S]
+    first = 100 * S - 3 * S - S // 10                          # due at 101.9 s
+    p = TableProbe([first])
+    b = backend(p, monkeypatch, clock)
+    claimed = batches(b, clock, 100 * S, 104 * S)
+    assert claimed == {102 * S: 1}                             # the first batch after 101.9 s
+    # Read at 100 s (quiet until 101.9), at 102 (due: walked), once more walked (it claimed),
+    # then read at 102.5 (empty: quiet for 4 s).
+    assert p.reads == 3 and p.walks == [102 * S - 5 * S, 102 * S + S // 4 - 5 * S]
+
+
+def test_a_stream_of_unanswered_flows_is_walked_at_every_batch_without_reading_first(monkeypatch):
+    clock = [100 * S]
+    p = TableProbe([100 * S - 5 * S + i * S // 4 for i in range(20)])  # one due at every batch
+    b = backend(p, monkeypatch, clock)
+    claimed = batches(b, clock, 100 * S, 105 * S)
+    assert sum(claimed.values()) == 20 and len(p.walks) == 20 and p.reads == 1
+
+
+def test_a_timeout_within_the_slack_walks_at_every_batch(monkeypatch):
+    clock = [100 * S]
+    p = TableProbe()
+    b = backend(p, monkeypatch, clock, timeout=0.5)
+    batches(b, clock, 100 * S, 101 * S)
+    assert p.reads == 0 and len(p.walks) == 4
 
 
 class Ring:
