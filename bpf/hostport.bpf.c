@@ -485,9 +485,9 @@ static __always_inline int report_answered(struct flow_key *k, struct flow_val *
         return 1;
     }
     /* Batched wake-ups: a wake-up per flow would cost a context switch per flow at high
-     * connection rates. The reader sleeps on the ring (at most 250 ms); each CPU wakes it every
-     * WAKE_EVERY records, which user space sizes so that all CPUs together wake it well before
-     * the ring could fill. */
+     * connection rates. User space reads the ring every 250 ms, and a reader sleeping on it
+     * is woken by each CPU every WAKE_EVERY records, which user space sizes so that all CPUs
+     * together wake it well before the ring could fill. */
     u64 wake = BPF_RB_NO_WAKEUP;
     int zero = 0;
     u32 *n = since_wakeup.lookup(&zero);

@@ -43,6 +43,7 @@ COLUMNS: Dict[str, np.dtype] = {
 }
 
 PodName = Tuple[Optional[str], Optional[str], Optional[str]]
+_EMPTY_COLUMNS: Dict[str, np.ndarray] = {k: np.zeros(0, dtype=t) for k, t in COLUMNS.items()}
 
 
 def pack_addr(ip: Optional[str]) -> bytes:
@@ -132,6 +133,10 @@ class FlowBatch:
 
     @classmethod
     def empty(cls, n: int = 0) -> "FlowBatch":
+        if n == 0:
+            # The loop asks for an empty batch several times a tick when nothing happened: its
+            # columns, of length 0, can be shared (there is nothing in them to change).
+            return cls(dict(_EMPTY_COLUMNS))
         cols = {k: np.zeros(n, dtype=t) for k, t in COLUMNS.items()}
         cols["drop"][:] = -1
         cols["pod"][:] = -1

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 import re
+import selectors
 import socket
 import socketserver
 import threading
@@ -167,8 +169,7 @@ class MetricsSink(Sink):
                                  "choose another --metrics port.") from None
             raise UserError(f"Cannot listen on {_where(host, port)}: "
                              f"{(e.strerror or str(e)).lower()}.") from None
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.1},
-                                       name="metrics-http", daemon=True)
+        self.thread = threading.Thread(target=self.server.serve, name="metrics-http", daemon=True)
         self.thread.start()
         self.set_ready(True)          # the session starts sinks once the backend is attached
 
@@ -177,9 +178,9 @@ class MetricsSink(Sink):
             self.tick(summary)
         self.set_ready(False)
         if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
+            self.server.stop()
             self.thread.join(5)
+            self.server.server_close()
             self.server = None
 
     def set_ready(self, ready: bool) -> None:
@@ -359,11 +360,44 @@ def _flow_families(rows, measures: dict):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    timeout = 0                # handle_request() takes the connection serve() saw, or returns
 
     def __init__(self, address, family: int, sink: MetricsSink):
         self.address_family = family       # read by TCPServer.__init__ when it makes the socket
         self.sink = sink
-        super().__init__(address, _Handler)
+        self.stopping = False
+        self.wake_r, self.wake_w = os.pipe()
+        try:
+            super().__init__(address, _Handler)
+        except BaseException:
+            self._close_pipe()
+            raise
+
+    def serve(self) -> None:
+        """Serves requests until stop(), sleeping on the listening socket and on a pipe that
+        stop() writes to. serve_forever() would wake every poll_interval to see whether it
+        should stop: ten times a second, for a scrape every few seconds."""
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.socket, selectors.EVENT_READ)
+            sel.register(self.wake_r, selectors.EVENT_READ)
+            while not self.stopping:
+                for key, _ in sel.select():
+                    if key.fileobj is self.socket and not self.stopping:
+                        self.handle_request()
+
+    def stop(self) -> None:
+        self.stopping = True
+        os.write(self.wake_w, b"x")
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._close_pipe()
+
+    def _close_pipe(self) -> None:
+        for fd in (self.wake_r, self.wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self.wake_r = self.wake_w = -1
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind resolves the address's FQDN (reverse DNS): slow, and unused

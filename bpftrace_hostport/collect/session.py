@@ -35,6 +35,19 @@ from bpftrace_hostport.errors import UserError
 from bpftrace_hostport.records.schema import SCHEMA_VERSION
 
 
+BATCH_PERIOD_S = 0.25     # answered and timed-out flows go to the sinks this often
+SLOW_PERIOD_S = 1.0       # misses, the node's addresses, new hostPorts, the sinks' tick
+
+
+def batch_due(due: float, now: float) -> float:
+    """When the batch after the one due at `due` is due, seen at `now`: batches keep to a grid
+    of BATCH_PERIOD_S, so that every fourth one is also the once-a-second turn, unless the
+    loop fell a whole period behind (a slow sink): then the next one is a period from now,
+    never a burst of batches to catch up."""
+    nxt = due + BATCH_PERIOD_S
+    return nxt if nxt > now else now + BATCH_PERIOD_S
+
+
 def node_name(opts: TraceOptions) -> str:
     return opts.node_name or os.environ.get("NODE_NAME") or socket.gethostname()
 
@@ -224,28 +237,31 @@ class Session:
                 f.write(f"{os.getpid()}\n")
 
     def _loop(self, ipr) -> None:
-        """Wakes when a batch is due (every 250 ms), for the once-a-second work, at the end of
-        --duration, or on a signal; nothing else runs in between."""
+        """Wakes when a batch is due (every 250 ms), at the end of --duration, or on a signal;
+        nothing else runs in between. The once-a-second work runs at every fourth batch."""
         opts = self.opts
-        next_batch = next_slow = time.monotonic()
+        due = next_slow = time.monotonic()
         end = None if opts.duration is None else self.started + opts.duration
         with _SignalWake() as wake:
             while not self.stop.flag:
                 now = time.monotonic()
                 if end is not None and now >= end:
                     break
-                wake.sleep(max(0.0, min(next_batch, next_slow, end or next_slow) - now))
+                wake.sleep(max(0.0, min(due, end if end is not None else due) - now))
                 if self.stop.flag:
                     break
                 now = time.monotonic()
-                if now >= next_batch:
-                    # Answered and timed-out flows go to the sinks four times a second, as one
-                    # batch: every sink's cost per batch (an Arrow record batch, a flush) is spread
-                    # over more flows. The drain thread keeps the ring buffer empty meanwhile.
-                    next_batch = now + 0.25
-                    self._flows(FlowBatch.concat([self.backend.poll(), self.backend.expire()]))
-                if now >= next_slow:
-                    next_slow = now + 1.0
+                if now < due:
+                    continue                  # a signal, or the end of --duration
+                tick, due = due, batch_due(due, now)
+                # Answered and timed-out flows go to the sinks four times a second, as one
+                # batch: every sink's cost per batch (an Arrow record batch, a flush) is spread
+                # over more flows. The drain thread keeps the ring buffer empty meanwhile.
+                self._flows(FlowBatch.concat([self.backend.poll(), self.backend.expire()]))
+                # The once-a-second work rides on a batch's wake-up rather than a wake-up of
+                # its own (each costs the sleeping process a cold start of the loop).
+                if tick >= next_slow - BATCH_PERIOD_S / 2:
+                    next_slow = tick + SLOW_PERIOD_S
                     self._slow(ipr)
 
     def _slow(self, ipr) -> None:

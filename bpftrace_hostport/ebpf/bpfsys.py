@@ -31,6 +31,7 @@ BPF_MAP_GET_NEXT_KEY = 4
 BPF_PROG_LOAD = 5
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_MAP_LOOKUP_AND_DELETE_ELEM = 21
+BPF_MAP_LOOKUP_BATCH = 24
 BPF_LINK_CREATE = 28
 
 # enum bpf_map_type (the ones we use)
@@ -38,6 +39,10 @@ PERCPU_TYPES = {5, 6, 10}          # PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH
 BPF_MAP_TYPE_RINGBUF = 27
 
 BPF_ANY, BPF_NOEXIST = 0, 1
+
+# What bpf() answers when a map has no batch operations (ENOTSUPP, 524, is the kernel's own
+# errno, which BPF_MAP_LOOKUP_BATCH lets through): the maps are then read key by key.
+_NO_BATCH = {errno.EINVAL, errno.EOPNOTSUPP, 524}
 
 # enum bpf_prog_type (the ones we load); BPF_PROG_TYPE_NETFILTER is in nflink.py
 BPF_PROG_TYPE_TRACEPOINT = 5
@@ -147,6 +152,8 @@ class BpfMap:
             raise ValueError(f"map {name}: key is {self.key_size} bytes, layout says {ctypes.sizeof(key_type)}")
         self._slot = (self.value_size + 7) // 8 * 8
         self._vbuf_size = self._slot * possible_cpus() if self.percpu else self.value_size
+        self.batches = True              # False once the kernel refused BPF_MAP_LOOKUP_BATCH
+        self._bufs: Optional[_BatchBuffers] = None
 
     def _attr(self, key: bytes, val_addr: int = 0, flags: int = 0):
         kbuf = ctypes.create_string_buffer(key, len(key))
@@ -171,9 +178,7 @@ class BpfMap:
         raw = self.lookup_raw(bytes(key))
         if raw is None:
             return None
-        if self.percpu:
-            return [self.Leaf.from_buffer_copy(raw, i * self._slot) for i in range(possible_cpus())]
-        return self.Leaf.from_buffer_copy(raw)
+        return self._value(raw)
 
     def update(self, key, value, flags: int = BPF_ANY) -> None:
         vbytes = bytes(value)
@@ -231,13 +236,126 @@ class BpfMap:
             prev = nbuf.raw
             yield self.Key.from_buffer_copy(prev)
 
+    def _value(self, raw, offset: int = 0):
+        if self.percpu:
+            return [self.Leaf.from_buffer_copy(raw, offset + i * self._slot) for i in range(possible_cpus())]
+        return self.Leaf.from_buffer_copy(raw, offset)
+
+    def lookup_batch(self, start: Optional[bytes], count: int) -> Tuple[int, bytes, bytes, Optional[bytes]]:
+        """BPF_MAP_LOOKUP_BATCH (Linux >= 5.6): up to `count` entries from the batch position
+        `start` (None: the beginning) in one call, as (n, n keys back to back, n values back
+        to back, the next position or None when the map is done). A per-CPU value is one slot
+        per possible CPU, as lookup_raw gives it. Raises BpfError (errno in _NO_BATCH) where
+        the map type has no batch lookup; ENOSPC when a hash bucket holds more than `count`.
+
+        union bpf_attr for the BPF_MAP_*_BATCH commands:
+            0 u64 in_batch   8 u64 out_batch   16 u64 keys   24 u64 values   32 u32 count
+           36 u32 map_fd    40 u64 elem_flags  48 u64 flags
+        The position is opaque: a bucket index (u32) for hash maps, a key for arrays."""
+        b = self._batch_buffers(count)
+        if start is not None:
+            ctypes.memmove(b.inb, start, min(len(start), len(b.inb)))
+        struct.pack_into("<QQQQIIQQ", b.attr, 0, ctypes.addressof(b.inb) if start is not None else 0,
+                         ctypes.addressof(b.outb), ctypes.addressof(b.keys), ctypes.addressof(b.values),
+                         count, self.fd, 0, 0)
+        done = False
+        try:
+            sys_bpf(BPF_MAP_LOOKUP_BATCH, b.attr)
+        except BpfError as e:
+            if e.errno != errno.ENOENT:
+                raise
+            done = True                       # the last entries (maybe none) are in the buffers
+        n = struct.unpack_from("<I", b.attr, 32)[0]
+        return (n, ctypes.string_at(b.keys, n * self.key_size), ctypes.string_at(b.values, n * self._vbuf_size),
+                None if done else b.outb.raw)
+
+    def _batch_buffers(self, count: int) -> "_BatchBuffers":
+        """Buffers for `count` entries, kept from call to call (the maps are read every second)."""
+        b = self._bufs
+        if b is None or b.count < count:
+            b = self._bufs = _BatchBuffers(count, self.key_size, self._vbuf_size)
+        return b
+
     def items(self) -> List[Tuple[object, object]]:
+        """Every (key, value): in one BPF_MAP_LOOKUP_BATCH where the kernel has it (a call for
+        up to BATCH_ENTRIES entries instead of two per key), else key by key."""
         out = []
-        for k in list(self.keys()):
-            v = self.lookup(k)
-            if v is not None:
-                out.append((k, v))
+        ks, vs = self.key_size, self._vbuf_size
+        for n, keys, values in self.chunks():
+            out += [(self.Key.from_buffer_copy(keys, i * ks), self._value(values, i * vs)) for i in range(n)]
         return out
+
+    def chunks(self) -> Iterator[Tuple[int, bytes, bytes]]:
+        """The whole map as (n, n keys back to back, n values back to back) chunks: from
+        BPF_MAP_LOOKUP_BATCH, up to BATCH_ENTRIES entries each (more where a hash bucket holds
+        more), or, where the kernel has no batch lookup, one chunk read key by key."""
+        start, count = None, min(self.max_entries, BATCH_ENTRIES)
+        while self.batches:
+            try:
+                n, keys, values, nxt = self.lookup_batch(start, count)
+            except BpfError as e:
+                if e.errno == errno.ENOSPC and count < self.max_entries:
+                    count = min(self.max_entries, count * 2)     # a hash bucket longer than count
+                    continue
+                if e.errno in _NO_BATCH and start is None:
+                    self.batches = False                         # refused at once: key by key
+                    break
+                raise
+            yield n, keys, values
+            if nxt is None:
+                return
+            start = nxt
+        keys, values = [], []
+        for k in list(self.keys()):
+            v = self.lookup_raw(bytes(k))
+            if v is not None:
+                keys.append(bytes(k))
+                values.append(v)
+        yield len(keys), b"".join(keys), b"".join(values)
+
+    def values_at(self, slots: List[int]) -> list:
+        """The values of an array map at `slots`, as lookup() gives them. Slots that mostly fill
+        their range (an id table handed out from 0 upwards) are read in one call for the whole
+        range; slots far apart, in a call each."""
+        if not slots:
+            return []
+        lo, hi = min(slots), max(slots)
+        size = self._vbuf_size
+        if hi - lo + 1 <= 2 * len(slots) + 64:
+            raw = self.values_raw(lo, hi - lo + 1)
+            return [self._value(raw, (s - lo) * size) for s in slots]
+        return [self._value(self.values_raw(s, 1)) for s in slots]
+
+    def values_raw(self, first: int, n: int) -> bytes:
+        """The values of keys first .. first + n - 1 of an array map, back to back (per-CPU:
+        lookup_raw's layout), in one BPF_MAP_LOOKUP_BATCH where the kernel has it."""
+        if n <= 0:
+            return b""
+        if self.batches:
+            try:
+                start = struct.pack("<I", first - 1) if first > 0 else None    # batches start after it
+                got, keys, values, _ = self.lookup_batch(start, n)
+                if got == n and keys[:4] == struct.pack("<I", first):
+                    return values
+            except BpfError as e:
+                if e.errno not in _NO_BATCH:
+                    raise
+                self.batches = False
+        return b"".join(self.lookup_raw(struct.pack("<I", k)) or bytes(self._vbuf_size)
+                        for k in range(first, first + n))
+
+
+BATCH_ENTRIES = 1024      # entries a batch read asks for at once (more calls for larger maps)
+
+
+class _BatchBuffers:
+    def __init__(self, count: int, key_size: int, value_size: int):
+        self.count = count
+        pos = max(8, key_size)                # a bucket index (u32) or a key
+        self.inb, self.outb = ctypes.create_string_buffer(pos), ctypes.create_string_buffer(pos)
+        self.keys = ctypes.create_string_buffer(count * key_size)
+        self.values = ctypes.create_string_buffer(count * value_size)
+        self.attr = ctypes.create_string_buffer(56)
 
 
 # -- ring buffer ------------------------------------------------------------------------------
@@ -263,9 +381,9 @@ class RingBuffer:
         self.cons = mmap.mmap(fd, self.page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
         self.prod = mmap.mmap(fd, self.page + 2 * size, mmap.MAP_SHARED, mmap.PROT_READ, offset=self.page)
 
-    def wait(self, timeout_s: float, also: Tuple[int, ...] = ()) -> None:
+    def wait(self, timeout_s: Optional[float], also: Tuple[int, ...] = ()) -> None:
         """Sleeps until the kernel wakes readers of the ring (a record submitted with a wake-up),
-        one of the `also` descriptors is readable, or timeout_s passes.
+        one of the `also` descriptors is readable, or timeout_s passes (None: no timeout).
 
         Edge-triggered: a ring buffer's fd polls readable for as long as any record is unread,
         so a level-triggered poll would return at once after every partial drain and the reader
@@ -317,6 +435,13 @@ class RingBuffer:
         recs = np.frombuffer(self.prod, np.uint8, n * stride, self.page + (cons_pos & self.mask))
         recs = recs.reshape(n, stride)
         hdrs = recs[:, :4].copy().view("<u4").ravel()      # read the headers before the payloads
+        if (hdrs == size).all():
+            # The usual case, checked in one step: every record submitted (not busy), none
+            # discarded, all of this size.
+            payload = recs[:, BPF_RINGBUF_HDR_SZ:BPF_RINGBUF_HDR_SZ + size].tobytes()
+            del recs
+            struct.pack_into("<Q", self.cons, 0, cons_pos + n * stride)
+            return payload
         busy = np.flatnonzero(hdrs & BPF_RINGBUF_BUSY_BIT)
         n = int(busy[0]) if len(busy) else n               # stop at the first one still reserved
         lengths = hdrs[:n] & ~np.uint32(BPF_RINGBUF_BUSY_BIT | BPF_RINGBUF_DISCARD_BIT)

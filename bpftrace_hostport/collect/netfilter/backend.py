@@ -1,8 +1,9 @@
 """The netfilter backend: eBPF on the netfilter BPF link, aggregated in the kernel.
 
 What it hands the session:
-  * answered flows from the ring buffer (one record per flow, drained by its own thread
-    when the kernel wakes it or every 250 ms so a stalled writer cannot make the kernel lose records);
+  * answered flows from the ring buffer (one record per flow): read at each batch, and by
+    a thread of its own whenever the kernel wakes it, so a stalled writer cannot make the
+    kernel lose records;
   * flows still in the flow table after --timeout, claimed with lookup-and-delete (deleting
     the entry is the claim, so each flow is reported exactly once);
   * miss records: deltas of the in-kernel miss counters, once a second;
@@ -17,6 +18,11 @@ from typing import Dict, List, Optional, Tuple
 
 from bpftrace_hostport.collect.batch import FlowBatch
 from bpftrace_hostport.collect.netfilter import decode as ev
+
+# A flow's first_ns is the kernel's clock read just before the flow goes into `flows`
+# (new_flow in bpf/hostport.bpf.c). How much later than that read the insert may land, with a
+# wide margin: a virtual CPU can be stopped by its host between the two.
+INSERT_SLACK_NS = 1_000_000_000
 
 
 class NetfilterBackend:
@@ -36,8 +42,10 @@ class NetfilterBackend:
         self.decoder: Optional[ev.FlowDecoder] = None
         self.finished = False
         self.drain: Optional[_RingDrain] = None
-        self.miss_seen: Dict[ev.MissKey, int] = {}
+        self.miss_seen: Dict[bytes, int] = {}    # a miss counter's raw key -> its count
         self.reported = 0
+        self.quiet_until_ns = 0      # no flow in the table can reach --timeout before this
+        self.claiming = False        # the last walk of the table claimed flows
 
     def start(self, local_addrs: List[str]) -> str:
         self.probe.set_local_addrs(local_addrs)
@@ -64,19 +72,45 @@ class NetfilterBackend:
         return batch
 
     def poll(self) -> FlowBatch:
-        return self._decode(self.drain.take())
+        return self._decode(self.drain.take(rest=True))
 
     def expire(self) -> FlowBatch:
-        return self._decode(self.probe.take_pending(ev.Clock.now_mono_ns() - int(self.opts.timeout * 1e9)))
+        """The flows past --timeout, claimed from the table.
+
+        The table is walked (a lookup and a claim per due flow) only when a flow can be due.
+        Its flows' first_ns are read first, in one batch: none of them reaches the timeout
+        before the earliest, and a flow still to come began no earlier than now less the
+        slack. Until the earlier of the two plus the timeout the table is not looked at: with
+        traffic that is answered, and without traffic, about once per timeout instead of four
+        times a second (each look scans every bucket of the table, 65,536 by default). A due
+        flow is still claimed at the first batch after its timeout. While flows are being
+        claimed (a stream of unanswered ones) the table is walked at every batch, without the
+        read first."""
+        now = ev.Clock.now_mono_ns()
+        if now < self.quiet_until_ns:
+            return FlowBatch.empty()
+        timeout_ns = int(self.opts.timeout * 1e9)
+        if not self.claiming and timeout_ns > INSERT_SLACK_NS:    # (a shorter timeout: every batch)
+            earliest = self.probe.flows_earliest_ns()
+            bound = now - INSERT_SLACK_NS if earliest is None else min(earliest, now - INSERT_SLACK_NS)
+            if bound + timeout_ns > now:
+                self.quiet_until_ns = bound + timeout_ns
+                return FlowBatch.empty()
+        batch = self._decode(self.probe.take_pending(now - timeout_ns))
+        self.claiming = len(batch) > 0
+        return batch
 
     def misses(self) -> List[dict]:
+        """Miss records for the counters that grew since the last call. Every counter is read
+        every second, but only one that grew is decoded (addresses to text): the counters are
+        remembered by their raw key."""
         out = []
         for k, v in self.probe.read_misses():
-            mk = ev.decode_miss(k)
-            delta = int(v.count) - self.miss_seen.get(mk, 0)
-            if delta > 0:
-                self.miss_seen[mk] = int(v.count)
-                out.append(ev.miss_record(mk, delta, int(v.last_ns) + self.clock.offset_ns))
+            raw, count = bytes(k), int(v.count)
+            seen = self.miss_seen.get(raw, 0)
+            if count > seen:
+                self.miss_seen[raw] = count
+                out.append(ev.miss_record(ev.decode_miss(k), count - seen, int(v.last_ns) + self.clock.offset_ns))
         return out
 
     def finish(self) -> FlowBatch:
@@ -124,36 +158,42 @@ class NetfilterBackend:
 class _RingDrain:
     """Copies answered-flow records out of the ring buffer in its own thread, so that a stalled
     sink cannot make the ring overflow: it sleeps on the ring until the kernel wakes it (every
-    WAKE_EVERY records per CPU, see probe.wake_every) or READER_PERIOD_S passes, and takes one
-    chunk of records back to back per wake-up."""
+    WAKE_EVERY records per CPU, see probe.wake_every: well before the ring could fill) and
+    takes one chunk of records back to back per wake-up.
+
+    The records submitted since the last wake-up are read by the loop at each batch
+    (take(rest=True)), not by a timer in this thread: a timer would wake it four times a
+    second on a node without traffic. A lock keeps the two readers of the ring apart."""
 
     def __init__(self, probe):
         self.probe = probe
         self.buf: deque = deque()
+        self.lock = threading.Lock()
         self.done = threading.Event()
         self.wake_r, self.wake_w = os.pipe()          # stop() wakes the sleeping thread
         self.thread = threading.Thread(target=self._run, name="ring-drain", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
-        from bpftrace_hostport.collect.netfilter.probe import READER_PERIOD_S
         ring = self.probe.ring
         while not self.done.is_set():
-            ring.wait(READER_PERIOD_S, (self.wake_r,))
+            ring.wait(None, (self.wake_r,))
             if self.done.is_set():
                 break
-            chunk = self.probe.consume()
-            if chunk:
-                self.buf.append(chunk)
+            with self.lock:
+                chunk = self.probe.consume()
+                if chunk:
+                    self.buf.append(chunk)
 
-    def take(self) -> List[bytes]:
-        out = []
-        pop = self.buf.popleft
-        try:
-            for _ in range(len(self.buf)):
-                out.append(pop())
-        except IndexError:
-            pass
+    def take(self, rest: bool = False) -> List[bytes]:
+        """The chunks drained so far, oldest first; rest: then whatever is in the ring now."""
+        with self.lock:
+            out = list(self.buf)
+            self.buf.clear()
+            if rest:
+                chunk = self.probe.consume()
+                if chunk:
+                    out.append(chunk)
         return out
 
     def stop(self) -> None:

@@ -156,7 +156,7 @@ class FlowDecoder:
             "pod": np.full(len(a), -1, np.int32),
         }
         reasons = a["v.drop_reason"]
-        codes = np.unique(reasons[reasons != 0]).tolist()
+        codes = np.unique(reasons[reasons != 0]).tolist() if reasons.any() else []
         names = [self.drop_names.get(c, f"REASON_{c}") for c in codes]
         drop = np.full(len(a), -1, np.int32)
         for i, c in enumerate(codes):

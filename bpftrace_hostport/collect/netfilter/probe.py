@@ -21,6 +21,7 @@ import os
 import platform
 import re
 import socket
+import struct
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -112,14 +113,13 @@ ATTACH_TIME_OPTIONS = ("watch_ports", "records")
 
 # A ring-buffer record: struct flow_event (about 160 bytes) and its 8-byte header, rounded up.
 RECORD_BYTES_MAX = 192
-READER_PERIOD_S = 0.25     # the reader sleeps on the ring at most this long
 
 
 def wake_every(ringbuf_pages: int, cpus: int) -> int:
     """Records each CPU submits between wake-ups of the reader: all CPUs together wake it by
     the time an eighth of the ring is used, and no more often than every 1024 records per CPU
-    (a wake-up is a context switch; at a rate that fills less in READER_PERIOD_S the reader's
-    own timer is what wakes it)."""
+    (a wake-up is a context switch; at a rate that fills less in a batch's 250 ms, the
+    session's loop reads them at its next batch and nothing wakes the reader)."""
     capacity = ringbuf_pages * mmap.PAGESIZE // RECORD_BYTES_MAX
     return max(1, min(1024, capacity // (8 * max(1, cpus))))
 
@@ -435,20 +435,35 @@ class Probe:
                 out.append(self._raw_event(k, claimed))
         return out
 
+    def flows_earliest_ns(self) -> Optional[int]:
+        """The earliest first_ns of the flows in `flows` (None: there is none), read in one
+        batch (a read only: nothing is claimed) rather than a lookup per flow."""
+        import numpy as np                  # only once tracing: the probe loads before numpy
+        fl = self.maps["flows"]
+        off = fl.Leaf.first_ns.offset
+        earliest = None
+        for n, _keys, values in fl.chunks():
+            if n:
+                first = int(np.ndarray((n,), "<u8", values, off, (fl.value_size,)).min())
+                earliest = first if earliest is None else min(earliest, first)
+        return earliest
+
     def read_misses(self):
         return self.maps["misses"].items()
 
     def read_mappings(self) -> List[Tuple[object, dict]]:
         """(mapping_key, counters) per mapping: each mapping's id, then its slot of the per-CPU
         counters (flows, packets, bytes: summed over CPUs) and of the latency array (answered,
-        lat_sum_ns, lat_hist: a list of LAT_BUCKETS counts)."""
+        lat_sum_ns, lat_hist: a list of LAT_BUCKETS counts).
+
+        Read once a second with metrics: the ids in one batch, then each array over the ids'
+        range in one call (ids are handed out from 0 upwards), not two lookups per mapping."""
         counts, lats = self.maps["mappings"], self.maps["mapping_lat"]
+        ids = [(k, mid.value) for k, mid in self.maps["mapping_ids"].items()
+               if mid.value < min(counts.max_entries, lats.max_entries)]
+        slots = [mid for _, mid in ids]
         out = []
-        for k, mid in self.maps["mapping_ids"].items():
-            slot = ctypes.c_uint32(mid.value)
-            per_cpu, lat = counts.lookup(slot), lats.lookup(slot)
-            if per_cpu is None or lat is None:
-                continue
+        for (k, _), per_cpu, lat in zip(ids, counts.values_at(slots), lats.values_at(slots)):
             c = {f: sum(getattr(v, f) for v in per_cpu) for f in ("flows", "packets", "bytes")}
             c.update(answered=int(lat.answered), lat_sum_ns=int(lat.lat_sum_ns), lat_hist=list(lat.lat_hist))
             out.append((k, c))
@@ -458,9 +473,11 @@ class Probe:
         return [(k.mapping, k.reason, v.value) for k, v in self.maps["drops"].items()]
 
     def read_stats(self) -> dict:
-        st = self.maps["stats"]
-        return {name: int(sum(v.value for v in st.lookup(ctypes.c_uint32(i)) or []))
-                for i, name in enumerate(STAT_NAMES)}
+        """The kernel's counters (STAT_NAMES), summed over CPUs: the per-CPU array in one call."""
+        cpus = bpfsys.possible_cpus()
+        raw = self.maps["stats"].values_raw(0, len(STAT_NAMES))
+        per_cpu = struct.unpack(f"<{len(STAT_NAMES) * cpus}Q", raw)
+        return {name: sum(per_cpu[i * cpus:(i + 1) * cpus]) for i, name in enumerate(STAT_NAMES)}
 
     def close(self) -> None:
         for link in self.links:

@@ -79,3 +79,11 @@ def test_protocol_spellings_come_from_one_table():
     assert [proto.k8s(v) for v in ("tcp", "UDP", "6", 17, " sctp ", "icmp", "99", True, None)] == \
         ["TCP", "UDP", "TCP", "UDP", "SCTP", None, None, None, None]
     assert proto.name(6) == "tcp" and proto.number("udp") == 17 and proto.name(99) == "99"
+
+
+def test_empty_batches_share_no_state_that_can_change():
+    a, b = FlowBatch.empty(), FlowBatch.empty()
+    a.cols["pod"] = np.zeros(3, np.int32)
+    a.pods.append(("ns", "name", None))
+    assert len(b) == 0 and len(b["pod"]) == 0 and b.pods == []
+    assert len(FlowBatch.empty()["pod"]) == 0

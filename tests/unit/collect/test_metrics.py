@@ -360,3 +360,24 @@ def test_close_does_a_final_tick_and_stops(sinks):
     flows = [smp.value for fam in s.collect() for smp in fam.samples
              if smp.name == "bpftrace_hostport_flows_total"]
     assert flows == [4]
+
+
+def test_the_server_sleeps_between_scrapes_and_stops_at_once(sinks):
+    """No timer in the serving thread (serve_forever's poll_interval woke it ten times a
+    second): between scrapes it does not wake; close() ends it without waiting."""
+    import time
+
+    def wakeups(tid):
+        with open(f"/proc/self/task/{tid}/status") as f:
+            return int(next(ln for ln in f if ln.startswith("voluntary_ctxt_switches")).split()[1])
+
+    s = sinks()
+    assert get(s, "/healthz")[0] == 200
+    tid = s.thread.native_id
+    before = wakeups(tid)
+    time.sleep(0.6)
+    assert wakeups(tid) - before <= 1
+    assert get(s, "/healthz")[0] == 200
+    t0 = time.monotonic()
+    s.close(None)
+    assert time.monotonic() - t0 < 1 and s.server is None

@@ -74,3 +74,26 @@ def test_ring_buffer_fixed_size_records_in_one_read():
     struct.pack_into("<I", rb.prod, page + 3 * stride, rec)          # now submitted
     assert rb.consume_fixed(rec) == bytes([3]) * rec + bytes([4]) * rec
     rb.close()
+
+
+def test_ring_buffer_records_all_submitted_are_read_in_one_step():
+    """Every record submitted, none discarded (the usual case): all payloads, in order, and the
+    consumer position past the last one."""
+    import mmap
+    import struct
+    page, size, rec = mmap.PAGESIZE, 4096, 20
+    stride = (rec + 8 + 7) // 8 * 8
+    rb = object.__new__(bpfsys.RingBuffer)
+    rb.size, rb.mask, rb.page, rb._ep, rb._also = size, size - 1, page, None, set()
+    rb.cons, rb.prod = mmap.mmap(-1, page), mmap.mmap(-1, page + 2 * size)
+    start = 5 * stride                                               # not at the ring's start
+    struct.pack_into("<Q", rb.cons, 0, start)
+    for i in range(4):
+        off = page + start + i * stride
+        struct.pack_into("<II", rb.prod, off, rec, 0)
+        rb.prod[off + 8: off + 8 + rec] = bytes([i + 1]) * rec
+    struct.pack_into("<Q", rb.prod, 0, start + 4 * stride)
+    assert rb.consume_fixed(rec) == b"".join(bytes([i + 1]) * rec for i in range(4))
+    assert struct.unpack_from("<Q", rb.cons, 0)[0] == start + 4 * stride
+    assert rb.consume_fixed(rec) == b""
+    rb.close()
