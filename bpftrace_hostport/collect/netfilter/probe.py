@@ -423,12 +423,18 @@ class Probe:
         packets (a late reply, a retransmission) add to its mapping's counters and do not start
         a flow again.
         """
+        import numpy as np                  # only once tracing: the probe loads before numpy
         flows, later = self.maps["flows"], self.maps["claimed"]
+        ks, vs, off = flows.key_size, flows.value_size, flows.Leaf.first_ns.offset
+        due = []
+        for n, keys, values in flows.chunks():      # one read for the table, not two calls a flow
+            if not n:
+                continue
+            first = np.ndarray((n,), "<u8", values, off, (vs,))
+            for i in (range(n) if older_than_ns is None else np.flatnonzero(first <= older_than_ns).tolist()):
+                due.append((flows.Key.from_buffer_copy(keys, i * ks), flows.Leaf.from_buffer_copy(values, i * vs)))
         out = []
-        for k in list(flows.keys()):
-            v = flows.lookup(k)
-            if v is None or (older_than_ns is not None and v.first_ns > older_than_ns):
-                continue                  # reported meanwhile, or not yet due
+        for k, v in due:
             later.update(k, later.Leaf(ct=v.ct, mapping_id=v.mapping_id))
             claimed = flows.lookup_and_delete(k)
             if claimed is not None:       # None: the kernel reported it meanwhile

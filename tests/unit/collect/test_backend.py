@@ -170,3 +170,63 @@ def test_misses_are_the_counters_that_grew_and_only_those_are_decoded(monkeypatc
     counts[3] = 1
     assert [(r["client_ip"], r["count"]) for r in b.misses()] == [("10.0.0.2", 3), ("10.0.0.3", 1)]
     assert decoded == [1, 2, 2, 3]
+
+
+class _K(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint32)]
+
+
+class _V(ctypes.Structure):
+    _fields_ = [("ct", ctypes.c_uint64), ("first_ns", ctypes.c_uint64), ("mapping_id", ctypes.c_uint32),
+                ("_pad", ctypes.c_uint32)]
+
+
+class _Claimed(ctypes.Structure):
+    _fields_ = [("ct", ctypes.c_uint64), ("mapping_id", ctypes.c_uint32), ("_pad", ctypes.c_uint32)]
+
+
+class _FlowsMap:
+    """`flows` as bpfsys.BpfMap shows it: chunks of keys and values back to back (an empty one
+    too, as a batch read can give), and lookup_and_delete, which finds nothing for a flow the
+    kernel reported meanwhile."""
+    Key, Leaf = _K, _V
+    key_size, value_size = ctypes.sizeof(_K), ctypes.sizeof(_V)
+
+    def __init__(self, firsts, reported=()):
+        self.rows = {i: _V(ct=1000 + i, first_ns=f, mapping_id=i % 3) for i, f in enumerate(firsts)}
+        self.reported = set(reported)
+
+    def chunks(self):
+        items = sorted(self.rows.items())
+        yield 0, b"", b""
+        for part in (items[:2], items[2:]):
+            yield (len(part), b"".join(bytes(_K(i)) for i, _ in part), b"".join(bytes(v) for _, v in part))
+
+    def lookup_and_delete(self, k):
+        v = self.rows.pop(k.id, None)
+        return None if k.id in self.reported else v
+
+
+class _ClaimedMap:
+    Leaf = _Claimed
+
+    def __init__(self):
+        self.rows = {}
+
+    def update(self, k, v):
+        self.rows[k.id] = (v.ct, v.mapping_id)
+
+
+def test_take_pending_claims_the_due_flows_from_one_read_of_the_table():
+    from bpftrace_hostport.collect.netfilter.probe import Probe
+    p = object.__new__(Probe)
+    flows, claimed = _FlowsMap([10, 50, 90, 20, 70], reported={3}), _ClaimedMap()
+    p.maps = {"flows": flows, "claimed": claimed}
+    p._key_size, p._val_off = 4, 8
+    got = p.take_pending(50)
+    # due: the flows that began at 10, 50 and 20; the one at 20 (id 3) the kernel reported first
+    assert [bytes(_V.from_buffer_copy(r, 8)) for r in got] == [bytes(_V(ct=1000, first_ns=10, mapping_id=0)),
+                                                                 bytes(_V(ct=1001, first_ns=50, mapping_id=1))]
+    assert claimed.rows == {0: (1000, 0), 1: (1001, 1), 3: (1003, 0)}
+    assert sorted(flows.rows) == [2, 4]                   # not yet due: untouched
+    assert len(p.take_pending(None)) == 2 and not flows.rows
