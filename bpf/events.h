@@ -66,10 +66,10 @@ struct flow_event {          /* one ring-buffer record per flow, when it is firs
     struct flow_val val;
 };
 
-struct claimed_val {         /* a flow user space reported after the timeout */
-    u64 ct;                  /* its struct nf_conn * (flow_val.ct) */
+struct claimed_val {         /* a flow user space reported after the timeout, by its nf_conn * */
+    u16 client_port;         /* its flow_key's ports: the same entry, not a recycled address */
+    u16 host_port;
     u32 mapping_id;
-    u32 _pad;
 };
 
 struct mapping_key {         /* one hostPort mapping as the kernel applied it */

@@ -85,9 +85,10 @@ struct ct_set {
 };
 BPF_ARRAY(ctcache, struct ct_set, 1 << CT_SET_BITS);
 /* Flows user space reported after the timeout (unanswered, or answered with the record
- * deferred), by flow key: a later packet of one (a late reply, a retransmission) finds its
- * mapping here and moves it into `ctcache`, rather than starting a flow again. */
-BPF_TABLE("lru_hash", struct flow_key, struct claimed_val, claimed, FLOW_TABLE_SIZE);
+ * deferred), by conntrack entry, with their ports (a recycled entry's address is not enough):
+ * a later packet of one (a late reply, a retransmission) finds its mapping here and moves it
+ * into `ctcache`, rather than starting a flow again. */
+BPF_TABLE("lru_hash", u64, struct claimed_val, claimed, FLOW_TABLE_SIZE);
 /* Per-mapping counters: a mapping gets a small id once (mapping_ids, free_ids) and its
  * counters live in a per-CPU array slot, so a packet adds to them with one array access (which
  * the verifier inlines) instead of hashing a 24-byte key. `ctcache` keeps the id of each flow. */
@@ -648,8 +649,8 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
         if (!fresh) {
             /* A flow user space reported after the timeout (this very conntrack entry): its
              * later packets go to its mapping's counters, from the cache from now on. */
-            struct claimed_val *c = claimed.lookup(&k);
-            if (c && c->ct == ctkey) {
+            struct claimed_val *c = claimed.lookup(&ctkey);
+            if (c && c->client_port == k.client_port && c->host_port == k.host_port) {
                 u32 cid = c->mapping_id;
                 remember(ctkey, cid);
                 mapping_add(cid, 0, len);
@@ -768,8 +769,8 @@ int tp_kfree_skb(void *ctx)
             v->drop_reason = reason;
             id = v->mapping_id;
         } else {
-            struct claimed_val *c = claimed.lookup(&k);
-            if (!c || c->ct != ctkey)
+            struct claimed_val *c = claimed.lookup(&ctkey);
+            if (!c || c->client_port != k.client_port || c->host_port != k.host_port)
                 return 0;
             id = c->mapping_id;
         }

@@ -419,7 +419,7 @@ class Probe:
         Deleting a flow's entry is the claim: the kernel reports a flow as answered only if it
         can still delete that entry, so each flow is reported exactly once; the value comes
         back with the delete (BPF_MAP_LOOKUP_AND_DELETE_ELEM), as it was at the claim. The
-        flow goes to `claimed` first (its key, conntrack entry and mapping), so that its later
+        flow goes to `claimed` first (its conntrack entry, ports and mapping), so that its later
         packets (a late reply, a retransmission) add to its mapping's counters and do not start
         a flow again.
         """
@@ -435,7 +435,8 @@ class Probe:
                 due.append((flows.Key.from_buffer_copy(keys, i * ks), flows.Leaf.from_buffer_copy(values, i * vs)))
         out = []
         for k, v in due:
-            later.update(k, later.Leaf(ct=v.ct, mapping_id=v.mapping_id))
+            later.update(ctypes.c_uint64(v.ct), later.Leaf(client_port=k.client_port, host_port=k.host_port,
+                                                           mapping_id=v.mapping_id))
             claimed = flows.lookup_and_delete(k)
             if claimed is not None:       # None: the kernel reported it meanwhile
                 out.append(self._raw_event(k, claimed))

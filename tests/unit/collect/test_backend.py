@@ -173,7 +173,7 @@ def test_misses_are_the_counters_that_grew_and_only_those_are_decoded(monkeypatc
 
 
 class _K(ctypes.Structure):
-    _fields_ = [("id", ctypes.c_uint32)]
+    _fields_ = [("id", ctypes.c_uint16), ("client_port", ctypes.c_uint16), ("host_port", ctypes.c_uint16)]
 
 
 class _V(ctypes.Structure):
@@ -182,7 +182,7 @@ class _V(ctypes.Structure):
 
 
 class _Claimed(ctypes.Structure):
-    _fields_ = [("ct", ctypes.c_uint64), ("mapping_id", ctypes.c_uint32), ("_pad", ctypes.c_uint32)]
+    _fields_ = [("client_port", ctypes.c_uint16), ("host_port", ctypes.c_uint16), ("mapping_id", ctypes.c_uint32)]
 
 
 class _FlowsMap:
@@ -200,7 +200,8 @@ class _FlowsMap:
         items = sorted(self.rows.items())
         yield 0, b"", b""
         for part in (items[:2], items[2:]):
-            yield (len(part), b"".join(bytes(_K(i)) for i, _ in part), b"".join(bytes(v) for _, v in part))
+            yield (len(part), b"".join(bytes(_K(i, 40000 + i, 8000)) for i, _ in part),
+                   b"".join(bytes(v) for _, v in part))
 
     def lookup_and_delete(self, k):
         v = self.rows.pop(k.id, None)
@@ -213,8 +214,8 @@ class _ClaimedMap:
     def __init__(self):
         self.rows = {}
 
-    def update(self, k, v):
-        self.rows[k.id] = (v.ct, v.mapping_id)
+    def update(self, ct, v):
+        self.rows[ct.value] = (v.client_port, v.host_port, v.mapping_id)
 
 
 def test_take_pending_claims_the_due_flows_from_one_read_of_the_table():
@@ -222,11 +223,11 @@ def test_take_pending_claims_the_due_flows_from_one_read_of_the_table():
     p = object.__new__(Probe)
     flows, claimed = _FlowsMap([10, 50, 90, 20, 70], reported={3}), _ClaimedMap()
     p.maps = {"flows": flows, "claimed": claimed}
-    p._key_size, p._val_off = 4, 8
+    p._key_size, p._val_off = 6, 8
     got = p.take_pending(50)
     # due: the flows that began at 10, 50 and 20; the one at 20 (id 3) the kernel reported first
     assert [bytes(_V.from_buffer_copy(r, 8)) for r in got] == [bytes(_V(ct=1000, first_ns=10, mapping_id=0)),
                                                                  bytes(_V(ct=1001, first_ns=50, mapping_id=1))]
-    assert claimed.rows == {0: (1000, 0), 1: (1001, 1), 3: (1003, 0)}
+    assert claimed.rows == {1000: (40000, 8000, 0), 1001: (40001, 8000, 1), 1003: (40003, 8000, 0)}
     assert sorted(flows.rows) == [2, 4]                   # not yet due: untouched
     assert len(p.take_pending(None)) == 2 and not flows.rows
