@@ -57,12 +57,15 @@ class BpfError(OSError):
     pass
 
 
+_MACHINE = platform.machine()
+
+
 def sys_bpf(cmd: int, attr: ctypes.Array) -> int:
     """bpf(cmd, attr, sizeof attr); raises BpfError with errno on failure."""
-    machine = platform.machine()
-    if machine not in _SYS_BPF:
-        raise BpfError(errno.ENOSYS, f"unknown bpf() syscall number on {machine}")
-    ret = _libc.syscall(_SYS_BPF[machine], cmd, attr, ctypes.sizeof(attr))
+    nr = _SYS_BPF.get(_MACHINE)
+    if nr is None:
+        raise BpfError(errno.ENOSYS, f"unknown bpf() syscall number on {_MACHINE}")
+    ret = _libc.syscall(nr, cmd, attr, ctypes.sizeof(attr))
     if ret < 0:
         err = ctypes.get_errno()
         raise BpfError(err, os.strerror(err))
@@ -72,7 +75,8 @@ def sys_bpf(cmd: int, attr: ctypes.Array) -> int:
 @lru_cache(maxsize=1)
 def possible_cpus() -> int:
     """Per-CPU map values have one slot per *possible* CPU (e.g. "0-3,8")."""
-    text = open("/sys/devices/system/cpu/possible").read().strip()
+    with open("/sys/devices/system/cpu/possible") as f:
+        text = f.read().strip()
     n = 0
     for part in text.split(","):
         lo, _, hi = part.partition("-")
