@@ -500,15 +500,16 @@ static __always_inline int report_answered(struct flow_key *k, struct flow_val *
     return 0;
 }
 
-/* Whether a DNATed connection's ORIGINAL tuple is one we trace: a watched protocol and port on
- * a local address (not, say, a Service ClusterIP), from a client not filtered out. */
+/* Whether a connection's ORIGINAL tuple is one we trace: a watched protocol and port on a local
+ * address (not, say, a Service ClusterIP), from a client not filtered out. The port first: most
+ * connections a node sees are to ports nobody watches. */
 static __always_inline int traced(struct config *cfg, struct flow_key *k)
 {
-    if (!proto_allowed(cfg, k->proto) || !is_local(k->family, k->node_addr))
+    if (!proto_allowed(cfg, k->proto))
         return 0;
     if (!cfg->watch_all && !port_watched(k->proto, k->host_port))
         return 0;
-    return client_allowed(cfg, k);
+    return is_local(k->family, k->node_addr) && client_allowed(cfg, k);
 }
 
 /* A new flow of this packet in *nv (r: its conntrack entry's REPLY tuple). */
@@ -598,11 +599,8 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
         if (reply || ctinfo != IP_CT_NEW || cfg->watch_all)
             return 1;
         key_from_orig(&k, o, family);
-        if (!proto_allowed(cfg, k.proto) || !port_watched(k.proto, k.host_port))
-            return 1;
-        if (!is_local(family, k.node_addr) || !client_allowed(cfg, &k))
-            return 1;
-        count_miss(&k, hook);
+        if (traced(cfg, &k))
+            count_miss(&k, hook);
         return 1;
     }
     key_from_orig(&k, o, family);
