@@ -425,12 +425,9 @@ class Probe:
         """
         import numpy as np                  # only once tracing: the probe loads before numpy
         flows, later = self.maps["flows"], self.maps["claimed"]
-        ks, vs, off = flows.key_size, flows.value_size, flows.Leaf.first_ns.offset
+        ks, vs = flows.key_size, flows.value_size
         due = []
-        for n, keys, values in flows.chunks():      # one read for the table, not two calls a flow
-            if not n:
-                continue
-            first = np.ndarray((n,), "<u8", values, off, (vs,))
+        for n, keys, values, first in self._flow_chunks():   # one read, not two calls a flow
             for i in (range(n) if older_than_ns is None else np.flatnonzero(first <= older_than_ns).tolist()):
                 due.append((flows.Key.from_buffer_copy(keys, i * ks), flows.Leaf.from_buffer_copy(values, i * vs)))
         out = []
@@ -445,15 +442,21 @@ class Probe:
     def flows_earliest_ns(self) -> Optional[int]:
         """The earliest first_ns of the flows in `flows` (None: there is none), read in one
         batch (a read only: nothing is claimed) rather than a lookup per flow."""
+        earliest = None
+        for _n, _keys, _values, first in self._flow_chunks():
+            lo = int(first.min())
+            earliest = lo if earliest is None else min(earliest, lo)
+        return earliest
+
+    def _flow_chunks(self):
+        """The flow table in batch reads: (n, keys, values, the n flows' first_ns as a numpy
+        view of the values), empty chunks left out."""
         import numpy as np                  # only once tracing: the probe loads before numpy
         fl = self.maps["flows"]
-        off = fl.Leaf.first_ns.offset
-        earliest = None
-        for n, _keys, values in fl.chunks():
+        off, vs = fl.Leaf.first_ns.offset, fl.value_size
+        for n, keys, values in fl.chunks():
             if n:
-                first = int(np.ndarray((n,), "<u8", values, off, (fl.value_size,)).min())
-                earliest = first if earliest is None else min(earliest, first)
-        return earliest
+                yield n, keys, values, np.ndarray((n,), "<u8", values, off, (vs,))
 
     def read_misses(self):
         return self.maps["misses"].items()
