@@ -2,6 +2,8 @@
 section, under the bench's load.
 
     sudo .venv/bin/python -m bench.ebpf_sections [--seconds S] [--lab-name NAME]
+    sudo .venv/bin/python -m bench.ebpf_sections --variant floor --rounds 3
+
 
 BPF_ENABLE_STATS gives a program's run time as a whole; this splits it. A copy of bpf/ is
 made with a clock read after each section of on_post_dnat (the anchors below), the copy is
@@ -11,6 +13,10 @@ the bench's client settings), and each section's total time and count are read f
 array. Every clock read costs about 20-30 ns, which each section's figure includes: the
 sections add up to more than the plain program's run time. An anchor that no longer matches
 the source fails loudly: the tool measures the source as it is.
+
+With --variant, the source and a rewrite of it (bench/ebpf_variants.py: the floor any program
+on these hooks pays, the cost of a clock read, another design) are loaded in turn on the same
+lab, --rounds times each, and only their run times are compared: medians and ranges.
 """
 from __future__ import annotations
 
@@ -19,11 +25,14 @@ import ctypes
 import os
 import secrets
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from bench.ebpf_variants import VARIANTS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,42 +120,31 @@ def client_sysctls(ns: str) -> None:
         subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", kv], check=True)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seconds", type=float, default=4.0, help="wrk duration (default 4)")
-    ap.add_argument("--lab-name", default=f"sect-{secrets.token_hex(2)}")
-    ap.add_argument("--source", type=Path, default=ROOT / "bpf",
-                    help="the folder with hostport.bpf.c and events.h (default bpf/): to measure a variant")
-    ap.add_argument("--plain", action="store_true",
-                    help="no section markers: only each program's run time (BPF_ENABLE_STATS) per connection")
-    args = ap.parse_args(argv)
-    os.environ["BPFTRACE_HOSTPORT_CACHE_DIR"] = "off"
-    from bench.config import HTTP_HOST_PORT, MANIFEST
+def trial(text: str, events_h: Path, plain: bool, node_netns: str, node_ip: str, client: str,
+          seconds: float) -> dict:
+    """One load of a source text on the lab: {rate, conns, runs: {program: (ns, count)}, vals}."""
+    from bench.config import HTTP_HOST_PORT
+    from bench.procfs import bpf_run_time_stats
     from bpftrace_hostport import netns as netns_mod
     from bpftrace_hostport.collect.netfilter import probe as P
-    from bpftrace_hostport.lab import build as lab
 
     src = Path(tempfile.mkdtemp(prefix="bhp-sections-"))
-    shutil.copy(args.source / "events.h", src / "events.h")
-    text = (args.source / "hostport.bpf.c").read_text()
-    (src / "hostport.bpf.c").write_text(text if args.plain else instrument(text))
-    P.bpf_source_dir = lambda: src
-    if not args.plain:
-        P.MAPS = P.MAPS + ("prof",)
-    from bench.procfs import bpf_run_time_stats
-    st = lab.up([str(MANIFEST)], name=args.lab_name, ipv6=False)
+    base_maps = P.MAPS
     try:
-        client = st.clients[0]["netns"]
-        client_sysctls(client)
-        with P.Probe(P.ProbeOptions(netns=st.node_netns, watch_ports=[("tcp", HTTP_HOST_PORT)])) as pr:
-            ipr = netns_mod.open_iproute(st.node_netns)
+        shutil.copy(events_h, src / "events.h")
+        (src / "hostport.bpf.c").write_text(text if plain else instrument(text))
+        P.bpf_source_dir = lambda: src
+        if not plain:
+            P.MAPS = base_maps + ("prof",)
+        with P.Probe(P.ProbeOptions(netns=node_netns, watch_ports=[("tcp", HTTP_HOST_PORT)])) as pr:
+            ipr = netns_mod.open_iproute(node_netns)
             pr.set_local_addrs(netns_mod.local_addresses(ipr))
             ipr.close()
             pr.attach()
             stats = bpf_run_time_stats()
             stats.__enter__()
-            wrk = subprocess.Popen(["ip", "netns", "exec", client, "wrk", "-t2", "-c64", f"-d{args.seconds:g}s",
-                                    "-H", "Connection: close", f"http://{st.node_ip}:{HTTP_HOST_PORT}/"],
+            wrk = subprocess.Popen(["ip", "netns", "exec", client, "wrk", "-t2", "-c64", f"-d{seconds:g}s",
+                                    "-H", "Connection: close", f"http://{node_ip}:{HTTP_HOST_PORT}/"],
                                    stdout=subprocess.PIPE, text=True)
             while wrk.poll() is None:
                 pr.consume()                         # the ring must not fill: records as in the tracer
@@ -155,30 +153,79 @@ def main(argv=None) -> int:
             runs = {name: _run_time(fd) for name, fd in pr.prog_fds.items()}
             stats.__exit__(None, None, None)
             created = pr.read_stats()["flows_created"]
-            vals = ([0] * 64 if args.plain else
+            vals = ([0] * 64 if plain else
                     [sum(x.value for x in pr.maps["prof"].lookup(ctypes.c_uint32(i))) for i in range(64)])
     finally:
-        lab.down(args.lab_name)
+        P.MAPS = base_maps
         shutil.rmtree(src, ignore_errors=True)
-    conns = created or 1                             # new flows inserted
-    print(f"{rate} connections/s; {conns} new flows")
-    for name, (ns, cnt) in runs.items():
+    return {"rate": rate, "conns": created or 1, "runs": runs, "vals": vals}
+
+
+def per_connection(t: dict) -> float:
+    """ns of eBPF per connection, all programs."""
+    return sum(ns for ns, _ in t["runs"].values()) / t["conns"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=4.0, help="wrk duration (default 4)")
+    ap.add_argument("--lab-name", default=f"sect-{secrets.token_hex(2)}")
+    ap.add_argument("--source", type=Path, default=ROOT / "bpf",
+                    help="the folder with hostport.bpf.c (default bpf/): to measure a variant")
+    ap.add_argument("--plain", action="store_true",
+                    help="no section markers: only each program's run time (BPF_ENABLE_STATS) per connection")
+    ap.add_argument("--variant", choices=sorted(VARIANTS),
+                    help="alternate the source with this rewrite of it (bench/ebpf_variants.py), run time only")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="trials of each source (alternating with --variant), medians at the end (default 1)")
+    args = ap.parse_args(argv)
+    os.environ["BPFTRACE_HOSTPORT_CACHE_DIR"] = "off"
+    from bench.config import MANIFEST
+    from bpftrace_hostport.lab import build as lab
+
+    text = (args.source / "hostport.bpf.c").read_text()
+    sources = [("source", text)]
+    if args.variant:
+        sources.append((args.variant, VARIANTS[args.variant](text)))
+    plain = args.plain or bool(args.variant)
+    st = lab.up([str(MANIFEST)], name=args.lab_name, ipv6=False)
+    results: dict = {name: [] for name, _ in sources}
+    try:
+        client = st.clients[0]["netns"]
+        client_sysctls(client)
+        for _ in range(max(1, args.rounds)):
+            for name, src_text in sources:       # alternating: the VM's speed drifts
+                t = trial(src_text, args.source / "events.h", plain, st.node_netns, st.node_ip, client, args.seconds)
+                results[name].append(t)
+                _print_trial(name if len(sources) > 1 else None, t, plain)
+    finally:
+        lab.down(args.lab_name)
+    if len(sources) > 1 or args.rounds > 1:
+        print("eBPF ns per connection, all programs: median (min-max) over the trials")
+        for name, ts in results.items():
+            v = sorted(per_connection(t) for t in ts)
+            print(f"  {name:8} {statistics.median(v):8.1f} ({v[0]:.1f}-{v[-1]:.1f}), {len(v)} trials")
+    return 0
+
+
+def _print_trial(label, t: dict, plain: bool) -> None:
+    conns = t["conns"]
+    print(f"{label + ': ' if label else ''}{t['rate']} connections/s; {conns} new flows")
+    for name, (ns, cnt) in t["runs"].items():
         if cnt:
             print(f"  {name}: {cnt / conns:.2f} runs per connection, {ns / cnt:.1f} ns per run, "
-                  f"{ns / conns:.1f} ns per connection (with the markers' clock reads)" if not args.plain else
-                  f"  {name}: {cnt / conns:.2f} runs per connection, {ns / cnt:.1f} ns per run, "
-                  f"{ns / conns:.1f} ns per connection")
-    if args.plain:
-        return 0
+                  f"{ns / conns:.1f} ns per connection" + ("" if plain else " (with the markers' clock reads)"))
+    if plain:
+        return
+    vals = t["vals"]
     print("per section (each includes one clock read):")
     print(f"{'#':>2} {'section':52} {'runs':>9} {'ns/run':>8} {'ns/conn':>8}")
-    for i, label, _a, _w in SECTIONS:
+    for i, label_, _a, _w in SECTIONS:
         n = vals[32 + i]
         if n:
-            print(f"{i:2d} {label:52} {n:9d} {vals[i] / n:8.1f} {vals[i] / conns:8.1f}")
+            print(f"{i:2d} {label_:52} {n:9d} {vals[i] / n:8.1f} {vals[i] / conns:8.1f}")
     total = sum(vals[i] for i, *_ in SECTIONS)
     print(f"   {'all sections':52} {'':9} {'':8} {total / conns:8.1f}")
-    return 0
 
 
 def _run_time(fd: int):

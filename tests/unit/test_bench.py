@@ -171,3 +171,19 @@ def test_ebpf_sections_anchors_match_the_source():
     lines = [ln for ln in out.replace(HELPER, "").splitlines()
              if "prof_add(" not in ln and ln.strip() != "u64 _t = bpf_ktime_get_ns();"]
     assert lines == src.splitlines()
+
+
+def test_ebpf_variants_apply_to_the_source():
+    """Each variant of bench/ebpf_variants.py rewrites bpf/hostport.bpf.c at anchors found
+    exactly once; a source without them fails loudly rather than measuring something else."""
+    from pathlib import Path
+    import pytest
+    from bench.ebpf_variants import VARIANTS
+    src = (Path(__file__).resolve().parents[2] / "bpf" / "hostport.bpf.c").read_text()
+    for name, rewrite in VARIANTS.items():
+        out = rewrite(src)
+        assert out != src, name
+        assert "bench variant" in out, name
+        with pytest.raises(SystemExit, match="anchor found 0 times"):
+            rewrite("int nothing_here;\n")
+    assert VARIANTS["clock"](src).count("bpf_ktime_get_ns();") == src.count("bpf_ktime_get_ns();") + 1
