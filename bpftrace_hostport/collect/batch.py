@@ -249,8 +249,8 @@ class FlowBatch:
         return out
 
     def to_arrow(self):
-        """The batch as rows of kind "flow" in the recording's columns: a nanoarrow array
-        (records/arrowout.py); pyarrow.record_batch() takes it as it is."""
+        """The batch as rows of kind "flow" in the recording's columns (records/arrowout.Batch:
+        numpy buffers); pyarrow.record_batch() takes it as it is."""
         from ..records import arrowout as ao
         c = self.cols
         pods = self.pods

@@ -1,6 +1,7 @@
 """The recording writer (`trace --record`, `agent --record-dir`): an Arrow IPC stream.
 
-Rows are schema.RECORDING_COLUMNS, built and written with nanoarrow (records/arrowout.py);
+Rows are schema.RECORDING_COLUMNS, built and written by records/arrowout.py (IPC messages laid
+out from numpy buffers);
 each write_* call is one record batch of one `record` kind. Every file starts with a `meta` row (the capture header plus `file_index`, and
 `anonymized` when client addresses are pseudonyms), then the latest `pods` and `rules`
 snapshots, so each file stands alone; it ends with an `end` row holding the file's own

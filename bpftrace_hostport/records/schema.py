@@ -175,7 +175,7 @@ RECORDING_COLUMNS: Tuple[Tuple[str, str, bool], ...] = (     # name, type, nulla
 @functools.lru_cache(maxsize=None)
 def recording_schema():
     """The Arrow schema of a recording as pyarrow sees it (readers and tests; the tracer writes
-    with records/arrowout.py, which builds the same schema with nanoarrow)."""
+    with records/arrowout.py, whose schema message nanoarrow builds)."""
     import pyarrow as pa
     types = {"string": pa.string(), "timestamp": pa.timestamp("ns", tz="UTC"), "uint8": pa.uint8(),
              "uint16": pa.uint16(), "uint64": pa.uint64(), "bool": pa.bool_(),
