@@ -75,6 +75,19 @@ def clock(text: str) -> str:
     return _replace(text, ENTRY, ENTRY + CLOCK_READS + FLOOR_BODY)
 
 
+TAKE_WAY = """\
+/* bench variants: the way a new entry takes in its set (its own stale one, else an empty or
+ * the stalest), as remember() chooses it. */
+static __always_inline int ct_take_way(struct ct_set *s, u64 tag, u16 now)
+{
+    int w = ct_way(s, tag);
+    if (w < 0)
+        w = ct_victim(s, now);
+    return w & (CT_WAYS - 1);
+}
+
+"""
+
 PENDING_MAPS = """\
 BPF_ARRAY(ctcache, struct ct_set, 1 << CT_SET_BITS);
 /* bench variant "pending": a waiting flow's slot holds its mapping id with this bit, and the
@@ -98,10 +111,7 @@ PENDING_PATH = """\
             if (!traced(cfg, &k))
                 return 1;
             u16 now16 = ct_clock();
-            int w = ct_way(s, tag);
-            if (w < 0)
-                w = ct_victim(s, now16);
-            w &= CT_WAYS - 1;
+            int w = ct_take_way(s, tag, now16);
             u64 old = s->slot[w];
             u32 pi = si * CT_WAYS + w;
             struct flow_event *e = pend.lookup(&pi);
@@ -150,14 +160,7 @@ PENDING_PATH = """\
                     events.ringbuf_discard(re, BPF_RB_NO_WAKEUP);
                     return 1;
                 }
-                u64 wake = BPF_RB_NO_WAKEUP;
-                int z = 0;
-                u32 *n = since_wakeup.lookup(&z);
-                if (n && ++*n >= WAKE_EVERY) {
-                    *n = 0;
-                    wake = BPF_RB_FORCE_WAKEUP;
-                }
-                events.ringbuf_submit(re, wake);
+                submit_record(re);
                 count_answered(id, fl, lat);
                 return 1;
             }
@@ -173,6 +176,7 @@ def pending(text: str) -> str:
     text = _replace(text, "    if (id == CT_PENDING)\n        return 0;\n    u16 now = ct_clock();",
                     "    if (id == CT_PENDING || (id & CT_FLOWBIT))\n        return 0;\n    u16 now = ct_clock();")
     text = _replace(text, "            ct_forget(ctkey);\n", "            ;   /* the new flow takes its slot itself */\n")
+    text = _replace(text, ENTRY, TAKE_WAY + ENTRY)
     return _replace(text, PENDING_ANCHOR, PENDING_PATH + PENDING_ANCHOR)
 
 
@@ -185,23 +189,7 @@ struct ct_set {
 """
 
 MINIMAL_BODY = """\
-    /* bench variant "minimal" (see bench/ebpf_variants.py). */
-    void *skb = *(void **)((char *)ctx + NF_CTX_SKB);
-    u8 ctinfo = 0;
-    void *ct = nf_skb_conntrack(skb, &ctinfo);
-    if (!ct)
-        return 1;
-    u64 ctkey = (u64)ct;
-    u32 len = *(u32 *)((char *)skb + SKB_LEN);
-    if (ctinfo == IP_CT_ESTABLISHED || ctinfo == IP_CT_ESTABLISHED_REPLY) {
-        if (count_known(ctkey, len))
-            return 1;
-    }
-    u8 cb[CT_BUF];
-    if (read_ct(ct, cb))
-        return 1;
-    u8 *o = cb + CT_O, *r = cb + CT_R;
-    u32 status = *(u32 *)(cb + CT_S);
+    /* bench variant "minimal" (see bench/ebpf_variants.py): from here on. */
     if (!(status & IPS_DST_NAT))
         return 1;
     u8 family = tuple_family(o);
@@ -214,10 +202,7 @@ MINIMAL_BODY = """\
     u64 tag = ct_tag(ctkey);
     if (ctinfo == IP_CT_NEW && !(status & IPS_CONFIRMED)) {
         u16 now16 = ct_clock();
-        int w = ct_way(s, tag);
-        if (w < 0)
-            w = ct_victim(s, now16);
-        w &= CT_WAYS - 1;
+        int w = ct_take_way(s, tag, now16);
         u64 old = s->slot[w];
         s->first_us[w] = (u32)(bpf_ktime_get_ns() >> 10);
         if (__sync_val_compare_and_swap(&s->slot[w], old, tag | CT_PENDING) == old) {
@@ -258,12 +243,17 @@ MINIMAL_BODY = """\
 """
 
 
+MINIMAL_FROM = "    /* The first packet of a new conntrack entry (not yet confirmed). */\n"
+
+
 def minimal(text: str) -> str:
-    start, end = text.find(ENTRY), text.find(PROGRAMS)
-    if text.count(ENTRY) != 1 or text.count(PROGRAMS) != 1 or not 0 <= start < end:
+    """on_post_dnat as it is up to the conntrack entry's read (the hot path included), then
+    MINIMAL_BODY instead of the rest."""
+    start, end = text.find(MINIMAL_FROM), text.find(PROGRAMS)
+    if text.count(MINIMAL_FROM) != 1 or text.count(PROGRAMS) != 1 or not 0 <= start < end:
         raise SystemExit("bench.ebpf_variants: anchor found 0 times, expected once (the source changed; "
-                         "update the variant): on_post_dnat and the programs after it")
-    text = text[:start] + ENTRY + MINIMAL_BODY + text[end:]
+                         "update the variant): on_post_dnat's slow path and the programs after it")
+    text = _replace(text[:start] + MINIMAL_BODY + text[end:], ENTRY, TAKE_WAY + ENTRY)
     set_start = text.find("struct ct_set {\n")
     set_end = text.find("};\n", set_start) + 3
     return text[:set_start] + MINIMAL_SET + text[set_end:]

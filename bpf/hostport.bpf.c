@@ -465,6 +465,22 @@ static __always_inline void note_masquerade(struct flow_val *v, struct flow_key 
     }
 }
 
+/* A reserved ring-buffer record, submitted with batched wake-ups: a wake-up per flow would
+ * cost a context switch per flow at high connection rates. User space reads the ring every
+ * 250 ms, and a reader sleeping on it is woken by each CPU every WAKE_EVERY records, which
+ * user space sizes so that all CPUs together wake it well before the ring could fill. */
+static __always_inline void submit_record(struct flow_event *e)
+{
+    u64 wake = BPF_RB_NO_WAKEUP;
+    int zero = 0;
+    u32 *n = since_wakeup.lookup(&zero);
+    if (n && ++*n >= WAKE_EVERY) {
+        *n = 0;
+        wake = BPF_RB_FORCE_WAKEUP;
+    }
+    events.ringbuf_submit(e, wake);
+}
+
 /* Reports an answered flow, at most once: 0 reported, 1 already reported (claimed by user
  * space after the timeout), -1 deferred (reported by user space after --timeout). The flow is
  * copied into a reserved ring-buffer slot first, then its entry deleted: the delete is the
@@ -485,18 +501,7 @@ static __always_inline int report_answered(struct flow_key *k, struct flow_val *
         events.ringbuf_discard(e, BPF_RB_NO_WAKEUP);
         return 1;
     }
-    /* Batched wake-ups: a wake-up per flow would cost a context switch per flow at high
-     * connection rates. User space reads the ring every 250 ms, and a reader sleeping on it
-     * is woken by each CPU every WAKE_EVERY records, which user space sizes so that all CPUs
-     * together wake it well before the ring could fill. */
-    u64 wake = BPF_RB_NO_WAKEUP;
-    int zero = 0;
-    u32 *n = since_wakeup.lookup(&zero);
-    if (n && ++*n >= WAKE_EVERY) {
-        *n = 0;
-        wake = BPF_RB_FORCE_WAKEUP;
-    }
-    events.ringbuf_submit(e, wake);
+    submit_record(e);
     return 0;
 }
 
