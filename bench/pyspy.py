@@ -6,8 +6,10 @@ from collections import Counter
 from pathlib import Path
 from typing import List, Optional
 
+# Innermost frames of a thread that is waiting, not running: sleeps, and condition waits (a
+# thread waiting for the GIL sits in pthread_cond_timedwait, as does threading.Event.wait).
 IDLE_FRAMES = {"epoll_wait", "epoll_pwait", "clock_nanosleep", "nanosleep", "select", "pselect6",
-               "poll", "ppoll"}
+               "poll", "ppoll", "pthread_cond_timedwait", "pthread_cond_wait"}
 FRAME_RE = re.compile(r"(.+?) \((?:.*/)?([^/:]+?)(?::\d+)?\)$")
 
 
@@ -25,8 +27,9 @@ def _frames(stack: str) -> List[str]:
 def pyspy_summary(path: Path, top: int = 20) -> Optional[dict]:
     """Where the tracer's busy samples go, self and inclusive.
 
-    A sample whose innermost frame is a sleep (epoll_wait, clock_nanosleep, ...) is the tracer
-    waiting for records: counted as idle and left out of the percentages.
+    A sample whose innermost frame is a sleep or a wait (epoll_wait, clock_nanosleep, a thread
+    waiting for the GIL, ...) is the tracer not running: counted as idle and left out of the
+    percentages.
     """
     if not path.exists():
         return None

@@ -187,3 +187,15 @@ def test_ebpf_variants_apply_to_the_source():
         with pytest.raises(SystemExit, match="anchor found 0 times"):
             rewrite("int nothing_here;\n")
     assert VARIANTS["clock"](src).count("bpf_ktime_get_ns();") == src.count("bpf_ktime_get_ns();") + 1
+
+
+def test_pyspy_summary_counts_waits_as_idle(tmp_path):
+    """A thread waiting for the GIL (pthread_cond_timedwait) or sleeping is not busy."""
+    from bench.pyspy import pyspy_summary
+    raw = tmp_path / "r.pyspy.txt"
+    raw.write_text("main (a.py:1);decode (decode.py:9) 30\n"
+                   "main (a.py:1);take_gil (ceval_gil.c);pthread_cond_timedwait (libc.so.6) 50\n"
+                   "_run (backend.py:3);epoll_wait (libc.so.6) 20\n")
+    s = pyspy_summary(raw)
+    assert (s["samples"], s["idle_samples"], s["busy_samples"]) == (100, 70, 30)
+    assert s["self"] == [{"function": "decode (decode.py)", "pct": 100.0}]
