@@ -4,7 +4,6 @@ section, under the bench's load.
     sudo .venv/bin/python -m bench.ebpf_sections [--seconds S] [--lab-name NAME]
     sudo .venv/bin/python -m bench.ebpf_sections --variant floor --rounds 3
 
-
 BPF_ENABLE_STATS gives a program's run time as a whole; this splits it. A copy of bpf/ is
 made with a clock read after each section of on_post_dnat (the anchors below), the copy is
 loaded the way the tracer loads its programs (collect/netfilter/probe.py, compile cache off,

@@ -31,11 +31,17 @@ from typing import Callable, Dict
 ENTRY = "static __always_inline int on_post_dnat(void *ctx, u8 hook)\n{\n"
 
 
-def _replace(text: str, anchor: str, new: str) -> str:
+def _find_once(text: str, anchor: str) -> int:
+    """Where anchor is in text; SystemExit unless it is there exactly once."""
     n = text.count(anchor)
     if n != 1:
         raise SystemExit(f"bench.ebpf_variants: anchor found {n} times, expected once "
                          f"(the source changed; update the variant): {anchor.strip()[:70]!r}")
+    return text.find(anchor)
+
+
+def _replace(text: str, anchor: str, new: str) -> str:
+    _find_once(text, anchor)
     return text.replace(anchor, new)
 
 
@@ -180,13 +186,8 @@ def pending(text: str) -> str:
     return _replace(text, PENDING_ANCHOR, PENDING_PATH + PENDING_ANCHOR)
 
 
-MINIMAL_SET = """\
-struct ct_set {
-    u64 slot[CT_WAYS];       /* (address >> 3) << CT_ID_BITS | mapping id; 0: empty */
-    u16 seen[CT_WAYS];       /* the coarse clock (jiffies >> 8) when the slot was last used */
-    u32 first_us[CT_WAYS];   /* bench variant "minimal": a waiting flow's first packet (us) */
-};
-"""
+MINIMAL_SET_END = "};\nBPF_ARRAY(ctcache, struct ct_set, 1 << CT_SET_BITS);\n"
+MINIMAL_FIRST_US = "    u32 first_us[CT_WAYS];   /* bench variant \"minimal\": a waiting flow's first packet (us) */\n"
 
 MINIMAL_BODY = """\
     /* bench variant "minimal" (see bench/ebpf_variants.py): from here on. */
@@ -244,22 +245,16 @@ MINIMAL_BODY = """\
 
 
 MINIMAL_FROM = "    /* The first packet of a new conntrack entry (not yet confirmed). */\n"
+PROGRAMS = "int nf_prerouting_post_dnat(void *ctx)\n"
 
 
 def minimal(text: str) -> str:
     """on_post_dnat as it is up to the conntrack entry's read (the hot path included), then
-    MINIMAL_BODY instead of the rest."""
-    start, end = text.find(MINIMAL_FROM), text.find(PROGRAMS)
-    if text.count(MINIMAL_FROM) != 1 or text.count(PROGRAMS) != 1 or not 0 <= start < end:
-        raise SystemExit("bench.ebpf_variants: anchor found 0 times, expected once (the source changed; "
-                         "update the variant): on_post_dnat's slow path and the programs after it")
+    MINIMAL_BODY instead of the rest; the cache's sets get a first-packet time per way."""
+    start, end = _find_once(text, MINIMAL_FROM), _find_once(text, PROGRAMS)
     text = _replace(text[:start] + MINIMAL_BODY + text[end:], ENTRY, TAKE_WAY + ENTRY)
-    set_start = text.find("struct ct_set {\n")
-    set_end = text.find("};\n", set_start) + 3
-    return text[:set_start] + MINIMAL_SET + text[set_end:]
+    return _replace(text, MINIMAL_SET_END, MINIMAL_FIRST_US + MINIMAL_SET_END)
 
-
-PROGRAMS = "int nf_prerouting_post_dnat(void *ctx)\n"
 
 VARIANTS: Dict[str, Callable[[str], str]] = {"floor": floor, "clock": clock, "pending": pending,
                                              "minimal": minimal}
