@@ -20,7 +20,7 @@ import time
 import numpy as np
 import orjson
 
-from bpftrace_hostport.collect.batch import FlowBatch
+from bpftrace_hostport.records.batch import FlowBatch
 from bpftrace_hostport.records.recording import RecordingWriter
 
 BATCH = 10_000

@@ -13,7 +13,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 import numpy as np
 
 from bpftrace_hostport import proto as protomod
-from bpftrace_hostport.collect.batch import ADDR, AddrNames, FlowBatch, group_rows
+from bpftrace_hostport.records.batch import ADDR, AddrNames, FlowBatch, group_rows
 
 #: Percentiles reported for answered-flow latency (numpy "linear" interpolation).
 PERCENTILES = (("p50", 50.0), ("p90", 90.0), ("p99", 99.0))

@@ -69,7 +69,7 @@ def export_capture(cap, to: str, out: str) -> int:
 
 
 def _to_recording(cap, out: str) -> int:
-    from bpftrace_hostport.collect.batch import FlowBatch
+    from bpftrace_hostport.records.batch import FlowBatch
     from bpftrace_hostport.records.recording import RecordingWriter
     w = RecordingWriter(out, _header(cap))
     chunk: List[dict] = []

@@ -101,10 +101,12 @@ def load_pods(files: Sequence[str]):
 
 def resolver(pod_files, pods_from, netns, node_name, kubeconfig):
     """A started Resolver over the chosen sources; notes about skipped sources go to stderr."""
+    from bpftrace_hostport.node.rules import read_node_rules
     from bpftrace_hostport.pods.sources import Resolver, resolve_sources
     pods_from = pods_from_default(pods_from, pod_files)
     sources, notes = resolve_sources(list(pod_files), pods_from=pods_from, netns=netns,
-                                     node_name=node_name, kubeconfig=kubeconfig)
+                                     node_name=node_name, kubeconfig=kubeconfig,
+                                     read_rules=read_node_rules)
     for n in notes:
         click.echo(f"note: {n}", err=True)
     resolver = Resolver(sources)

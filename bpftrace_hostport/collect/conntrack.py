@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from typing import Dict, List, Optional, Tuple
 
 from bpftrace_hostport import netns as netns_mod, proto as protomod
-from bpftrace_hostport.collect.batch import FlowBatch, ns_to_iso
+from bpftrace_hostport.records.batch import FlowBatch, ns_to_iso
 from bpftrace_hostport.errors import UserError
 
 IPS_SEEN_REPLY = 0x2

@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from bpftrace_hostport import proto as protomod
-from bpftrace_hostport.collect.batch import AddrNames, FlowBatch, group_rows
+from bpftrace_hostport.records.batch import AddrNames, FlowBatch, group_rows
 
 
 class Enricher:

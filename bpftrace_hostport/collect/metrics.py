@@ -40,7 +40,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.utils import floatToGoString
 
 from bpftrace_hostport import proto as protomod
-from bpftrace_hostport.collect.batch import ADDR, AddrNames, FlowBatch, group_rows
+from bpftrace_hostport.records.batch import ADDR, AddrNames, FlowBatch, group_rows
 from bpftrace_hostport.collect.sinks import Sink
 from bpftrace_hostport.errors import UserError
 

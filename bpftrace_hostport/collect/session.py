@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, TextIO, Tuple
 
 from bpftrace_hostport import __version__, netns as netns_mod
 from bpftrace_hostport.analysis.aggregate import FlowAggregate, summarize
-from bpftrace_hostport.collect.batch import FlowBatch, ns_to_iso
+from bpftrace_hostport.records.batch import FlowBatch, ns_to_iso
 from bpftrace_hostport.collect.enrich import Enricher
 from bpftrace_hostport.collect.options import TraceOptions
 from bpftrace_hostport.collect.sinks import Sink

@@ -11,7 +11,7 @@ from typing import List, Optional, TextIO
 
 import orjson
 
-from bpftrace_hostport.collect.batch import AddrNames, FlowBatch
+from bpftrace_hostport.records.batch import AddrNames, FlowBatch
 
 
 class Sink:

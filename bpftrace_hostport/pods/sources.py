@@ -56,6 +56,10 @@ from bpftrace_hostport.model import ContainerPort, HostPortRule, PodInfo
 from bpftrace_hostport.pods.index import Names, PodIndex
 from bpftrace_hostport.pods.podlist import pod_from_k8s, read_pod_list
 
+#: Reads a node's hostPort DNAT rules: netns -> (rules, notes). node/rules.read_node_rules,
+#: handed in by the caller (pods sit below node in the layering).
+RuleReader = Callable[[Optional[str]], Tuple[List[HostPortRule], List[str]]]
+
 
 __all__ = [
     "PodSource", "SourceUnavailable", "FileSource", "KubeSource", "CRISource", "CNIStateSource",
@@ -842,18 +846,20 @@ class CNIStateSource(_PollingSource):
     name = "cni"
 
     def __init__(self, netns: Optional[str] = None, ipam_dirs: Optional[List[str]] = None, *,
-                 interval: float = 5.0, grace_seconds: float = 5.0):
+                 read_rules: Optional[RuleReader] = None, interval: float = 5.0,
+                 grace_seconds: float = 5.0):
         super().__init__(interval, grace_seconds)
         self.netns = netns
+        # The node's DNAT rules come from node/rules.py, a layer above this one: the caller
+        # (the CLI) hands its reader in. Without one, only host-local allocations are used.
+        self.read_rules = read_rules
         self.ipam_dirs = list(ipam_dirs) if ipam_dirs is not None else list(DEFAULT_IPAM_DIRS)
         self.rule_notes: List[str] = []
 
     def _load(self) -> Dict[str, PodInfo]:
-        from bpftrace_hostport.node import rules as _rules           # looked up at call time (tests monkeypatch it)
-
         allocations = read_host_local(self.ipam_dirs)
         try:
-            found, notes = _rules.read_node_rules(self.netns)
+            found, notes = self.read_rules(self.netns) if self.read_rules else ([], [])
         except UserError:
             raise
         except Exception as e:
@@ -888,7 +894,7 @@ class CNIStateSource(_PollingSource):
 
 def resolve_sources(pods_files: List[str], pods_from: str = "auto", netns: Optional[str] = None,
                     node_name: Optional[str] = None, kubeconfig: Optional[str] = None,
-                    ) -> Tuple[List[PodSource], List[str]]:
+                    read_rules: Optional[RuleReader] = None) -> Tuple[List[PodSource], List[str]]:
     """The pod sources to use and notes (one plain sentence each) on the ones skipped.
 
     auto: the pod list files if any, plus the first live source that works: the Kubernetes API
@@ -930,7 +936,7 @@ def resolve_sources(pods_files: List[str], pods_from: str = "auto", netns: Optio
         return src
 
     def cni() -> CNIStateSource:
-        src = CNIStateSource(netns=netns)
+        src = CNIStateSource(netns=netns, read_rules=read_rules)
         src.refresh()
         if not src.pods():
             dirs = ", ".join(src.ipam_dirs)

@@ -15,7 +15,7 @@ from typing import Dict, Tuple
 
 import numpy as np
 
-from bpftrace_hostport.collect.batch import ADDR, group_rows
+from bpftrace_hostport.records.batch import ADDR, group_rows
 
 _BITS = {4: 32, 6: 128}
 

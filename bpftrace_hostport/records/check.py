@@ -115,7 +115,7 @@ def _is_addr(text: str) -> bool:
 
 def is_time(text: str) -> bool:
     from datetime import datetime
-    from bpftrace_hostport.collect.batch import iso_to_ns
+    from bpftrace_hostport.records.batch import iso_to_ns
     try:
         if datetime.fromisoformat(text.replace("Z", "+00:00")).tzinfo is None:
             return False             # naive and aware times cannot be compared

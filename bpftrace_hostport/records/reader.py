@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from bpftrace_hostport import proto as protomod
-from bpftrace_hostport.collect.batch import ADDR, FlowBatch, ns_to_iso, unpack_addr
+from bpftrace_hostport.records.batch import ADDR, FlowBatch, ns_to_iso, unpack_addr
 from bpftrace_hostport.errors import UserError
 from bpftrace_hostport.records import check
 from bpftrace_hostport.records.capture import Capture

@@ -34,7 +34,7 @@ import numpy as np
 import orjson
 
 from bpftrace_hostport import proto as protomod
-from bpftrace_hostport.collect.batch import ADDR, FlowBatch, iso_to_ns, pack_addr
+from bpftrace_hostport.records.batch import ADDR, FlowBatch, iso_to_ns, pack_addr
 from bpftrace_hostport.errors import UserError
 from bpftrace_hostport.records import arrowout as ao
 from bpftrace_hostport.records.anonymize import Anonymizer

@@ -256,7 +256,7 @@ def work(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def recording(tmp_path_factory) -> Path:
     """A valid recording: header, flows, a miss, a snapshot, the summary, the end row."""
-    from bpftrace_hostport.collect.batch import FlowBatch
+    from bpftrace_hostport.records.batch import FlowBatch
     from bpftrace_hostport.records.recording import RecordingWriter
     recs = capture_records()
     path = tmp_path_factory.mktemp("rec") / "valid.arrow"

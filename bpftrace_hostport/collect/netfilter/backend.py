@@ -16,7 +16,7 @@ import threading
 from collections import deque
 from typing import Dict, List, Optional, Tuple
 
-from bpftrace_hostport.collect.batch import FlowBatch
+from bpftrace_hostport.records.batch import FlowBatch
 from bpftrace_hostport.collect.netfilter import decode as ev
 
 # A flow's first_ns is the kernel's clock read just before the flow goes into `flows`

@@ -17,7 +17,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 from bpftrace_hostport import proto as protomod
-from bpftrace_hostport.collect.batch import ADDR, FlowBatch, ns_to_iso
+from bpftrace_hostport.records.batch import ADDR, FlowBatch, ns_to_iso
 
 FLOW_ANSWERED = 1
 FLOW_MASQUERADED = 2

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 from bpftrace_hostport.collect.netfilter import backend as bk
 from bpftrace_hostport.collect.netfilter import decode as ev
-from bpftrace_hostport.collect.batch import FlowBatch
+from bpftrace_hostport.records.batch import FlowBatch
 
 S = 1_000_000_000
 

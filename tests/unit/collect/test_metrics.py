@@ -10,7 +10,7 @@ from bpftrace_hostport.errors import UserError
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
-from bpftrace_hostport.collect.batch import FlowBatch, pack_addr
+from bpftrace_hostport.records.batch import FlowBatch, pack_addr
 from bpftrace_hostport.collect.metrics import EXPORTED_METRICS, MetricsSink, parse_listen
 
 NETFILTER = {"type": "capture", "backend": "netfilter",

@@ -21,7 +21,6 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from kubernetes import client as k8s_client
 
-from bpftrace_hostport.node import rules as rules_mod
 from bpftrace_hostport.errors import UserError
 from bpftrace_hostport.model import ContainerPort, HostPortRule, PodInfo
 from bpftrace_hostport.pods import sources
@@ -70,9 +69,6 @@ def isolated_env(monkeypatch, tmp_path):
     empty_bin.mkdir()
     monkeypatch.setenv("PATH", str(empty_bin))
 
-    def no_rules(netns=None):
-        return [], []
-    monkeypatch.setattr(rules_mod, "read_node_rules", no_rules)
 
 
 # --------------------------------------------------------------------------- fake API server
@@ -490,14 +486,14 @@ def ipam(tmp_path):
     return root
 
 
-def fake_rules(monkeypatch, found, notes=()):
+def fake_rules(found, notes=()):
+    """A rule reader for CNIStateSource(read_rules=...), and the namespaces it was asked for."""
     seen = []
 
     def read_node_rules(netns=None):
         seen.append(netns)
         return list(found), list(notes)
-    monkeypatch.setattr(rules_mod, "read_node_rules", read_node_rules)
-    return seen
+    return read_node_rules, seen
 
 
 RULES = [
@@ -514,8 +510,8 @@ RULES = [
 
 
 def test_cni_state_joins_host_local_and_portmap(monkeypatch, ipam):
-    seen = fake_rules(monkeypatch, RULES)
-    src = CNIStateSource(netns="node1", ipam_dirs=[str(ipam)])
+    reader, seen = fake_rules(RULES)
+    src = CNIStateSource(netns="node1", ipam_dirs=[str(ipam)], read_rules=reader)
     pods = by_name(src.pods())
     assert seen == ["node1"]
     assert set(pods) == {"cni-5b2f0c6e9d1a", "cni-77aa88bb99cc", "cni-0123456789ab"}
@@ -538,8 +534,7 @@ def test_cni_state_joins_host_local_and_portmap(monkeypatch, ipam):
 
 
 def test_cni_state_accepts_a_network_dir_and_nothing(monkeypatch, ipam, tmp_path):
-    fake_rules(monkeypatch, [])
-    pods = CNIStateSource(ipam_dirs=[str(ipam / "cbr0")]).pods()
+    pods = CNIStateSource(ipam_dirs=[str(ipam / "cbr0")], read_rules=fake_rules([])[0]).pods()
     assert names_of(pods) == {"cni-5b2f0c6e9d1a", "cni-77aa88bb99cc"}
     assert CNIStateSource(ipam_dirs=[str(tmp_path / "absent")]).pods() == []
 
@@ -564,8 +559,7 @@ def test_resolve_file_and_none():
 
 
 def test_resolve_auto_falls_back_to_cni_and_says_why(monkeypatch):
-    fake_rules(monkeypatch, [])
-    srcs, notes = resolve_sources([], "auto")
+    srcs, notes = resolve_sources([], "auto", read_rules=fake_rules([])[0])
     assert [s.name for s in srcs] == ["cni"]
     assert notes[0].startswith("No Kubernetes configuration found (no --kubeconfig, KUBECONFIG, ")
     assert notes[0].endswith(": skipped.")

@@ -6,7 +6,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from bpftrace_hostport.collect.batch import FlowBatch
+from bpftrace_hostport.records.batch import FlowBatch
 from bpftrace_hostport.errors import UserError
 from bpftrace_hostport.records.reader import detect, iter_flow_batches, load
 from bpftrace_hostport.records.schema import SCHEMA_VERSION, recording_schema

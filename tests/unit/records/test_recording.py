@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from bpftrace_hostport.collect.batch import FlowBatch
+from bpftrace_hostport.records.batch import FlowBatch
 from bpftrace_hostport.errors import UserError
 from bpftrace_hostport.records import recording
 from bpftrace_hostport.records.anonymize import Anonymizer
@@ -128,7 +128,7 @@ def test_file_is_0600_whatever_the_umask(tmp_path):
 
 CHILD = textwrap.dedent("""
     import sys, time
-    from bpftrace_hostport.collect.batch import FlowBatch
+    from bpftrace_hostport.records.batch import FlowBatch
     from bpftrace_hostport.records.recording import RecordingWriter
     w = RecordingWriter(sys.argv[1], {"type": "capture", "node": "killed"})
     batch = FlowBatch.empty(100)

@@ -1,7 +1,7 @@
 """The declared schema is the one every writer uses and the README shows."""
 from pathlib import Path
 
-from bpftrace_hostport.collect.batch import FlowBatch
+from bpftrace_hostport.records.batch import FlowBatch
 from bpftrace_hostport.records.schema import RECORDS, field_names, markdown_table
 
 README = (Path(__file__).resolve().parents[3] / "README.md").read_text()

@@ -1,7 +1,7 @@
 """FlowBatch: columns in, the documented records out, and the Arrow batch in the recording's schema."""
 import numpy as np
 
-from bpftrace_hostport.collect.batch import FlowBatch, iso_to_ns, ns_to_iso, pack_addr
+from bpftrace_hostport.records.batch import FlowBatch, iso_to_ns, ns_to_iso, pack_addr
 from bpftrace_hostport.records.schema import field_names
 from tests import samples
 
@@ -61,7 +61,7 @@ def test_select_and_empty():
 
 
 def test_group_rows_matches_exact_grouping(monkeypatch):
-    from bpftrace_hostport.collect import batch as bm
+    from bpftrace_hostport.records import batch as bm
     rng = np.random.default_rng(1)
     addrs = np.array([np.void(pack_addr(f"10.0.0.{i}")) for i in rng.integers(0, 5, 500)])
     ports = rng.integers(0, 3, 500).astype(np.uint16)

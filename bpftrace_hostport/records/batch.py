@@ -27,7 +27,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .. import proto as protomod
+from bpftrace_hostport import proto as protomod
 
 ADDR = np.dtype("V16")
 COLUMNS: Dict[str, np.dtype] = {
@@ -251,7 +251,7 @@ class FlowBatch:
     def to_arrow(self):
         """The batch as rows of kind "flow" in the recording's columns (records/arrowout.Batch:
         numpy buffers); pyarrow.record_batch() takes it as it is."""
-        from ..records import arrowout as ao
+        from bpftrace_hostport.records import arrowout as ao
         c = self.cols
         pods = self.pods
 
