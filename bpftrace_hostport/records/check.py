@@ -105,7 +105,7 @@ def _in_range(value, top: int) -> bool:
 
 
 def _is_addr(text: str) -> bool:
-    """What collect/batch.pack_addr accepts."""
+    """What records/batch.pack_addr accepts."""
     try:
         socket.inet_pton(socket.AF_INET6 if ":" in text else socket.AF_INET, text.split("%")[0])
         return True
