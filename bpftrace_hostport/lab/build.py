@@ -160,7 +160,7 @@ def _cri_endpoint(st: LabState) -> Optional[str]:
 
 
 # -- preconditions ------------------------------------------------------------------------
-def check_prerequisites(runtime: str = "direct") -> None:
+def check_prerequisites() -> None:
     if os.geteuid() != 0:
         raise LabError("The lab creates network namespaces and needs root: run it with sudo.")
     for tool in ("ip", "iptables"):
@@ -170,9 +170,6 @@ def check_prerequisites(runtime: str = "direct") -> None:
     if missing:
         raise LabError(f"CNI plugins {', '.join(missing)} not found in {CNI_PATH}: "
                        "apt-get install containernetworking-plugins (or set CNI_PATH).")
-    if runtime == "containerd":
-        from bpftrace_hostport.lab import containerd
-        containerd.check_prerequisites()
 
 
 def _subnet_for(name: str) -> int:
@@ -479,7 +476,10 @@ def up(manifests: Sequence[str] = (), name: str = "lab", scenario: str = "basic"
         raise LabError("--clients must be between 1 and 8.")
     if runtime not in RUNTIMES:
         raise LabError(f"Unknown runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}.")
-    check_prerequisites(runtime)
+    check_prerequisites()
+    if runtime == "containerd":
+        from bpftrace_hostport.lab import containerd
+        containerd.check_prerequisites()
     # Parse everything before building anything: bad input leaves nothing half-built.
     if manifest_text is not None:
         plans = parse_manifests(manifest_text, "<manifest>")
