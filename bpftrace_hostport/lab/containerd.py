@@ -65,19 +65,19 @@ POD_UID_LABEL = "io.kubernetes.pod.uid"
 SHARED_DIRS = ("/run/containerd/s", "/run/containerd", "/var/lib/cni/results", "/var/lib/cni")
 
 
-class RuntimeError_(UserError):
+class ContainerdError(UserError):
     pass
 
 
 def check_prerequisites() -> None:
     missing = sorted({pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None})
     if missing:
-        raise RuntimeError_(f"`lab up --runtime containerd` needs {' and '.join(missing)}: apt-get install "
+        raise ContainerdError(f"`lab up --runtime containerd` needs {' and '.join(missing)}: apt-get install "
                             f"{' '.join(missing)} (scripts/test.sh does).")
     try:
         cri._modules()
     except cri.CRIMissing:
-        raise RuntimeError_("The CRI client is missing: pip install container-runtime-interface-api grpcio "
+        raise ContainerdError("The CRI client is missing: pip install container-runtime-interface-api grpcio "
                             "(scripts/setup.sh installs the package with it).") from None
 
 
@@ -202,7 +202,7 @@ def _start_daemon(lab_dir: Path, node_netns: str) -> int:
     last = "no answer"
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError_(f"containerd exited at start ({_log_tail(p['log'])}); see {p['log']}.")
+            raise ContainerdError(f"containerd exited at start ({_log_tail(p['log'])}); see {p['log']}.")
         if p["sock"].exists():
             try:
                 with cri.RuntimeClient(endpoint(lab_dir), timeout=2) as c:
@@ -213,7 +213,7 @@ def _start_daemon(lab_dir: Path, node_netns: str) -> int:
             except cri.CRIError as e:
                 last = str(e)
         time.sleep(0.1)
-    raise RuntimeError_(f"The lab's containerd did not answer on {p['sock']} within {START_TIMEOUT:g} s "
+    raise ContainerdError(f"The lab's containerd did not answer on {p['sock']} within {START_TIMEOUT:g} s "
                         f"({last}); see {p['log']}.")
 
 
@@ -232,7 +232,7 @@ def start(lab_dir: Path, node_netns: str, run_tag: str, cni_conf: dict, cni_bin_
     p = _paths(lab_dir)
     for k in ("dir", "cni", "pods", "opt"):
         p[k].mkdir(parents=True, exist_ok=True)
-    imgs = imagesmod.images(Path(lab_dir).parent / ".images")
+    imgs = imagesmod.images(p["dir"] / "images")     # the lab's own: removed with it
     _write_meta(lab_dir, {"node_netns": node_netns, "cgroup_parent": f"/bhp-{run_tag}",
                           "images": {k: v.ref for k, v in imgs.items()}, "netns": [], "pid": None,
                           "created_dirs": [d for d in SHARED_DIRS if not os.path.exists(d)]})
@@ -243,7 +243,7 @@ def start(lab_dir: Path, node_netns: str, run_tag: str, cni_conf: dict, cni_bin_
         r = subprocess.run(["ctr", "--address", str(p["sock"]), "-n", "k8s.io", "images", "import",
                             str(img.archive)], capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
-            raise RuntimeError_(f"ctr could not import the lab image {img.ref}: "
+            raise ContainerdError(f"ctr could not import the lab image {img.ref}: "
                                 f"{(r.stderr or r.stdout).strip()[-300:]}")
 
 
@@ -326,7 +326,7 @@ def _wait_ready(log: Path, c: cri.RuntimeClient, cid: str, what: str) -> None:
     with contextlib.suppress(OSError):
         lines = [ln.split(" ", 3)[-1] for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
         tail = lines[-1] if lines else tail
-    raise RuntimeError_(f"The server container of {what} did not start: {tail[:300]}")
+    raise ContainerdError(f"The server container of {what} did not start: {tail[:300]}")
 
 
 def _netns_path(info: dict) -> str:
@@ -348,7 +348,7 @@ def run_pod(lab_dir: Path, pod, uid: str, containers: List[str], on_sandbox=None
         try:
             sid = c.run_sandbox(sandbox_cfg, timeout=120)
         except cri.CRIError as e:
-            raise RuntimeError_(f"containerd could not run the sandbox of {what}: {e.details[:300]}") from None
+            raise ContainerdError(f"containerd could not run the sandbox of {what}: {e.details[:300]}") from None
         pod.container_id = sid
         st = c.sandbox_status(sid)
         info = st.get("info") or {}
@@ -387,7 +387,7 @@ def run_pod(lab_dir: Path, pod, uid: str, containers: List[str], on_sandbox=None
                 pod.containers.append({"name": name, "id": cid})
                 c.start_container(cid)
             except cri.CRIError as e:
-                raise RuntimeError_(f"containerd could not start container {name} of {what}: "
+                raise ContainerdError(f"containerd could not start container {name} of {what}: "
                                     f"{e.details[:300]}") from None
             _wait_ready(Path(sandbox_cfg["logDirectory"]) / f"{name}.log", c, cid, what)
             if pod.server_pid is None and ports:
@@ -405,7 +405,7 @@ def remove_pod(lab_dir: Path, pod) -> None:
                 call(pod.container_id)
             except cri.CRIError as e:
                 if e.code != "NOT_FOUND":
-                    raise RuntimeError_(f"containerd could not remove the sandbox of pod "
+                    raise ContainerdError(f"containerd could not remove the sandbox of pod "
                                         f"{pod.namespace}/{pod.name}: {e.details[:300]}") from None
 
 
