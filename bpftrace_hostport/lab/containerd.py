@@ -226,6 +226,32 @@ def _log_tail(path: Path) -> str:
     return "no error logged"
 
 
+def _created_dirs_file(labs_dir: Path) -> Path:
+    """SHARED_DIRS that some containerd lab created (any lab's down removes them once empty)."""
+    return labs_dir / ".containerd-created-dirs"
+
+
+def _note_created_dirs(labs_dir: Path, dirs: List[str]) -> None:
+    if dirs:
+        with open(_created_dirs_file(labs_dir), "a") as f:
+            f.write("".join(d + "\n" for d in dirs))
+
+
+def _remove_created_dirs(labs_dir: Path) -> None:
+    path = _created_dirs_file(labs_dir)
+    with contextlib.suppress(OSError):
+        noted = set(path.read_text().split())
+        for d in SHARED_DIRS:                    # deepest first
+            if d in noted:
+                with contextlib.suppress(OSError):
+                    os.rmdir(d)                  # only when empty: another lab may still use it
+        left = [d for d in SHARED_DIRS if d in noted and os.path.exists(d)]
+        if left:
+            path.write_text("".join(d + "\n" for d in left))
+        else:
+            path.unlink()
+
+
 def start(lab_dir: Path, node_netns: str, run_tag: str, cni_conf: dict, cni_bin_dir: str) -> None:
     """Starts the lab's containerd in the node namespace and imports the lab's images."""
     check_prerequisites()
@@ -233,9 +259,9 @@ def start(lab_dir: Path, node_netns: str, run_tag: str, cni_conf: dict, cni_bin_
     for k in ("dir", "cni", "pods", "opt"):
         p[k].mkdir(parents=True, exist_ok=True)
     imgs = imagesmod.images(p["dir"] / "images")     # the lab's own: removed with it
+    _note_created_dirs(Path(lab_dir).parent, [d for d in SHARED_DIRS if not os.path.exists(d)])
     _write_meta(lab_dir, {"node_netns": node_netns, "cgroup_parent": f"/bhp-{run_tag}",
-                          "images": {k: v.ref for k, v in imgs.items()}, "netns": [], "pid": None,
-                          "created_dirs": [d for d in SHARED_DIRS if not os.path.exists(d)]})
+                          "images": {k: v.ref for k, v in imgs.items()}, "netns": [], "pid": None})
     (p["cni"] / "10-bhp.conflist").write_text(json.dumps(cni_conf, indent=1))
     p["config"].write_text(_config(p, imgs["pause"].ref, cni_bin_dir))
     _start_daemon(lab_dir, node_netns)
@@ -395,6 +421,20 @@ def run_pod(lab_dir: Path, pod, uid: str, containers: List[str], on_sandbox=None
                 pod.server_pid = int(pid) if pid else None
 
 
+def stop_servers(lab_dir: Path, pod) -> None:
+    """StopContainer for each of the pod's containers: the sandbox, its namespace and its hostPort
+    rules stay, nothing listens any more (TCP is reset, UDP gets port unreachable)."""
+    with client(lab_dir) as c:
+        for cont in pod.containers:
+            try:
+                c.stop_container(cont["id"], grace=0)
+            except cri.CRIError as e:
+                if e.code != "NOT_FOUND":
+                    raise ContainerdError(f"containerd could not stop container {cont['name']} of pod "
+                                          f"{pod.namespace}/{pod.name}: {e.details[:300]}") from None
+    pod.server_pid = None
+
+
 def remove_pod(lab_dir: Path, pod) -> None:
     """StopPodSandbox (containerd stops the containers and runs CNI DEL) and RemovePodSandbox."""
     if not pod.container_id:
@@ -513,10 +553,8 @@ def remove(lab_dir: Path) -> List[str]:
             for sub in sorted(glob.glob(os.path.join(d, "**/"), recursive=True), key=len, reverse=True):
                 with contextlib.suppress(OSError):
                     os.rmdir(sub)
-    for d in meta.get("created_dirs", []):        # deepest first (SHARED_DIRS' order)
-        with contextlib.suppress(OSError):
-            os.rmdir(d)                             # only if empty: another lab may be using it
     shutil.rmtree(p["dir"], ignore_errors=True)
+    _remove_created_dirs(Path(lab_dir).parent)
     return removed
 
 

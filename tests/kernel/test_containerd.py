@@ -51,6 +51,7 @@ def clab(containerd_kind):
     require_kernel()
     name = unique("ctd")
     lab.down(name)
+    before = [d for d in containerd.SHARED_DIRS if os.path.exists(d)]
     st = lab.up(name=name, manifest_text=MANIFEST, **containerd_kind.up_kwargs())
     try:
         yield st
@@ -58,6 +59,10 @@ def clab(containerd_kind):
         lab.down(name)
         assert_gone(st)
         assert_no_runtime_left(name)
+        # containerd 1.6's shim sockets and libcni's cache live outside the lab: the directories
+        # a lab created go with the last containerd lab.
+        if not any(containerd.ctd_dir(d).exists() for d in lab.STATE_ROOT.iterdir() if d.is_dir()):
+            assert [d for d in containerd.SHARED_DIRS if d not in before and os.path.exists(d)] == []
 
 
 def cri_args(st):
@@ -167,3 +172,26 @@ def test_missing_runtime_is_one_sentence(tmp_path):
                         "--name", unique("ctm")], capture_output=True, text=True, env=env, timeout=60)
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
     assert "apt-get install containerd runc" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_stopped_servers_refuse_while_the_sandbox_and_its_rules_stay(containerd_kind):
+    """lab/containerd.stop_servers (what a scenario with a pod whose servers are down uses): TCP is
+    reset (ECONNREFUSED), UDP unanswered, the hostPort rules and the pod's namespace stay."""
+    require_kernel()
+    name = unique("cts")
+    lab.down(name)
+    st = lab.up(name=name, manifest_text=MANIFEST, ipv6=False, **containerd_kind.up_kwargs())
+    try:
+        for pod in st.pods:
+            if not pod.host_network:
+                containerd.stop_servers(st.dir, pod)
+        tcp = lab.traffic(name, to=8000, count=2, timeout=1)
+        assert tcp["answered"] == 0 and tcp["failed"] == 2 and all("Errno 111" in e for e in tcp["errors"]), tcp
+        assert lab.traffic(name, to=5353, proto="udp", count=1, timeout=0.5)["answered"] == 0
+        rules = subprocess.run(["ip", "netns", "exec", st.node_netns, "iptables-save", "-t", "nat"],
+                               capture_output=True, text=True, check=True).stdout
+        assert "--dport 8000" in rules and "--dport 5353" in rules
+        assert all(os.path.exists(os.path.join(lab.NETNS_DIR, p.netns)) for p in st.pods if p.netns)
+    finally:
+        lab.down(name)
+    assert_gone(st)
