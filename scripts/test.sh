@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The README's test command: set up (idempotent, plus vagrant for `vagrant validate`), then
+# The README's test command: set up (idempotent, plus what only the tests need), then
 # run every test: fast unit tests and the kernel tests (real eBPF, real CNI rules, real
 # packets in network namespaces this run creates and removes). With CI=true a kernel test
 # that cannot run fails instead of skipping.
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-SETUP_EXTRA_PKGS="vagrant" bash "$here/scripts/setup.sh"
+# vagrant for `vagrant validate`; containerd, runc, busybox-static, gcc and libc6-dev for the
+# kernel tests' containerd labs (`lab up --runtime containerd` builds its images with them).
+SETUP_EXTRA_PKGS="vagrant containerd runc busybox-static gcc libc6-dev" bash "$here/scripts/setup.sh"
 cd "$here"
 exec "$here/.venv/bin/python" -m pytest -q -p no:cacheprovider tests "$@"

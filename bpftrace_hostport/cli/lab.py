@@ -21,19 +21,24 @@ def lab():
 @click.option("--scenario", type=click.Choice(SCENARIOS), default="basic", show_default=True)
 @click.option("--clients", type=click.IntRange(1, 8), default=1, show_default=True)
 @click.option("--no-ipv6", is_flag=True, help="IPv4 only.")
+@click.option("--runtime", type=click.Choice(["direct", "containerd"]), default="direct", show_default=True,
+              help="Who makes the pods: the CNI plugins run by hand (direct), or a containerd of the "
+                   "lab's own through CRI.")
 @click.option("--json", "as_json", is_flag=True)
 @user_errors
-def lab_up(manifests, name, scenario, clients, no_ipv6, as_json):
+def lab_up(manifests, name, scenario, clients, no_ipv6, runtime, as_json):
     """Build a lab node with a pod per replica of MANIFESTS (default: nginx-hostport).
 
     \b
     Examples:
       sudo bpftrace-hostport lab up
       sudo bpftrace-hostport lab up my-daemonset.yaml --name ds --scenario hostnetwork
+      sudo bpftrace-hostport lab up --runtime containerd --name ctd
     """
     from bpftrace_hostport.lab import build as labmod
     notes: list = []
-    st = labmod.up(manifests, name=name, scenario=scenario, clients=clients, ipv6=not no_ipv6, notes=notes)
+    st = labmod.up(manifests, name=name, scenario=scenario, clients=clients, ipv6=not no_ipv6, notes=notes,
+                   runtime=runtime)
     for n in notes:
         click.echo(f"warning: {n}", err=True)
     s = st.summary()
@@ -44,6 +49,8 @@ def _lab_text(s: dict) -> str:
     lines = [f"lab {s['name']} ({s['scenario']}): node {s['node']} in netns {s['node_netns']}, "
              f"IP {s['node_ip']}" + (f" / {s['node_ip6']}" if s.get("node_ip6") else ""),
              f"  pod list: {s['pods_file']}"]
+    if s.get("cri_endpoint"):
+        lines.append(f"  runtime: containerd, CRI endpoint {s['cri_endpoint']}")
     for c in s["clients"]:
         lines.append(f"  client {c['netns']}: {c['ip']}" + (f" / {c['ip6']}" if c.get("ip6") else ""))
     for p in s["pods"]:

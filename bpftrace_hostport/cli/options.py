@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import os
 from typing import List, Optional, Sequence, Tuple
 
 import click
@@ -35,21 +36,37 @@ def lab_target(lab_name: str, netns: Optional[str]) -> Tuple[str, str, str]:
     st = LabState.load(lab_name)
     if netns and netns != st.node_netns:
         raise Fail("--lab and --netns name different namespaces; give one of them.")
+    if st.runtime == "containerd":       # --pods-from cri asks the lab's own containerd
+        from bpftrace_hostport.lab.containerd import endpoint
+        from bpftrace_hostport.pods.cri import ENDPOINT_ENV
+        os.environ.setdefault(ENDPOINT_ENV, endpoint(st.dir))
     return st.node_netns, str(st.pods_file), st.node_name
 
 
 PODS_FROM = ("auto", "file", "kube", "cri", "cni", "none")
 
 
+def _cri_endpoint(ctx, param, value):
+    # Handed on as crictl's own variable, which pods/cri.py reads: the commands' signatures stay.
+    if value:
+        from bpftrace_hostport.pods.cri import ENDPOINT_ENV
+        os.environ[ENDPOINT_ENV] = value
+    return value
+
+
 def pod_options(fn):
-    """--pods / --pods-from / --kubeconfig / --node-name: where pod metadata comes from."""
+    """--pods / --pods-from / --cri-endpoint / --kubeconfig / --node-name: where pod metadata comes from."""
     for deco in reversed([
         click.option("--pods", "pod_files", multiple=True, type=click.Path(), metavar="FILE",
                      help="Pod list (kubectl get pods -o json, a Pod or PodList; YAML or JSON) naming "
                           "pods and ports (repeatable)."),
         click.option("--pods-from", type=click.Choice(PODS_FROM), default=None,
                      help="Pod metadata source. auto (default): --pods files, else the Kubernetes API, "
-                          "crictl, or CNI state, the first that answers; with --lab: the lab's pod list."),
+                          "the CRI runtime, or CNI state, the first that answers; with --lab: the lab's "
+                          "pod list."),
+        click.option("--cri-endpoint", metavar="ENDPOINT", expose_value=False, callback=_cri_endpoint,
+                     help="CRI socket for --pods-from cri (default: $CONTAINER_RUNTIME_ENDPOINT, "
+                          "/run/containerd/containerd.sock, /run/crio/crio.sock; a containerd lab's own)."),
         click.option("--kubeconfig", type=click.Path(),
                      help="Kubeconfig for --pods-from kube (default: $KUBECONFIG, ~/.kube/config, in-cluster)."),
         click.option("--node-name", "--node", "node_name", metavar="NAME",

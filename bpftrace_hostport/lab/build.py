@@ -47,6 +47,9 @@ CNI_PLUGINS = ("bridge", "host-local", "portmap")
 NETNS_DIR = "/var/run/netns"
 DEFAULT_MANIFEST = Path(__file__).parent / "data" / "nginx-hostport.yaml"
 LAB_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,11}$")
+#: Who makes the lab's pods: `direct` runs the CNI plugins by hand and the servers as processes in
+#: the pod namespaces; `containerd` asks a containerd of the lab's own through CRI (lab/containerd.py).
+RUNTIMES = ("direct", "containerd")
 STALE_UDP_SOURCE_PORT = 40053
 
 
@@ -81,6 +84,7 @@ class LabPod:
     workload: str = ""
     labels: dict = field(default_factory=dict)
     alive: bool = True              # False once deleted (kept for the stale-udp story)
+    containers: List[dict] = field(default_factory=list)   # containerd: [{name, id}] of its containers
 
 
 @dataclass
@@ -102,6 +106,7 @@ class LabState:
     pids: List[int] = field(default_factory=list)         # background processes (client streams)
     created: float = field(default_factory=time.time)
     complete: bool = False
+    runtime: str = "direct"         # RUNTIMES: who makes the pods (lab/containerd.py for containerd)
 
     @property
     def dir(self) -> Path:
@@ -134,9 +139,10 @@ class LabState:
 
     def summary(self) -> dict:
         return {
-            "name": self.name, "scenario": self.scenario, "node": self.node_name,
+            "name": self.name, "scenario": self.scenario, "runtime": self.runtime, "node": self.node_name,
             "node_netns": self.node_netns, "node_ip": self.node_ip, "node_ip6": self.node_ip6,
             "pods_file": str(self.pods_file),
+            "cri_endpoint": _cri_endpoint(self),
             "clients": self.clients,
             "pods": [{"namespace": p.namespace, "name": p.name, "ips": p.ips,
                       "host_network": p.host_network, "netns": p.netns or self.node_netns,
@@ -144,6 +150,13 @@ class LabState:
                       "mappings": [m for m in p.ports if m.get("host_port")]}
                      for p in self.pods],
         }
+
+
+def _cri_endpoint(st: LabState) -> Optional[str]:
+    if st.runtime != "containerd":
+        return None
+    from bpftrace_hostport.lab import containerd
+    return containerd.endpoint(st.dir)
 
 
 # -- preconditions ------------------------------------------------------------------------
@@ -352,7 +365,29 @@ def _server_args(pod: LabPod) -> List[str]:
     return args
 
 
+def _pod_uid(st: LabState, namespace: str, name: str) -> str:
+    uid = hashlib.md5(f"{st.run_id}/{namespace}/{name}".encode()).hexdigest()
+    return f"{uid[:8]}-{uid[8:12]}-{uid[12:16]}-{uid[16:20]}-{uid[20:32]}"
+
+
+def _add_containerd_pod(st: LabState, plan: PodPlan) -> LabPod:
+    """The pod through CRI: containerd makes its namespace, runs CNI and starts its containers."""
+    from bpftrace_hostport.lab import containerd
+    pod = LabPod(plan.namespace, plan.name, None, None,
+                 [ip for ip in (st.node_ip, st.node_ip6) if ip] if plan.host_network else [],
+                 plan.host_network, [asdict(p) for p in plan.ports],
+                 workload=plan.workload, labels=dict(plan.labels))
+    st.pods.append(pod)
+    st.save()
+    containerd.run_pod(st.dir, pod, _pod_uid(st, plan.namespace, plan.name), list(plan.containers),
+                       on_sandbox=lambda _pod: st.save())
+    st.save()
+    return pod
+
+
 def _add_pod(st: LabState, plan: PodPlan, index: int) -> LabPod:
+    if st.runtime == "containerd":
+        return _add_containerd_pod(st, plan)
     ports = [asdict(p) for p in plan.ports]
     if plan.host_network:
         pod = LabPod(plan.namespace, plan.name, None, None,
@@ -379,6 +414,12 @@ def _add_pod(st: LabState, plan: PodPlan, index: int) -> LabPod:
 
 
 def _delete_pod(st: LabState, pod: LabPod) -> None:
+    if st.runtime == "containerd":
+        from bpftrace_hostport.lab import containerd
+        containerd.remove_pod(st.dir, pod)
+        pod.alive = False
+        st.save()
+        return
     if pod.server_pid:
         _kill(pod.server_pid)
     if pod.netns and os.path.exists(os.path.join(NETNS_DIR, pod.netns)):
@@ -411,11 +452,12 @@ def _write_pods(st: LabState) -> None:
                        host_network=p.host_network,
                        containers=tuple(dict.fromkeys(x["container"] for x in p.ports)),
                        ports=tuple(ContainerPort(**x) for x in p.ports))
-        uid = hashlib.md5(f"{st.run_id}/{p.namespace}/{p.name}".encode()).hexdigest()
-        uid = f"{uid[:8]}-{uid[8:12]}-{uid[12:16]}-{uid[16:20]}-{uid[20:32]}"
+        uid = _pod_uid(st, p.namespace, p.name)
         start = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(st.created))
         pod = plan_to_pod(plan, tuple(p.ips), st.node_name, uid=uid, start_time=start)
-        if p.container_id:   # the sandbox id portmap put in its rule comments
+        if p.containers:     # containerd: the containers' own ids, as kubectl lists them
+            pod = dataclasses.replace(pod, container_ids=tuple(c["id"] for c in p.containers))
+        elif p.container_id:   # the sandbox id portmap put in its rule comments
             pod = dataclasses.replace(pod, container_ids=(p.container_id,))
         pods.append(pod)
     write_pod_list(pods, str(st.pods_file))
@@ -424,7 +466,7 @@ def _write_pods(st: LabState) -> None:
 # -- public operations -----------------------------------------------------------------------
 def up(manifests: Sequence[str] = (), name: str = "lab", scenario: str = "basic",
        clients: int = 1, ipv6: bool = True, manifest_text: Optional[str] = None,
-       notes: Optional[List[str]] = None) -> LabState:
+       notes: Optional[List[str]] = None, runtime: str = "direct") -> LabState:
     """Builds the lab; what a scheduler would warn about the pods goes into `notes`."""
     if not LAB_NAME_RE.match(name):
         raise LabError(f"Lab name {name!r} is not valid: use 1-12 lower-case letters, digits or dashes.")
@@ -432,7 +474,12 @@ def up(manifests: Sequence[str] = (), name: str = "lab", scenario: str = "basic"
         raise LabError(f"Unknown scenario {scenario!r}: choose one of {', '.join(SCENARIOS)}.")
     if not 1 <= clients <= 8:
         raise LabError("--clients must be between 1 and 8.")
+    if runtime not in RUNTIMES:
+        raise LabError(f"Unknown runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}.")
     check_prerequisites()
+    if runtime == "containerd":
+        from bpftrace_hostport.lab import containerd
+        containerd.check_prerequisites()
     # Parse everything before building anything: bad input leaves nothing half-built.
     if manifest_text is not None:
         plans = parse_manifests(manifest_text, "<manifest>")
@@ -460,6 +507,7 @@ def up(manifests: Sequence[str] = (), name: str = "lab", scenario: str = "basic"
         _remove_orphans(name)      # namespaces of a run of this name that died unrecorded
         b = _subnet_for(name)
         st = _new_state(name, run_id, b, scenario, ipv6)
+        st.runtime = runtime
         st.dir.mkdir(parents=True, exist_ok=True)
         st.save()
     try:
@@ -506,6 +554,9 @@ def _build(st: LabState, plans: List[PodPlan], clients: int) -> None:
             cx("ip", "-6", "route", "add", "default", "via", st.node_ip6)
         st.clients.append({"netns": cns, "ip": ip, "ip6": ip6})
         st.save()
+    if st.runtime == "containerd":
+        from bpftrace_hostport.lab import containerd
+        containerd.start(st.dir, node, f"{st.name}-{st.run_id}", _cni_conf(st), CNI_PATH)
     for i, plan in enumerate(plans):
         _add_pod(st, plan, i)
     _write_pods(st)
@@ -591,6 +642,11 @@ def down(name: str) -> List[str]:
     if st is not None:
         for pid in st.pids:
             _kill(pid)
+    # containerd: every sandbox through CRI, then containerd itself; from its own files, so also
+    # when the state file is gone (lab/containerd.py).
+    from bpftrace_hostport.lab import containerd
+    removed += containerd.remove(STATE_ROOT / name)
+    if st is not None:
         for pod in st.pods:
             if pod.alive and pod.netns and pod.container_id and \
                     os.path.exists(os.path.join(NETNS_DIR, st.node_netns)) and \

@@ -6,7 +6,7 @@ Every source gives the same thing, a list of `PodInfo`, through one small interf
 * ``KubeSource``     the API server, only this node's pods (``spec.nodeName=<node>``), kept current
                      by a list + watch in a daemon thread; a deleted pod stays resolvable for a short
                      grace period so flows that arrive late still get its name.
-* ``CRISource``      the node's container runtime through ``crictl`` (containerd or CRI-O), polled.
+* ``CRISource``      the node's container runtime over CRI's gRPC API (containerd or CRI-O), polled.
 * ``CNIStateSource`` last resort without any API: host-local's IP allocation files joined with
                      portmap's nat rules by container id; pods get synthetic names ``cni-<id12>``.
 
@@ -15,24 +15,26 @@ sentences which ones it skipped and why. `Resolver` is what the tracer asks: the
 contract (``names``, ``lookup``, ``host_ports``, ``host_network_owner``, ``extend``) over the
 union of all sources, rebuilt from their current views at most once a second.
 
-JSON shapes read from crictl (checked against kubernetes-sigs/cri-tools cmd/crictl, the CRI API
-in k8s.io/cri-api, containerd's internal/cri SandboxInfo and CRI-O's server/sandbox_status.go):
+The CRI replies, as pods/cri.py hands them on (protojson dicts, the shape `crictl -o json`
+prints; checked against the CRI API in k8s.io/cri-api, containerd's internal/cri SandboxInfo and
+CRI-O's server/sandbox_status.go, and captured from a real containerd 1.6 in
+tests/fixtures/pods/sources/cri/):
 
-* ``crictl pods -o json``: protojson of ListPodSandboxResponse: ``{"items": [{"id", "metadata":
-  {"name", "uid", "namespace", "attempt"}, "state": "SANDBOX_READY"|"SANDBOX_NOTREADY", ...}]}``.
-* ``crictl inspectp -o json ID``: ``{"status": <PodSandboxStatus, protojson, camelCase, enums by
-  name: network.ip, network.additionalIps[].ip, linux.namespaces.options.network "POD"|"NODE">,
-  "info": <the runtime's verbose info>}``. containerd's info holds ``config``, the
-  PodSandboxConfig as Go's encoding/json writes it: snake_case, zero values omitted, enums as
-  numbers: ``port_mappings: [{"protocol": 1, "container_port": 53, "host_port": 5353,
-  "host_ip": "..."}]`` (protocol 0 = TCP is omitted), ``linux.security_context.namespace_options
-  .network`` 2 = NODE. CRI-O's info has no config; its ``runtimeSpec.annotations
-  ["io.kubernetes.cri-o.PortMappings"]`` is a JSON list of ``{"HostPort", "ContainerPort",
-  "Protocol": "TCP", "HostIP"}``.
-* ``crictl ps -a -o json``: protojson of ListContainersResponse ``{"containers": [{"id",
-  "podSandboxId", "metadata": {"name"}, "annotations": {"io.kubernetes.container.ports":
-  "<JSON list of v1.ContainerPort>"}}]}``; the kubelet writes that annotation (kuberuntime
-  labels.go), which gives container and port names the sandbox config lacks.
+* ListPodSandbox: ``[{"id", "metadata": {"name", "uid", "namespace", "attempt"}, "state":
+  "SANDBOX_READY"|"SANDBOX_NOTREADY", "createdAt": "<ns since the epoch>", ...}]``.
+* PodSandboxStatus (verbose), as ``{"status": <PodSandboxStatus: network.ip,
+  network.additionalIps[].ip, linux.namespaces.options.network "NODE" (POD, the default, is
+  left out)>, "info": <the runtime's verbose info "info", parsed>}``. containerd's info holds
+  ``config``, the PodSandboxConfig as Go's encoding/json writes it: snake_case, zero values
+  omitted, enums as numbers: ``port_mappings: [{"protocol": 1, "container_port": 53,
+  "host_port": 5353, "host_ip": "..."}]`` (protocol 0 = TCP is omitted),
+  ``linux.security_context.namespace_options.network`` 2 = NODE. CRI-O's info has no config; its
+  ``runtimeSpec.annotations["io.kubernetes.cri-o.PortMappings"]`` is a JSON list of
+  ``{"HostPort", "ContainerPort", "Protocol": "TCP", "HostIP"}``.
+* ListContainers: ``[{"id", "podSandboxId", "metadata": {"name"}, "annotations":
+  {"io.kubernetes.container.ports": "<JSON list of v1.ContainerPort>"}}]``; the kubelet writes
+  that annotation (kuberuntime labels.go), which gives container and port names the sandbox
+  config lacks.
 """
 from __future__ import annotations
 
@@ -42,9 +44,7 @@ import json
 import logging
 import os
 import re
-import shutil
 import socket
-import subprocess
 import threading
 import time
 from dataclasses import replace
@@ -570,7 +570,7 @@ class KubeSource(_LazySource):
         return f"KubeSource(node={self.node!r}, host={self.host!r})"
 
 
-# --------------------------------------------------------------------------- CRI (crictl)
+# --------------------------------------------------------------------------- CRI (gRPC)
 
 def _proto(value: Any) -> Optional[str]:
     if value is None or value == "":
@@ -610,8 +610,16 @@ def _get(obj: Any, *path: str) -> Any:
     return obj
 
 
+def _created(value: Any) -> Optional[str]:
+    """createdAt: nanoseconds since the epoch (CRI, protojson int64 as a string) or ISO text."""
+    if isinstance(value, (int, str)) and not isinstance(value, bool) and str(value).isdigit():
+        when = _dt.datetime.fromtimestamp(int(value) / 1e9, tz=_dt.timezone.utc)
+        return when.replace(tzinfo=None, microsecond=0).isoformat() + "Z"
+    return _iso_utc(value)
+
+
 def sandbox_port_mappings(info: dict) -> List[ContainerPort]:
-    """Port mappings from `crictl inspectp` info: containerd's config or CRI-O's annotation."""
+    """Port mappings from a sandbox's verbose info: containerd's config or CRI-O's annotation."""
     # (mapping list, its key names: container port, protocol, host port, host IP)
     mappings = _get(info, "config", "port_mappings")
     if isinstance(mappings, list):
@@ -633,7 +641,7 @@ def sandbox_port_mappings(info: dict) -> List[ContainerPort]:
 
 
 def container_ports(container: dict) -> List[ContainerPort]:
-    """The kubelet's io.kubernetes.container.ports annotation of one `crictl ps` container."""
+    """The kubelet's io.kubernetes.container.ports annotation of one ListContainers container."""
     annotations = container.get("annotations") or {}
     raw = _maybe_json(annotations.get(_KUBELET_PORTS_ANNOTATION))
     if not isinstance(raw, list):
@@ -655,7 +663,7 @@ def container_ports(container: dict) -> List[ContainerPort]:
 
 def pod_from_sandbox(inspect: dict, item: Optional[dict] = None,
                      containers: Sequence[dict] = ()) -> Optional[PodInfo]:
-    """One `crictl inspectp -o json` document (+ its `crictl pods` item and containers) -> PodInfo."""
+    """One PodSandboxStatus document (+ its ListPodSandbox item and containers) -> PodInfo."""
     if isinstance(inspect, list):
         inspect = inspect[0] if inspect else {}
     status = inspect.get("status") or {}
@@ -699,63 +707,82 @@ def pod_from_sandbox(inspect: dict, item: Optional[dict] = None,
         host_network=host_network,
         ports=_dedup_ports(ports),
         phase="Running" if state == "SANDBOX_READY" else "NotReady",
-        start_time=_iso_utc(status.get("createdAt")),
+        start_time=_created(status.get("createdAt")),
         container_ids=tuple([sid] if sid else []) + tuple(c for c in cids if c != sid),
     )
 
 
 class CRISource(_PollingSource):
-    """Pod sandboxes of the node's CRI runtime through crictl, polled every `interval` seconds.
+    """Pod sandboxes of the node's CRI runtime over gRPC (pods/cri.py), polled every `interval` s.
 
-    Sandbox configs never change, so each sandbox is inspected once; a sandbox that is not ready
-    when first seen is not inspected (its network is gone). Pods whose sandbox disappears stay
-    resolvable for `grace_seconds`.
+    ListPodSandbox and ListContainers each poll; PodSandboxStatus (verbose: its info holds the port
+    mappings) once per sandbox, since a sandbox's config never changes; a sandbox that is not ready
+    when first seen is not asked (its network is gone). Pods whose sandbox disappears stay
+    resolvable for `grace_seconds`. The endpoint: `endpoint`, else $CONTAINER_RUNTIME_ENDPOINT,
+    else the first usual socket that exists and answers.
     """
 
     name = "cri"
 
-    def __init__(self, crictl: str = "crictl", *, interval: float = 2.0, timeout: float = 10.0,
+    def __init__(self, endpoint: Optional[str] = None, *, interval: float = 2.0, timeout: float = 10.0,
                  grace_seconds: float = 5.0):
         super().__init__(interval, grace_seconds)
-        self.crictl = crictl
+        self.endpoint_arg = endpoint
         self.timeout = float(timeout)
+        self.endpoint: Optional[str] = None
+        self._client = None
         self._inspected: Dict[str, dict] = {}
 
-    def _run_crictl(self, *args: str) -> Any:
-        exe = shutil.which(self.crictl)
-        if exe is None:
-            raise SourceUnavailable(f"{self.crictl} not found, so the container runtime cannot be asked",
-                                    "install crictl (cri-tools) or choose another --pods-from")
-        argv = [exe, *args]
-        try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=self.timeout)
-        except subprocess.TimeoutExpired:
-            raise SourceUnavailable(f"{self.crictl} {' '.join(args)} did not answer within "
-                                    f"{self.timeout:g} s", "check the container runtime") from None
-        except OSError as e:
-            raise SourceUnavailable(f"{self.crictl} could not be run ({e.strerror or e})",
-                                    "check the crictl binary") from None
-        if proc.returncode != 0:
-            why = _first_line(proc.stderr) or f"exit status {proc.returncode}"
-            raise SourceUnavailable(f"{self.crictl} {' '.join(args[:1])} failed ({why})",
-                                    "check that the container runtime runs and /etc/crictl.yaml "
-                                    "names its socket")
-        try:
-            return json.loads(proc.stdout)
-        except ValueError:
-            raise SourceUnavailable(f"{self.crictl} {' '.join(args)} printed something that is not JSON",
-                                    "use a crictl release that supports -o json") from None
+    def _connect(self):
+        from bpftrace_hostport.pods import cri
+        if self._client is not None:
+            return self._client
+        candidates, origin = cri.endpoints(self.endpoint_arg)
+        if not candidates:
+            raise SourceUnavailable(
+                f"No container runtime socket found ({', '.join(cri.socket_path(e) or e for e in cri.DEFAULT_ENDPOINTS)})",
+                f"pass --cri-endpoint unix:///PATH or set {cri.ENDPOINT_ENV}")
+        failures = []
+        for ep in candidates:
+            path = cri.socket_path(ep)
+            if path is not None and not os.path.exists(path):
+                failures.append(f"no socket at {path}")
+                continue
+            try:
+                client = cri.RuntimeClient(ep, timeout=self.timeout)
+            except cri.CRIMissing:
+                raise SourceUnavailable("The CRI client (Python grpcio and container-runtime-interface-api) "
+                                        "is not installed",
+                                        "pip install container-runtime-interface-api grpcio") from None
+            try:
+                client.version()
+            except cri.CRIError as e:
+                client.close()
+                failures.append(f"{ep}: {e.code}" + (f", {e.details}" if e.details else ""))
+                continue
+            self._client, self.endpoint = client, ep
+            return client
+        raise SourceUnavailable(f"The container runtime did not answer over CRI ({'; '.join(failures)})",
+                                f"check that it runs, or pass its socket with --cri-endpoint (from {origin})")
+
+    def _drop(self) -> None:
+        if self._client is not None:
+            self._client.close()
+        self._client = None
 
     def _load(self) -> Dict[str, PodInfo]:
-        listing = self._run_crictl("pods", "-o", "json")
-        items = listing.get("items") if isinstance(listing, dict) else None
-        items = [i for i in items or [] if isinstance(i, dict) and i.get("id")]
+        from bpftrace_hostport.pods import cri
+        client = self._connect()
         try:
-            ps = self._run_crictl("ps", "-a", "-o", "json")
-            containers = [c for c in (ps.get("containers") or []) if isinstance(c, dict)] \
-                if isinstance(ps, dict) else []
-        except SourceUnavailable as e:          # only names are lost
-            log.debug("%s", e.note)
+            items = [i for i in client.list_sandboxes() if isinstance(i, dict) and i.get("id")]
+        except cri.CRIError as e:
+            self._drop()                       # connect again next time: the runtime may restart
+            raise SourceUnavailable(f"The container runtime at {self.endpoint} stopped answering "
+                                    f"({e.code})", "check the container runtime") from None
+        try:
+            containers = [c for c in client.list_containers() if isinstance(c, dict)]
+        except cri.CRIError as e:              # only names are lost
+            log.debug("ListContainers failed: %s", e)
             containers = []
         by_sandbox: Dict[str, List[dict]] = {}
         for c in containers:
@@ -773,13 +800,9 @@ class CRISource(_PollingSource):
                 if item.get("state") != "SANDBOX_READY":
                     continue
                 try:
-                    doc = self._run_crictl("inspectp", "-o", "json", sid)
-                except SourceUnavailable as e:       # e.g. removed in between
-                    log.debug("%s", e.note)
-                    continue
-                if isinstance(doc, list):
-                    doc = doc[0] if doc else {}
-                if not isinstance(doc, dict):
+                    doc = client.sandbox_status(sid, verbose=True)
+                except cri.CRIError as e:      # e.g. removed in between
+                    log.debug("PodSandboxStatus %s failed: %s", sid, e)
                     continue
                 self._inspected[sid] = doc
             pod = pod_from_sandbox(doc, item, by_sandbox.get(sid, ()))
@@ -787,8 +810,12 @@ class CRISource(_PollingSource):
                 pods[sid] = pod
         return pods
 
+    def stop(self) -> None:
+        super().stop()
+        self._drop()
+
     def __repr__(self) -> str:
-        return f"CRISource({self.crictl!r})"
+        return f"CRISource({self.endpoint or self.endpoint_arg!r})"
 
 
 # --------------------------------------------------------------------------- CNI state
@@ -894,12 +921,13 @@ class CNIStateSource(_PollingSource):
 
 def resolve_sources(pods_files: List[str], pods_from: str = "auto", netns: Optional[str] = None,
                     node_name: Optional[str] = None, kubeconfig: Optional[str] = None,
-                    read_rules: Optional[RuleReader] = None) -> Tuple[List[PodSource], List[str]]:
+                    read_rules: Optional[RuleReader] = None,
+                    cri_endpoint: Optional[str] = None) -> Tuple[List[PodSource], List[str]]:
     """The pod sources to use and notes (one plain sentence each) on the ones skipped.
 
     auto: the pod list files if any, plus the first live source that works: the Kubernetes API
     (a kubeconfig or in-cluster account is found and the API answers), else the CRI runtime
-    (crictl exists and answers), else CNI state. An explicitly chosen source that does not work
+    (a CRI socket answers), else CNI state. An explicitly chosen source that does not work
     is a UserError; so is an unknown choice. "file" uses only the files (at least one needed),
     "none" no live source (files given are still read).
     """
@@ -931,7 +959,7 @@ def resolve_sources(pods_files: List[str], pods_from: str = "auto", netns: Optio
         return src
 
     def cri() -> CRISource:
-        src = CRISource()
+        src = CRISource(cri_endpoint)
         src.refresh()
         return src
 

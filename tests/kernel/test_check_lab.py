@@ -50,15 +50,21 @@ def _our_namespaces(name=PREFIX):
 
 
 @contextlib.contextmanager
-def lab_up(scenario):
+def lab_up(scenario, kind):
     _require()
     name = f"{PREFIX}{next(_n)}"
     try:
-        st = lab.up(name=name, scenario=scenario, ipv6=False)
+        st = lab.up(name=name, scenario=scenario, ipv6=False, **kind.up_kwargs())
         yield name, st
     finally:
         lab.down(name)
         assert _our_namespaces(name + "-") == [], "lab.down left namespaces behind"
+
+
+def pod_processes(pod):
+    """The processes in a pod's network namespace (its server; with containerd also the pause)."""
+    out = subprocess.run(["ip", "netns", "pids", pod.netns], capture_output=True, text=True, check=True)
+    return [int(x) for x in out.stdout.split()]
 
 
 def run(cmd, *args):
@@ -90,8 +96,8 @@ def fix_commands(finding):
     return [shlex.split(c) for c in re.findall(r"`([^`]+)`", finding["fix"])]
 
 
-def test_basic_lab_is_healthy_and_rules_name_the_pod_and_its_port():
-    with lab_up("basic") as (name, st):
+def test_basic_lab_is_healthy_and_rules_name_the_pod_and_its_port(lab_kind):
+    with lab_up("basic", lab_kind) as (name, st):
         rc, found = check(name)
         assert (rc, found) == (0, [])
         table = run(rules_cmd, "--lab", name)
@@ -103,8 +109,8 @@ def test_basic_lab_is_healthy_and_rules_name_the_pod_and_its_port():
             {(8000, "http", st.pods[0].ips[0]), (44300, "https", st.pods[0].ips[0])}
 
 
-def test_hostnetwork_lab_reports_the_hostnetwork_pod_that_really_serves_its_port():
-    with lab_up("hostnetwork") as (name, st):
+def test_hostnetwork_lab_reports_the_hostnetwork_pod_that_really_serves_its_port(lab_kind):
+    with lab_up("hostnetwork", lab_kind) as (name, st):
         res = lab.traffic(name, to=9000, count=2)
         assert res["answered"] == 2 and list(res["by_pod"]) == ["lab/hostnet-web"]
         rc, found = check(name)
@@ -114,8 +120,8 @@ def test_hostnetwork_lab_reports_the_hostnetwork_pod_that_really_serves_its_port
         assert rc == 0 and codes(found, "error") == [] and codes(found, "warning") == []
 
 
-def test_conflict_lab_names_the_pod_that_really_answers():
-    with lab_up("conflict") as (name, st):
+def test_conflict_lab_names_the_pod_that_really_answers(lab_kind):
+    with lab_up("conflict", lab_kind) as (name, st):
         rc, found = check(name)
         f = one(found, "hostport-conflict")
         assert rc == 1 and "8000/TCP" in f["message"] and "-rival" in f["message"]
@@ -124,14 +130,15 @@ def test_conflict_lab_names_the_pod_that_really_answers():
         assert res["answered"] == 5 and list(res["by_pod"]) == [winner]
 
 
-def test_leaked_rule_of_a_pod_gone_without_cni_del_is_found_and_its_fix_works(tmp_path):
+def test_leaked_rule_of_a_pod_gone_without_cni_del_is_found_and_its_fix_works(tmp_path, lab_kind):
     from bpftrace_hostport.pods.podlist import read_pod_list, write_pod_list
-    with lab_up("conflict") as (name, st):
+    with lab_up("conflict", lab_kind) as (name, st):
         winner = st.pods[0]                 # the first CNI ADD: its chain is jumped first
         rival = st.pods[-1]
         assert rival.name.endswith("-rival")
         # The pod dies without a CNI DEL (a node crash, a runtime bug): its rules stay.
-        os.killpg(winner.server_pid, signal.SIGKILL)
+        for pid in pod_processes(winner):
+            os.kill(pid, signal.SIGKILL)
         subprocess.run(["ip", "netns", "del", winner.netns], check=True)
         pods = tmp_path / "pods.json"
         write_pod_list([p for p in read_pod_list(str(st.pods_file)) if p.name != winner.name], str(pods))
@@ -151,11 +158,11 @@ def test_leaked_rule_of_a_pod_gone_without_cni_del_is_found_and_its_fix_works(tm
         assert res["answered"] == 3 and list(res["by_pod"]) == [f"{rival.namespace}/{rival.name}"]
 
 
-def test_stale_udp_lab_names_the_deleted_pods_ip_and_its_fix_works(monkeypatch):
+def test_stale_udp_lab_names_the_deleted_pods_ip_and_its_fix_works(monkeypatch, lab_kind):
     from bpftrace_hostport.node import gather as gather_mod
     from bpftrace_hostport.node.check import findings
     from bpftrace_hostport.pods.podlist import read_pod_list
-    with lab_up("stale-udp") as (name, st):
+    with lab_up("stale-udp", lab_kind) as (name, st):
         dead = next(p for p in st.pods if p.name == "dns-v1" and not p.alive).ips[0]
         new = next(p for p in st.pods if p.name == "dns-v2").ips[0]
         rc, found = check(name)
@@ -180,8 +187,8 @@ def test_stale_udp_lab_names_the_deleted_pods_ip_and_its_fix_works(monkeypatch):
         assert any(e.orig_dport == 5353 and e.reply_src == new for e in view.conntrack)
 
 
-def test_forward_drop_lab_is_an_error_and_its_fix_works():
-    with lab_up("forward-drop") as (name, st):
+def test_forward_drop_lab_is_an_error_and_its_fix_works(lab_kind):
+    with lab_up("forward-drop", lab_kind) as (name, st):
         assert lab.traffic(name, count=1, timeout=0.5)["answered"] == 0
         rc, found = check(name)
         f = one(found, "forward-drop")
@@ -192,8 +199,8 @@ def test_forward_drop_lab_is_an_error_and_its_fix_works():
         assert check(name) == (0, [])
 
 
-def test_localhost_lab_gives_at_most_info():
-    with lab_up("localhost") as (name, st):
+def test_localhost_lab_gives_at_most_info(lab_kind):
+    with lab_up("localhost", lab_kind) as (name, st):
         res = lab.traffic(name, source="node", count=2)
         assert res["answered"] == 2 and res["to"].startswith("127.0.0.1:")
         rc, found = check(name)
@@ -220,8 +227,8 @@ def _call_own_hostport(st, pod, timeout):
     return json.loads(p.stdout.strip().splitlines()[-1])["answered"]
 
 
-def test_hairpin_lab_is_healthy_while_a_pod_calls_the_hostport():
-    with lab_up("hairpin") as (name, st):
+def test_hairpin_lab_is_healthy_while_a_pod_calls_the_hostport(lab_kind):
+    with lab_up("hairpin", lab_kind) as (name, st):
         res = lab.traffic(name, source="pod", count=3)
         assert res["answered"] == 3
         assert check(name) == (0, [])
@@ -250,8 +257,8 @@ def _nsexec(st, *cmd):
     return subprocess.run(["ip", "netns", "exec", st.node_netns, *cmd], capture_output=True, text=True, check=True)
 
 
-def test_forwarding_off_is_found_and_traffic_fails():
-    with lab_up("basic") as (name, st):
+def test_forwarding_off_is_found_and_traffic_fails(lab_kind):
+    with lab_up("basic", lab_kind) as (name, st):
         _nsexec(st, "sysctl", "-qw", "net.ipv4.ip_forward=0")
         assert lab.traffic(name, to=8000, count=1, timeout=0.5)["answered"] == 0
         rc, found = check(name)
@@ -261,8 +268,8 @@ def test_forwarding_off_is_found_and_traffic_fails():
         assert "ip-forward-off" not in codes(check(name)[1])
 
 
-def test_prerouting_jump_missing_is_found():
-    with lab_up("basic") as (name, st):
+def test_prerouting_jump_missing_is_found(lab_kind):
+    with lab_up("basic", lab_kind) as (name, st):
         rules = _nsexec(st, "iptables-save", "-t", "nat").stdout
         jump = next(ln for ln in rules.splitlines()
                     if ln.startswith("-A PREROUTING") and "CNI-HOSTPORT-DNAT" in ln)
@@ -272,8 +279,8 @@ def test_prerouting_jump_missing_is_found():
         assert rc == 1 and "hostport-chain-not-hooked" in codes(found, "error")
 
 
-def test_declared_hostport_without_rule_is_found():
-    with lab_up("basic") as (name, st):
+def test_declared_hostport_without_rule_is_found(lab_kind):
+    with lab_up("basic", lab_kind) as (name, st):
         # The pod's DNAT chain vanishes (a runtime that lost its portmap state): its jump goes too.
         rules = _nsexec(st, "iptables-save", "-t", "nat").stdout
         jumps = [ln for ln in rules.splitlines() if ln.startswith("-A CNI-HOSTPORT-DNAT") and "-j CNI-DN-" in ln]

@@ -1,4 +1,5 @@
-"""The lab: every scenario comes up with the real CNI plugins, answers, and goes down clean."""
+"""The lab: every scenario comes up with the real CNI plugins, answers, and goes down clean, on
+every kind of lab (tests/kernel/conftest.py: the direct CNI runtime and containerd through CRI)."""
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ def netns_with_prefix(prefix):
 
 def assert_gone(st):
     assert netns_with_prefix(f"bhp-{st.name}-") == []
+    assert not [p.netns for p in st.pods if p.netns and os.path.exists(os.path.join(lab.NETNS_DIR, p.netns))]
     for pid in [p.server_pid for p in st.pods if p.server_pid] + st.pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
@@ -45,11 +47,11 @@ EXPECT = {
 
 
 @pytest.mark.parametrize("scenario", sorted(EXPECT))
-def test_scenario_up_answers_down(scenario):
+def test_scenario_up_answers_down(scenario, lab_kind):
     require_kernel()
     name = unique("s" + scenario[:3])
     lab.down(name)
-    st = lab.up(name=name, scenario=scenario, ipv6=False)
+    st = lab.up(name=name, scenario=scenario, ipv6=False, **lab_kind.up_kwargs())
     try:
         assert st.complete
         rules = nat_rules(st)
@@ -79,34 +81,70 @@ def test_scenario_up_answers_down(scenario):
             assert hn.netns is None and st.node_ip in hn.ips
             assert "--dport 9000" not in rules        # the kubelet makes no DNAT for hostNetwork
         status = lab.status(name)
-        assert len(status["namespaces_present"]) == len(st.namespaces) - (1 if scenario == "stale-udp" else 0)
+        # The direct runtime's pod namespaces are the lab's own; containerd's (cni-*) are its.
+        gone = 1 if scenario == "stale-udp" and lab_kind.runtime == "direct" else 0
+        assert len(status["namespaces_present"]) == len(st.namespaces) - gone
+        assert sorted(status["servers_running"]) == sorted(
+            p.name for p in st.pods if p.alive and p.server_pid), status
     finally:
         lab.down(name)
     assert_gone(st)
 
 
-def test_down_is_idempotent_and_cleans_after_kill_9():
+def _a_pod_is_being_made(name, kind):
+    if kind.runtime == "direct":
+        return [n for n in netns_with_prefix(f"bhp-{name}-") if "-p" in n[len(name) + 9:]]
+    try:                                    # containerd: the sandbox of the first pod is recorded
+        state = json.loads((lab.STATE_ROOT / name / "state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return any(p.get("container_id") for p in state.get("pods", []))
+
+
+def test_down_is_idempotent_and_cleans_after_kill_9(lab_kind):
     require_kernel()
     name = unique("kill")
     lab.down(name)
-    proc = subprocess.Popen([sys.executable, "-m", "bpftrace_hostport", "lab", "up", "--name", name],
+    proc = subprocess.Popen([sys.executable, "-m", "bpftrace_hostport", "lab", "up", "--name", name,
+                             "--runtime", lab_kind.runtime],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while not [n for n in netns_with_prefix(f"bhp-{name}-") if "-p" in n[len(name) + 9:]]:
+    deadline = time.monotonic() + 60
+    while not _a_pod_is_being_made(name, lab_kind):
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.02)
     time.sleep(0.3)            # let it start a pod server, then die mid-build
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert netns_with_prefix(f"bhp-{name}-")
-    pids = json.loads((lab.STATE_ROOT / name / "state.json").read_text())["pids"]
+    state = json.loads((lab.STATE_ROOT / name / "state.json").read_text())
+    pids = state["pids"] + [p["server_pid"] for p in state["pods"] if p.get("server_pid")]
+    pod_netns = [p["netns"] for p in state["pods"] if p.get("netns")]
     cli("lab", "down", "--name", name)
     assert netns_with_prefix(f"bhp-{name}-") == []
+    assert [ns for ns in pod_netns if os.path.exists(os.path.join(lab.NETNS_DIR, ns))] == []
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+    assert_no_runtime_left(name)
     cli("lab", "down", "--name", name)          # again: nothing to do, still fine
     assert not (lab.STATE_ROOT / name).exists()
+
+
+def assert_no_runtime_left(name):
+    """No process names the lab's directory (containerd, its shims) and nothing is mounted in it."""
+    lab_dir = str(lab.STATE_ROOT / name)
+    procs = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    if lab_dir.encode() + b"/" in f.read():
+                        procs.append(int(d))
+            except OSError:
+                pass
+    assert procs == []
+    with open("/proc/self/mountinfo") as f:
+        assert [ln for ln in f if f" {lab_dir}/" in ln] == []
 
 
 def test_bad_input_leaves_nothing(tmp_path):

@@ -1,7 +1,8 @@
 """The tracer on a real lab: real eBPF programs, real portmap rules, real packets.
 
 One lab (module scope) with the nginx-hostport Deployment, a UDP pod and a hostNetwork pod,
-dual-stack. Each test starts `trace` as a user would, sends traffic with `lab traffic`,
+dual-stack, built once for each kind of lab (tests/kernel/conftest.py: the direct CNI runtime and
+containerd through CRI). Each test starts `trace` as a user would, sends traffic with `lab traffic`,
 stops the tracer with SIGTERM and checks its JSON records against what was sent.
 """
 import concurrent.futures
@@ -47,12 +48,12 @@ def root_link_names():
 
 
 @pytest.fixture(scope="module")
-def tlab():
+def tlab(lab_kind):
     require_kernel()
     name = unique("tr")
     lab.down(name)
     before = root_link_names()
-    st = lab.up(name=name, manifest_text=MANIFEST)
+    st = lab.up(name=name, manifest_text=MANIFEST, **lab_kind.up_kwargs())
     try:
         yield st
     finally:
@@ -342,11 +343,11 @@ def test_a_recycled_conntrack_entry_is_its_new_flow_not_the_old_one(tlab):
     assert t.summary["lost_events"] == 0 and t.summary["kernel"]["reply_without_flow"] == 0
 
 
-def test_stale_udp_flow_goes_to_the_dead_pod_unanswered():
+def test_stale_udp_flow_goes_to_the_dead_pod_unanswered(lab_kind):
     require_kernel()
     name = unique("stl")
     lab.down(name)
-    st = lab.up(name=name, scenario="stale-udp", ipv6=False)
+    st = lab.up(name=name, scenario="stale-udp", ipv6=False, **lab_kind.up_kwargs())
     try:
         dead = next(p for p in st.pods if p.name == "dns-v1")
         with tracing("--lab", name, "--timeout", "1") as t:

@@ -1,7 +1,8 @@
 """Pod sources and the Resolver (bpftrace_hostport.pods.sources).
 
 No cluster and no network beyond 127.0.0.1: the Kubernetes API is a small http.server in a
-thread, crictl is a shell script printing fixtures, the nat rules are faked.
+thread, the CRI runtime a grpc server on a unix socket answering with replies captured from a
+real containerd, the nat rules are faked.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import os
 import queue
 import shutil
 import socket
-import stat
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,9 +30,7 @@ from bpftrace_hostport.pods.sources import (CNIStateSource, CRISource, FileSourc
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "pods" / "sources"
 PODS_FIXTURES = FIXTURES.parent
 
-WEB_SANDBOX = "5b2f0c6e9d1a4c3e8f7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e0f9a8b7c6d5e"
-NODEEXP_SANDBOX = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90"
-OLD_SANDBOX = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0"
+WEB_SANDBOX = "5b2f0c6e9d1a4c3e8f7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e0f9a8b7c6d5e"   # CNI state fixtures
 CRIO_SANDBOX = "9d8c7b6a5f4e3d2c1b0a99887766554433221100ffeeddccbbaa998877665544"
 OLD_FORMAT_ID = "77aa88bb99cc00dd11ee22ff33aa44bb55cc66dd77ee88ff99aa00bb11cc22dd"
 
@@ -56,7 +54,7 @@ def by_name(pods):
 
 @pytest.fixture(autouse=True)
 def isolated_env(monkeypatch, tmp_path):
-    """No real kubeconfig, service account, crictl or nat rules leak into a test."""
+    """No real kubeconfig, service account, CRI socket or nat rules leak into a test."""
     for var in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT", "NODE_NAME"):
         monkeypatch.delenv(var, raising=False)
     home = tmp_path / "home"
@@ -68,6 +66,9 @@ def isolated_env(monkeypatch, tmp_path):
     empty_bin = tmp_path / "empty-bin"
     empty_bin.mkdir()
     monkeypatch.setenv("PATH", str(empty_bin))
+    from bpftrace_hostport.pods import cri
+    monkeypatch.delenv("CONTAINER_RUNTIME_ENDPOINT", raising=False)
+    monkeypatch.setattr(cri, "DEFAULT_ENDPOINTS", (f"unix://{tmp_path / 'no-runtime.sock'}",))
 
 
 
@@ -355,123 +356,192 @@ def test_kubeconfig_candidates_order(tmp_path, monkeypatch):
 
 # --------------------------------------------------------------------------- CRISource
 
-def fake_crictl(tmp_path, runtime="containerd", data_dir=None) -> Path:
-    """An executable `crictl` printing the fixtures; logs its arguments to crictl.log."""
-    data = Path(data_dir) if data_dir else FIXTURES / "crictl" / runtime
-    bindir = tmp_path / "bin"
-    bindir.mkdir(exist_ok=True)
-    log = tmp_path / "crictl.log"
-    script = bindir / "crictl"
-    script.write_text(f"""#!/bin/sh
-echo "$*" >> '{log}'
-D='{data}'
-case "$1" in
-  pods) exec /bin/cat "$D/pods.json" ;;
-  ps) exec /bin/cat "$D/ps.json" ;;
-  inspectp)
-    if [ -f "$D/inspectp-$4.json" ]; then exec /bin/cat "$D/inspectp-$4.json"; fi
-    echo "level=fatal msg=\\"getting the pod sandbox status for \\\\\\"$4\\\\\\": rpc error: code = NotFound\\"" >&2
-    exit 1 ;;
-esac
-echo "unknown command $1" >&2
-exit 1
-""")
-    script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-    return script
+CONTAINERD = FIXTURES / "cri" / "containerd-1.6.20"     # captured (cri/capture.py)
+CRIO = FIXTURES / "cri" / "crio-handwritten"
+DNS_SANDBOX = "898717cba2ba2f584ad125d59f43e7c86435b3f56910e159a80e7e23781a31b2"
+NODEEXP_SANDBOX = "8d39dc36bbd182ce1fade27380778236dfc9112bc89efbd3b7f7639ceffd73f8"
+NOTREADY_SANDBOX = "d4c8f6d0ae5e761b72557891f60ae5623ded1c1d1e3945a98d72784cc0389358"
 
 
-def crictl_calls(tmp_path):
-    log = tmp_path / "crictl.log"
-    return log.read_text().splitlines() if log.exists() else []
+class FakeCRI:
+    """A CRI v1 RuntimeService on a unix socket (a real grpc server in threads) answering with the
+    replies in `data` (protojson files, as cri/capture.py writes them; read again on every call,
+    so a test can change them). `calls` logs (method, argument)."""
+
+    def __init__(self, tmp_path, data, name="cri.sock"):
+        from concurrent import futures
+
+        import grpc
+        from cri_api.v1 import api_pb2 as pb
+        from cri_api.v1 import api_pb2_grpc
+        from google.protobuf import json_format
+
+        self.data, self.calls = Path(data), []
+        fake = self
+
+        def load(fname, cls):
+            return json_format.Parse((fake.data / fname).read_text(), cls())
+
+        class Servicer(api_pb2_grpc.RuntimeServiceServicer):
+            def Version(self, request, context):
+                fake.calls.append(("Version", None))
+                return load("version.json", pb.VersionResponse)
+
+            def ListPodSandbox(self, request, context):
+                fake.calls.append(("ListPodSandbox", None))
+                return load("list_pod_sandbox.json", pb.ListPodSandboxResponse)
+
+            def ListContainers(self, request, context):
+                fake.calls.append(("ListContainers", None))
+                return load("list_containers.json", pb.ListContainersResponse)
+
+            def PodSandboxStatus(self, request, context):
+                fake.calls.append(("PodSandboxStatus", request.pod_sandbox_id))
+                fname = f"pod_sandbox_status-{request.pod_sandbox_id}.json"
+                if not (fake.data / fname).exists():
+                    context.abort(grpc.StatusCode.NOT_FOUND, f"an error occurred when try to find "
+                                  f"sandbox {request.pod_sandbox_id!r}: not found")
+                return load(fname, pb.PodSandboxStatusResponse)
+
+        self.sock = tmp_path / name
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        api_pb2_grpc.add_RuntimeServiceServicer_to_server(Servicer(), self.server)
+        self.server.add_insecure_port(f"unix://{self.sock}")
+        self.server.start()
+
+    @property
+    def endpoint(self):
+        return f"unix://{self.sock}"
+
+    def close(self):
+        self.server.stop(0)
+
+    def statuses(self):
+        return [a for m, a in self.calls if m == "PodSandboxStatus"]
 
 
-def test_cri_containerd_sandboxes(tmp_path):
-    crictl = fake_crictl(tmp_path)
-    src = CRISource(str(crictl))
+@pytest.fixture
+def fake_cri(tmp_path):
+    servers = []
+
+    def start(data=CONTAINERD, name="cri.sock"):
+        servers.append(FakeCRI(tmp_path, data, name))
+        return servers[-1]
+    yield start
+    for srv in servers:
+        srv.close()
+
+
+def test_cri_containerd_sandboxes(fake_cri):
+    cri_ = fake_cri()
+    src = CRISource(cri_.endpoint)
     src.refresh()
     pods = by_name(src.pods())
-    assert set(pods) == {"web-7d9c5b8f6-x2k4q", "node-exporter-9qzlm"}   # NOTREADY one skipped
-    web = pods["web-7d9c5b8f6-x2k4q"]
-    assert (web.namespace, web.uid) == ("shop", "3c1a7a52-5f0e-4b8e-9d7c-2f4b1e6a9c01")
-    assert web.ips == ("10.244.1.7", "fd00:10:244:1::7")
-    assert not web.host_network and web.phase == "Running"
-    assert web.start_time == "2024-06-10T06:13:20Z"
-    assert web.container_ids[0] == WEB_SANDBOX
-    # names from the kubelet's container annotation; the rest from the sandbox's port mappings
-    assert set(web.ports) == {
-        ContainerPort("nginx", 80, "TCP", "http", 8080),
-        ContainerPort("nginx", 9090, "TCP", "metrics"),
-        ContainerPort("", 53, "UDP", None, 5353, "192.168.56.11"),
+    assert set(pods) == {"dns", "node-exporter"}                # the NOTREADY sandbox is skipped
+    dns = pods["dns"]
+    assert (dns.namespace, dns.uid) == ("kube-system", "38aa3e89-9a3b-125d-dccc-d5691f0fcb56")
+    assert dns.ips == ("10.210.1.3", "fd00:210:1::3")
+    assert not dns.host_network and dns.phase == "Running"
+    assert dns.start_time == "2026-12-08T01:19:49Z"             # createdAt: ns since the epoch
+    assert dns.container_ids[0] == DNS_SANDBOX and len(dns.container_ids) == 3
+    # names from the kubelet's container annotation (the lab writes it as the kubelet does)
+    assert set(dns.ports) == {
+        ContainerPort("coredns", 53, "UDP", "dns", 5353),
+        ContainerPort("coredns", 53, "TCP", "dns-tcp", 5353, "10.64.0.1"),
+        ContainerPort("exporter", 9153, "TCP", "metrics"),
     }
-    ne = pods["node-exporter-9qzlm"]
-    assert ne.host_network and ne.ips == ()
-    assert ne.ports == (ContainerPort("node-exporter", 9100, "TCP", "metrics", 9100),)
-    calls = crictl_calls(tmp_path)
-    assert calls[:2] == ["pods -o json", "ps -a -o json"]
-    assert sorted(c for c in calls if c.startswith("inspectp")) == sorted(
-        [f"inspectp -o json {WEB_SANDBOX}", f"inspectp -o json {NODEEXP_SANDBOX}"])
-    assert not any(OLD_SANDBOX in c for c in calls)
-
-    src.refresh()                                        # sandboxes are inspected once
-    assert sum(c.startswith("inspectp") for c in crictl_calls(tmp_path)) == 2
+    ne = pods["node-exporter"]
+    assert ne.host_network and ne.ips == ()                     # NamespaceMode NODE
+    assert ne.ports == (ContainerPort("exporter", 9100, "TCP", "metrics", 9100),)
+    assert [m for m, _ in cri_.calls[:3]] == ["Version", "ListPodSandbox", "ListContainers"]
+    assert sorted(cri_.statuses()) == sorted([DNS_SANDBOX, NODEEXP_SANDBOX])
+    src.refresh()                                               # a sandbox is asked once
+    assert len(cri_.statuses()) == 2
+    src.stop()
 
 
-def test_cri_without_container_names_uses_sandbox_mappings(tmp_path):
+def test_cri_without_container_names_uses_sandbox_mappings(fake_cri, tmp_path):
     data = tmp_path / "data"
-    shutil.copytree(FIXTURES / "crictl" / "containerd", data)
-    (data / "ps.json").write_text('{"containers": []}')
-    src = CRISource(str(fake_crictl(tmp_path, data_dir=data)))
-    web = by_name(src.pods())["web-7d9c5b8f6-x2k4q"]
-    assert set(web.ports) == {
-        ContainerPort("", 80, "TCP", None, 8080),
-        ContainerPort("", 53, "UDP", None, 5353, "192.168.56.11"),
-        ContainerPort("", 9090, "TCP"),
-    }
+    shutil.copytree(CONTAINERD, data)
+    (data / "list_containers.json").write_text("{}")
+    src = CRISource(fake_cri(data).endpoint)
+    dns = by_name(src.pods())["dns"]
+    # containerd's info.config.port_mappings: protocol 1 = UDP, TCP (0) left out, the hostIP kept
+    assert set(dns.ports) == {ContainerPort("", 53, "UDP", None, 5353),
+                              ContainerPort("", 53, "TCP", None, 5353, "10.64.0.1")}
 
 
-def test_cri_crio_port_mappings_annotation(tmp_path):
-    src = CRISource(str(fake_crictl(tmp_path, "crio")))
+def test_cri_crio_port_mappings_annotation(fake_cri):
+    src = CRISource(fake_cri(CRIO).endpoint)
     (pod,) = src.pods()
     assert (pod.namespace, pod.name, pod.ips) == ("default", "echo-5f7b9c-lm2np", ("10.85.0.12",))
     assert pod.ports == (ContainerPort("", 8443, "TCP", None, 9443), ContainerPort("", 53, "UDP", None, 9053))
     assert pod.container_ids == (CRIO_SANDBOX,)
 
 
-def test_cri_removed_sandbox_lingers_for_the_grace(tmp_path):
+def test_cri_removed_sandbox_lingers_for_the_grace(fake_cri, tmp_path):
     data = tmp_path / "data"
-    shutil.copytree(FIXTURES / "crictl" / "containerd", data)
-    src = CRISource(str(fake_crictl(tmp_path, data_dir=data)), grace_seconds=0.3, interval=0.05)
+    shutil.copytree(CONTAINERD, data)
+    src = CRISource(fake_cri(data).endpoint, grace_seconds=0.3, interval=0.05)
     src.start()
     try:
-        wait_for(lambda: "web-7d9c5b8f6-x2k4q" in names_of(src.pods()), what="the first poll")
-        listing = json.loads((data / "pods.json").read_text())
-        listing["items"] = [i for i in listing["items"] if i["id"] != WEB_SANDBOX]
-        (data / "pods.json").write_text(json.dumps(listing))
+        wait_for(lambda: "dns" in names_of(src.pods()), what="the first poll")
+        listing = json.loads((data / "list_pod_sandbox.json").read_text())
+        listing["items"] = [i for i in listing["items"] if i["id"] != DNS_SANDBOX]
+        (data / "list_pod_sandbox.json").write_text(json.dumps(listing))
         time.sleep(0.15)
-        assert "web-7d9c5b8f6-x2k4q" in names_of(src.pods())
-        wait_for(lambda: "web-7d9c5b8f6-x2k4q" not in names_of(src.pods()), what="the grace to end")
-        assert "node-exporter-9qzlm" in names_of(src.pods())
+        assert "dns" in names_of(src.pods())
+        wait_for(lambda: "dns" not in names_of(src.pods()), what="the grace to end")
+        assert "node-exporter" in names_of(src.pods())
     finally:
         src.stop()
 
 
-def test_cri_missing_or_failing_crictl(tmp_path):
+def test_cri_endpoint_order_and_failures(fake_cri, tmp_path, monkeypatch):
+    from bpftrace_hostport.pods import cri
+    missing = tmp_path / "missing.sock"
+    monkeypatch.setattr(cri, "DEFAULT_ENDPOINTS", (f"unix://{missing}",))
     with pytest.raises(SourceUnavailable) as err:
-        CRISource(str(tmp_path / "no-crictl")).refresh()
-    assert "no-crictl not found" in err.value.note
-    with pytest.raises(UserError, match="crictl not found.*install crictl"):
+        CRISource().refresh()
+    assert err.value.note == f"No container runtime socket found ({missing}): skipped."
+    with pytest.raises(UserError, match=r"No container runtime socket found .*; pass --cri-endpoint "
+                                        r"unix:///PATH or set CONTAINER_RUNTIME_ENDPOINT\.$"):
         resolve_sources([], "cri")
+    # An explicit endpoint whose socket is not there, and a socket nothing answers on.
+    with pytest.raises(SourceUnavailable, match=f"no socket at {missing}"):
+        CRISource(str(missing)).refresh()
+    dead = tmp_path / "dead.sock"
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(dead))                     # bound, never listening: connection refused
+    try:
+        with pytest.raises(SourceUnavailable, match=rf"did not answer over CRI \(unix://{dead}: UNAVAILABLE"):
+            CRISource(f"unix://{dead}", timeout=2).refresh()
+        assert CRISource(f"unix://{dead}", timeout=2).pods() == []
+    finally:
+        sock.close()
+    # $CONTAINER_RUNTIME_ENDPOINT, then the usual sockets, the first that exists and answers.
+    live = fake_cri()
+    monkeypatch.setenv("CONTAINER_RUNTIME_ENDPOINT", live.endpoint)
+    src = CRISource()
+    assert names_of(src.pods()) == {"dns", "node-exporter"} and src.endpoint == live.endpoint
+    monkeypatch.delenv("CONTAINER_RUNTIME_ENDPOINT")
+    monkeypatch.setattr(cri, "DEFAULT_ENDPOINTS", (f"unix://{missing}", live.endpoint))
+    assert names_of(CRISource().pods()) == {"dns", "node-exporter"}
 
-    broken = tmp_path / "bin" / "crictl"
-    broken.parent.mkdir()
-    broken.write_text('#!/bin/sh\necho \'level=fatal msg="validate service connection: '
-                      'dial unix /run/containerd/containerd.sock: connect: no such file or directory"\' >&2\n'
-                      "exit 1\n")
-    broken.chmod(0o755)
-    with pytest.raises(SourceUnavailable) as err:
-        CRISource(str(broken)).refresh()
-    assert "failed (level=fatal" in err.value.note and "no such file or directory" in err.value.note
-    assert CRISource(str(broken)).pods() == []
+
+def test_cri_runtime_going_away_and_coming_back(fake_cri, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(CONTAINERD, data)
+    first = fake_cri(data, "ctd.sock")
+    src = CRISource(first.endpoint, timeout=2)
+    src.refresh()
+    first.close()
+    with pytest.raises(SourceUnavailable, match="stopped answering"):
+        src.refresh()
+    assert names_of(src.pods()) == {"dns", "node-exporter"}      # the last view stays
+    fake_cri(data, "ctd.sock")                                   # restarted on the same socket
+    src.refresh()
+    assert names_of(src.pods()) == {"dns", "node-exporter"}
 
 
 # --------------------------------------------------------------------------- CNIStateSource
@@ -563,7 +633,7 @@ def test_resolve_auto_falls_back_to_cni_and_says_why(monkeypatch):
     assert [s.name for s in srcs] == ["cni"]
     assert notes[0].startswith("No Kubernetes configuration found (no --kubeconfig, KUBECONFIG, ")
     assert notes[0].endswith(": skipped.")
-    assert notes[1] == "crictl not found, so the container runtime cannot be asked: skipped."
+    assert notes[1].startswith("No container runtime socket found (") and notes[1].endswith(": skipped.")
     assert notes[2].startswith("No CNI host-local allocations under ")
     assert len(notes) == 3
 
@@ -576,10 +646,9 @@ def test_resolve_auto_uses_kube_from_kubeconfig_env(api, tmp_path, monkeypatch):
     assert api.lists()[0]["fieldSelector"] == ["spec.nodeName=node1"]
 
 
-def test_resolve_auto_skips_unreachable_api_then_uses_cri(tmp_path, monkeypatch):
+def test_resolve_auto_skips_unreachable_api_then_uses_cri(tmp_path, monkeypatch, fake_cri):
     url = f"http://127.0.0.1:{closed_port()}"
-    crictl = fake_crictl(tmp_path)
-    monkeypatch.setenv("PATH", str(crictl.parent))
+    monkeypatch.setenv("CONTAINER_RUNTIME_ENDPOINT", fake_cri().endpoint)
     srcs, notes = resolve_sources([], "auto", kubeconfig=kubeconfig_for(tmp_path, url),
                                   node_name="node1")
     assert [s.name for s in srcs] == ["cri"]
@@ -602,12 +671,11 @@ def test_resolve_explicit_kube_failures_are_user_errors(tmp_path):
         resolve_sources([], "kube", kubeconfig=str(bad))
 
 
-def test_resolve_explicit_kube_and_cri_work(api, tmp_path, monkeypatch):
+def test_resolve_explicit_kube_and_cri_work(api, tmp_path, monkeypatch, fake_cri):
     srcs, notes = resolve_sources([], "kube", kubeconfig=kubeconfig_for(tmp_path, api.url),
                                   node_name="node1")
     assert [s.name for s in srcs] == ["kube"] and notes == []
-    monkeypatch.setenv("PATH", str(fake_crictl(tmp_path).parent))
-    srcs, notes = resolve_sources([], "cri")
+    srcs, notes = resolve_sources([], "cri", cri_endpoint=fake_cri().endpoint)
     assert [s.name for s in srcs] == ["cri"] and len(srcs[0].pods()) == 2
 
 
