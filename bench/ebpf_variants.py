@@ -167,7 +167,7 @@ PENDING_PATH = """\
                     return 1;
                 }
                 submit_record(re);
-                count_answered(id, fl, lat);
+                count_outcome(id, fl, OUTCOME_ANSWERED, REFUSAL_NONE, lat);
                 return 1;
             }
         }

@@ -17,9 +17,35 @@
 #define HOOK_OUTPUT     1   /* node-local clients: DNAT happens in LOCAL_OUT */
 
 /* flow_val.flags */
-#define FLOW_ANSWERED    1
+#define FLOW_ANSWERED    1   /* a real answer came back (not a refusal: see flow_val.outcome) */
 #define FLOW_MASQUERADED 2
 #define FLOW_MIDSTREAM   4   /* first seen mid-connection: it began before the tracer attached */
+
+/* flow_val.outcome: what the first packet back said, decided in the kernel from that packet
+ * (the first one in the reply direction, or an ICMP error about the flow). A flow with nothing
+ * back by --timeout is "unanswered": user space decides that, when it claims the flow. */
+#define OUTCOME_NONE     0   /* nothing back (yet) */
+#define OUTCOME_ANSWERED 1   /* TCP SYN-ACK, UDP/SCTP data from the pod */
+#define OUTCOME_REFUSED  2   /* TCP RST, SCTP ABORT, or an ICMP/ICMPv6 error for the flow */
+
+/* flow_val.refusal: what refused it (records/outcome.py names them; keep the two equal). */
+#define REFUSAL_NONE          0
+#define REFUSAL_RESET         1   /* TCP RST in reply to the first packet */
+#define REFUSAL_ABORT         2   /* SCTP ABORT */
+#define REFUSAL_PORT_UNREACH  3   /* ICMP 3/3, ICMPv6 1/4 */
+#define REFUSAL_HOST_UNREACH  4   /* ICMP 3/1 (and 3/7), ICMPv6 1/3: a neighbour failure */
+#define REFUSAL_NET_UNREACH   5   /* ICMP 3/0 (and 3/6), ICMPv6 1/0 */
+#define REFUSAL_PROTO_UNREACH 6   /* ICMP 3/2 */
+#define REFUSAL_ADMIN         7   /* ICMP 3/9, 3/10, 3/13; ICMPv6 1/1, 1/5, 1/6: a firewall said no */
+#define REFUSAL_TIME_EXCEEDED 8   /* ICMP 11, ICMPv6 3: a loop, or a TTL too small */
+#define REFUSAL_PARAM_PROBLEM 9   /* ICMP 12, ICMPv6 4 */
+#define REFUSAL_UNREACH       10  /* another destination-unreachable code */
+#define REFUSALS              11
+
+/* flow_val.refused_by: where the refusal came from. */
+#define BY_POD     1   /* sent from the pod's address, arriving at the node */
+#define BY_NODE    2   /* made on the node itself (a REJECT rule, a neighbour that never answered) */
+#define BY_NETWORK 3   /* from another address (a router on the way) */
 
 /* Indexes into the per-CPU `stats` array. */
 #define STAT_RINGBUF_DEFERRED 0 /* no ring-buffer slot: the flow is reported after the timeout instead */
@@ -30,7 +56,8 @@
 #define STAT_COUNTER_FULL    5  /* a mapping/miss/drop counter could not be created (map full) */
 #define STAT_REUSE_LOST      6  /* a deferred answered flow whose tuple was reused before its report */
 #define STAT_FLOW_RETRIES    7  /* a new conntrack entry on the tuple of a flow not yet answered: a retry (a SYN retransmitted after a drop, a client port reused) */
-#define STAT_MAX             8
+#define STAT_KERNEL_CLAIMED  8  /* flows the kernel decided itself with no record (counters only: answered or refused) */
+#define STAT_MAX             9
 
 struct flow_key {            /* the conntrack ORIGINAL tuple: client -> node:hostPort */
     u8  family;              /* 4 or 6 */
@@ -57,8 +84,13 @@ struct flow_val {
     u32 drop_reason;         /* enum skb_drop_reason of the last drop, 0 = none */
     u8  hook;                /* HOOK_* */
     u8  flags;               /* FLOW_* */
-    u16 _pad;
+    u8  outcome;             /* OUTCOME_*: reply_ns is when it was decided */
+    u8  refusal;             /* REFUSAL_*, with outcome OUTCOME_REFUSED */
     u32 mapping_id;          /* the slot of its mapping's counters (MAP_SIZE: none) */
+    u8  refused_by;          /* BY_* */
+    u8  icmp_type;           /* the ICMP (family 4) or ICMPv6 (family 6) error's type and code */
+    u8  icmp_code;
+    u8  _pad[5];
 };
 
 struct flow_event {          /* one ring-buffer record per flow, when it is first answered */
@@ -95,9 +127,10 @@ struct mapping_val {         /* per CPU: added to by every packet */
 };
 
 struct mapping_lat {         /* shared (atomic adds): added to once per flow, at its first reply */
-    u64 answered;            /* flows that got a reply */
+    u64 answered;            /* flows that got a real answer */
     u64 lat_sum_ns;          /* sum of their latencies (not midstream ones) */
     u64 lat_hist[LAT_BUCKETS];
+    u64 refused[REFUSALS];   /* flows refused, by REFUSAL_* (index 0 unused) */
 };
 
 struct drop_key {

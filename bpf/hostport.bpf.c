@@ -19,6 +19,8 @@
  * no kernel struct layout is taken from headers. The constants expected:
  *   NF_CTX_SKB        offsetof(struct bpf_nf_ctx, skb)
  *   SKB_NFCT, SKB_LEN offsetof(struct sk_buff, _nfct / len)
+ *   SKB_HEAD, SKB_NETWORK_HEADER   offsetof(struct sk_buff, head / network_header): where a
+ *                     packet's own bytes are read, for the first packet back of a flow
  *   CT_STATUS         offsetof(struct nf_conn, status)
  *   CT_TUPLE_ORIG     offsetof(struct nf_conn, tuplehash[IP_CT_DIR_ORIGINAL].tuple)
  *   CT_TUPLE_REPLY    offsetof(struct nf_conn, tuplehash[IP_CT_DIR_REPLY].tuple)
@@ -50,6 +52,10 @@
 #define PROTO_TCP  6
 #define PROTO_UDP  17
 #define PROTO_SCTP 132
+#define PROTO_ICMP 1
+#define PROTO_ICMPV6 58
+#define TCP_FLAG_RST 0x04      /* byte 13 of the TCP header (RFC 9293) */
+#define SCTP_CHUNK_ABORT 6     /* the first chunk's type, byte 12 of the SCTP packet (RFC 9260) */
 
 #ifndef TUPLE_BUF
 #define TUPLE_BUF 64
@@ -76,8 +82,11 @@ BPF_HASH(flows, struct flow_key, struct flow_val, FLOW_TABLE_SIZE);
 /* A slot left by an earlier user of a recycled conntrack entry's address, marked by the new
  * entry's first packet: its packets take the slow path until its first reply. */
 #define CT_PENDING  CT_ID_MASK
-#if MAP_SIZE >= CT_ID_MASK
-#error "MAP_SIZE must stay below 16383: a cache slot keeps a mapping id in 14 bits"
+/* A conntrack entry whose flow the full flow table refused: counted lost once, at its first
+ * packet; its later packets (SYN retransmissions) find this mark and are not counted again. */
+#define CT_LOST     (CT_ID_MASK - 1)
+#if MAP_SIZE >= CT_LOST
+#error "MAP_SIZE must stay below 16382: a cache slot keeps a mapping id in 14 bits"
 #endif
 struct ct_set {
     u64 slot[CT_WAYS];       /* (address >> 3) << CT_ID_BITS | mapping id; 0: empty */
@@ -361,7 +370,7 @@ static __always_inline int count_known(u64 ct, u32 len)
     u16 now = ct_clock();
     if (s->seen[w] != now)
         s->seen[w] = now;        /* a store at most once per tick: the line stays clean */
-    mapping_add(id, 0, len);
+    mapping_add(id, 0, len);     /* CT_LOST (>= MAP_SIZE): no counters, nothing added */
     return 1;
 }
 
@@ -437,13 +446,19 @@ static __always_inline u32 latency_bucket(u64 ns)
     return LAT_BUCKETS - 1;
 }
 
-/* A flow answered: its mapping's answered count and latency histogram, in the kernel, so that
- * metrics need no per-flow record. Counted once per flow, by whoever holds its claim. */
-static __always_inline void count_answered(u32 id, u8 flags, u64 lat)
+/* A flow decided (answered or refused): its mapping's outcome counts and, for an answer, the
+ * latency histogram, in the kernel, so that metrics need no per-flow record. Counted once per
+ * flow, by whoever holds its claim. */
+static __always_inline void count_outcome(u32 id, u8 flags, u8 outcome, u8 refusal, u64 lat)
 {
     struct mapping_lat *ml = mapping_lat.lookup(&id);
     if (!ml)
         return;
+    if (outcome == OUTCOME_REFUSED) {
+        if (refusal < REFUSALS)
+            __sync_fetch_and_add(&ml->refused[refusal], 1);
+        return;
+    }
     __sync_fetch_and_add(&ml->answered, 1);
     if (flags & FLOW_MIDSTREAM)
         return;                  /* began before we attached: no latency */
@@ -451,6 +466,131 @@ static __always_inline void count_answered(u32 id, u8 flags, u64 lat)
     u32 b = latency_bucket(lat);
     if (b < LAT_BUCKETS)
         __sync_fetch_and_add(&ml->lat_hist[b], 1);
+}
+
+/* The packet's own bytes from its network header on: the IP header and the start of what it
+ * carries, in one read (skb->head + skb->network_header, offsets from BTF). Returns the offset of
+ * the transport header in buf (its protocol in *l4), or -1: unreadable, or an IPv6 packet whose
+ * next header is an extension header (not followed: the packet is then not judged). */
+#define PKT_BUF 80
+
+/* buf[i] of a PKT_BUF buffer on the stack, 0 beyond it. The index goes through an empty asm so
+ * that clang adds it to the stack pointer: knowing the buffer's alignment, it would OR it in,
+ * which the verifier refuses for a pointer. */
+static __always_inline u8 byte_at(u8 *buf, u32 i)
+{
+    asm volatile("" : "+r"(i));
+    if (i >= PKT_BUF)
+        return 0;
+    return buf[i];
+}
+
+static __always_inline int read_packet(void *skb, u8 family, u8 *buf, u8 *l4)
+{
+    unsigned char *head = *(unsigned char **)((char *)skb + SKB_HEAD);
+    u16 nh = *(u16 *)((char *)skb + SKB_NETWORK_HEADER);
+    if (bpf_probe_read_kernel(buf, PKT_BUF, head + nh))
+        return -1;
+    if (family == 4) {
+        int ihl = (buf[0] & 0xf) * 4;
+        if (ihl < 20 || ihl > 60)
+            return -1;
+        *l4 = byte_at(buf, 9);
+        return ihl;
+    }
+    *l4 = byte_at(buf, 6);
+    return 40;
+}
+
+/* An ICMP (family 4) or ICMPv6 error's kind; REFUSAL_NONE for a message that does not end the
+ * flow (fragmentation needed, packet too big: path MTU discovery; anything not an error). */
+static __always_inline u8 icmp_refusal(u8 family, u8 type, u8 code)
+{
+    if (family == 4) {
+        if (type == 3) {
+            if (code == 4)
+                return REFUSAL_NONE;
+            if (code == 3)
+                return REFUSAL_PORT_UNREACH;
+            if (code == 1 || code == 7)
+                return REFUSAL_HOST_UNREACH;
+            if (code == 0 || code == 6)
+                return REFUSAL_NET_UNREACH;
+            if (code == 2)
+                return REFUSAL_PROTO_UNREACH;
+            if (code == 9 || code == 10 || code == 13)
+                return REFUSAL_ADMIN;
+            return REFUSAL_UNREACH;
+        }
+        if (type == 11)
+            return REFUSAL_TIME_EXCEEDED;
+        if (type == 12)
+            return REFUSAL_PARAM_PROBLEM;
+        return REFUSAL_NONE;
+    }
+    if (type == 1) {
+        if (code == 4)
+            return REFUSAL_PORT_UNREACH;
+        if (code == 3)
+            return REFUSAL_HOST_UNREACH;
+        if (code == 0)
+            return REFUSAL_NET_UNREACH;
+        if (code == 1 || code == 5 || code == 6)
+            return REFUSAL_ADMIN;
+        return REFUSAL_UNREACH;
+    }
+    if (type == 3)
+        return REFUSAL_TIME_EXCEEDED;
+    if (type == 4)
+        return REFUSAL_PARAM_PROBLEM;
+    return REFUSAL_NONE;
+}
+
+/* The first packet back for a flow that has none yet: an answer (OUTCOME_ANSWERED), a refusal
+ * (OUTCOME_REFUSED, its kind and sender in v), or OUTCOME_NONE for a packet that decides
+ * nothing. `related`: an error about the flow (conntrack's IP_CT_RELATED_REPLY: an ICMP error,
+ * or a TCP reset a REJECT rule made) rather than a packet of the flow itself. Read from the
+ * packet only here, once per flow: the flag a reply carries (RST, ABORT) is the one thing its
+ * conntrack entry does not already say. `b`: PKT_BUF bytes of scratch (the caller's conntrack
+ * buffer, done with by then: the stack has no room for another). */
+static __always_inline u8 judge_reply(void *skb, struct flow_val *v, u8 family, u8 proto,
+                                      int related, u8 hook, u32 len, u8 *b)
+{
+    u8 l4 = 0;
+    int off = read_packet(skb, family, b, &l4);
+    if (off < 0)
+        return related ? OUTCOME_NONE : OUTCOME_ANSWERED;   /* unreadable: as before, an answer */
+    u8 refusal = REFUSAL_NONE;
+    if (l4 == PROTO_TCP && (u32)off + 14 <= len) {
+        if (byte_at(b, off + 13) & TCP_FLAG_RST)
+            refusal = REFUSAL_RESET;
+    } else if (l4 == PROTO_SCTP && !related && (u32)off + 13 <= len) {
+        if (byte_at(b, off + 12) == SCTP_CHUNK_ABORT)
+            refusal = REFUSAL_ABORT;
+    } else if (related && (u32)off + 2 <= len &&
+               ((family == 4 && l4 == PROTO_ICMP) || (family == 6 && l4 == PROTO_ICMPV6))) {
+        u8 type = byte_at(b, off), code = byte_at(b, off + 1);
+        refusal = icmp_refusal(family, type, code);
+        if (refusal != REFUSAL_NONE) {
+            v->icmp_type = type;
+            v->icmp_code = code;
+        }
+    }
+    if (refusal == REFUSAL_NONE)
+        return related ? OUTCOME_NONE : OUTCOME_ANSWERED;
+    v->refusal = refusal;
+    /* Who sent it: the node made it (it leaves through LOCAL_OUT: a REJECT rule's reset, the
+     * ICMP a neighbour failure produces), or it arrived from the pod's address (replies keep
+     * the pod as their source until POST_ROUTING un-DNATs them), or from elsewhere. */
+    if (family == 4)
+        *(u32 *)(b + 8) = *(u32 *)(b + 12);   /* the source address at one offset for both */
+    if (hook == HOOK_OUTPUT)
+        v->refused_by = BY_NODE;
+    else if (addr_equal(b + 8, v->pod_addr, family))
+        v->refused_by = BY_POD;
+    else
+        v->refused_by = BY_NETWORK;
+    return OUTCOME_REFUSED;
 }
 
 /* Masquerade: a reply tuple whose destination is not the client means the request was
@@ -481,13 +621,14 @@ static __always_inline void submit_record(struct flow_event *e)
     events.ringbuf_submit(e, wake);
 }
 
-/* Reports an answered flow, at most once: 0 reported, 1 already reported (claimed by user
- * space after the timeout), -1 deferred (reported by user space after --timeout). The flow is
- * copied into a reserved ring-buffer slot first, then its entry deleted: the delete is the
- * claim (the entry's memory may be reused once it is deleted). If the ring buffer cannot give
- * a slot (full, or its lock busy: since 6.15 a reservation can fail under contention), the
- * entry stays and user space reports the flow, answered, after --timeout. Nothing is lost. */
-static __always_inline int report_answered(struct flow_key *k, struct flow_val *v)
+/* Reports a flow whose outcome is decided (answered or refused), at most once: 0 reported, 1
+ * already reported (claimed by user space after the timeout), -1 deferred (reported by user
+ * space after --timeout). The flow is copied into a reserved ring-buffer slot first, then its
+ * entry deleted: the delete is the claim (the entry's memory may be reused once it is
+ * deleted). If the ring buffer cannot give a slot (full, or its lock busy: since 6.15 a
+ * reservation can fail under contention), the entry stays and user space reports the flow,
+ * with its outcome, after --timeout. Nothing is lost. */
+static __always_inline int report_flow(struct flow_key *k, struct flow_val *v)
 {
     struct flow_event *e = events.ringbuf_reserve(sizeof(struct flow_event));
     if (!e) {
@@ -545,6 +686,15 @@ static __always_inline void flow_created(struct flow_val *nv, u32 len)
     mapping_add(nv->mapping_id, 1, len);
 }
 
+/* The flow table is full: the flow is lost, counted once per connection. Its conntrack entry is
+ * marked CT_LOST in the cache, so that its later packets (a SYN retransmitted because nobody
+ * answered fast enough) are neither counted again nor tried again. */
+static __always_inline void flow_refused(u64 ct)
+{
+    stat_inc(STAT_FLOW_INSERT_ERR);
+    remember(ct, CT_LOST);
+}
+
 /* Runs just after DNAT (priority NF_IP_PRI_NAT_DST + 1 = -99): the packet's destination is
  * already the pod and the conntrack entry holds both tuples. */
 static __always_inline int on_post_dnat(void *ctx, u8 hook)
@@ -590,11 +740,13 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
     if (!cfg)
         return 1;
 
-    /* ICMP errors about a flow (RELATED, RELATED_REPLY) are neither requests nor answers:
-     * a "port unreachable" from the pod must not count as the pod answering. */
-    if (ctinfo == IP_CT_RELATED || ctinfo == IP_CT_RELATED_REPLY)
+    /* ICMP errors about a flow are not answers: one from the other side (RELATED_REPLY: a
+     * "port unreachable" from the pod, a "host unreachable" the node made) refuses a flow that
+     * has nothing back yet (judge_reply); one about the reply direction (RELATED) is ignored. */
+    if (ctinfo == IP_CT_RELATED)
         return 1;
-    int reply = ctinfo == IP_CT_ESTABLISHED_REPLY;
+    int related = ctinfo == IP_CT_RELATED_REPLY;
+    int reply = ctinfo == IP_CT_ESTABLISHED_REPLY || related;
     u8 family = tuple_family(o);
     if (!family)
         return 1;
@@ -626,12 +778,14 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
             return 1;
         }
         if (rc != -EEXIST) {
-            stat_inc(STAT_FLOW_INSERT_ERR);
+            flow_refused(ctkey);
             return 1;
         }
     }
 
     struct flow_val *v = flows.lookup(&k);
+    if (!v && related)
+        return 1;   /* an error about a flow already reported, or not ours */
     if (v && fresh) {
         /* The first packet of a new conntrack entry on the tuple of a flow not yet reported: a
          * retry of the same unanswered attempt (a SYN retransmitted after a drop) is that flow;
@@ -639,7 +793,7 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
          * entry starts a new flow. (A reported flow has no entry here any more: a client port
          * reused after TIME_WAIT, or a retry after the timeout, starts a new flow.) */
         if (v->reply_ns) {
-            if (report_answered(&k, v) < 0 && flows.delete(&k) == 0)
+            if (report_flow(&k, v) < 0 && flows.delete(&k) == 0)
                 stat_inc(STAT_REUSE_LOST);
             v = 0;
         } else {
@@ -669,7 +823,7 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
         if (!built)
             new_flow(ct, &k, r, ctinfo, status, len, hook, &nv);
         if (flows.update(&k, &nv)) {
-            stat_inc(STAT_FLOW_INSERT_ERR);
+            flow_refused(ctkey);
             return 1;
         }
         flow_created(&nv, len);
@@ -677,9 +831,10 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
     }
 
     /* Packets of a flow not yet answered (and the first reply): its mapping is the one
-     * recorded at its first packet. */
+     * recorded at its first packet. An error about the flow is not one of its packets. */
     u32 mid = v->mapping_id;
-    mapping_add(mid, 0, len);
+    if (!related)
+        mapping_add(mid, 0, len);
 
     if (!reply) {
         __sync_fetch_and_add(&v->packets_orig, 1);
@@ -693,30 +848,38 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
             note_masquerade(v, &k, r, family);
         return 1;
     }
-    __sync_fetch_and_add(&v->packets_reply, 1);
-    __sync_fetch_and_add(&v->bytes_reply, len);
+    if (!related) {
+        __sync_fetch_and_add(&v->packets_reply, 1);
+        __sync_fetch_and_add(&v->bytes_reply, len);
+    }
     if (v->reply_ns)
         return 1;
+    note_masquerade(v, &k, r, family);   /* by the first reply both NAT manips are settled */
+    u8 outcome = judge_reply(skb, v, family, k.proto, related, hook, len, cb);   /* r is done */
+    if (outcome == OUTCOME_NONE)
+        return 1;                        /* (an ICMP "packet too big": the flow goes on) */
     v->reply_ns = bpf_ktime_get_ns();
     v->last_ns = v->reply_ns;
-    v->flags |= FLOW_ANSWERED;
-    note_masquerade(v, &k, r, family);   /* by the first reply both NAT manips are settled */
-    /* What the answered count needs, read before the entry may go. */
-    u8 flags = v->flags;
+    v->outcome = outcome;
+    if (outcome == OUTCOME_ANSWERED)
+        v->flags |= FLOW_ANSWERED;
+    /* What the outcome counts need, read before the entry may go. */
+    u8 flags = v->flags, refusal = v->refusal;
     u64 lat = v->reply_ns - v->first_ns;
     if (cfg->no_records) {
         /* Counters only: deleting the entry is the claim, as for a report. */
         if (flows.delete(&k) == 0) {
-            count_answered(mid, flags, lat);
+            count_outcome(mid, flags, outcome, refusal, lat);
+            stat_inc(STAT_KERNEL_CLAIMED);
             remember(ctkey, mid);
         }
         return 1;
     }
-    /* Deferred (-1): the flow stays in `flows` and is reported, answered, after --timeout. On
-     * success its later packets take the hot path above. */
-    int rc = report_answered(&k, v);
+    /* Deferred (-1): the flow stays in `flows` and is reported, with its outcome, after
+     * --timeout. On success its later packets take the hot path above. */
+    int rc = report_flow(&k, v);
     if (rc != 1)
-        count_answered(mid, flags, lat);
+        count_outcome(mid, flags, outcome, refusal, lat);
     if (rc == 0)
         remember(ctkey, mid);
     return 1;
@@ -761,6 +924,8 @@ int tp_kfree_skb(void *ctx)
         if (w >= 0)
             id = s->slot[w & (CT_WAYS - 1)] & CT_ID_MASK;
     }
+    if (id == CT_LOST)
+        return 0;                       /* a flow the full table refused: counted lost already */
     if (id == CT_PENDING) {
         u8 o[TUPLE_BUF] = {};
         struct flow_key k = {};

@@ -53,10 +53,23 @@ def _counters(msg) -> Tuple[Optional[int], Optional[int]]:
     return pk, by
 
 
+TCP_CONNTRACK_CLOSE = 8      # enum tcp_conntrack (include/uapi/linux/netfilter/nf_conntrack_tcp.h)
+
+
+def _tcp_state(msg) -> Optional[int]:
+    pi = msg.get_attr("CTA_PROTOINFO")
+    tcp = pi.get_attr("CTA_PROTOINFO_TCP") if pi is not None else None
+    return tcp.get_attr("CTA_PROTOINFO_TCP_STATE") if tcp is not None else None
+
+
 def flow_from_conntrack(orig, reply, status: int, local: set, ts: datetime, answered: bool,
                         packets: Optional[int] = None, nbytes: Optional[int] = None,
-                        names=None) -> dict:
-    """A trace "flow" record from a conntrack entry's two tuples (pure; unit-tested)."""
+                        names=None, outcome: Optional[str] = None) -> dict:
+    """A trace "flow" record from a conntrack entry's two tuples (pure; unit-tested).
+
+    outcome: "answered", "refused" (a TCP entry that went straight to CLOSE at its first reply:
+    a reset) or "unanswered"; by default what `answered` says. Events carry no ICMP error, so an
+    unreachable UDP pod reads as unanswered here; who sent a reset is not known either."""
     csrc, cdst, proto, cport, hport = orig
     psrc, pdst, _, pport, pdport = reply
     masq = bool(status & IPS_SRC_NAT) or pdst != csrc or pdport != cport
@@ -71,7 +84,11 @@ def flow_from_conntrack(orig, reply, status: int, local: set, ts: datetime, answ
         "client_ip": csrc, "client_port": cport, "node_ip": cdst, "host_port": hport,
         "pod_ip": psrc, "pod_port": pport,
         "hook": "output" if csrc in local else "prerouting",
-        "answered": answered, "latency_us": None, "midstream": False, "masqueraded": masq,
+        "answered": outcome == "answered" if outcome else answered,
+        "outcome": outcome or ("answered" if answered else "unanswered"),
+        "refusal": "reset" if outcome == "refused" else None, "refused_by": None,
+        "icmp_type": None, "icmp_code": None, "refusal_us": None,
+        "latency_us": None, "midstream": False, "masqueraded": masq,
         "snat_ip": pdst if masq else None, "packets": packets, "bytes": nbytes,
         "pod_namespace": ns, "pod_name": name, "port_name": port_name, "drop_reason": None,
     }
@@ -165,9 +182,13 @@ class ConntrackBackend:
             elif orig in self.pending and (status & IPS_SEEN_REPLY or kind == IPCTNL_MSG_CT_DELETE):
                 t0, _, _, _ = self.pending.pop(orig)
                 pk, by = _counters(msg)
+                replied = bool(status & IPS_SEEN_REPLY)
+                # A TCP entry whose first reply closed it got a reset, not an answer.
+                reset = replied and pname == "tcp" and _tcp_state(msg) == TCP_CONNTRACK_CLOSE
                 self.ready.append(flow_from_conntrack(
                     orig, reply, status, self.local, datetime.fromtimestamp(t0, timezone.utc),
-                    bool(status & IPS_SEEN_REPLY), pk, by))
+                    replied, pk, by,
+                    outcome="refused" if reset else ("answered" if replied else "unanswered")))
             # else: an update of a flow already reported
 
     def _unanswered(self, cutoff: Optional[float]) -> List[dict]:

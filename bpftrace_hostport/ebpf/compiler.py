@@ -57,14 +57,21 @@ def main(argv=None) -> int:
     finally:
         os.dup2(saved, 2)
     progs, fds = [], []
+    log.seek(0)
+    log.truncate()
+    os.dup2(log.fileno(), 2)      # bcc prints the verifier's log there when a load fails
     try:
         for name in req["netfilter"]:
             fn = b.load_func(name, req["prog_type"], attach_type=req["attach_type"])
             progs.append(name)
             fds.append(fn.fd)
     except Exception as e:  # noqa: BLE001
-        _send(sock, {"ok": False, "kind": "load", "message": str(e), "log": ""})
+        os.dup2(saved, 2)
+        log.seek(0)
+        _send(sock, {"ok": False, "kind": "load", "message": str(e), "log": log.read()[-8000:]})
         return 1
+    finally:
+        os.dup2(saved, 2)
     maps = []
     for name in req["maps"]:
         t = b[name]

@@ -714,8 +714,10 @@ def status(name: str) -> dict:
 def traffic(name: str, to: Optional[int] = None, count: int = 10, rate: float = 0.0,
             concurrency: int = 1, source: str = "client", proto: Optional[str] = None,
             family: int = 4, target: Optional[str] = None, timeout: float = 2.0,
-            source_port: Optional[int] = None, max_seconds: float = 120.0) -> dict:
-    """Real requests through a hostPort; returns sent / answered / failed and who answered."""
+            source_port: Optional[int] = None, max_seconds: float = 120.0,
+            port_base: Optional[int] = None) -> dict:
+    """Real requests through a hostPort; returns sent / answered / failed and who answered
+    (port_base: each request from its own client port, and what each one saw: traffic.py)."""
     st = LabState.load(name)
     mappings = [(p, m) for p in st.live_pods() for m in p.ports if m.get("host_port")]
     if not mappings:
@@ -760,6 +762,8 @@ def traffic(name: str, to: Optional[int] = None, count: int = 10, rate: float = 
             "--max-seconds", str(max_seconds)]
     if source_port:
         args += ["--source-port", str(source_port)]
+    if port_base:
+        args += ["--port-base", str(port_base)]
     p = _run(_nsexec(ns, *args), timeout=max_seconds + timeout + 30, check=False)
     if p.returncode != 0:
         raise LabError(f"The traffic generator failed: {p.stderr.strip()[-300:]}")

@@ -12,9 +12,13 @@ Columns (all of length n):
   hook         uint8    0 prerouting, 1 output (proto.HOOKS)
   client_addr, node_addr, pod_addr, snat_addr   V16: 16 raw bytes, IPv4 in the first 4
   client_port, host_port, pod_port              uint16, host byte order
-  answered, midstream, masqueraded              bool
+  answered, midstream, masqueraded              bool (answered: outcome is "answered")
   masq_known   bool     False: whether it was masqueraded is unknown (one unanswered packet)
-  latency_us   float64  NaN = none (unanswered, midstream, or not measured)
+  outcome      uint8    records/outcome.py OUTCOMES: 0 unanswered, 1 answered, 2 refused, 3 pending
+  refusal, refused_by  uint8  records/outcome.py REFUSALS / REFUSED_BY codes, 0 = not refused
+  icmp_type, icmp_code uint8  the ICMP error's, meaningful where refusal is an ICMP one
+  latency_us   float64  NaN = none (not answered, midstream, or not measured)
+  refusal_us   float64  first packet to the refusal, NaN = none
   packets, bytes int64  -1 = not measured (conntrack events without accounting)
   drop         int32    index into `drop_reasons`, -1 = none
   pod          int32    index into `pods` ((namespace, name, port_name)), -1 = unknown
@@ -28,6 +32,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 
 from bpftrace_hostport import proto as protomod
+from bpftrace_hostport.records import outcome as oc
 
 ADDR = np.dtype("V16")
 COLUMNS: Dict[str, np.dtype] = {
@@ -38,7 +43,9 @@ COLUMNS: Dict[str, np.dtype] = {
     "pod_addr": ADDR, "pod_port": np.dtype("uint16"), "snat_addr": ADDR,
     "answered": np.dtype("bool"), "midstream": np.dtype("bool"), "masqueraded": np.dtype("bool"),
     "masq_known": np.dtype("bool"),
-    "latency_us": np.dtype("float64"), "packets": np.dtype("int64"), "bytes": np.dtype("int64"),
+    "outcome": np.dtype("uint8"), "refusal": np.dtype("uint8"), "refused_by": np.dtype("uint8"),
+    "icmp_type": np.dtype("uint8"), "icmp_code": np.dtype("uint8"),
+    "latency_us": np.dtype("float64"), "refusal_us": np.dtype("float64"), "packets": np.dtype("int64"), "bytes": np.dtype("int64"),
     "drop": np.dtype("int32"), "pod": np.dtype("int32"),
 }
 
@@ -141,6 +148,7 @@ class FlowBatch:
         cols["drop"][:] = -1
         cols["pod"][:] = -1
         cols["latency_us"][:] = np.nan
+        cols["refusal_us"][:] = np.nan
         cols["masq_known"][:] = True
         return cls(cols)
 
@@ -179,7 +187,7 @@ class FlowBatch:
         pods: Dict[PodName, int] = {}
         drops: Dict[str, int] = {}
         for i, r in enumerate(recs):
-            c["ts_ns"][i] = iso_to_ns(r["ts"]) if r.get("ts") else 0
+            c["ts_ns"][i] = r["ts_ns"] if "ts_ns" in r else iso_to_ns(r["ts"]) if r.get("ts") else 0
             c["proto"][i] = protomod.number(r["proto"])
             c["family"][i] = r["family"]
             c["hook"][i] = protomod.hook_number(r.get("hook") or "prerouting")
@@ -188,7 +196,17 @@ class FlowBatch:
             c["client_port"][i] = r.get("client_port") or 0
             c["host_port"][i] = r["host_port"]
             c["pod_port"][i] = r.get("pod_port") or 0
-            c["answered"][i] = bool(r.get("answered"))
+            out = r.get("outcome")
+            if out is None:              # written before outcomes (schema < 4): answered says it
+                out = "answered" if r.get("answered") else "unanswered"
+            c["outcome"][i] = oc.OUTCOMES.index(out)
+            c["answered"][i] = out == "answered"
+            c["refusal"][i] = oc.code_of(oc.REFUSALS, r.get("refusal"))
+            c["refused_by"][i] = oc.code_of(oc.REFUSED_BY, r.get("refused_by"))
+            c["icmp_type"][i] = r.get("icmp_type") or 0
+            c["icmp_code"][i] = r.get("icmp_code") or 0
+            rt = r.get("refusal_us")
+            c["refusal_us"][i] = np.nan if rt is None else float(rt)
             c["midstream"][i] = bool(r.get("midstream"))
             c["masqueraded"][i] = bool(r.get("masqueraded"))
             c["masq_known"][i] = r.get("masqueraded") is not None
@@ -216,11 +234,12 @@ class FlowBatch:
         client, node, pod = (addr.column(c[k], fam) for k in ("client_addr", "node_addr", "pod_addr"))
         snat = addr.column(c["snat_addr"], fam)
         ts = ns_to_iso_column(c["ts_ns"])
-        lat = c["latency_us"].tolist()
+        lat, rlat = c["latency_us"].tolist(), c["refusal_us"].tolist()
         pk, by = c["packets"].tolist(), c["bytes"].tolist()
         cols = {k: c[k].tolist() for k in ("proto", "family", "hook", "client_port", "host_port",
                                           "pod_port", "answered", "midstream", "masqueraded",
-                                          "masq_known", "drop", "pod")}
+                                          "masq_known", "drop", "pod", "outcome", "refusal",
+                                          "refused_by", "icmp_type", "icmp_code")}
         pnames, hnames = protomod.NAMES, protomod.HOOKS
         none3 = (None, None, None)
         out = []
@@ -229,7 +248,9 @@ class FlowBatch:
             ns, name, port_name = self.pods[p] if p >= 0 else none3
             d = cols["drop"][i]
             masq = cols["masqueraded"][i] if cols["masq_known"][i] else None
-            lt = lat[i]
+            lt, rt = lat[i], rlat[i]
+            rf = cols["refusal"][i]
+            icmp = rf in oc.ICMP_REFUSALS
             out.append({
                 "type": "flow", "ts": ts[i],
                 "proto": pnames.get(cols["proto"][i]) or str(cols["proto"][i]),
@@ -239,7 +260,13 @@ class FlowBatch:
                 "pod_ip": pod[i], "pod_port": cols["pod_port"][i],
                 "hook": hnames.get(cols["hook"][i]) or str(cols["hook"][i]),
                 "answered": cols["answered"][i],
+                "outcome": oc.OUTCOMES[cols["outcome"][i]],
+                "refusal": oc.REFUSALS[rf] if rf < len(oc.REFUSALS) else None,
+                "refused_by": oc.REFUSED_BY[cols["refused_by"][i]] if rf else None,
+                "icmp_type": cols["icmp_type"][i] if icmp else None,
+                "icmp_code": cols["icmp_code"][i] if icmp else None,
                 "latency_us": None if lt != lt else lt,
+                "refusal_us": None if rt != rt else rt,
                 "midstream": cols["midstream"][i], "masqueraded": masq,
                 "snat_ip": snat[i] if masq else None,
                 "packets": None if pk[i] < 0 else pk[i], "bytes": None if by[i] < 0 else by[i],
@@ -264,11 +291,18 @@ class FlowBatch:
 
         cols = {name: ao.column(name, c[name]) for name in (
             "proto", "family", "hook", "client_addr", "client_port", "node_addr", "host_port",
-            "pod_addr", "pod_port", "answered", "midstream", "snat_addr")}
+            "pod_addr", "pod_port", "answered", "midstream", "snat_addr", "outcome")}
+        refused = c["refusal"] > 0
+        icmp = c["refusal"] >= min(oc.ICMP_REFUSALS)
         cols.update({
             "ts": ao.column("ts", c["ts_ns"]),
             "masqueraded": ao.column("masqueraded", c["masqueraded"], c["masq_known"]),
             "latency_us": ao.column("latency_us", c["latency_us"], ~np.isnan(c["latency_us"])),
+            "refusal": ao.column("refusal", c["refusal"], refused),
+            "refused_by": ao.column("refused_by", c["refused_by"], refused),
+            "icmp_type": ao.column("icmp_type", c["icmp_type"], icmp),
+            "icmp_code": ao.column("icmp_code", c["icmp_code"], icmp),
+            "refusal_us": ao.column("refusal_us", c["refusal_us"], ~np.isnan(c["refusal_us"])),
             "packets": opt_int("packets"), "bytes": opt_int("bytes"),
             "pod_namespace": text("pod_namespace", _pod_field(c["pod"], pods, 0), _values(pods, 0)),
             "pod_name": text("pod_name", _pod_field(c["pod"], pods, 1), _values(pods, 1)),

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 from bpftrace_hostport import proto as protomod
 from bpftrace_hostport.errors import UserError
+from bpftrace_hostport.records import outcome as oc
 from bpftrace_hostport.records.schema import MAPPING, SUMMARY, Field
 
 FIX = "give the tracer's JSON-lines output or fix that line"
@@ -22,8 +23,10 @@ _TYPES = {"string": (str,), "integer": (int,), "number": (int, float), "boolean"
           "object": (dict,), "array": (list,)}
 _WORDS = {"string": "a string", "integer": "an integer", "number": "a number",
           "boolean": "true or false", "object": "an object", "array": "an array"}
-_CHOICES = {"proto": protomod.ALL, "family": (4, 6), "hook": tuple(protomod.HOOKS.values())}
+_CHOICES = {"proto": protomod.ALL, "family": (4, 6), "hook": tuple(protomod.HOOKS.values()),
+            "outcome": oc.OUTCOMES, "refusal": oc.REFUSALS[1:], "refused_by": oc.REFUSED_BY[1:]}
 _PORTS = ("client_port", "host_port", "pod_port")
+_BYTES = ("icmp_type", "icmp_code")
 _ADDRS = ("client_ip", "node_ip", "pod_ip", "snat_ip")
 _INT64 = 2 ** 63 - 1
 V1_DEFAULTS = {"hook": "prerouting", "midstream": False, "masqueraded": False}   # not in schema 1 captures
@@ -75,10 +78,10 @@ def _checks(fields: Sequence[Field]) -> list:
             if f.name == "type":
                 continue
             types = _TYPES[f.type] + ((type(None),) if f.nullable else ())
-            if f.name in _CHOICES:
+            if f.name in _CHOICES and f.type != "object":     # a summary's refused_by is a tally
                 test = _CHOICES[f.name].__contains__
             elif f.type in ("integer", "number"):
-                top = 65535 if f.name in _PORTS else _INT64
+                top = 65535 if f.name in _PORTS else 255 if f.name in _BYTES else _INT64
                 test = lambda v, top=top: 0 <= v <= top       # noqa: E731 - False for NaN too
             else:
                 test = _is_addr if f.name in _ADDRS else is_time if f.name == "ts" else None
@@ -90,10 +93,11 @@ def _problem(f: Field, value) -> Optional[str]:
     """What `value` should be instead (the slow path: only for the message)."""
     if value is None or type(value) not in _TYPES[f.type]:    # type(): true is not an integer here
         return _WORDS[f.type] + (" or null" if f.nullable else "")
-    if f.name in _CHOICES:
+    if f.name in _CHOICES and f.type != "object":
         return "one of " + ", ".join(map(str, _CHOICES[f.name]))
     if f.type in ("integer", "number"):
-        return f"{_WORDS[f.type]} " + ("from 0 to 65535" if f.name in _PORTS else "of 0 or more")
+        return f"{_WORDS[f.type]} " + ("from 0 to 65535" if f.name in _PORTS else
+                                       "from 0 to 255" if f.name in _BYTES else "of 0 or more")
     if f.name in _ADDRS:
         return "an IP address" + (" or null" if f.nullable else "")
     return TIME
@@ -132,12 +136,13 @@ def check_summary(rec: dict, where: str) -> dict:
         if not isinstance(m, dict):
             raise UserError(f"{at} is not a JSON object; {FIX}.")
         check_record(MAPPING, m, at, required=("proto", "host_port"))
-        for obj in ("drops", "latency_us"):
+        for obj in ("drops", "latency_us", "refusals", "refused_by", "dropped_flows", "refusal_us"):
+            timing = obj in ("latency_us", "refusal_us")
             for key, v in (m.get(obj) or {}).items():
-                if v is None and obj == "latency_us":
+                if v is None and timing:
                     continue
-                if type(v) not in ((int,) if obj == "drops" else (int, float)) or not _in_range(v, _INT64):
-                    kind = "an integer" if obj == "drops" else "a number or null"
+                if type(v) not in ((int, float) if timing else (int,)) or not _in_range(v, _INT64):
+                    kind = "a number or null" if timing else "an integer"
                     raise UserError(f"{at}: field {obj}.{shown(key)[1:-1]} should be {kind} of 0 or more, "
                                     f"not {shown(v)}; {FIX}.")
     return rec

@@ -18,8 +18,9 @@ import functools
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
 
-SCHEMA_VERSION = 3            # 1: JSON lines without a header (before 0.2); 2: header + recording;
-                              # 3: the recording's strings plain, not dictionary-encoded
+SCHEMA_VERSION = 4            # 1: JSON lines without a header (before 0.2); 2: header + recording;
+                              # 3: the recording's strings plain, not dictionary-encoded;
+                              # 4: flow outcomes (answered, refused, unanswered, pending)
 RECORDING_MAGIC = "bpftrace-hostport-recording"
 
 
@@ -48,9 +49,24 @@ FLOW: Tuple[Field, ...] = (
     _f("pod_ip", "string", "where DNAT sent it (conntrack reply source)"),
     _f("pod_port", "integer", "the containerPort it reached"),
     _f("hook", "string", "prerouting (arrived at the node) or output (a node-local client)"),
-    _f("answered", "boolean", "a reply was seen"),
-    _f("latency_us", "number", "first packet to first reply (null: unanswered, midstream or "
-       "not measured by the backend)", unit="µs", nullable=True),
+    _f("answered", "boolean", "a real answer came back (outcome answered)"),
+    _f("outcome", "string", "answered (a SYN-ACK, UDP/SCTP data from the pod), refused (a reset or "
+       "an ICMP error), unanswered (nothing within --timeout) or pending (tracing ended first); "
+       "null only in captures written before schema 4, where answered says it", nullable=True),
+    _f("refusal", "string", "what refused it: reset, abort (SCTP), or the ICMP error: "
+       "port-unreachable, host-unreachable, net-unreachable, protocol-unreachable, "
+       "admin-prohibited, time-exceeded, parameter-problem, unreachable (null: not refused)",
+       nullable=True),
+    _f("refused_by", "string", "who sent the refusal: pod (from the pod's address), node (made on "
+       "the node: a REJECT rule, a neighbour failure) or network (null: not refused)",
+       nullable=True),
+    _f("icmp_type", "integer", "the ICMP (IPv4) or ICMPv6 error's type (null: no ICMP error)",
+       nullable=True),
+    _f("icmp_code", "integer", "its code (null: no ICMP error)", nullable=True),
+    _f("latency_us", "number", "first packet to first reply, for an answered flow (null: not "
+       "answered, midstream or not measured by the backend)", unit="µs", nullable=True),
+    _f("refusal_us", "number", "first packet to the refusal, for a refused flow (null: not "
+       "refused, midstream or not measured)", unit="µs", nullable=True),
     _f("midstream", "boolean", "first seen mid-connection: it began before the tracer attached"),
     _f("masqueraded", "boolean", "the request was source-NATed on its way to the pod (null: not "
        "known, for an unanswered flow of a single packet)", nullable=True),
@@ -83,6 +99,8 @@ CAPTURE: Tuple[Field, ...] = (
     _f("type", "string", '"capture": the first line of a capture'),
     _f("schema", "integer", f"the schema version ({SCHEMA_VERSION})"),
     _f("tool", "string", "bpftrace-hostport and its version"),
+    _f("session", "string", "the tracer run's id: every file of a rotated recording carries its "
+       "run's (null: written before schema 4)", nullable=True),
     _f("backend", "string", "netfilter (eBPF) or conntrack (events: no latency, packets or misses)"),
     _f("node", "string", "the node's name", nullable=True),
     _f("kernel", "string", "uname -r of the node"),
@@ -118,15 +136,30 @@ MAPPING: Tuple[Field, ...] = (
        "the port, when known)", nullable=True),
     _f("port_name", "string", "the container port's name", nullable=True),
     _f("flows", "integer", "flows (the kernel's per-mapping counter where it has one)", unit="flows"),
-    _f("answered", "integer", "flows that got a reply", unit="flows"),
+    _f("answered", "integer", "flows that got a real answer", unit="flows"),
+    _f("refused", "integer", "flows refused: a reset or an ICMP error came back", unit="flows"),
+    _f("refusals", "object", "refused flows by what refused them (reset, port-unreachable, ...)",
+       unit="flows"),
+    _f("refused_by", "object", "refused flows by who sent the refusal (pod, node, network)",
+       unit="flows"),
+    _f("unanswered", "integer", "flows with nothing back within --timeout", unit="flows"),
+    _f("pending", "integer", "flows still waiting for an answer when tracing ended (younger than "
+       "--timeout)", unit="flows"),
+    _f("in_flight", "integer", "flows the kernel counted that no record carries yet (a running "
+       "trace); at exit these are lost", unit="flows"),
     _f("packets", "integer", "packets, both directions (null: not measured)", unit="packets",
        nullable=True),
     _f("bytes", "integer", "bytes, both directions (null: not measured)", unit="bytes", nullable=True),
     _f("misses", "integer", "connections to this hostPort that were not DNATed (null: not measured)",
        unit="connections", nullable=True),
-    _f("drops", "object", "drops of translated packets by kernel drop reason", unit="packets"),
+    _f("drops", "object", "drops of translated packets by kernel drop reason (null: not "
+       "measured, or not known for what the records cover)", unit="packets", nullable=True),
+    _f("dropped_flows", "object", "flows that had a packet dropped, by the last drop reason",
+       unit="flows"),
     _f("latency_us", "object", "p50, p90, p99, max of first packet to first reply over answered "
        "flows (null values: none measured)", unit="µs"),
+    _f("refusal_us", "object", "p50, p90, p99, max of first packet to the refusal over refused "
+       "flows (null values: none)", unit="µs"),
     _f("flows_per_s", "number", "flows over the tracer's duration", unit="flows/s", nullable=True),
 )
 
@@ -154,6 +187,10 @@ def markdown_table(kind: str) -> str:
 # object in `payload`. Schema 2 recordings stored the strings
 # dictionary-encoded; the reader decodes them into the plain strings of schema 3.
 RECORD_KINDS = ("meta", "pods", "rules", "flow", "miss", "summary", "end")
+#: Columns a recording may lack: added in schema 4 (flow outcomes). Every other column of
+#: RECORDING_COLUMNS is in every recording since schema 2.
+RECORDING_COLUMNS_SINCE_4 = ("outcome", "refusal", "refused_by", "icmp_type", "icmp_code",
+                             "refusal_us")
 
 RECORDING_COLUMNS: Tuple[Tuple[str, str, bool], ...] = (     # name, type, nullable
     ("record", "string", False), ("ts", "timestamp", True),
@@ -161,7 +198,9 @@ RECORDING_COLUMNS: Tuple[Tuple[str, str, bool], ...] = (     # name, type, nulla
     ("client_addr", "addr", True), ("client_port", "uint16", True),
     ("node_addr", "addr", True), ("host_port", "uint16", True),
     ("pod_addr", "addr", True), ("pod_port", "uint16", True),
-    ("answered", "bool", True), ("midstream", "bool", True),
+    ("answered", "bool", True), ("outcome", "uint8", True), ("refusal", "uint8", True),
+    ("refused_by", "uint8", True), ("icmp_type", "uint8", True), ("icmp_code", "uint8", True),
+    ("refusal_us", "float64", True), ("midstream", "bool", True),
     ("masqueraded", "bool", True), ("snat_addr", "addr", True),
     ("latency_us", "float64", True),
     ("packets", "uint64", True), ("bytes", "uint64", True),

@@ -29,7 +29,7 @@ class MappingVal(ctypes.Structure):
 class MappingLat(ctypes.Structure):
     _pack_ = 1
     _fields_ = [("answered", ctypes.c_uint64), ("lat_sum_ns", ctypes.c_uint64),
-                ("lat_hist", ctypes.c_uint64 * 20)]
+                ("lat_hist", ctypes.c_uint64 * 20), ("refused", ctypes.c_uint64 * 11)]
 
 
 class Maps:
@@ -132,7 +132,7 @@ def probe_with(maps, ids, stats):
         mid.update(MappingKey(family=4, proto=6, host_port=8000 + n), ctypes.c_uint32(i))
         counts.update(ctypes.c_uint32(i), MappingVal(n + 1, 10 * n + 2, 100 * n + 3))   # on every CPU
         hist = (ctypes.c_uint64 * 20)(*range(n, n + 20))
-        lats.update(ctypes.c_uint32(i), MappingLat(n, 7 * n, hist))
+        lats.update(ctypes.c_uint32(i), MappingLat(n, 7 * n, hist, (ctypes.c_uint64 * 11)(*range(n, n + 11))))
     for i, v in enumerate(stats):
         st.update(ctypes.c_uint32(i), ctypes.c_uint64(v))
     p = object.__new__(probemod.Probe)
@@ -146,7 +146,8 @@ def read_mappings_key_by_key(p):
     for k, mid in p.maps["mapping_ids"].items():
         per_cpu, lat = p.maps["mappings"].lookup(mid), p.maps["mapping_lat"].lookup(mid)
         c = {f: sum(getattr(v, f) for v in per_cpu) for f in ("flows", "packets", "bytes")}
-        c.update(answered=int(lat.answered), lat_sum_ns=int(lat.lat_sum_ns), lat_hist=list(lat.lat_hist))
+        c.update(answered=int(lat.answered), lat_sum_ns=int(lat.lat_sum_ns), lat_hist=list(lat.lat_hist),
+                 refused=list(lat.refused))
         out.append((bytes(k), c))
     return out
 
@@ -161,8 +162,9 @@ def test_read_mappings_gives_what_a_lookup_per_mapping_gave(maps, ids):
         n = c["answered"]                        # the n-th mapping made above
         assert (c["flows"], c["packets"], c["bytes"]) == (CPUS * (n + 1), CPUS * (10 * n + 2), CPUS * (100 * n + 3))
         assert c["lat_hist"] == list(range(n, n + 20)) and type(c["flows"]) is int
+        assert c["refused"] == list(range(n, n + 11))
 
 
 def test_read_stats_sums_every_cpu(maps):
-    p = probe_with(maps, [], [5, 6, 7, 8, 9, 10, 11, 12])
+    p = probe_with(maps, [], [5, 6, 7, 8, 9, 10, 11, 12, 13])
     assert p.read_stats() == {n: CPUS * (5 + i) for i, n in enumerate(probemod.STAT_NAMES)}

@@ -18,6 +18,7 @@ from typing import Dict, List, Optional, Tuple
 
 from bpftrace_hostport.records.batch import FlowBatch
 from bpftrace_hostport.collect.netfilter import decode as ev
+from bpftrace_hostport.records import outcome as oc
 
 # A flow's first_ns is the kernel's clock read just before the flow goes into `flows`
 # (new_flow in bpf/hostport.bpf.c). How much later than that read the insert may land, with a
@@ -65,9 +66,9 @@ class NetfilterBackend:
     def watch_more(self, ports) -> None:
         self.probe.set_watch_ports(ports)
 
-    def _decode(self, raws: List[bytes]) -> FlowBatch:
+    def _decode(self, raws: List[bytes], pending_after_ns: Optional[int] = None) -> FlowBatch:
         """Chunks of flow_event records (each one or many records back to back) -> a batch."""
-        batch = self.decoder.decode(raws)
+        batch = self.decoder.decode(raws, pending_after_ns)
         self.reported += len(batch)
         return batch
 
@@ -119,7 +120,9 @@ class NetfilterBackend:
         raws = self.drain.take() + [self.probe.consume()]
         raws += self.probe.take_pending(None)
         self.finished = True
-        return self._decode(raws)
+        # Flows with nothing back that are younger than --timeout were cut short by the end of
+        # tracing: pending, not unanswered.
+        return self._decode(raws, ev.Clock.now_mono_ns() - int(self.opts.timeout * 1e9))
 
     def counters(self) -> dict:
         """The kernel's counters: per mapping, drops, and flows lost before they were reported."""
@@ -129,7 +132,8 @@ class NetfilterBackend:
             d = ev.decode_mapping(k)
             d.update(flows=c["flows"], packets=c["packets"], bytes=c["bytes"],
                      answered=c["answered"], latency_sum_s=c["lat_sum_ns"] / 1e9,
-                     latency_hist=c["lat_hist"])
+                     latency_hist=c["lat_hist"],
+                     refusals={oc.REFUSALS[i]: n for i, n in enumerate(c["refused"]) if i and n})
             mappings.append(d)
         drops = []
         for mk, reason, count in self.probe.read_drops():
@@ -141,7 +145,9 @@ class NetfilterBackend:
         # tracing, flows still in flight are neither: only losses already certain are counted.
         errors = stats["flow_insert_errors"] + stats["counter_full"]
         if self.finished:
-            lost = max(0, stats["flows_created"] - self.reported) + errors
+            # Counters only: the flows the kernel decided itself (answered, refused) are not
+            # reported, by design; the rest of the flows it created are.
+            lost = max(0, stats["flows_created"] - self.reported - stats["kernel_claimed"]) + errors
         else:
             lost = stats["reuse_lost"] + errors
         # answered/latency_*: flows the kernel claimed at their first reply. With records they

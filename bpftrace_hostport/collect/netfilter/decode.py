@@ -12,16 +12,19 @@ import ipaddress
 import socket
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 from bpftrace_hostport import proto as protomod
+from bpftrace_hostport.records import outcome as oc
 from bpftrace_hostport.records.batch import ADDR, FlowBatch, ns_to_iso
 
 FLOW_ANSWERED = 1
 FLOW_MASQUERADED = 2
 FLOW_MIDSTREAM = 4
+# flow_val.outcome (events.h OUTCOME_*)
+OUTCOME_NONE, OUTCOME_ANSWERED, OUTCOME_REFUSED = 0, 1, 2
 
 class Clock:
     """Converts bpf_ktime_get_ns() (CLOCK_MONOTONIC) to wall-clock time."""
@@ -126,18 +129,31 @@ class FlowDecoder:
         self.clock = clock
         self.drop_names = drop_names
 
-    def decode(self, raws: List[bytes]) -> FlowBatch:
-        """Chunks of records back to back (as drained, or one per claimed flow) -> a batch."""
+    def decode(self, raws: List[bytes], pending_after_ns: Optional[int] = None) -> FlowBatch:
+        """Chunks of records back to back (as drained, or one per claimed flow) -> a batch.
+
+        A flow with nothing back is unanswered (it was claimed after --timeout), or pending when
+        it began after `pending_after_ns` (CLOCK_MONOTONIC ns: the flows tracing ended before
+        their timeout, claimed at the end)."""
         data = b"".join(raws)
         if not data:
             return FlowBatch.empty()
         a = np.frombuffer(data, dtype=self.dtype)
         flags, first, reply = a["v.flags"], a["v.first_ns"], a["v.reply_ns"]
-        answered = (flags & FLOW_ANSWERED != 0) & (reply > 0)
+        kernel_outcome = a["v.outcome"]
+        answered = (kernel_outcome == OUTCOME_ANSWERED) & (reply > 0)
+        refused = (kernel_outcome == OUTCOME_REFUSED) & (reply > 0)
         midstream = flags & FLOW_MIDSTREAM != 0
-        timed = answered & ~midstream
+        outcome = np.where(answered, oc.ANSWERED, np.where(refused, oc.REFUSED, oc.UNANSWERED))
+        if pending_after_ns is not None:
+            outcome[(outcome == oc.UNANSWERED) & (first > pending_after_ns)] = oc.PENDING
         lat = np.full(len(a), np.nan)
+        timed = answered & ~midstream
         lat[timed] = np.round((reply[timed] - first[timed]) / 1000.0, 1)
+        rlat = np.full(len(a), np.nan)
+        timed = refused & ~midstream
+        rlat[timed] = np.round((reply[timed] - first[timed]) / 1000.0, 1)
+        refusal = np.where(refused, a["v.refusal"], 0).astype(np.uint8)
         cols = {
             "ts_ns": first.astype(np.int64) + self.clock.offset_ns,
             "proto": a["proto"].copy(), "family": a["family"].copy(), "hook": a["v.hook"].copy(),
@@ -146,10 +162,14 @@ class FlowDecoder:
             "pod_addr": a["v.pod_addr"].astype(ADDR), "pod_port": _host_order(a["v.pod_port"]),
             "snat_addr": a["v.snat_addr"].astype(ADDR),
             "answered": answered, "midstream": midstream,
+            "outcome": outcome.astype(np.uint8), "refusal": refusal,
+            "refused_by": np.where(refused, a["v.refused_by"], 0).astype(np.uint8),
+            "icmp_type": a["v.icmp_type"].copy(), "icmp_code": a["v.icmp_code"].copy(),
+            "refusal_us": rlat,
             "masqueraded": flags & FLOW_MASQUERADED != 0,
             # Masquerade is read after source NAT, i.e. from a reply or a second packet: an
             # unanswered flow of one packet cannot say (collect/netfilter: no POST_ROUTING hook).
-            "masq_known": answered | midstream | (flags & FLOW_MASQUERADED != 0) | (a["v.packets_orig"] > 1),
+            "masq_known": answered | refused | midstream | (flags & FLOW_MASQUERADED != 0) | (a["v.packets_orig"] > 1),
             "latency_us": lat,
             "packets": (a["v.packets_orig"] + a["v.packets_reply"]).astype(np.int64),
             "bytes": (a["v.bytes_orig"] + a["v.bytes_reply"]).astype(np.int64),

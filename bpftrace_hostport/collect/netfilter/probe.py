@@ -51,6 +51,8 @@ OFFSETS = {
     "NF_CTX_SKB": ("bpf_nf_ctx", "skb"),
     "SKB_NFCT": ("sk_buff", "_nfct"),
     "SKB_LEN": ("sk_buff", "len"),
+    "SKB_HEAD": ("sk_buff", "head"),
+    "SKB_NETWORK_HEADER": ("sk_buff", "network_header"),
     "CT_STATUS": ("nf_conn", "status"),
     "CT_TUPLE_ORIG": ("nf_conn", "tuplehash[0].tuple"),
     "CT_TUPLE_REPLY": ("nf_conn", "tuplehash[1].tuple"),
@@ -64,7 +66,8 @@ OFFSETS = {
 }
 
 STAT_NAMES = ("ringbuf_deferred", "flows_created", "flow_insert_errors",
-              "reply_without_flow", "drops_seen", "counter_full", "reuse_lost", "flow_retries")
+              "reply_without_flow", "drops_seen", "counter_full", "reuse_lost", "flow_retries",
+              "kernel_claimed")
 
 
 def bpf_source_dir() -> Path:
@@ -463,8 +466,9 @@ class Probe:
 
     def read_mappings(self) -> List[Tuple[object, dict]]:
         """(mapping_key, counters) per mapping: each mapping's id, then its slot of the per-CPU
-        counters (flows, packets, bytes: summed over CPUs) and of the latency array (answered,
-        lat_sum_ns, lat_hist: a list of LAT_BUCKETS counts).
+        counters (flows, packets, bytes: summed over CPUs) and of the outcome array (answered,
+        lat_sum_ns, lat_hist: a list of LAT_BUCKETS counts, refused: a list of REFUSALS counts
+        by events.h's REFUSAL_* index).
 
         Read once a second with metrics: the ids in one batch, then each array over the ids'
         range in one call (ids are handed out from 0 upwards), not two lookups per mapping."""
@@ -475,7 +479,8 @@ class Probe:
         out = []
         for (k, _), per_cpu, lat in zip(ids, counts.values_at(slots), lats.values_at(slots)):
             c = {f: sum(getattr(v, f) for v in per_cpu) for f in ("flows", "packets", "bytes")}
-            c.update(answered=int(lat.answered), lat_sum_ns=int(lat.lat_sum_ns), lat_hist=list(lat.lat_hist))
+            c.update(answered=int(lat.answered), lat_sum_ns=int(lat.lat_sum_ns), lat_hist=list(lat.lat_hist),
+                     refused=list(lat.refused))
             out.append((k, c))
         return out
 

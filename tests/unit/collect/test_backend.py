@@ -38,7 +38,7 @@ def backend(probe, monkeypatch, clock, timeout=5.0):
     b = object.__new__(bk.NetfilterBackend)
     b.probe, b.opts, b.reported = probe, SimpleNamespace(timeout=timeout), 0
     b.quiet_until_ns, b.claiming = 0, False
-    b.decoder = SimpleNamespace(decode=lambda raws: FlowBatch.empty(len(raws)))
+    b.decoder = SimpleNamespace(decode=lambda raws, pending_after_ns=None: FlowBatch.empty(len(raws)))
     monkeypatch.setattr(ev.Clock, "now_mono_ns", staticmethod(lambda: clock[0]))
     return b
 

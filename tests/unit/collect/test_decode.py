@@ -24,10 +24,15 @@ def key(client="10.0.0.10", cport=41234, node="10.0.0.1", hport=8000, fam=4, pro
                            host_port=socket.htons(hport), client_addr=a16(client), node_addr=a16(node))
 
 
-def val(pod="10.0.1.2", pport=80, first=1_000_000, reply=1_250_000, flags=1, snat="0.0.0.0", reason=0):
+def val(pod="10.0.1.2", pport=80, first=1_000_000, reply=1_250_000, flags=1, snat="0.0.0.0", reason=0,
+        outcome=None, refusal=0, refused_by=0, icmp=(0, 0)):
+    if outcome is None:                      # events.h OUTCOME_*: an answered flow unless told
+        outcome = ev.OUTCOME_ANSWERED if flags & ev.FLOW_ANSWERED else ev.OUTCOME_NONE
     return SimpleNamespace(ct=1, first_ns=first, reply_ns=reply, last_ns=reply, packets_orig=1, bytes_orig=60,
                            packets_reply=1, bytes_reply=60, drops=0, pod_addr=a16(pod), snat_addr=a16(snat),
-                           pod_port=socket.htons(pport), snat_port=0, drop_reason=reason, hook=0, flags=flags)
+                           pod_port=socket.htons(pport), snat_port=0, drop_reason=reason, hook=0, flags=flags,
+                           outcome=outcome, refusal=refusal, mapping_id=0, refused_by=refused_by,
+                           icmp_type=icmp[0], icmp_code=icmp[1])
 
 
 class Key(C.Structure):      # flow_key as bcc builds it from bpf/events.h
@@ -41,7 +46,9 @@ class Val(C.Structure):      # flow_val
                                              "bytes_orig", "packets_reply", "bytes_reply", "drops")] + [
                ("pod_addr", C.c_ubyte * 16), ("snat_addr", C.c_ubyte * 16), ("pod_port", C.c_ushort),
                ("snat_port", C.c_ushort), ("drop_reason", C.c_uint), ("hook", C.c_ubyte),
-               ("flags", C.c_ubyte), ("_pad", C.c_ubyte * 6)]
+               ("flags", C.c_ubyte), ("outcome", C.c_ubyte), ("refusal", C.c_ubyte),
+               ("mapping_id", C.c_uint), ("refused_by", C.c_ubyte), ("icmp_type", C.c_ubyte),
+               ("icmp_code", C.c_ubyte), ("_pad", C.c_ubyte * 5)]
 
 
 def fill(ctype, ns):
@@ -105,6 +112,31 @@ def test_midstream_flow_has_no_latency():
     assert r["answered"] is True and r["midstream"] is True and r["latency_us"] is None
 
 
+def test_a_reset_is_a_refusal_not_an_answer():
+    r = record(key(), val(flags=0, outcome=ev.OUTCOME_REFUSED, refusal=1, refused_by=1, reply=1_040_000))
+    assert r["answered"] is False and r["outcome"] == "refused" and r["latency_us"] is None
+    assert (r["refusal"], r["refused_by"], r["icmp_type"], r["icmp_code"]) == ("reset", "pod", None, None)
+    assert r["refusal_us"] == 40.0 and r["masqueraded"] is False      # known from the reply
+
+
+def test_an_icmp_error_keeps_its_type_and_code():
+    r = record(key("fd00::a", 5, "fd00::1", 5353, fam=6, proto=17),
+               val("fd00:1::2", 53, flags=0, outcome=ev.OUTCOME_REFUSED, refusal=4, refused_by=2,
+                   icmp=(1, 3)))
+    assert (r["outcome"], r["refusal"], r["refused_by"]) == ("refused", "host-unreachable", "node")
+    assert (r["icmp_type"], r["icmp_code"]) == (1, 3) and r["refusal_us"] == 250.0
+
+
+def test_nothing_back_is_unanswered_or_pending_at_the_end():
+    dec = ev.FlowDecoder(Key, Val, C.sizeof(Key), FixedClock(), {})
+    old, young = (bytes(fill(Key, key(cport=p))) + bytes(fill(Val, val(first=f, reply=0, flags=0)))
+                  for p, f in ((1, 1_000), (2, 9_000)))
+    assert [r["outcome"] for r in dec.decode([old, young]).to_records()] == ["unanswered"] * 2
+    # at the end of tracing, a flow younger than --timeout was cut short, not unanswered
+    assert [r["outcome"] for r in dec.decode([old, young], pending_after_ns=5_000).to_records()] == [
+        "unanswered", "pending"]
+
+
 def test_unknown_drop_reason_keeps_its_number():
     assert record(key(), val(reason=999))["drop_reason"] == "REASON_999"
 
@@ -128,7 +160,8 @@ def test_flows_in_flight_are_not_lost_until_the_end():
         drop_names = {}
 
         def read_stats(self):
-            return {"flows_created": 10, "flow_insert_errors": 2, "counter_full": 1, "reuse_lost": 1}
+            return {"flows_created": 10, "flow_insert_errors": 2, "counter_full": 1, "reuse_lost": 1,
+                    "kernel_claimed": 0}
 
         def read_mappings(self):
             return []
@@ -159,6 +192,19 @@ def test_python_constants_match_events_h():
     assert len(probe.STAT_NAMES) == defs["STAT_MAX"] == len(stats)
     names = {"STAT_FLOW_INSERT_ERR": "flow_insert_errors", "STAT_REPLY_NO_FLOW": "reply_without_flow"}
     assert list(probe.STAT_NAMES) == [names.get(k, k[5:].lower()) for _, k in stats]
+    assert (ev.OUTCOME_NONE, ev.OUTCOME_ANSWERED, ev.OUTCOME_REFUSED) == (
+        defs["OUTCOME_NONE"], defs["OUTCOME_ANSWERED"], defs["OUTCOME_REFUSED"])
+    from bpftrace_hostport.records import outcome as oc
+    refusals = sorted((v, k) for k, v in defs.items() if k.startswith("REFUSAL_"))
+    assert len(oc.REFUSALS) == defs["REFUSALS"] == len(refusals)
+    assert [v for v, _ in refusals] == list(range(len(oc.REFUSALS)))
+    words = {"NONE": None, "PORT_UNREACH": "port-unreachable", "HOST_UNREACH": "host-unreachable",
+             "NET_UNREACH": "net-unreachable", "PROTO_UNREACH": "protocol-unreachable",
+             "ADMIN": "admin-prohibited", "PARAM_PROBLEM": "parameter-problem",
+             "UNREACH": "unreachable"}
+    assert list(oc.REFUSALS) == [words.get(k[8:], k[8:].lower().replace("_", "-")) for _, k in refusals]
+    by = sorted((v, k[3:].lower()) for k, v in defs.items() if k.startswith("BY_"))
+    assert [None] + [name for _, name in by] == list(oc.REFUSED_BY)
 
 
 def test_kernel_latency_buckets_match_the_metrics_buckets():

@@ -1,0 +1,139 @@
+"""Flow outcomes on a real lab: every flow's outcome, as the tracer's records, summary and the
+capture's review say it, is what the client itself saw.
+
+One lab with a pod serving TCP 8000 -> 80 and UDP 5353 -> 53, dual-stack. The pod's server is
+stopped (nothing listens: TCP resets, UDP port unreachable), then its address is taken away
+(the node's neighbour lookup fails: ICMP host unreachable from the node), then a firewall in
+the pod drops silently (nothing back: unanswered). Clients send from known ports (lab
+traffic's per-flow mode) from a client namespace (prerouting) and from the node (output).
+"""
+import os
+import signal
+import subprocess
+
+import pytest
+
+from bpftrace_hostport.lab import build as lab
+from tests.conftest import require_kernel
+from tests.kernel.helpers import cli, tracing, unique
+
+MANIFEST = """
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop}
+spec:
+  containers:
+  - name: web
+    image: web
+    ports:
+    - {name: http, containerPort: 80, hostPort: 8000, protocol: TCP}
+    - {name: dns, containerPort: 53, hostPort: 5353, protocol: UDP}
+"""
+
+# what the tool says -> what the client saw
+SEEN = {("answered", None): "answered", ("refused", "reset"): "refused",
+        ("refused", "port-unreachable"): "refused", ("refused", "host-unreachable"): "unreachable",
+        ("unanswered", None): "timeout"}
+
+
+@pytest.fixture(scope="module")
+def olab():
+    require_kernel()
+    name = unique("oc")
+    lab.down(name)
+    st = lab.up(name=name, manifest_text=MANIFEST)
+    try:
+        yield st
+    finally:
+        lab.down(name)
+
+
+def pod(st):
+    return next(p for p in st.pods if p.name == "web")
+
+
+def send(st, port_base, proto, to, family=4, source="client", count=4, timeout=2.0):
+    res = lab.traffic(st.name, to=to, proto=proto, count=count, family=family, source=source,
+                      timeout=timeout, port_base=port_base)
+    return dict(res["flows"])
+
+
+def check(flows, sent, proto, family, hook):
+    """Each flow the client sent has one record, whose outcome is what the client saw."""
+    mine = {f["client_port"]: f for f in flows
+            if f["proto"] == proto and f["family"] == family and f["client_port"] in sent}
+    assert set(mine) == set(sent), (sorted(mine), sorted(sent))
+    for port, saw in sent.items():
+        f = mine[port]
+        assert f["hook"] == hook
+        assert SEEN[(f["outcome"], f["refusal"])] == saw, (f, saw)
+        assert f["answered"] is (saw == "answered")
+        if f["outcome"] == "refused":
+            assert f["latency_us"] is None and f["refusal_us"] is not None
+            assert f["refused_by"] in ("pod", "node")
+            if f["refusal"] == "port-unreachable":
+                assert (f["icmp_type"], f["icmp_code"]) == ((3, 3) if family == 4 else (1, 4))
+        elif f["outcome"] == "answered":
+            assert f["latency_us"] is not None
+
+
+def test_every_outcome_is_what_the_client_saw(olab, tmp_path):
+    st = olab
+    rec = tmp_path / "rec.arrow"
+    web = pod(st)
+    sent = {}                      # (proto, family, hook) -> {client port: what it saw}
+
+    def go(base, proto, family=4, source="client", **kw):
+        to = 8000 if proto == "tcp" else 5353
+        hook = "prerouting" if source == "client" else "output"
+        got = send(st, base, proto, to, family, source, **kw)
+        sent.setdefault((proto, family, hook), {}).update(got)
+        return got
+
+    # --timeout 5 (the default): a neighbour failure takes 3 s before the node says so
+    with tracing("--lab", st.name, "--timeout", "5", "--record", str(rec)) as t:
+        # healthy: answered
+        assert set(go(20000, "tcp").values()) == {"answered"}
+        assert set(go(20100, "udp").values()) == {"answered"}
+        # the server stops: resets and port unreachable, from the pod
+        os.kill(web.server_pid, signal.SIGKILL)
+        for fam, base in ((4, 21000), (6, 21100)):
+            assert set(go(base, "tcp", fam).values()) == {"refused"}
+            got = go(base + 50, "udp", fam, count=2)         # ICMP errors are rate limited
+            assert set(got.values()) <= {"refused", "timeout"} and "refused" in got.values()
+        assert set(go(22000, "tcp", source="node").values()) == {"refused"}
+        assert set(go(22100, "udp", source="node", count=1).values()) == {"refused"}
+        assert set(go(22200, "tcp", 6, source="node", count=2).values()) == {"refused"}
+        # a firewall in the pod drops silently: nothing back
+        subprocess.run(["ip", "netns", "exec", web.netns, "iptables", "-I", "INPUT", "-p", "tcp",
+                        "--dport", "80", "-j", "DROP"], check=True)
+        assert set(go(23000, "tcp", count=2, timeout=1.0).values()) == {"timeout"}
+        subprocess.run(["ip", "netns", "exec", web.netns, "iptables", "-D", "INPUT", "-p", "tcp",
+                        "--dport", "80", "-j", "DROP"], check=True)
+        # the pod's address goes: the node's neighbour lookup fails, it says host unreachable
+        subprocess.run(["ip", "netns", "exec", web.netns, "ip", "addr", "flush", "dev", "eth0"], check=True)
+        for ip in web.ips:               # the node forgets the pod's MAC: its next lookup fails
+            subprocess.run(["ip", "netns", "exec", st.node_netns, "ip", "neigh", "flush", "to", ip],
+                           check=True)
+        assert set(go(24000, "tcp", count=2, timeout=6.0).values()) == {"unreachable"}
+        assert set(go(24100, "udp", count=1, timeout=6.0).values()) == {"unreachable"}
+        import time
+        time.sleep(5.5)            # the unanswered flows are claimed after --timeout
+    for (proto, family, hook), ports in sent.items():
+        check(t.flows, ports, proto, family, hook)
+    by = {f["client_port"]: f["refused_by"] for f in t.flows if f["outcome"] == "refused"}
+    assert by[21000] == "pod" and by[24000] == "node"
+    # the summary, and the review of the recording, count the same outcomes
+    s = t.summary
+    tcp4 = next(m for m in s["mappings"] if m["proto"] == "tcp" and m["family"] == 4)
+    want = {"answered": 0, "refused": 0, "unanswered": 0}
+    for f in t.flows:
+        if f["proto"] == "tcp" and f["family"] == 4:
+            want[f["outcome"]] += 1
+    assert {k: tcp4[k] for k in want} == want
+    assert tcp4["refusals"] == {"host-unreachable": 2, "reset": 8}
+    out = cli("summary", str(rec), "--json")
+    recorded = __import__("json").loads(out.stdout)
+    again = next(m for m in recorded["mappings"] if m["proto"] == "tcp" and m["family"] == 4)
+    assert {k: again[k] for k in want} == want and again["refusals"] == tcp4["refusals"]
+    assert s["lost_events"] == 0
