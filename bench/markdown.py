@@ -56,7 +56,7 @@ def code_state(m: dict, versions: List[dict]) -> str:
     if len(versions) == 1:
         v = versions[0]
         return text + (f"Every tracer start ({v['trials']}) ran the same eBPF source (`{v['bpf']}`) and the same "
-                       f"hot-path Python (`{v.get('hot_path')}`: collect/, ebpf/, records/, analysis/aggregate.py)"
+                       f"hot-path Python (`{v.get('hot_path')}`: collect/, ebpf/, records/, analysis/rollup.py, dist.py, summary.py)"
                        + (f"; {v['python']} versions of the rest of the package came and went (other work in the "
                           "tree)." if v["python"] > 1 else "."))
     return text + ("**The code under test changed during the run** (other work in the tree); tracer starts per "

@@ -15,9 +15,10 @@ from bench.procs import run
 
 WATCHED_TREES = ("bpf", "bpftrace_hostport")
 # What a tracing session runs per flow: the session loop, decode, sinks, the recording writer,
-# the aggregate. Edits elsewhere in the package (lab, node, cli, report) do not change a trial.
+# the roll-up. Edits elsewhere in the package (lab, node, cli, report) do not change a trial.
 HOT_PATH = ("bpftrace_hostport/collect", "bpftrace_hostport/ebpf", "bpftrace_hostport/records",
-            "bpftrace_hostport/analysis/aggregate.py")
+            "bpftrace_hostport/analysis/rollup.py", "bpftrace_hostport/analysis/dist.py",
+            "bpftrace_hostport/analysis/summary.py")
 
 
 def digest(*trees: str) -> str:

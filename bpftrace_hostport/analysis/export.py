@@ -1,88 +1,187 @@
-"""`export`: a Capture to Parquet, CSV, JSON lines, pcapng or a recording.
+"""`export`: captures to Parquet (a file, or a hive-partitioned dataset), CSV, JSON lines,
+pcapng or a recording, streamed batch by batch: memory does not grow with the number of flows.
 
-Parquet and CSV get one row per flow with every field of the schema (plus `node` and
-`source`); JSON lines and recordings get the documented records; pcapng gets synthesised
-packets (analysis/pcapng.py).
+Parquet and CSV get one row per flow with every field of the flow record plus `node` and
+`source`, in one stable schema (records/parquet.py). JSON lines and recordings get the
+documented records, with a summary the one roll-up computes for what was exported (the same as
+`summary` and `report` say). pcapng gets synthesised packets (analysis/pcapng.py). Every file
+is created 0600: it holds client addresses.
 """
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional, Sequence
 
 import orjson
 
+from bpftrace_hostport.analysis.review import Filters, read
+from bpftrace_hostport.analysis.summary import summary_record
 from bpftrace_hostport.errors import UserError
-from bpftrace_hostport.records.reader import flow_records, miss_records
-from bpftrace_hostport.records.schema import SCHEMA_VERSION, field_names
+from bpftrace_hostport.files import private_file
+from bpftrace_hostport.records.batch import AddrNames, FlowBatch
+from bpftrace_hostport.records.schema import SCHEMA_VERSION
 
-CHUNK = 50_000             # flows per recording batch when converting
-
-
-def _columns(df) -> List[str]:
-    fields = [f for f in field_names("flow") if f != "type"]
-    return fields + [c for c in ("node", "source") if c in df.columns]
+FORMATS = ("parquet", "csv", "jsonl", "pcapng", "recording")
 
 
-def _header(cap) -> dict:
-    if cap.headers:
-        h = {k: v for k, v in cap.headers[0].items() if k != "source"}
-        h["schema"] = SCHEMA_VERSION
-        return h
-    return {"type": "capture", "schema": SCHEMA_VERSION, "backend": "netfilter"}
+def export_captures(files: Sequence, to: str, out: str, *, partition: bool = False,
+                    filters: Optional[Filters] = None, anonymize_key: Optional[bytes] = None) -> int:
+    """Writes the flows of `files` (CaptureFiles) to `out`; returns how many flows it wrote."""
+    if partition and to != "parquet":
+        raise UserError("--partition makes a Parquet dataset: use it with --to parquet.")
+    anon = None
+    if anonymize_key is not None:
+        from bpftrace_hostport.records.anonymize import Anonymizer
+        anon = Anonymizer(anonymize_key)
+    state = {"n": 0, "header": None, "origins": set()}
+    addr = AddrNames()
 
+    def clean(b: FlowBatch) -> FlowBatch:
+        if anon is None:
+            return b
+        return FlowBatch(dict(b.cols, client_addr=anon.map_column(b["client_addr"], b["family"])),
+                         b.pods, b.drop_reasons)
 
-def _write(out: str, mode: str):
-    try:
-        return open(out, mode)
-    except OSError as e:
-        raise UserError(f"Cannot write {out}: {e.strerror}; choose another path with -o.") from None
-
-
-def export_capture(cap, to: str, out: str) -> int:
-    df = cap.flows
     if to in ("parquet", "csv"):
-        table = df[_columns(df)]
-        if to == "csv":
-            table = table.assign(ts=table["ts"].dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
-            with _write(out, "w") as f:
-                table.to_csv(f, index=False)
-        else:
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-            pq.write_table(pa.Table.from_pandas(table, preserve_index=False), out)
-        return len(df)
+        from bpftrace_hostport.records.parquet import ParquetOut, flow_table
+        writer = ParquetOut(out, partition) if to == "parquet" else _CsvOut(out)
+
+        def on_flows(b, origin, header):
+            state["n"] += len(b)
+            writer.write(flow_table(clean(b), header.get("node"), header.get("source") or origin[1], addr))
+        try:
+            read(files, filters, series=False, clients=False, on_flows=on_flows)
+        finally:
+            writer.close()
+        return state["n"]
+
     if to == "pcapng":
         from bpftrace_hostport.analysis.pcapng import write_pcapng
-        with _write(out, "wb") as f:
-            write_pcapng(flow_records(df), f)
-        return len(df)
-    if to == "jsonl":
-        with _write(out, "wb") as f:
-            f.write(orjson.dumps(_header(cap)) + b"\n")
-            for rec in flow_records(df):
-                f.write(orjson.dumps(rec) + b"\n")
-            for rec in miss_records(cap.misses):
-                f.write(orjson.dumps(rec) + b"\n")
-            for s in cap.summaries:
-                f.write(orjson.dumps({k: v for k, v in s.items() if k not in ("node", "source")}) + b"\n")
-        return len(df)
-    return _to_recording(cap, out)
+
+        def records():
+            buf: List[dict] = []
+
+            def on_flows(b, origin, header):
+                buf.extend(clean(b).to_records(addr))
+            read(files, filters, series=False, clients=False, on_flows=on_flows)
+            yield from buf
+        with private_file(out) as f:
+            # pcapng wants frames in time order: the flows are few enough per incident to sort.
+            flows = sorted(records(), key=lambda r: r["ts"])
+            write_pcapng(flows, f)
+        return len(flows)
+
+    # jsonl, recording: one capture, so one run (a rotated run's files are one)
+    sink = _JsonlOut(out) if to == "jsonl" else _RecordingOut(out)
+    pending: List[FlowBatch] = []
+
+    def on_flows(b, origin, header):
+        state["origins"].add(origin)
+        if len(state["origins"]) > 1:
+            raise UserError(f"A {to} capture holds one tracer run, and these files hold several "
+                            "(other nodes or runs): export each run on its own, or use --to parquet.")
+        if state["header"] is None:
+            state["header"] = header
+            sink.start(header, anon)
+        state["n"] += len(b)
+        sink.flows(clean(b))
+
+    def on_misses(recs, origin, header):
+        if state["header"] is None:
+            state["header"] = header
+            sink.start(header, anon)
+        recs = [{k: v for k, v in r.items() if k != "ts_ns"} for r in recs]
+        if anon is not None:
+            recs = [dict(r, client_ip=anon.map_text(r["client_ip"])) for r in recs]
+        sink.misses(recs)
+
+    try:
+        review = read(files, filters, series=False, clients=False, on_flows=on_flows,
+                      on_misses=on_misses)
+        if state["header"] is None:                     # no flow at all: the first header still
+            h = review.headers[0] if review.headers else {"type": "capture"}
+            sink.start({k: v for k, v in h.items() if k != "source"}, anon)
+        fig = review.rollup.figures(rows_filtered=review.filters.rows())
+        lost = next(iter(fig.nodes.values()))["lost_events"] if fig.nodes else 0
+        dur = next(iter(fig.nodes.values()))["duration_s"] if fig.nodes else 0.0
+        sink.summary(summary_record(fig, dur, lost))
+    finally:
+        sink.close()
+    return state["n"]
 
 
-def _to_recording(cap, out: str) -> int:
-    from bpftrace_hostport.records.batch import FlowBatch
-    from bpftrace_hostport.records.recording import RecordingWriter
-    w = RecordingWriter(out, _header(cap))
-    chunk: List[dict] = []
-    for rec in flow_records(cap.flows):
-        chunk.append(rec)
-        if len(chunk) >= CHUNK:
-            w.write_flows(FlowBatch.from_records(chunk))
-            chunk = []
-    w.write_flows(FlowBatch.from_records(chunk))
-    w.write_misses(list(miss_records(cap.misses)))
-    for snap in cap.snapshots:
-        w.write_snapshot(snap["kind"], snap.get("items", []))
-    for s in cap.summaries:
-        w.write_summary({k: v for k, v in s.items() if k not in ("node", "source")})
-    w.close()
-    return len(cap.flows)
+class _CsvOut:
+    """The Parquet rows as CSV: times ISO 8601 (µs), booleans true/false, unknown empty."""
+
+    def __init__(self, path: str):
+        self.f = private_file(path)
+        self.w = None
+
+    def write(self, rb) -> None:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.csv as pcsv
+        ts = pc.strftime(rb.column("ts").cast(pa.timestamp("us", tz="UTC")), format="%Y-%m-%dT%H:%M:%SZ")
+        rb = rb.set_column(rb.schema.get_field_index("ts"), "ts", ts)
+        if self.w is None:
+            self.w = pcsv.CSVWriter(self.f, rb.schema)
+        self.w.write_batch(rb)
+
+    def close(self) -> None:
+        if self.w is None:
+            import pyarrow.csv as pcsv
+            from bpftrace_hostport.records.parquet import EXPORT_SCHEMA
+            self.w = pcsv.CSVWriter(self.f, EXPORT_SCHEMA)
+        self.w.close()
+        self.f.close()
+
+
+class _JsonlOut:
+    def __init__(self, path: str):
+        self.f = private_file(path)
+        self.addr = AddrNames()
+
+    def start(self, header: dict, anon) -> None:
+        h = {k: v for k, v in header.items() if k not in ("source", "file_index")}
+        h["schema"] = SCHEMA_VERSION
+        if anon is not None:
+            h["anonymized"] = True
+        self.f.write(orjson.dumps(h) + b"\n")
+
+    def flows(self, b: FlowBatch) -> None:
+        self.f.write(b"".join(orjson.dumps(r) + b"\n" for r in b.to_records(self.addr)))
+
+    def misses(self, recs: List[dict]) -> None:
+        self.f.write(b"".join(orjson.dumps(r) + b"\n" for r in recs))
+
+    def summary(self, s: dict) -> None:
+        self.f.write(orjson.dumps(s) + b"\n")
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class _RecordingOut:
+    def __init__(self, path: str):
+        self.path = path
+        self.w = None
+
+    def start(self, header: dict, anon) -> None:
+        from bpftrace_hostport.records.recording import RecordingWriter
+        h = {k: v for k, v in header.items() if k not in ("source", "file_index")}
+        h["schema"] = SCHEMA_VERSION
+        if anon is not None:
+            h["anonymized"] = True
+        self.w = RecordingWriter(self.path, h)
+
+    def flows(self, b: FlowBatch) -> None:
+        self.w.write_flows(b)
+
+    def misses(self, recs: List[dict]) -> None:
+        self.w.write_misses(recs)
+
+    def summary(self, s: dict) -> None:
+        self.w.write_summary(s)
+
+    def close(self) -> None:
+        if self.w is not None:
+            self.w.close()

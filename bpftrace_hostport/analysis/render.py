@@ -266,9 +266,9 @@ def _fmt_num(value: float) -> str:
 
 
 def human_bytes(n: Optional[int]) -> str:
-    """1234 -> "1.2 KiB"; below 1 KiB the exact count: "512 B"."""
+    """1234 -> "1.2 KiB"; below 1 KiB the exact count: "512 B"; None (not known) -> "n/a"."""
     if n is None:
-        return "-"
+        return "n/a"
     n = int(n)
     if abs(n) < 1024:
         return f"{n} B"
@@ -336,11 +336,12 @@ def mapping_key(m: dict) -> Tuple:
 
 
 #: The summary table's columns, in order; units in the headers.
-COLUMNS = ("MAPPING", "POD", "FLOWS", "ANSWERED", "P50 ms", "P90 ms", "P99 ms", "MAX ms", "MISSES",
-           "DROPS", "PACKETS", "BYTES", "AVG flows/s")
+COLUMNS = ("MAPPING", "POD", "FLOWS", "ANSWERED", "REFUSED", "NO ANSWER", "P50 ms", "P90 ms",
+           "P99 ms", "MAX ms", "MISSES", "DROPS", "PACKETS", "BYTES", "AVG flows/s")
 #: The live view's columns (a frame must fit 80 columns): NOW is the rate of the last seconds.
-LIVE_COLUMNS = ("MAPPING", "POD", "FLOWS", "NOW flows/s", "AVG flows/s", "P50 ms", "MISSES", "DROPS n")
-_LIVE_NARROW = ("MAPPING", "POD", "FLOWS", "NOW flows/s", "MISSES", "DROPS n")
+LIVE_COLUMNS = ("MAPPING", "POD", "FLOWS", "ANSWERED", "REFUSED", "NOW flows/s", "P50 ms", "MISSES",
+                "DROPS n")
+_LIVE_NARROW = ("MAPPING", "POD", "FLOWS", "ANSWERED", "REFUSED", "NOW flows/s")
 _TEXT = {"MAPPING", "POD", "DROPS"}
 _HEADERS = {"DROPS n": "DROPS"}          # the live view's DROPS: one number, the reasons at Ctrl-C
 _FLOORS = {"MAPPING": 14, "POD": 16}
@@ -352,6 +353,8 @@ def _cells(m: dict, current: Optional[Dict[Tuple, float]] = None) -> Dict[str, C
     return {
         "MAPPING": _mapping_cell(m), "POD": _pod_cell(m),
         "FLOWS": str(int(m.get("flows") or 0)), "ANSWERED": str(int(m.get("answered") or 0)),
+        "REFUSED": str(int(m.get("refused") or 0)),
+        "NO ANSWER": str(int(m.get("unanswered") or 0)),
         "P50 ms": _fmt_ms(lat.get("p50")), "P90 ms": _fmt_ms(lat.get("p90")),
         "P99 ms": _fmt_ms(lat.get("p99")), "MAX ms": _fmt_ms(lat.get("max")),
         "MISSES": _count(m.get("misses")), "DROPS": _drops_cell(m.get("drops")),
@@ -382,86 +385,22 @@ def headline(summary: dict) -> str:
     total = summary.get("flows")
     if total is None:
         total = sum(int(m.get("flows") or 0) for m in mappings)
-    lost = int(summary.get("lost_events") or 0)
+    lost = summary.get("lost_events")
     duration = float(summary.get("duration_s") or 0.0)
-    return f"{plural(int(total), 'flow')} over {_fmt_num(duration)} s, {plural(lost, 'lost event')}"
+    lost_text = "lost flows unknown" if lost is None else plural(int(lost), "lost flow")
+    return f"{plural(int(total), 'flow')} over {_fmt_num(duration)} s, {lost_text}"
 
 
 # --------------------------------------------------------------------------- the diagnosis
 
 
-def _live_ips(pods: Optional[Iterable]) -> Optional[set]:
-    if pods is None:
-        return None
-    return {ip for p in pods if not getattr(p, "host_network", False)
-            and getattr(p, "phase", None) in (None, "Running", "Pending") for ip in getattr(p, "ips", ())}
-
-
-def _declaring(pods: Optional[Iterable], proto: str, host_port: int) -> List:
-    out = []
-    for p in pods or []:
-        if getattr(p, "phase", None) not in (None, "Running", "Pending"):
-            continue
-        for cp in getattr(p, "ports", ()):
-            if cp.host_port == host_port and str(cp.protocol).lower() == str(proto).lower():
-                out.append(p)
-                break
-    return out
-
-
-def _label(p) -> str:
-    return f"{p.namespace}/{p.name}" if p.namespace else p.name
-
-
-def diagnosis(summary: dict, pods: Optional[Iterable] = None) -> List[str]:
-    """What the figures say is wrong (or only unusual), one sentence per finding.
-
-    `pods` (PodInfo-like: namespace, name, ips, host_network, phase, ports) tells a declared
-    hostPort without a rule and a dead pod's IP for sure; without it the summary's own pod names
-    are used.
-    """
-    if callable(pods):
-        pods = pods()
-    pods = list(pods) if pods is not None else None
-    mappings = summary.get("mappings") or []
-    live = _live_ips(pods)
-    named = any(m.get("pod_name") for m in mappings if m.get("pod_ip") is not None)
-    notes: List[str] = []
-    for m in mappings:
-        proto, port = m["proto"], m["host_port"]
-        hp = f"{port}/{proto}"
-        misses = m.get("misses")
-        if m.get("pod_ip") is None:
-            if not misses:
-                continue
-            what = f"hostPort {hp}: {plural(int(misses), 'connection')} got no DNAT"
-            declared = [p for p in _declaring(pods, proto, port) if not p.host_network]
-            if m.get("pod_name"):
-                notes.append(f"{what}: hostNetwork pod {_pod_name(m)} owns the port, so its own socket "
-                             "on the node serves it (expected; check confirms that it listens).")
-            elif declared:
-                who = ", ".join(_label(p) for p in declared)
-                notes.append(f"{what}, although pod {who} declares this hostPort: its DNAT rule is "
-                             "missing (check: hostport-no-rule).")
-            else:
-                notes.append(f"{what} and no pod is known to own the port: a pod whose DNAT rule is "
-                             "missing, or a process on the node that is no pod.")
-            continue
-        target = endpoint(m["pod_ip"], m.get("pod_port"))
-        flows, answered = int(m.get("flows") or 0), int(m.get("answered") or 0)
-        dead = (m["pod_ip"] not in live) if live is not None else (named and not m.get("pod_name"))
-        if flows and dead:
-            told = ("none answered" if not answered else f"{answered} answered")
-            notes.append(f"hostPort {hp} -> {target}: {plural(flows, 'flow')} ({told}) went to an IP "
-                         "no live pod has: a stale conntrack entry to a dead pod, or a leaked rule "
-                         "(check: stale-conntrack, leaked-hostport-rule).")
-        drops = m.get("drops") or {}
-        if drops:
-            n = sum(int(v) for v in drops.values())
-            reasons = ", ".join(f"{r} {int(v)}" for r, v in sorted(drops.items()))
-            notes.append(f"hostPort {hp} -> {target}: {plural(n, 'packet')} dropped after DNAT ({reasons}): "
-                         "a firewall or a missing route loses translated traffic (check: forward-drop).")
-    return notes
+def diagnosis(summary: dict, pods: Optional[Iterable] = None, problems_only: bool = False) -> List[str]:
+    """What the figures say is wrong (or only unusual), one sentence per finding
+    (analysis/diagnosis.py); problems_only leaves out what is expected."""
+    from bpftrace_hostport.analysis.diagnosis import diagnose
+    found = diagnose(summary.get("mappings") or [], pods,
+                     lost_events=int(summary.get("lost_events") or 0))
+    return [f.text for f in found if f.problem or not problems_only]
 
 
 def check_command(check_hint: Optional[str] = None) -> str:
@@ -484,12 +423,7 @@ def render_summary(summary: dict, width=AUTO, check_hint: Optional[str] = None,
     """
     width = _resolve(width)
     mappings = summary.get("mappings") or []
-    lost = int(summary.get("lost_events") or 0)
     lines = paragraph(headline(summary), width)
-    if lost > 0:
-        lines += paragraph(
-            f"Warning: {plural(lost, 'event was', 'events were')} lost, so flow counts and latencies are "
-            "incomplete; rerun with a bigger --flow-table and a bigger ring buffer to reduce losses.", width)
     if mappings:
         lines += summary_table(summary, width)
     else:
@@ -519,11 +453,10 @@ def render_live(summary: dict, width: int, height: int, events: Sequence[str],
     top = paragraph(head + "; Ctrl-C ends", width)
     mappings = summary.get("mappings") or []
     hint: List[str] = []
-    notes = diagnosis(summary, pods)
+    notes = diagnosis(summary, pods, problems_only=True)
     if notes:
-        hint = paragraph(f"{plural(len(notes), 'thing looks', 'things look')} wrong or unusual (the summary "
-                         "at Ctrl-C says what); the diagnosis:", width)
-        hint += wrap("  " + check_command(check_hint), width, "    ")
+        hint = paragraph(notes[0] + (f" (+{len(notes) - 1} more at Ctrl-C)" if len(notes) > 1 else ""), width)
+        hint += ["  " + check_command(check_hint)]         # never wrapped: it is pasted
     ev_head = ["", "latest events (times UTC):"]
     # The table gets what the events leave them: at least 4 lines for the events when there are any.
     max_table = budget - len(top) - len(hint) - (len(ev_head) + 4 if events else 0)

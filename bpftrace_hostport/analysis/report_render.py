@@ -142,7 +142,7 @@ def _report_doc(r: dict) -> _Doc:
     warning = ("This capture is truncated: the figures cover only what was read."
                if r["truncated"] else None)
     return _Doc("hostPort incident report", warning, _report_summary(r, t),
-                [_mapping_table(r)] + ([_node_table(r)] if r.get("per_node") else [])
+                [_finding_table(r), _mapping_table(r)] + ([_node_table(r)] if r.get("per_node") else [])
                 + [_drop_table(r), _client_table(r)], r["notes"])
 
 
@@ -154,10 +154,14 @@ def _report_summary(r: dict, t: dict) -> List[str]:
     if span["start"] and span["start"][:10] == (span["end"] or "")[:10]:
         end = end[11:]                     # same day: the end's time says it
     when = f"{_when(span['start'])} to {end} ({_dur(span['duration_s'])})" if span["start"] else "no traffic"
+    refusals = ", ".join(f"{k} {n:,}" for k, n in (t.get("refusals") or {}).items())
     out = [f"{where}, {when}; times are UTC.",
-           f"{plural(t['flows'], 'flow')}, {t['answered']:,} answered ({_pct(t['answered_share'])}), "
-           f"{plural(t['misses'], 'miss')}, {plural(t['drops_total'], 'drop')}, "
-           f"{plural(r['lost_events'], 'lost event')}."]
+           f"{plural(t['flows'], 'flow')}: {t['answered']:,} answered ({_pct(t['answered_share'])}), "
+           f"{t['refused']:,} refused{' (' + refusals + ')' if refusals else ''}, "
+           f"{t['unanswered']:,} unanswered" + (f", {t['pending']:,} pending" if t.get("pending") else "")
+           + (f", {t['in_flight']:,} in flight" if t.get("in_flight") else "") + "; "
+           f"{plural(t['misses'], 'miss')}, {plural(t['drops_total'], 'dropped packet')}, "
+           f"{plural(r['lost_events'], 'lost flow')}."]
     lat = t["latency_us"]
     if not r["measures"]["latency"] and lat["p50"] is None:
         out.append("Latency: unknown (not measured).")
@@ -165,7 +169,7 @@ def _report_summary(r: dict, t: dict) -> List[str]:
         out.append("Latency: no answered flow with a latency.")
     else:
         out.append("Latency " + ", ".join(f"{k} {_ms(lat[k])} ms" for k in ("p50", "p90", "p99", "max"))
-                   + ".")
+                   + f" ({r.get('latency_method', 'exact')}).")
     source = {"kernel": "the kernel's counters", "records": "the flow records",
               "mixed": "the kernel's counters on some nodes, the flow records on others"}
     out.append(f"Counts come from {source[t['source_of_counts']]}.")
@@ -192,21 +196,35 @@ def _node_cols(r: dict, m: dict) -> List[Cell]:
     return [m["node"]] if r.get("per_node") else []
 
 
+def _finding_table(r: dict) -> _Table:
+    multi = bool(r.get("per_node"))
+    rows = [([f["node"] or "unnamed"] if multi else []) + [f["severity"], f["text"], f["check"] or NONE]
+            for f in r.get("findings") or []]
+    heads = (["NODE"] if multi else []) + ["SEVERITY", "WHAT THE FLOWS SAY", "CHECK"]
+    return _Table("Findings", heads, rows, set(), "finding", "Nothing wrong or unusual.")
+
+
+def _refused(m: dict) -> Cell:
+    if not m.get("refused"):
+        return "0"
+    return [f"{m['refused']:,}"] + [f"{k}:{n:,}" for k, n in (m.get("refusals") or {}).items()]
+
+
 def _mapping_table(r: dict) -> _Table:
     heads = (["NODE"] if r.get("per_node") else []) + [
-        "MAPPING", "POD", "FLOWS", "ANSWERED", "P50 ms", "P90 ms", "P99 ms", "MAX ms", "MISSES",
-        "DROPS", "PACKETS", "BYTES", "RATE /s", "MASQ"]
+        "MAPPING", "POD", "FLOWS", "ANSWERED", "REFUSED", "NO ANSWER", "P50 ms", "P90 ms", "P99 ms",
+        "MAX ms", "MISSES", "DROPS", "PACKETS", "BYTES", "RATE /s", "MASQ"]
     rows = []
     for m in r["mappings"]:
         lat, measured = m["latency_us"], _measured(r, m, "latency")
         rows.append(_node_cols(r, m) + [
-            mapping_label(m), pod_label(m), _num(m["flows"]), _answered(m),
-            *(_ms(lat[k], measured) for k in ("p50", "p90", "p99", "max")),
+            mapping_label(m), pod_label(m), _num(m["flows"]), _answered(m), _refused(m),
+            _num(m["unanswered"]), *(_ms(lat[k], measured) for k in ("p50", "p90", "p99", "max")),
             _num(m["misses"]), _drops(m["drops"]), _num(m["packets"]), human_bytes(m["bytes"]),
             NONE if m["flows_per_s"] is None else f"{m['flows_per_s']:g}", _pct(m["masqueraded_share"])])
-    first = len(heads) - 12
-    return _Table("Mappings", heads, rows, set(range(first, len(heads))) - {first + 7}, "mapping",
-                  "No hostPort traffic seen.")
+    first = len(heads) - 14
+    return _Table("Mappings", heads, rows, set(range(first, len(heads))) - {first + 9, first + 2},
+                  "mapping", "No hostPort traffic seen.")
 
 
 def _node_table(r: dict) -> _Table:
@@ -238,13 +256,15 @@ def _client_table(r: dict) -> _Table:
 
 
 def _report_csv(r: dict) -> str:
-    heads = ["node", *KEY, *NAMES, "flows", "answered", "answered_share", "misses", "drops",
+    heads = ["node", *KEY, *NAMES, "flows", "answered", "answered_share", "refused", "refusals",
+             "unanswered", "pending", "misses", "drops",
              "p50_us", "p90_us", "p99_us", "max_us", "packets", "bytes", "masqueraded_share",
              "flows_per_s", "top_clients", "source_of_counts"]
     rows = []
     for m in r["mappings"]:
         flat = dict(m, node=m.get("node", (r["nodes"] or [""])[0]),
                     drops=None if m["drops"] is None else ";".join(f"{k}:{v}" for k, v in m["drops"].items()),
+                    refusals=";".join(f"{k}:{v}" for k, v in m["refusals"].items()),
                     top_clients=";".join(f"{ip}={n}" for ip, n in m["top_clients"]),
                     **{f"{k}_us": v for k, v in m["latency_us"].items()})
         rows.append([flat[h] for h in heads])

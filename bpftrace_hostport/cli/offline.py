@@ -10,37 +10,56 @@ import click
 from bpftrace_hostport.cli.options import Fail, load_pods, user_errors
 
 @click.command()
-@click.argument("capture", type=click.Path())
+@click.argument("capture", nargs=-1, required=True, type=click.Path(allow_dash=True))
 @click.option("--pods", "pod_files", multiple=True, type=click.Path(), help="Pod list to name pods the capture did not.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary record as JSON.")
 @user_errors
 def summary(capture, pod_files, as_json):
-    """The summary table of a capture (a recording or JSON lines), on any machine.
+    """The summary table of a capture (a recording, its rotated files, or JSON lines), on any machine.
 
-    The figures are the kernel's, as the capture's summary record holds them; --pods only
-    names pods the capture did not. `report` says more.
+    The same figures as the live trace's summary and as `report`: the kernel's counts where the
+    capture holds a whole run, else the flow records' (a note says which); --pods only names
+    pods the capture did not. `report` says more.
 
     \b
-    Example:
+    Examples:
       bpftrace-hostport summary capture.jsonl
+      bpftrace-hostport summary /var/lib/bpftrace-hostport/     # every file of a rotated run
     """
-    from bpftrace_hostport.analysis.aggregate import name_mappings, summarize
     from bpftrace_hostport.analysis.render import render_summary
-    from bpftrace_hostport.records.reader import flow_records, miss_records
+    from bpftrace_hostport.analysis.review import coverage_notes, read
+    from bpftrace_hostport.analysis.summary import summary_record
     index = load_pods(pod_files)           # a bad --pods file is said before the capture is read
-    cap = _load([capture])
-    if cap.summaries:
-        # The kernel's figures as recorded: pod names are filled in, numbers never recomputed.
-        recorded = {k: v for k, v in cap.summaries[-1].items() if k not in ("node", "source")}
-        s = name_mappings(recorded, index.names)
-    else:
-        click.echo(f"note: {capture} has no summary record: the figures below are recomputed from "
-                   "its flow records and may be incomplete.", err=True)
-        ts = cap.flows["ts"]
-        span = (ts.max() - ts.min()).total_seconds() if len(ts) > 1 else 0.0
-        s = summarize(list(flow_records(cap.flows)), list(miss_records(cap.misses)), None, None,
-                      span, 0, pod_names=index.names)
-    click.echo(json.dumps(s) if as_json else render_summary(s))
+    review = read(_open(capture), series=False, clients=False)
+    for n in review.notes + coverage_notes(review):
+        click.echo(f"note: {n}", err=True)
+    fig = review.rollup.figures(pod_names=index.names)
+    if len(fig.nodes) > 1:
+        click.echo("note: these files come from several nodes: `report` shows them per node.", err=True)
+    dur = sum(n["duration_s"] for n in fig.nodes.values())
+    lost = [n["lost_events"] for n in fig.nodes.values()]
+    s = summary_record(fig, dur, None if any(v is None for v in lost) else sum(lost))
+    if any(v is None for v in lost):
+        s["lost_events"] = None
+    if as_json:
+        click.echo(json.dumps(s))
+        return
+    pods = _snapshot_pods(review)
+    click.echo(render_summary(s, pods=pods), nl=False)
+
+
+def _snapshot_pods(review):
+    """The pods as the capture's last snapshot has them (for the notes), or None."""
+    for node in review.snapshots:
+        got = review.latest(node, "pods")
+        if got is not None:
+            return got
+    return None
+
+
+def _open(paths):
+    from bpftrace_hostport.records.stream import open_captures
+    return open_captures(list(paths))
 
 
 # -- report --------------------------------------------------------------------------------
@@ -73,23 +92,21 @@ def _filters(since, until, pods, namespaces, host_ports, clients):
     return f
 
 
-def _load(paths):
-    from bpftrace_hostport.records.reader import load
-    cap = load(list(paths))
-    for n in cap.notes:
+def _review(paths, filters, **kw):
+    from bpftrace_hostport.analysis.review import read
+    review = read(_open(paths), filters, **kw)
+    for n in review.notes:
         click.echo(f"note: {n}", err=True)
-    return cap
+    return review
 
 
 def _emit(text, out):
     if out is None:
         click.echo(text, nl=not str(text).endswith("\n"))
         return
-    try:
-        with open(out, "w", encoding="utf-8") as f:
-            f.write(text)
-    except OSError as e:
-        raise Fail(f"Cannot write {out}: {e.strerror}; choose another path with -o.") from None
+    from bpftrace_hostport.files import private_file
+    with private_file(out, binary=False) as f:        # a report names clients: 0600
+        f.write(text)
     click.echo(f"wrote {out}", err=True)
 
 
@@ -120,17 +137,20 @@ def report(paths, since, until, pods, namespaces, host_ports, clients, compare, 
     from bpftrace_hostport.analysis.report import build_report, compare_reports
     from bpftrace_hostport.analysis.report_render import render
     f = _filters(since, until, pods, namespaces, host_ports, clients)
+    if fmt == "html" and out is None:
+        raise Fail("HTML goes to a file: add -o report.html.")
     if compare:
         if paths:
             raise Fail("--compare takes the two captures itself; give no other path.")
-        before, after = (build_report(_load([p]), f, top=top) for p in compare)
+        before, after = (build_report(_review([p], f), top=top) for p in compare)
         result = compare_reports(before, after)
     else:
         if not paths:
             raise Fail("Give at least one capture file (or - for standard input).")
-        result = build_report(_load(paths), f, top=top)
-    if fmt == "html" and out is None and sys.stdout.isatty():
-        raise Fail("HTML goes to a file: add -o report.html.")
+        try:
+            result = build_report(_review(paths, f), top=top)
+        except ValueError as e:
+            raise Fail(str(e)) from None
     _emit(render(result, fmt), out)
 
 
@@ -138,22 +158,39 @@ def report(paths, since, until, pods, namespaces, host_ports, clients, compare, 
 @click.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(allow_dash=True))
 @click.option("--to", "to", type=click.Choice(["parquet", "csv", "jsonl", "pcapng", "recording"]), required=True)
-@click.option("-o", "--output", "out", type=click.Path(dir_okay=False), required=True, help="The file to write.")
+@click.option("-o", "--output", "out", type=click.Path(), required=True,
+              help="The file to write (with --partition: the dataset's directory).")
+@click.option("--partition", is_flag=True,
+              help="Parquet only: write a hive-partitioned dataset (node=/date=) into the -o directory.")
+@report_filters
+@click.option("--anonymize-key-file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Replace client addresses by keyed pseudonyms (Crypto-PAn) in what is written.")
 @user_errors
-def export(paths, to, out):
-    """Convert captures: one row per flow to Parquet or CSV, JSON lines, pcapng for Wireshark,
-    or a JSON-lines capture to a recording.
+def export(paths, to, out, partition, since, until, pods, namespaces, host_ports, clients,
+           anonymize_key_file):
+    """Convert captures: one row per flow to Parquet (a file or a hive-partitioned dataset) or
+    CSV, JSON lines, pcapng for Wireshark, or a JSON-lines capture to a recording.
 
     \b
     Examples:
       bpftrace-hostport export incident.arrow --to parquet -o flows.parquet
+      bpftrace-hostport export node-*/ --to parquet --partition -o fleet/   # DuckDB, Spark, Trino
       bpftrace-hostport export incident.arrow --to pcapng -o flows.pcapng   # wireshark flows.pcapng
       bpftrace-hostport export old-capture.jsonl --to recording -o capture.arrow
     """
-    from bpftrace_hostport.analysis.export import export_capture
-    if os.path.exists(out) and any(os.path.exists(p) and os.path.samefile(p, out) for p in paths if p != "-"):
+    from bpftrace_hostport.analysis.export import export_captures
+    if any(p != "-" and os.path.exists(p) and os.path.exists(out) and os.path.samefile(p, out) for p in paths):
         raise Fail(f"{out} is also an input: choose another -o.")
-    n = export_capture(_load(paths), to, out)
+    if partition and os.path.exists(out) and not os.path.isdir(out):
+        raise Fail(f"{out} is a file: --partition writes a directory; give a new or empty directory.")
+    if not partition and os.path.isdir(out):
+        raise Fail(f"{out} is a directory: give a file name with -o, or add --partition (Parquet).")
+    key = None
+    if anonymize_key_file:
+        from bpftrace_hostport.cli.trace import _anonymize_key
+        key = _anonymize_key(False, anonymize_key_file)
+    f = _filters(since, until, pods, namespaces, host_ports, clients)
+    n = export_captures(_open(paths), to, out, partition=partition, filters=f, anonymize_key=key)
     click.echo(f"wrote {n} flows to {out}", err=True)
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import Optional
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
 
 import click
 
@@ -94,8 +95,10 @@ def trace(netns, lab_name, duration, host_ports, protos, clients, pod_files, pod
     """
     if fmt is None:
         fmt = "table" if sys.stdout.isatty() else "json"
-    run(netns, lab_name, duration, host_ports, protos, clients, pod_files, pods_from, kubeconfig, node_name,
-        fmt, record_path, max_size, max_files, anonymize, anonymize_key_file, metrics, **kernel)
+    target = Target(netns, lab_name, list(pod_files), pods_from, kubeconfig, node_name)
+    run(target, Want(duration, host_ports, protos, clients, **kernel),
+        dict(fmt=fmt, record_path=record_path, max_size=max_size, max_files=max_files,
+             anonymize=anonymize, anonymize_key_file=anonymize_key_file, metrics=metrics))
 
 
 @click.command()
@@ -125,44 +128,79 @@ def agent(netns, lab_name, pod_files, pods_from, kubeconfig, node_name, host_por
     from bpftrace_hostport.collect.agent import AgentOptions
     if record_dir and os.geteuid() == 0:
         os.makedirs(record_dir, mode=0o700, exist_ok=True)
-    run(netns, lab_name, None, host_ports, protos, clients, pod_files, pods_from, kubeconfig, node_name,
-        "none", record_dir, max_size or ("256MiB" if record_dir else None), max_files or (8 if record_dir else None),
-        anonymize, anonymize_key_file, metrics or "9469",
-        agent=AgentOptions(check_interval=check_interval, log_json=log_json), **kernel)
+    target = Target(netns, lab_name, list(pod_files), pods_from, kubeconfig, node_name)
+    run(target, Want(None, host_ports, protos, clients, **kernel),
+        dict(fmt="none", record_path=record_dir, max_size=max_size or ("256MiB" if record_dir else None),
+             max_files=max_files or (8 if record_dir else None), anonymize=anonymize,
+             anonymize_key_file=anonymize_key_file, metrics=metrics or "9469",
+             agent=AgentOptions(check_interval=check_interval, log_json=log_json)))
 
 
-def run(netns, lab_name, duration, host_ports_, protos, clients, pod_files, pods_from, kubeconfig, node_name,
-        fmt, record_path, max_size, max_files, anonymize, anonymize_key_file, metrics, *, timeout, flow_table,
-        ringbuf_kb, no_drops, no_rules, backend, ready_file, print_program, agent=None):
+@dataclass
+class Target:
+    """Which node a trace looks at, and where its pods' names come from (the pod options)."""
+    netns: Optional[str]
+    lab_name: Optional[str]
+    pod_files: List[str]
+    pods_from: Optional[str]
+    kubeconfig: Optional[str]
+    node_name: Optional[str]
+
+
+@dataclass
+class Want:
+    """What to trace and how (the filter and kernel option families)."""
+    duration: Optional[float]
+    host_ports: Sequence[str]
+    protos: Sequence[str]
+    clients: Sequence[str]
+    timeout: float
+    flow_table: int
+    ringbuf_kb: int
+    no_drops: bool
+    no_rules: bool
+    backend: str
+    ready_file: Optional[str]
+    print_program: bool
+
+
+def run(target: Target, want: Want, out: dict) -> None:
+    """A trace: the options checked and made typed (collect/options.TraceOptions,
+    collect/outputs.Outputs), the programs loaded, the pods resolved, the session run."""
     from bpftrace_hostport.collect.options import TraceOptions
+    from bpftrace_hostport.collect.outputs import Outputs
     from bpftrace_hostport.netns import require
     if os.geteuid() != 0:        # before asking any pod source: the first thing to say
         raise Fail("Tracing needs root (CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN): run it with sudo.")
-    pod_files = list(pod_files)
-    if lab_name:
-        netns, pods_file, lab_node = lab_target(lab_name, netns)
+    t = target
+    pod_files = list(t.pod_files)
+    netns, node_name = t.netns, t.node_name
+    if t.lab_name:
+        netns, pods_file, lab_node = lab_target(t.lab_name, netns)
         pod_files.append(pods_file)
         node_name = node_name or lab_node
     require(netns)
     pages = 1
-    while pages * 4 < ringbuf_kb:
+    while pages * 4 < want.ringbuf_kb:
         pages *= 2
-    opts = TraceOptions(netns=netns, duration=duration, host_ports=host_ports(host_ports_, protos),
-                        protos=list(protos), client_cidrs=cidrs(clients), timeout=timeout,
-                        ready_file=ready_file, flow_table_size=flow_table, ringbuf_pages=pages,
-                        drops=not no_drops, use_rules=not no_rules, debug_print_program=print_program,
-                        node_name=node_name)
-    if fmt == "none" and not (record_path or metrics):
+    opts = TraceOptions(netns=netns, duration=want.duration, host_ports=host_ports(want.host_ports, want.protos),
+                        protos=list(want.protos), client_cidrs=cidrs(want.clients), timeout=want.timeout,
+                        ready_file=want.ready_file, flow_table_size=want.flow_table, ringbuf_pages=pages,
+                        drops=not want.no_drops, use_rules=not want.no_rules,
+                        debug_print_program=want.print_program, node_name=node_name)
+    if out["fmt"] == "none" and not (out["record_path"] or out["metrics"]):
         raise Fail("--format none writes nothing: add --record PATH or --metrics PORT.")
     from bpftrace_hostport.cli.node import check_hint
-    outputs = dict(fmt=fmt, check_hint=check_hint(lab_name, netns, pod_files, pods_from),
-                   record_path=record_path, max_size=parse_size(max_size) if max_size else None,
-                   max_files=max_files, anonymize_key=_anonymize_key(anonymize, anonymize_key_file),
-                   metrics=metrics, agent=agent)
+    outputs = Outputs(fmt=out["fmt"], check_hint=check_hint(t.lab_name, netns, pod_files, t.pods_from),
+                      record_path=out["record_path"],
+                      max_size=parse_size(out["max_size"]) if out["max_size"] else None,
+                      max_files=out["max_files"],
+                      anonymize_key=_anonymize_key(out["anonymize"], out["anonymize_key_file"]),
+                      metrics=out["metrics"], agent=out.get("agent"))
     with keep_pandas_out():
-        backend, probe = _load_first(backend, opts)
+        backend, probe = _load_first(want.backend, opts)
         try:
-            index = resolver(pod_files, pods_from, netns, node_name, kubeconfig)
+            index = resolver(pod_files, t.pods_from, netns, node_name, t.kubeconfig)
             try:
                 _run_backend(backend, opts, index, outputs, probe)
             finally:

@@ -24,6 +24,7 @@ class AgentOptions:
 
 
 class AgentSink(Sink):
+    needs = "counters"        # the kernel's counters and the running summary, no record per flow
     tick_latency = False      # it logs misses, drops and losses only
 
     def __init__(self, aopts: AgentOptions, opts, index, metrics=None, err: TextIO = sys.stderr):

@@ -40,13 +40,15 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.utils import floatToGoString
 
 from bpftrace_hostport import proto as protomod
+from bpftrace_hostport.records import outcome as oc
 from bpftrace_hostport.records.batch import ADDR, AddrNames, FlowBatch, group_rows
 from bpftrace_hostport.collect.sinks import Sink
 from bpftrace_hostport.errors import UserError
 
 PREFIX = "bpftrace_hostport_"
 EXPORTED_METRICS: Tuple[str, ...] = tuple(PREFIX + n for n in (
-    "flows_total", "answered_flows_total", "packets_total", "bytes_total", "latency_seconds",
+    "flows_total", "answered_flows_total", "refused_flows_total", "unanswered_flows_total",
+    "packets_total", "bytes_total", "latency_seconds",
     "misses_total", "drops_total", "lost_events_total", "check_findings",
     "series_overflow_total", "up"))
 
@@ -90,12 +92,13 @@ class _Series:
     """One mapping's figures. flows = max(kernel total, flows seen in batches): the kernel
     counts a flow before its record arrives, and a mapping whose kernel counter could not be
     created has only the records."""
-    __slots__ = ("names", "flows", "seen", "answered", "packets", "bytes", "drops", "buckets",
-                 "lat_sum", "last")
+    __slots__ = ("names", "flows", "seen", "answered", "refused", "unanswered", "packets", "bytes",
+                 "drops", "buckets", "lat_sum", "last")
 
     def __init__(self):
         self.names = ["", "", ""]
-        self.flows = self.seen = self.answered = self.packets = self.bytes = 0
+        self.flows = self.seen = self.answered = self.unanswered = self.packets = self.bytes = 0
+        self.refused: Dict[str, int] = {}
         self.drops: Dict[str, int] = {}
         self.buckets = np.zeros(NB, np.int64)
         self.lat_sum = 0.0
@@ -125,6 +128,7 @@ def _series_key(m: dict) -> Key:
 
 
 class MetricsSink(Sink):
+    needs = "counters"        # the kernel's counters and the running summary, no record per flow
     tick_latency = False      # latency comes from histograms (kernel, batches), not the summary
 
     def __init__(self, node: str, listen: str = "127.0.0.1:9469", *, grace_s: float = 300.0,
@@ -206,6 +210,14 @@ class MetricsSink(Sink):
         g = len(first)
         count = np.bincount(inv, minlength=g)
         answered = np.bincount(inv, weights=batch["answered"], minlength=g).astype(np.int64)
+        unanswered = np.bincount(inv, weights=batch["outcome"] == oc.UNANSWERED, minlength=g).astype(np.int64)
+        refused_rows = np.flatnonzero(batch["outcome"] == oc.REFUSED)
+        refused = {}
+        if len(refused_rows):
+            pairs, cnt = np.unique(inv[refused_rows] * 256 + batch["refusal"][refused_rows], return_counts=True)
+            for pc_, n_ in zip(pairs.tolist(), cnt.tolist()):
+                j_, code = divmod(pc_, 256)
+                refused.setdefault(j_, {})[oc.REFUSALS[code] if code < len(oc.REFUSALS) else "unknown"] = n_
         lat = batch["latency_us"]
         timed = batch["answered"] & ~batch["midstream"] & ~np.isnan(lat)
         idx = np.searchsorted(LATENCY_BOUNDS_US, lat[timed], side="left")
@@ -229,6 +241,9 @@ class MetricsSink(Sink):
                 s.seen += int(count[j])
                 s.flows = max(s.flows, s.seen)
                 s.answered += int(answered[j])
+                s.unanswered += int(unanswered[j])
+                for name, n_ in refused.get(j, {}).items():
+                    s.refused[name] = s.refused.get(name, 0) + n_
                 s.buckets += hist[j]
                 s.lat_sum += float(lat_sum[j])
 
@@ -267,22 +282,27 @@ class MetricsSink(Sink):
             if hist is None or m.get("pod_ip") is None:
                 continue
             fresh[_series_key(m)] = (int(m.get("answered") or 0), np.asarray(hist, np.int64),
-                          float(m.get("latency_sum_s") or 0.0))
+                                     float(m.get("latency_sum_s") or 0.0), dict(m.get("refusals") or {}))
         with self.lock:
             self.additive = bool(counters.get("answered_in_kernel_only"))
             self.kernel.update(fresh)
 
     def _answered(self, key: Key, s: _Series):
-        """answered, bucket counts, latency sum: the records' and the kernel's together."""
+        """answered, bucket counts, latency sum, refused by kind: the records' and the kernel's
+        together (the one rule of analysis/rollup.py: added when the kernel decided flows no
+        record carries, else the larger of the two)."""
         k = self.kernel.get(key)
         if k is None:
-            return s.answered, s.buckets.copy(), s.lat_sum
+            return s.answered, s.buckets.copy(), s.lat_sum, dict(s.refused)
+        kinds = set(s.refused) | set(k[3])
         if self.additive:
-            return s.answered + k[0], s.buckets + k[1], s.lat_sum + k[2]
+            return (s.answered + k[0], s.buckets + k[1], s.lat_sum + k[2],
+                    {r: s.refused.get(r, 0) + k[3].get(r, 0) for r in kinds})
         # The same flows counted twice: one source as a whole, the one that has seen more
         # (bucket by bucket they may differ at a bound: records carry latency rounded to 0.1 µs).
         hist, lat_sum = (k[1].copy(), k[2]) if k[1].sum() >= s.buckets.sum() else (s.buckets.copy(), s.lat_sum)
-        return max(s.answered, k[0]), hist, lat_sum
+        return (max(s.answered, k[0]), hist, lat_sum,
+                {r: max(s.refused.get(r, 0), k[3].get(r, 0)) for r in kinds})
 
     def set_findings(self, findings: List[dict]) -> None:
         counts = Counter((str(f["code"]), str(f["severity"])) for f in findings)
@@ -309,7 +329,7 @@ class MetricsSink(Sink):
     def collect(self):
         with self.lock:
             rows = [((self.node,) + k + tuple(s.names), s.flows, s.packets, s.bytes, dict(s.drops),
-                     *self._answered(k, s)) for k, s in self.series.items()]
+                     *self._answered(k, s), s.unanswered) for k, s in self.series.items()]
             misses = [((self.node,) + k, v[0]) for k, v in self.miss_counts.items()]
             findings = [((self.node,) + k, v[0]) for k, v in self.findings.items()]
             overflow, lost, ready, measures = self.overflow, self.lost, self.ready, dict(self.measures)
@@ -337,8 +357,13 @@ def _flow_families(rows, measures: dict):
     """Per-mapping families; what the backend does not measure is absent, never 0."""
     yield _family(CounterMetricFamily, "flows", "Flows DNATed to a hostPort mapping.", FLOW_LABELS,
                   [(r[0], r[1]) for r in rows])
-    yield _family(CounterMetricFamily, "answered_flows", "Flows that got a reply.", FLOW_LABELS,
-                  [(r[0], r[5]) for r in rows])
+    yield _family(CounterMetricFamily, "answered_flows", "Flows that got a real answer (a reset or "
+                  "an ICMP error is a refusal, not an answer).", FLOW_LABELS, [(r[0], r[5]) for r in rows])
+    yield _family(CounterMetricFamily, "refused_flows", "Flows refused: a TCP reset, an SCTP ABORT or an "
+                  "ICMP error came back, by what refused them.", FLOW_LABELS + ("refusal",),
+                  [(r[0] + (kind,), n) for r in rows for kind, n in sorted(r[8].items())])
+    yield _family(CounterMetricFamily, "unanswered_flows", "Flows with nothing back within --timeout.",
+                  FLOW_LABELS, [(r[0], r[9]) for r in rows])
     if measures.get("packets"):
         yield _family(CounterMetricFamily, "packets", "Packets of the mapping's flows, both "
                       "directions.", FLOW_LABELS, [(r[0], r[2]) for r in rows])

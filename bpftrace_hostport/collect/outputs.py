@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple
 
 
 def load_probe(opts):
@@ -29,42 +31,90 @@ def make_backend(name: str, opts, watch, probe=None):
     return NetfilterBackend(opts, watch, probe)
 
 
-def make_sinks(outputs: dict, opts, index) -> list:
+@dataclass
+class Outputs:
+    """What a trace writes, as the command line asked for it."""
+    fmt: str = "none"                              # table | json | none
+    check_hint: Optional[str] = None               # the `check` command its notes suggest
+    record_path: Optional[str] = None              # --record / --record-dir
+    max_size: Optional[int] = None
+    max_files: Optional[int] = None
+    anonymize_key: Optional[bytes] = None
+    metrics: Optional[str] = None                  # [ADDR:]PORT
+    agent: Any = None                              # collect/agent.AgentOptions
+
+
+@dataclass(frozen=True)
+class SinkEntry:
+    """One output: when the command line wants it, and how it is made. What it needs from the
+    kernel is declared by its Sink class (`needs`): "records" (a record per flow) or "counters"
+    (the kernel's per-mapping counters; flows nobody answered still come as records)."""
+    name: str
+    wanted: Callable[[Outputs], bool]
+    make: Callable[[Outputs, Any, Any, Dict[str, Any]], Any]
+
+
+def _format_sink(o: Outputs, opts, index, made):
     from bpftrace_hostport.collect import sinks
-    out, metrics = [], None
-    if outputs["fmt"] != "none":
-        out.append(sinks.output_sink(outputs["fmt"], sys.stdout, outputs.get("check_hint"),
-                                     getattr(index, "pods", None)))
-    if outputs.get("record_path"):
-        out.append(sinks.RecordingSink(outputs["record_path"], outputs.get("max_size"),
-                                       outputs.get("max_files"), outputs.get("anonymize_key")))
-    if outputs.get("metrics"):
-        from bpftrace_hostport.collect.metrics import MetricsSink
-        from bpftrace_hostport.collect.session import node_name
-        try:
-            metrics = MetricsSink(node_name(opts), outputs["metrics"])
-        except ValueError as e:
-            from bpftrace_hostport.errors import UserError
-            raise UserError(str(e)) from None
-        out.append(metrics)
-    if outputs.get("agent") is not None:
-        from bpftrace_hostport.collect.agent import AgentSink
-        out.append(AgentSink(outputs["agent"], opts, index, metrics))
-    return out
+    return sinks.output_sink(o.fmt, sys.stdout, o.check_hint, getattr(index, "pods", None))
 
 
-def needs_flow_records(outputs: dict) -> bool:
-    """Only metrics (and the agent's log) need no record per flow: the kernel counts answered
-    flows and their latency per mapping, and the ring buffer stays unused."""
-    return outputs["fmt"] != "none" or bool(outputs.get("record_path"))
+def _recording_sink(o: Outputs, opts, index, made):
+    from bpftrace_hostport.collect.sinks import RecordingSink
+    return RecordingSink(o.record_path, o.max_size, o.max_files, o.anonymize_key)
 
 
-def run_session(backend_name: str, opts, index, outputs: dict, probe=None) -> dict:
+def _metrics_sink(o: Outputs, opts, index, made):
+    from bpftrace_hostport.collect.metrics import MetricsSink
+    from bpftrace_hostport.collect.session import node_name
+    from bpftrace_hostport.errors import UserError
+    try:
+        return MetricsSink(node_name(opts), o.metrics)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _agent_sink(o: Outputs, opts, index, made):
+    from bpftrace_hostport.collect.agent import AgentSink
+    return AgentSink(o.agent, opts, index, made.get("metrics"))
+
+
+#: Every output a session can have, in the order the sinks are made and called. Adding an
+#: output is a Sink subclass with its `needs` and one entry here.
+SINKS: Tuple[SinkEntry, ...] = (
+    SinkEntry("format", lambda o: o.fmt != "none", _format_sink),
+    SinkEntry("recording", lambda o: bool(o.record_path), _recording_sink),
+    SinkEntry("metrics", lambda o: bool(o.metrics), _metrics_sink),
+    SinkEntry("agent", lambda o: o.agent is not None, _agent_sink),
+)
+NEEDS = ("records", "counters")
+
+
+def make_sinks(outputs: Outputs, opts, index) -> list:
+    made: Dict[str, Any] = {}
+    for entry in SINKS:
+        if entry.wanted(outputs):
+            sink = entry.make(outputs, opts, index, made)
+            if getattr(type(sink), "needs", None) not in NEEDS:
+                raise TypeError(f"sink {type(sink).__name__} does not declare what it needs "
+                                f"(needs = one of {NEEDS})")
+            made[entry.name] = sink
+    return list(made.values())
+
+
+def flow_records(sinks: list) -> bool:
+    """Whether the kernel must send a record per flow: some sink needs them. Without one, no
+    record is made per answered or refused flow at all (the kernel counts them)."""
+    return any(type(s).needs == "records" for s in sinks)
+
+
+def run_session(backend_name: str, opts, index, outputs: Outputs, probe=None) -> dict:
     """probe: the netfilter backend's, from load_probe (None: the backend loads its own)."""
     from bpftrace_hostport.collect.session import Session, watch_list
-    opts = dataclasses.replace(opts, flow_records=needs_flow_records(outputs))
+    sinks = make_sinks(outputs, opts, index)
+    opts = dataclasses.replace(opts, flow_records=flow_records(sinks))
     watch, notes = watch_list(opts, index)
     for n in notes:
         print(f"note: {n}", file=sys.stderr)
     backend = make_backend(backend_name, opts, watch, probe)
-    return Session(opts, index, backend, make_sinks(outputs, opts, index), watch).run()
+    return Session(opts, index, backend, sinks, watch).run()

@@ -2,7 +2,8 @@
 
     backend (netfilter eBPF | conntrack events)
       -> FlowBatch (columns)  -> Enricher (pod names, once per batch)
-      -> FlowAggregate (the running summary)  and  every sink (json, text, live, recording, metrics)
+      -> Rollup (analysis/rollup.py: the running figures)  and  every sink (json, text, live,
+         recording, metrics)
 
 The loop sleeps until something is due (a signal cuts the sleep short), hands answered flows
 and the flows that timed out over as one batch every 250 ms, and every second reads misses and the kernel's
@@ -26,7 +27,8 @@ import time
 from typing import Dict, List, Optional, TextIO, Tuple
 
 from bpftrace_hostport import __version__, netns as netns_mod
-from bpftrace_hostport.analysis.aggregate import FlowAggregate, summarize
+from bpftrace_hostport.analysis.rollup import Rollup
+from bpftrace_hostport.analysis.summary import summary_record
 from bpftrace_hostport.records.batch import FlowBatch, ns_to_iso
 from bpftrace_hostport.collect.enrich import Enricher
 from bpftrace_hostport.collect.options import TraceOptions
@@ -36,6 +38,8 @@ from bpftrace_hostport.records.schema import SCHEMA_VERSION
 
 
 BATCH_PERIOD_S = 0.25     # answered and timed-out flows go to the sinks this often
+SNAPSHOT_PODS_S = 5.0     # how often the pods are compared with the last snapshot
+SNAPSHOT_RULES_S = 30.0   # the same for the node's hostPort rules (a read of the nat rules)
 SLOW_PERIOD_S = 1.0       # misses, the node's addresses, new hostPorts, the sinks' tick
 
 
@@ -68,10 +72,29 @@ def watch_list(opts: TraceOptions, index) -> Tuple[List[Tuple[str, int]], List[s
     return sorted(ports), notes
 
 
+def kernel_view(c: dict) -> Optional[dict]:
+    """A backend's counters (backend.counters()) as the roll-up takes a session's kernel side:
+    per mapping its flows, packets, bytes, answered and refusals, with the drop counters
+    joined onto their mapping. None when the backend counts nothing per mapping."""
+    if c.get("mappings") is None:
+        return None
+    maps = {}
+    for m in c["mappings"]:
+        key = (m["proto"], m["family"], m["host_port"], m["pod_ip"], m["pod_port"])
+        maps[key] = dict(m, drops={})
+    for d in c.get("drops") or []:
+        key = (d["proto"], d["family"], d["host_port"], d["pod_ip"], d["pod_port"])
+        m = maps.setdefault(key, {k: d[k] for k in ("proto", "family", "host_port", "pod_ip", "pod_port")}
+                            | {"flows": 0, "packets": 0, "bytes": 0, "drops": {}})
+        m["drops"][d["reason"]] = m["drops"].get(d["reason"], 0) + int(d["count"])
+    return {"mappings": list(maps.values()), "lost_events": c.get("lost"),
+            "answered_in_kernel_only": bool(c.get("answered_in_kernel_only"))}
+
+
 def capture_header(opts: TraceOptions, backend, started_ns: int) -> dict:
     """The first record of every capture (schema CAPTURE)."""
     return {"type": "capture", "schema": SCHEMA_VERSION, "tool": f"bpftrace-hostport {__version__}",
-            "backend": backend.name, "node": node_name(opts), "kernel": platform.release(),
+            "session": os.urandom(8).hex(), "backend": backend.name, "node": node_name(opts), "kernel": platform.release(),
             "netns": opts.netns, "started": ns_to_iso(started_ns),
             "options": {"host_ports": [f"{p}/{proto}" for proto, p in opts.host_ports],
                         "protos": list(opts.protos), "clients": list(opts.client_cidrs),
@@ -126,10 +149,12 @@ class Session:
                  err: TextIO = sys.stderr):
         self.opts, self.index, self.backend, self.sinks, self.err = opts, index, backend, sinks, err
         self.watch = list(watch)
-        self.agg = FlowAggregate()
+        self.agg = Rollup(series=False, clients=False)
         self.enrich = Enricher(index)
-        self.miss_totals: Dict[Tuple[str, int, int], int] = {}
         self.started = time.monotonic()
+        self.started_ns = time.time_ns()
+        self.snap_due = {"pods": 0.0, "rules": 0.0}        # when the next look at each is due
+        self.snap_last: Dict[str, tuple] = {}
         self.stop = _Stop()
         self.failure: Optional[UserError] = None     # a sink that failed (e.g. a full disk)
         self.addrs_due = 0.0                         # when the node's addresses are re-read anyway
@@ -140,16 +165,22 @@ class Session:
         if len(batch) == 0:
             return
         self.enrich.flows(batch)
-        self.agg.add_batch(batch)
+        self.agg.add_flows(batch)
         self._each("flows", batch)
+
+    def _owner(self, proto: str, host_port: int):
+        """The hostNetwork pod owning a hostPort without DNAT: (namespace, name, port name)."""
+        owner = self.index.host_network_owner(proto, host_port)
+        if owner is None:
+            return None
+        port = next((p for p in owner.ports if p.host_port == host_port), None)
+        return owner.namespace, owner.name, port.name if port else None
 
     def _misses(self, recs: List[dict]) -> None:
         if not recs:
             return
         self.enrich.misses(recs)
-        for r in recs:
-            k = (r["proto"], r["family"], r["host_port"])
-            self.miss_totals[k] = self.miss_totals.get(k, 0) + r["count"]
+        self.agg.add_misses(recs)
         self._each("misses", recs)
 
     def _each(self, method: str, *args) -> None:
@@ -168,21 +199,14 @@ class Session:
         those raw counters first (kernel_counters)."""
         c = self.backend.counters()
         self._each("kernel_counters", c)
-        misses = [{"proto": p, "family": f, "host_port": hp, "count": n}
-                  for (p, f, hp), n in self.miss_totals.items()]
-        s = summarize(self.agg, misses, c.get("mappings"), c.get("drops"),
-                      time.monotonic() - self.started, c["lost"], pod_names=self.index.names,
-                      latency=latency, kernel_answered=bool(c.get("answered_in_kernel_only")))
-        for m in s["mappings"]:
-            if m["pod_ip"] is None:      # misses only: name the hostNetwork pod owning the port
-                owner = self.index.host_network_owner(m["proto"], m["host_port"])
-                if owner is not None:
-                    port = next((p for p in owner.ports if p.host_port == m["host_port"]), None)
-                    m.update(pod_namespace=owner.namespace, pod_name=owner.name,
-                             port_name=port.name if port else None)
-        if not self.backend.measures["misses"]:
-            for m in s["mappings"]:
-                m["misses"] = None
+        duration = time.monotonic() - self.started
+        sess = self.agg.session()
+        sess.backend, sess.measures = self.backend.name, dict(self.backend.measures)
+        sess.started_ns = self.started_ns
+        sess.ended_ns = self.started_ns + int(duration * 1e9)
+        fig = self.agg.figures(kernel=kernel_view(c), pod_names=self.index.names,
+                               owner=self._owner, latency=latency)
+        s = summary_record(fig, duration, c["lost"])
         s["flows_reported"] = c.get("reported")
         s["backend"] = self.backend.name
         if c.get("kernel") is not None:
@@ -199,7 +223,8 @@ class Session:
         try:
             how = backend.start(netns_mod.local_addresses(ipr))
             self.started = time.monotonic()
-            header = capture_header(opts, backend, time.time_ns())
+            self.started_ns = time.time_ns()
+            header = capture_header(opts, backend, self.started_ns)
             self._each("start", header)
             self._snapshots()
             self._announce(how)
@@ -284,25 +309,38 @@ class Session:
             if new:
                 self.backend.watch_more(sorted(new))
                 self.watch += sorted(new)
+        self._snapshots(now)
         ticking = [s for s in self.sinks if type(s).tick is not Sink.tick]
         if ticking:
             self._each("tick", self.summary(latency=any(s.tick_latency for s in ticking)))
 
-    def _snapshots(self) -> None:
-        """What a review needs once the node is gone: the pods and the node's hostPort rules."""
+    def _snapshots(self, now: Optional[float] = None) -> None:
+        """What a review needs once the node is gone: the pods and the node's hostPort rules, at
+        the start and again whenever they change (looked at every SNAPSHOT_PODS_S and
+        SNAPSHOT_RULES_S seconds), so that a review later explains a flow with the pods and
+        rules of its time."""
         wants = [s for s in self.sinks if type(s).snapshot is not Sink.snapshot]
         if not wants:
             return
-        pods = [dataclasses.asdict(p) for p in _pods(self.index)]
-        rules = []
-        if self.opts.use_rules:
-            from bpftrace_hostport.node.rules import read_node_rules
-            try:
-                rules = [dataclasses.asdict(r) for r in read_node_rules(self.opts.netns)[0]]
-            except UserError:
-                pass
-        self._each("snapshot", "pods", pods)
-        self._each("snapshot", "rules", rules)
+        now = time.monotonic() if now is None else now
+        if now >= self.snap_due["pods"]:
+            self.snap_due["pods"] = now + SNAPSHOT_PODS_S
+            pods = tuple(_pods(self.index))
+            if pods != self.snap_last.get("pods"):
+                self.snap_last["pods"] = pods
+                self._each("snapshot", "pods", [dataclasses.asdict(p) for p in pods])
+        if now >= self.snap_due["rules"]:
+            self.snap_due["rules"] = now + SNAPSHOT_RULES_S
+            rules: tuple = ()
+            if self.opts.use_rules:
+                from bpftrace_hostport.node.rules import read_node_rules
+                try:
+                    rules = tuple(read_node_rules(self.opts.netns)[0])
+                except UserError:
+                    rules = self.snap_last.get("rules", ())
+            if rules != self.snap_last.get("rules"):
+                self.snap_last["rules"] = rules
+                self._each("snapshot", "rules", [dataclasses.asdict(r) for r in rules])
 
 
 def _pods(index) -> list:

@@ -15,6 +15,10 @@ from bpftrace_hostport.records.batch import AddrNames, FlowBatch
 
 
 class Sink:
+    """The interface. A subclass declares `needs`: "records" (the kernel sends a record per
+    flow) or "counters" (its figures come from the kernel's per-mapping counters and the
+    running summary; only flows nobody answered still come as records). collect/outputs.py
+    refuses a sink that declares neither."""
     tick_latency = True       # tick() is given latency percentiles (False: a cheaper summary)
 
     def start(self, header: dict) -> None:
@@ -46,6 +50,7 @@ def _dump(rec: dict) -> bytes:
 
 class JsonLinesSink(Sink):
     """`--format json`: the capture header, one object per flow and miss, the summary last."""
+    needs = "records"
 
     def __init__(self, out: TextIO):
         self.out = out
@@ -118,6 +123,7 @@ class TextSink(Sink):
     `check_hint`: the `check` command line the summary suggests when something looks wrong;
     `pods`: the node's pods (PodInfo, or a callable returning them) for the summary's notes.
     """
+    needs = "records"
 
     def __init__(self, out: TextIO, check_hint: Optional[str] = None, pods=None):
         self.out = out
@@ -159,6 +165,7 @@ class LiveSink(Sink):
     wrong, then the latest flows and misses (the latest misses always among them). After Ctrl-C
     the frame goes and the full summary and the latest events are printed, and stay.
     """
+    needs = "records"
 
     RATE_WINDOW_S = 5.0
 
@@ -241,6 +248,7 @@ def output_sink(fmt: str, out: TextIO = sys.stdout, check_hint: Optional[str] = 
 
 class RecordingSink(Sink):
     """`--record PATH`: everything the session sees, in a crash-safe Arrow IPC stream."""
+    needs = "records"
 
     def __init__(self, path: str, max_size: Optional[int] = None, max_files: Optional[int] = None,
                  anonymize_key: Optional[bytes] = None):

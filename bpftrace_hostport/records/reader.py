@@ -1,296 +1,112 @@
-"""Reading captures, recordings (records/recording.py) and JSON lines alike -> Capture.
-
-`load` reads whole files into the DataFrames of capture.py; `iter_flow_batches` streams one
-file's flows as Arrow record batches in the recording's columns, for files too big for that.
+"""Captures read whole, into the DataFrames of capture.py: for small captures (tests, the
+bench, converting an old capture). `report`, `summary` and `export` stream instead
+(records/stream.py: a file at a time, batch by batch, into the one roll-up).
 
 DataFrame columns: `ts` datetime64[ns, UTC]; integers int64, the nullable ones (`packets`,
-`bytes`) pandas Int64; `latency_us` float64 with NaN for null; booleans bool; strings
-(addresses, proto, hook, names, node, source) plain str/None in object columns, not
-categoricals (report.py factorizes what it groups). Rows come file by file, in file order.
-
-A file that ended badly is read up to what is whole, with one note and `truncated` set: a
-torn last batch or a cut last line (the tracer was killed or the disk filled), a recording
-without its `end` row or whose counts disagree, a JSON-lines capture without a summary.
-Anything else wrong is a UserError naming the file (and line), never a traceback.
+`bytes`, `icmp_type`, `icmp_code`) pandas Int64; `latency_us`, `refusal_us` float64 with NaN
+for null; booleans bool; strings (addresses, proto, hook, outcome, names, node, source) plain
+str/None in object columns. Rows come file by file, in file order.
 """
 from __future__ import annotations
 
-import glob
 import math
-import io
-import os
-import sys
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
-import orjson
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from bpftrace_hostport import proto as protomod
-from bpftrace_hostport.records.batch import ADDR, FlowBatch, ns_to_iso, unpack_addr
 from bpftrace_hostport.errors import UserError
-from bpftrace_hostport.records import check
+from bpftrace_hostport.records import check, outcome as oc
+from bpftrace_hostport.records.batch import ADDR, FlowBatch, ns_to_iso, unpack_addr
 from bpftrace_hostport.records.capture import Capture
-from bpftrace_hostport.records.schema import (
-    CAPTURE, RECORDING_MAGIC, RECORDS, SCHEMA_VERSION, Field, field_names, recording_schema)
+from bpftrace_hostport.records.schema import RECORDS, Field, field_names, recording_schema
+from bpftrace_hostport.records.stream import CHUNK, CaptureFile, kind_of, open_captures, opener
 
-STREAM_MAGIC = b"\xff\xff\xff\xff"        # an Arrow IPC stream's first message continuation
-STDIN_NAME = "<stdin>"
-MEASURES = ("latency", "packets", "misses", "drops")
-_CHUNK = 65536                            # JSON records typed per step: bounds memory
-
-
-# -------------------------------------------------------------------------------- entry points
 
 def load(paths: Sequence[str], *, stdin=None) -> Capture:
-    """Every file of `paths` ("-": standard input, bytes; a directory: its *.arrow and *.jsonl
-    files sorted by name) read and put together."""
-    if not paths:
-        raise UserError("No capture given; pass a recording or a JSON-lines capture.")
-    parts = []
-    for path in paths:
-        if path == "-":
-            data = (stdin if stdin is not None else sys.stdin.buffer).read()
-            parts.append(_read_source(STDIN_NAME, data))
-        else:
-            parts += [_read_source(p, p) for p in _expand(path)]
-    return _combine(parts)
-
-
-def iter_flow_batches(path: str, notes: Optional[List[str]] = None) -> Iterator[pa.RecordBatch]:
-    """One file's flows as record batches of recording_schema() (JSON lines are converted
-    chunk by chunk). A torn end stops the batches; its sentence goes to `notes` if given."""
-    notes = notes if notes is not None else []
-    if detect(path) == "recording":
-        with _open(path, pa.OSFile) as src:
-            for batch in _stream(path, src, notes):
-                yield from (b for kind, b in _kinds(batch) if kind == "flow")
-        return
-    with _open(path, lambda p: open(p, "rb")) as f:
-        lines = _JsonLines(path, f, notes)
-        for kind, recs, nums in lines.chunks():
-            if kind == "flow":
-                lines.columns(kind, recs, nums)           # validated before conversion
-                try:
-                    yield pa.record_batch(FlowBatch.from_records(recs).to_arrow())
-                except (ValueError, OSError):             # an address that is not one
-                    raise UserError(f"{path} holds a flow that cannot be converted between lines "
-                                    f"{nums[0]} and {nums[-1]}; {check.FIX}.") from None
-
-
-def detect(path: str) -> str:
-    """"recording" or "jsonl", by the first bytes (an empty file counts as JSON lines)."""
-    with _open(path, lambda p: open(p, "rb")) as f:
-        return _kind(path, f.read(64))
-
-
-# ------------------------------------------------------------------------------------ files
-
-def _expand(path: str) -> List[str]:
-    if not os.path.isdir(path):
-        if not os.path.exists(path):
-            raise UserError(f"{path} does not exist; check the path and try again.")
-        return [path]
-    files = sorted(glob.glob(os.path.join(glob.escape(path), "*.arrow"))
-                   + glob.glob(os.path.join(glob.escape(path), "*.jsonl")))
-    if not files:
-        raise UserError(f"{path} holds no .arrow or .jsonl files; give a capture file or the "
-                        "directory of a recording.")
-    return files
-
-
-def _open(path: str, opener: Callable):
-    try:
-        return opener(path)
-    except FileNotFoundError:
-        raise UserError(f"{path} does not exist; check the path and try again.") from None
-    except PermissionError:
-        raise UserError(f"{path} cannot be read (permission denied); fix its permissions or run as "
-                        "a user who can read it.") from None
-    except OSError as e:
-        raise UserError(f"{path} cannot be read ({e.strerror or e}); check the path and try again.") from None
-
-
-def _kind(name: str, head: bytes) -> str:
-    if head.startswith(STREAM_MAGIC):
-        return "recording"
-    if not head.strip() or head.lstrip().startswith(b"{"):
-        return "jsonl"
-    raise UserError(f"{name} is neither a recording nor a JSON-lines capture; give a file written "
-                    "by `trace --record` or `trace --format json`.")
-
-
-def _read_source(name: str, source) -> Capture:
-    """One file (`source` its path, or the bytes of standard input)."""
-    is_path = isinstance(source, str)
-    if is_path:
-        head = detect(source)
-        empty = os.path.getsize(source) == 0
-    else:
-        head, empty = _kind(name, source[:64]), not source
-    if empty:
-        return _part(name, _header(1, None), [], _frame("flow", {}), _frame("miss", {}),
-                     [f"{name} is empty (the tracer stopped before writing anything)."])
-    if head == "recording":       # read, not mapped: a file cut while mapped would be SIGBUS
-        with (_open(source, pa.OSFile) if is_path else pa.BufferReader(source)) as src:
-            return _read_recording(name, src)
-    with (_open(source, lambda p: open(p, "rb")) if is_path else io.BytesIO(source)) as f:
-        return _read_jsonl(name, f)
-
-
-def _part(name, header, summaries, flows, misses, notes, snapshots=()) -> Capture:
-    """One file's Capture: rows, summaries and snapshots get the file's node and source."""
-    node = header.get("node") or ""
-    return Capture(
-        flows=_with_origin(flows, node, name), misses=_with_origin(misses, node, name),
-        summaries=[dict(s, node=node, source=name) for s in summaries],
-        headers=[dict(header, source=name)],
-        snapshots=[dict(s, node=node, source=name) for s in snapshots],
-        notes=list(notes), truncated=bool(notes))
-
-
-def _combine(parts: List[Capture]) -> Capture:
+    """Every file of `paths` ("-": standard input; a directory: its captures) read whole."""
+    parts = [_read(cf) for cf in open_captures(paths, stdin=stdin)]
     if len(parts) == 1:
         return parts[0]
     return Capture(
         flows=pd.concat([p.flows for p in parts], ignore_index=True),
         misses=pd.concat([p.misses for p in parts], ignore_index=True),
-        summaries=[s for p in parts for s in p.summaries],
-        headers=[h for p in parts for h in p.headers],
-        snapshots=[s for p in parts for s in p.snapshots],
-        notes=[n for p in parts for n in p.notes],
-        truncated=any(p.truncated for p in parts))
+        summaries=[x for p in parts for x in p.summaries],
+        headers=[x for p in parts for x in p.headers],
+        snapshots=[x for p in parts for x in p.snapshots],
+        notes=[n for p in parts for n in p.notes], truncated=any(p.truncated for p in parts))
 
 
-def _header(schema: int, backend: Optional[str]) -> dict:
-    """The header of a file that has none (schema 1 JSON lines; a recording torn before it)."""
-    backend = backend or "netfilter"
-    return {"type": "capture", "schema": schema, "tool": None, "backend": backend, "node": None,
-            "kernel": None, "netns": None, "started": None, "options": {},
-            "measures": dict.fromkeys(MEASURES, backend != "conntrack")}
+def detect(path: str) -> str:
+    """"recording", "jsonl" or "parquet", by the first bytes (an empty file is a UserError)."""
+    with opener(path, lambda p: open(p, "rb")) as f:
+        return kind_of(path, f.read(64))
 
 
-# ------------------------------------------------------------------------------- recordings
-
-def _read_recording(name: str, src) -> Capture:
-    notes: List[str] = []
-    tables: Dict[str, List[pa.RecordBatch]] = {"flow": [], "miss": []}
-    rows: Dict[str, list] = {}                # payload kind -> [(ts ns, object)]
-    for batch in _stream(name, src, notes):
-        for kind, b in _kinds(batch):
-            if kind in tables:
-                tables[kind].append(b)
-            else:
-                rows.setdefault(kind, []).extend(_payloads(name, kind, b))
-    try:
-        return _recording_capture(name, notes, tables, rows)
-    except (pa.ArrowException, ValueError, IndexError, OverflowError, TypeError, KeyError):
-        raise UserError(f"{name} holds values no tracer writes (the file was changed after it was "
-                        "written); it cannot be read.") from None
+def iter_flow_batches(path: str, notes: Optional[List[str]] = None) -> Iterator[pa.RecordBatch]:
+    """One file's flows as record batches of recording_schema()."""
+    cf = CaptureFile(path, path)
+    for kind, item in cf.items():
+        if kind == "flows":
+            yield pa.record_batch(item.to_arrow())
+    if notes is not None:
+        notes += cf.notes
 
 
-def _recording_capture(name: str, notes: List[str], tables: dict, rows: dict) -> Capture:
-    metas = rows.get("meta") or [(None, _header(SCHEMA_VERSION, None))]
-    header = metas[0][1]                      # with the writer's file_index
-    if not notes:
-        notes += _end_notes(name, rows, tables)
-    flows, misses = (_frame(k, _arrow_columns(k, pa.Table.from_batches(tables[k]) if tables[k]
-                                              else recording_schema().empty_table()))
-                     for k in ("flow", "miss"))
-    snapshots = [{"kind": kind, "ts": ns_to_iso(ts), "items": obj.get("items", [])}
-                 for kind in ("pods", "rules") for ts, obj in rows.get(kind, [])]
-    return _part(name, header, [obj for _, obj in rows.get("summary", [])], flows, misses, notes,
-                 snapshots)
+def _read(cf: CaptureFile) -> Capture:
+    header: Optional[dict] = None
+    flows: List[FlowBatch] = []
+    misses: List[dict] = []
+    summaries, snapshots = [], []
+    for kind, item in cf.items():
+        if kind == "header":
+            header = header or item
+        elif kind == "flows":
+            flows.append(item)
+        elif kind == "misses":
+            misses += item
+        elif kind == "summary":
+            summaries.append(item)
+        elif kind == "snapshot":
+            snapshots.append({"kind": item["kind"], "ts": ns_to_iso(item["ts_ns"]), "items": item["items"]})
+    header = header or {}
+    if header.get("schema") == 1 and summaries and summaries[-1].get("backend"):
+        # schema 1 had no header: its summary is the better witness of the backend
+        header = dict(header, backend=summaries[-1]["backend"],
+                      measures=dict.fromkeys(header["measures"], summaries[-1]["backend"] != "conntrack"))
+    node = header.get("node") or ""
+    batch = FlowBatch.concat(flows)
+    t = pa.Table.from_batches([pa.record_batch(batch.to_arrow())]) if len(batch) else recording_schema().empty_table()
+    fl = _frame("flow", _arrow_columns("flow", t))
+    ms = _frame("miss", _miss_columns(misses)) if misses else _frame("miss", {})
+    return Capture(flows=_with_origin(fl, node, cf.name), misses=_with_origin(ms, node, cf.name),
+                   summaries=[dict(x, node=node, source=cf.name) for x in summaries],
+                   headers=[dict(header, source=cf.name)],
+                   snapshots=[dict(x, node=node, source=cf.name) for x in snapshots],
+                   notes=list(cf.notes), truncated=cf.truncated)
 
 
-def _stream(name: str, src, notes: List[str]) -> Iterator[pa.RecordBatch]:
-    """The record batches, in order; a torn tail ends them with one note."""
-    read = 0
-    try:
-        reader = pa.ipc.open_stream(src)
-        _check_schema(name, reader.schema)
-        while True:
-            batch = reader.read_next_batch()
-            # Every offset, index and UTF-8 string checked before anything reads it: a batch
-            # damaged on disk must end the file here, never crash the reader (or the process).
-            batch.validate(full=True)
-            read += batch.num_rows
-            yield _plain(batch)
-    except StopIteration:
-        return
-    except (pa.ArrowException, OSError, ValueError, UnicodeDecodeError, IndexError, OverflowError):
-        notes.append(f"{name} ends in a torn or damaged batch after {read} rows (the tracer was "
-                     "killed, the disk filled, or the file was changed); the report covers what "
-                     "was written before it.")
-
-
-def _check_schema(name: str, schema: pa.Schema) -> None:
-    meta = schema.metadata or {}
-    if meta.get(b"format") != RECORDING_MAGIC.encode() or not set(recording_schema().names) <= set(schema.names):
-        raise UserError(f"{name} is an Arrow stream but not a bpftrace-hostport recording; give a "
-                        "file written by `trace --record`.")
-    version = int(meta.get(b"schema", b"0")) if meta.get(b"schema", b"").isdigit() else 0
-    if version > SCHEMA_VERSION:
-        raise UserError(f"{name} was written by a newer bpftrace-hostport (recording schema {version}; "
-                        f"this one reads up to {SCHEMA_VERSION}); upgrade to read it.")
-
-
-def _plain(batch: pa.RecordBatch) -> pa.RecordBatch:
-    """Schema 2 wrote the strings dictionary-encoded: decoded here, every batch has the plain
-    strings of schema 3."""
-    if not any(pa.types.is_dictionary(f.type) for f in batch.schema):
-        return batch
-    cols = [c.dictionary_decode() if pa.types.is_dictionary(c.type) else c for c in batch.columns]
-    schema = pa.schema([f.with_type(c.type) for f, c in zip(batch.schema, cols)],
-                       metadata=batch.schema.metadata)
-    return pa.RecordBatch.from_arrays(cols, schema=schema)
-
-
-def _kinds(batch: pa.RecordBatch) -> List[Tuple[str, pa.RecordBatch]]:
-    """(kind, rows of that kind): the writer makes one kind per batch; others are split."""
-    col = batch.column(0)
-    enc = col.dictionary_encode()
-    kinds = enc.dictionary.to_pylist()
-    if len(kinds) == 1 and col.null_count == 0:
-        return [(kinds[0], batch)]
-    idx = enc.indices.fill_null(-1).to_numpy(zero_copy_only=False)
-    return [(k, batch.filter(pa.array(idx == i))) for i, k in enumerate(kinds) if (idx == i).any()]
-
-
-def _payloads(name: str, kind: str, b: pa.RecordBatch) -> List[Tuple[int, dict]]:
-    ts = b.column("ts").cast(pa.int64()).fill_null(0).to_pylist()
-    try:
-        out = [(t, orjson.loads(p or "{}")) for t, p in zip(ts, b.column("payload").to_pylist())]
-    except orjson.JSONDecodeError:
-        out = None
-    if out is None or not all(isinstance(obj, dict) for _, obj in out):
-        raise UserError(f"{name} holds a damaged {kind} row; the file was changed after it was "
-                        "written.") from None
-    return out
-
-
-def _end_notes(name: str, rows: Dict[str, list], tables: dict) -> List[str]:
-    """The stream ended cleanly: does it end with an end row whose counts match what was read?"""
-    got = {"flows": sum(b.num_rows for b in tables["flow"]),
-           "misses": sum(b.num_rows for b in tables["miss"])}
-    got["rows"] = got["flows"] + got["misses"] + sum(len(v) for k, v in rows.items() if k != "end")
-    if not rows.get("end"):
-        return [f"{name} has no end marker (the tracer was killed or the disk filled); the report "
-                f"covers the {got['flows']} flows written before."]
-    end = rows["end"][0][1]
-    said = {k: end.get(k) if type(end.get(k)) is int else None for k in got}   # only numbers shown
-    if said != got:
-        return [f"{name} says it holds {said['rows']} rows ({said['flows']} flows) but "
-                f"{got['rows']} ({got['flows']} flows) were read; the report covers what was read."]
-    return []
+def _miss_columns(misses: List[dict]) -> dict:
+    fields = [f.name for f in RECORDS["miss"][1:]]
+    cols = {f: [m.get(f) for m in misses] for f in fields}
+    cols["ts"] = [m["ts_ns"] for m in misses]
+    return cols
 
 
 # ---------------------------------------------------------------------------- Arrow -> frames
 
+def _names(table) -> np.ndarray:
+    """code -> name for every uint8 code (None for the unknown ones, and for 255: null)."""
+    return np.array([table[i] if i < len(table) else None for i in range(256)], dtype=object)
+
+
 _NAMES = {"proto": np.array([protomod.name(i) for i in range(256)], dtype=object),
-          "hook": np.array([protomod.HOOKS.get(i) or str(i) for i in range(256)], dtype=object)}
+          "hook": np.array([protomod.HOOKS.get(i) or str(i) for i in range(256)], dtype=object),
+          "outcome": _names(oc.OUTCOMES), "refusal": _names(oc.REFUSALS),
+          "refused_by": _names(oc.REFUSED_BY)}
 
 
 def _arrow_columns(kind: str, t: pa.Table) -> dict:
@@ -368,89 +184,10 @@ def _with_origin(df: pd.DataFrame, node: str, source: str) -> pd.DataFrame:
     return df
 
 
+
 # ------------------------------------------------------------------------------- JSON lines
 
-def _read_jsonl(name: str, f) -> Capture:
-    notes: List[str] = []
-    lines = _JsonLines(name, f, notes)
-    frames: Dict[str, List[pd.DataFrame]] = {"flow": [], "miss": []}
-    for kind, recs, nums in lines.chunks():
-        cols = lines.columns(kind, recs, nums)
-        try:
-            frames[kind].append(_frame(kind, cols))
-        except (OverflowError, TypeError):          # beyond int64 (types were checked)
-            raise UserError(f"{name} holds an integer too large for a {kind} field near line "
-                            f"{nums[0]}; {check.FIX}.") from None
-    flows, misses = (pd.concat(frames[k], ignore_index=True) if frames[k] else _frame(k, {})
-                     for k in ("flow", "miss"))
-    header = lines.header or _header(1, (lines.summary or {}).get("backend"))
-    return _part(name, header, [lines.summary] if lines.summary else [], flows, misses, notes)
-
-
-class _JsonLines:
-    """One JSON-lines capture, record by record: flows and misses come out in chunks (memory
-    stays bounded), the header (first line) and the last summary are kept, checked."""
-
-    def __init__(self, name: str, lines: Iterable[bytes], notes: List[str]):
-        self.name, self.lines, self.notes = name, lines, notes
-        self.header: Optional[dict] = None
-        self.summary: Optional[dict] = None
-
-    def chunks(self) -> Iterator[Tuple[str, List[dict], List[int]]]:
-        pending: Dict[str, Tuple[List[dict], List[int]]] = {"flow": ([], []), "miss": ([], [])}
-        first = True
-        for lineno, rec in self._records():
-            kind = rec.get("type") if isinstance(rec.get("type"), str) else None
-            if kind == "capture" and first:
-                self.header = check.check_record(CAPTURE, rec, f"{self.name} line {lineno}",
-                                                 required=("schema",))
-                self._check_version()
-            elif kind == "summary":
-                self.summary = check.check_summary(rec, f"{self.name} line {lineno}")
-            elif kind in pending:
-                pending[kind][0].append(rec)
-                pending[kind][1].append(lineno)
-                if len(pending[kind][0]) >= _CHUNK:
-                    yield (kind,) + pending[kind]
-                    pending[kind] = ([], [])
-            first = False
-        yield from ((k, recs, nums) for k, (recs, nums) in pending.items() if recs)
-        if self.summary is None and not self.notes:
-            self.notes.append(f"{self.name} has no summary record (the tracer was stopped before it "
-                              "finished); figures come from its flow records.")
-
-    def columns(self, kind: str, recs: List[dict], nums: List[int]) -> Dict[str, list]:
-        """The chunk's fields as checked columns, `ts` parsed to int64 ns."""
-        defaults = check.v1_defaults((self.header or {}).get("schema", 1))
-        where = lambda i: f"{self.name} line {nums[i]}"          # noqa: E731
-        cols = check.check_columns(RECORDS[kind], recs, where, defaults)
-        cols["ts"] = _iso_ns(cols["ts"], where)
-        return cols
-
-    def _check_version(self) -> None:
-        if self.header["schema"] > SCHEMA_VERSION:
-            raise UserError(f"{self.name} was written by a newer bpftrace-hostport (schema "
-                            f"{self.header['schema']}; this one reads up to {SCHEMA_VERSION}); "
-                            "upgrade to read it.")
-
-    def _records(self) -> Iterator[Tuple[int, dict]]:
-        for lineno, line in enumerate(self.lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                if not line.endswith(b"\n"):      # only the last line can lack one: cut by a kill
-                    self.notes.append(f"{self.name} ends in a cut line {lineno} (the capture was "
-                                      "interrupted); it was skipped.")
-                    return
-                raise UserError(f"{self.name} line {lineno} is not JSON; {check.FIX}.") from None
-            if not isinstance(rec, dict):
-                raise UserError(f"{self.name} line {lineno} is not a JSON object; {check.FIX}.")
-            yield lineno, rec
-
-
-def _iso_ns(values: list, where: Callable[[int], str]) -> np.ndarray:
+def iso_column(values: list, where: Callable[[int], str]) -> np.ndarray:
     """ISO 8601 strings with their zone -> int64 ns (UTC), parsed as one column; a bad one (an
     empty one, which pandas would take for "no time", or one without a zone) is named."""
     zoned = all(v[-1:] == "Z" or v[-6:-5] in ("+", "-") for v in values)
@@ -472,8 +209,8 @@ def _iso_ns(values: list, where: Callable[[int], str]) -> np.ndarray:
 def flow_records(df) -> Iterator[dict]:
     """The flow rows as JSON "flow" records (schema order), chunk by chunk."""
     fields = [f for f in field_names("flow") if f != "type"]
-    for start in range(0, len(df), _CHUNK):
-        part = df.iloc[start:start + _CHUNK]
+    for start in range(0, len(df), CHUNK):
+        part = df.iloc[start:start + CHUNK]
         ts = part["ts"].dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ").tolist()
         cols = {f: part[f].astype(object).tolist() for f in fields if f != "ts"}
         for i in range(len(part)):

@@ -211,7 +211,7 @@ def test_demo_end_to_end():
     out = p.stdout
     assert "[1/7]" in out and "[7/7]" in out and "hostnetwork-hostport" in out
     assert "became" in out and "cjweichen/nginx-hostport-" in out
-    assert "tcp :8000" in out and "lost events" in out
+    assert "tcp :8000" in out and "lost flow" in out
     assert netns_with_prefix(f"bhp-{name}-") == []
 
 

@@ -174,9 +174,9 @@ def read_capture(path: Path):
     if cap is not None:
         for n in cap.notes:
             sentence(n)
-        from bpftrace_hostport.analysis.aggregate import summarize
+        from bpftrace_hostport.analysis.summary import summarize_records
         # the records go on to FlowBatch (summary, export to a recording): no surprise there
-        summarize(list(flow_records(cap.flows)), list(miss_records(cap.misses)), None, None, 1.0, 0)
+        summarize_records(flow_records(cap.flows), miss_records(cap.misses), 1.0)
 
 
 def read_recording(path: Path):
@@ -222,10 +222,10 @@ MISS = {"type": "miss", "ts": "2026-01-01T00:00:03Z", "proto": "udp", "family": 
 
 
 def capture_records() -> List[dict]:
-    from bpftrace_hostport.analysis.aggregate import summarize
+    from bpftrace_hostport.analysis.summary import summarize_records
     flows = [F, dict(F, ts="2026-01-01T00:00:02Z", proto="udp", answered=False, latency_us=None,
                      masqueraded=None, snat_ip=None, drop_reason="NETFILTER_DROP", hook="output")]
-    summary = summarize(flows, [MISS], None, None, 3.0, 0)
+    summary = summarize_records(flows, [MISS], 3.0)
     return [HEADER, *flows, MISS, summary]
 
 

@@ -93,7 +93,7 @@ def test_summary_on_a_pipe_has_no_width_limit():
     text = render_summary(s, None, check_hint=HINT, pods=PODS)
     golden("summary-none.txt", text)
     lines = text.splitlines()
-    assert lines[0] == "64 flows over 12.437 s, 1 lost event"
+    assert lines[0] == "64 flows over 12.437 s, 1 lost flow"
     # one line per mapping, every value whole
     assert sum(1 for ln in lines if ln.startswith(("tcp :", "udp :"))) == len(s["mappings"])
     assert any("cjweichen/nginx-hostport-6f9b9886b4-dndhf (http)" in ln and "[fd00:140:1::2]:80" in ln

@@ -11,6 +11,8 @@ from bpftrace_hostport.errors import UserError
 from bpftrace_hostport.records.reader import detect, iter_flow_batches, load
 from bpftrace_hostport.records.schema import SCHEMA_VERSION, recording_schema
 
+from tests.samples import outcomes
+
 from .test_recording import HEADER, MISS, SAMPLE, SUMMARY, records, write
 
 # A capture as the tracer wrote it before headers existed (schema 1): no header line, flows
@@ -44,9 +46,9 @@ def test_schema_1_capture_reads_with_a_synthesized_header(tmp_path):
     path = jsonl(tmp_path, lines(OLD_FLOW, OLD_MISS, OLD_SUMMARY))
     cap = load([path])
     assert (cap.notes, cap.truncated) == ([], False)
-    assert records(cap.flows) == [dict(OLD_FLOW, midstream=False)]
+    assert records(cap.flows) == [outcomes(dict(OLD_FLOW, midstream=False))]
     assert records(cap.misses, "miss")[0]["hook"] == "prerouting"
-    assert cap.headers == [{"type": "capture", "schema": 1, "tool": None, "backend": "netfilter",
+    assert cap.headers == [{"type": "capture", "schema": 1, "tool": None, "session": None, "backend": "netfilter",
                             "node": None, "kernel": None, "netns": None, "started": None,
                             "options": {}, "measures": dict.fromkeys(
                                 ("latency", "packets", "misses", "drops"), True), "source": path}]
@@ -146,7 +148,7 @@ def test_neither_format_is_refused(tmp_path):
         load([path])
     with pytest.raises(UserError, match="does not exist"):
         load([str(tmp_path / "nothing.arrow")])
-    with pytest.raises(UserError, match="holds no .arrow or .jsonl files"):
+    with pytest.raises(UserError, match="holds no .arrow, .jsonl or .parquet files"):
         (tmp_path / "empty").mkdir()
         load([str(tmp_path / "empty")])
 
@@ -180,8 +182,7 @@ def test_several_files_and_stdin(tmp_path):
         assert not piped.truncated and set(piped.flows["source"]) == {"<stdin>"}
 
 
-def test_empty_file_is_a_note(tmp_path):
+def test_an_empty_file_is_refused_not_read_as_an_empty_capture(tmp_path):
     path = jsonl(tmp_path, b"", "rec.arrow")
-    cap = load([path])
-    assert cap.truncated and len(cap.flows) == 0 and "is empty" in cap.notes[0]
-    assert list(cap.flows.columns)[-2:] == ["node", "source"]
+    with pytest.raises(UserError, match=r"rec.arrow is empty \(the tracer wrote nothing\)"):
+        load([path])

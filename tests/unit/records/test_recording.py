@@ -188,7 +188,7 @@ def test_torn_last_batch_keeps_the_earlier_rows(tmp_path):
     cap = load([str(path)])
     assert len(cap.flows) == 50 and cap.truncated
     assert cap.notes == [f"{path} ends in a torn or damaged batch after 52 rows (the tracer was "
-                         "killed, the disk filled, or the file was changed); the report covers what "
+                         "killed, the disk filled, or the file was changed); the figures cover what "
                          "was written before it."]
     notes = []
     assert sum(b.num_rows for b in iter_flow_batches(str(path), notes)) == 50 and len(notes) == 1
