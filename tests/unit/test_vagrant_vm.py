@@ -9,7 +9,8 @@ checked without booting a VM. The VM run itself takes minutes and is not in the 
 - vagrant/Vagrantfile stays the file users run with the public debian/trixie64 box: the check's
   site settings live in scripts/vagrant-vm/site.Vagrantfile, and its provisioners are named so
   that Vagrant adds them instead of replacing the project's.
-- check_demo.py on a real `lab demo` output captured in the VM, and on that output with each
+- check_demo.py on a real `lab demo` output (captured on this machine; the same command and format
+  as in the VM), and on that output with each
   failure planted.
 - proxy.py for real on loopback: plain http in origin-form with keep-alive, a CONNECT tunnel,
   403 for what is not allowed.
@@ -31,7 +32,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "check-vagrant-vm.sh"
 HELPERS = ROOT / "scripts" / "vagrant-vm"
-FIXTURE = ROOT / "tests" / "fixtures" / "vagrant-vm" / "demo-in-vm.txt"
+FIXTURE = ROOT / "tests" / "fixtures" / "vagrant-vm" / "demo-output.txt"
 
 sys.path.insert(0, str(HELPERS))
 import check_demo  # noqa: E402
@@ -102,7 +103,7 @@ def code_of_ruby(text: str) -> str:
 
 # --------------------------------------------------------------------------- check_demo.py
 
-def test_check_demo_passes_the_vms_demo():
+def test_check_demo_passes_a_real_demo():
     ok, line = check_demo.check(FIXTURE.read_text())
     assert ok, line
     assert re.match(r"\d+ flows traced \(netfilter backend\), 0 lost events, 5 misses on :9000; "
