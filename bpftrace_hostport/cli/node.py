@@ -31,11 +31,14 @@ def _pod_source(pod_files: Sequence[str], pods_from: str, netns: Optional[str],
 
 
 def node_view(netns: Optional[str], lab_name: Optional[str], pod_files: Sequence[str],
-              pods_from: Optional[str], node_name: Optional[str], kubeconfig: Optional[str] = None):
-    """Gathers the node's rules, pods and conntrack (for rules, check and the agent)."""
+              pods_from: Optional[str], node_name: Optional[str], kubeconfig: Optional[str] = None,
+              forward: bool = True):
+    """Gathers the node's rules, pods and conntrack (for rules and check; `forward=False`: without
+    the filter tables, which only check needs)."""
     from bpftrace_hostport.node.gather import gather
     pod_files = list(pod_files)
     pods_from = pods_from_default(pods_from, pod_files)
+    target = ["--lab", lab_name] if lab_name else (["--netns", netns] if netns else [])
     if lab_name:
         netns, pods_file, lab_node = lab_target(lab_name, netns)
         node_name = node_name or lab_node
@@ -46,7 +49,8 @@ def node_view(netns: Optional[str], lab_name: Optional[str], pod_files: Sequence
     if netns is not None and os.geteuid() != 0:
         raise UserError(f"Reading network namespace {netns} needs root: run it with sudo.")
     pods, known, notes = _pod_source(pod_files, pods_from, netns, node_name, kubeconfig)
-    view = gather(netns, pods, node_name=node_name, pods_known=known, notes=notes)
+    view = gather(netns, pods, node_name=node_name, pods_known=known, notes=notes, forward=forward,
+                  target_args=target)
     if not view.rules_read:
         if os.geteuid() != 0:
             raise UserError("Reading the node's nat rules and conntrack needs root: run it with sudo.")
@@ -246,7 +250,7 @@ def rules_cmd(netns, lab_name, pod_files, pods_from, kubeconfig, node_name, as_j
             asked.append((port, protos, explicit))
         else:
             asked[asked.index(old)] = (port, list(dict.fromkeys(old[1] + protos)), old[2] and explicit)
-    view = node_view(netns, lab_name, pod_files, pods_from, node_name, kubeconfig)
+    view = node_view(netns, lab_name, pod_files, pods_from, node_name, kubeconfig, forward=False)
     rows = mappings(view)
     hostnet = _host_network_rows(view)
     shadowing = {(h["proto"], h["host_port"]) for h in hostnet if h["conflict"]}
