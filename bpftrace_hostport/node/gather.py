@@ -255,11 +255,19 @@ def gather(netns: Optional[str] = None, resolver_or_index: Any = None, *, node_n
     return view
 
 
-def _ports_of_interest(view: NodeView) -> List[Tuple[str, int]]:
-    ports = {(r.proto, r.host_port) for r in view.rules}
+def _family(ip: str) -> int:
+    return 6 if ":" in ip else 4
+
+
+def _ports_of_interest(view: NodeView) -> List[Tuple[str, int, int]]:
+    """(proto, hostPort, family) of every rule and declaration: one conntrack dump each. A
+    declaration counts for the families of its pod's addresses (a hostNetwork pod: the node's)."""
+    ports = {(r.proto, r.host_port, r.family) for r in view.rules}
     for p in view.pods:
+        fams = {_family(ip) for ip in p.ips} or {4}
         for cp in p.host_ports:
-            ports.add((cp.protocol, cp.host_port))
+            for fam in fams:
+                ports.add((cp.protocol, cp.host_port, fam))
     return sorted(ports)
 
 
@@ -279,20 +287,19 @@ def _read_conntrack(netns: Optional[str], view: NodeView, read_conntrack) -> Non
     except Exception as e:  # noqa: BLE001 - any netlink trouble: try the conntrack tool
         entries = []
         ok = False
-        for proto, port in ports:
+        for proto, port, fam in ports:
             text = _run(None, ["conntrack", "-L", "-o", "extended", "-p", proto.lower(), "--orig-port-dst",
-                               str(port)], view.notes, "conntrack entries")
+                               str(port)] + (["-f", "ipv6"] if fam == 6 else []), view.notes, "conntrack entries")
             if text is not None:
                 ok = True
                 entries += parse_conntrack_text(text)
         for addr in addresses:
-            for proto in ("udp", "sctp"):
-                text = _run(None, ["conntrack", "-L", "-o", "extended", "-p", proto, "--orig-dst", addr,
-                                   "--dst-nat"] + (["-f", "ipv6"] if ":" in addr else []),
-                            view.notes, "conntrack entries")
-                if text is not None:
-                    ok = True
-                    entries += [x for x in parse_conntrack_text(text) if x.dnat]
+            text = _run(None, ["conntrack", "-L", "-o", "extended", "-p", "udp", "--orig-dst", addr,
+                               "--dst-nat"] + (["-f", "ipv6"] if ":" in addr else []),
+                        view.notes, "conntrack entries")
+            if text is not None:
+                ok = True
+                entries += [x for x in parse_conntrack_text(text) if x.dnat]
         if ok or not ports:
             seen = set()
             view.conntrack = [x for x in entries if not (x in seen or seen.add(x))]

@@ -267,7 +267,11 @@ def parse_iptables_save(text: str, family: int = 4, source: str = "iptables") ->
         elif ln == "COMMIT":
             table = None
         elif body.startswith(("-A ", "-I ")) and (table == "nat" or not has_tables):
-            rule_lines.append(ln)
+            # Only the hostPort producers' chains hold mappings (and their parents' matches):
+            # anything else (kube-proxy's thousands of Service rules) is never tokenized.
+            parts = body.split(None, 2)
+            if len(parts) > 1 and _kind_of_chain(parts[1]) is not None:
+                rule_lines.append(ln)
 
     rules = [r for r in (parse_rule_line(ln) for ln in rule_lines) if r is not None]
     parents: Dict[str, List[IptRule]] = {}
