@@ -150,22 +150,26 @@ class LabState:
 
 
 # -- preconditions ------------------------------------------------------------------------
-def check_prerequisites(portmap: str = "iptables") -> None:
+def check_prerequisites() -> None:
     if os.geteuid() != 0:
         raise LabError("The lab creates network namespaces and needs root: run it with sudo.")
     for tool in ("ip", "iptables"):
         if not shutil.which(tool):
             raise LabError(f"`{tool}` is missing: install iproute2 and iptables (scripts/setup.sh does).")
-    if portmap == "nftables":
-        from bpftrace_hostport.lab.plugins import nftables_plugins
-        nftables_plugins()          # fetched once into the lab's own cache (lab/plugins.py), or one sentence
-        if not shutil.which("nft"):
-            raise LabError("`nft` is missing: install nftables (scripts/setup.sh does).")
-        return
     missing = [p for p in CNI_PLUGINS if not os.access(os.path.join(CNI_PATH, p), os.X_OK)]
     if missing:
         raise LabError(f"CNI plugins {', '.join(missing)} not found in {CNI_PATH}: "
                        "apt-get install containernetworking-plugins (or set CNI_PATH).")
+
+
+def _check_nftables() -> None:
+    """The nftables portmap: a plugins build of our own (fetched once, lab/plugins.py) and nft."""
+    if os.geteuid() != 0:
+        raise LabError("The lab creates network namespaces and needs root: run it with sudo.")
+    if not shutil.which("nft") or not shutil.which("ip"):
+        raise LabError("`nft` or `ip` is missing: install nftables and iproute2 (scripts/setup.sh does).")
+    from bpftrace_hostport.lab.plugins import nftables_plugins
+    nftables_plugins()
 
 
 def _subnet_for(name: str) -> int:
@@ -466,7 +470,10 @@ def up(manifests: Sequence[str] = (), name: str = "lab", scenario: str = "basic"
         raise LabError("--services must be between 0 and 100000.")
     if services is not None and scenario != "kube-proxy":
         raise LabError("--services goes with --scenario kube-proxy.")
-    check_prerequisites(portmap)
+    if portmap == "nftables":
+        _check_nftables()
+    else:
+        check_prerequisites()
     # Parse everything before building anything: bad input leaves nothing half-built.
     if manifest_text is not None:
         plans = parse_manifests(manifest_text, "<manifest>")
