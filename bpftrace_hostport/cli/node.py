@@ -341,7 +341,7 @@ def check_cmd(netns, lab_name, pod_files, pods_from, kubeconfig, node_name, as_j
     elif not found:
         from bpftrace_hostport.analysis.render import plural
         click.echo(f"No problems found ({plural(len(view.rules), 'hostPort rule')}, {plural(len(view.pods), 'pod')}, "
-                   f"{plural(len(view.conntrack), 'DNAT conntrack entry', 'DNAT conntrack entries')} checked).")
+                   f"{plural(len(view.conntrack), 'conntrack entry', 'conntrack entries')} of hostPorts checked).")
     else:
         click.echo(render_findings(found, _width()), nl=False)
     if has_errors(found):

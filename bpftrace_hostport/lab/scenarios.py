@@ -247,9 +247,10 @@ def _one_family(st) -> None:
 
 
 def _ipvs(st) -> None:
-    """kube-proxy's IPVS mode: ClusterIPs bound to a dummy kube-ipvs0. IPVS itself is not in this
-    kernel, so a node socket on 10.96.0.10:8000 stands in for the Service of that port."""
-    _node(st, "ip", "link", "add", "kube-ipvs0", "type", "dummy")
+    """kube-proxy's IPVS mode: ClusterIPs bound to kube-ipvs0 (a dummy link there; this kernel has
+    no dummy links, so a veth whose peer stays unused). IPVS itself is not in this kernel either,
+    so a node socket on 10.96.0.10:8000 stands in for the Service of that port."""
+    _node(st, "ip", "link", "add", "kube-ipvs0", "type", "veth", "peer", "name", "kube-ipvs0-peer")
     for ip in CLUSTER_IPS:
         _node(st, "ip", "addr", "add", f"{ip}/32", "dev", "kube-ipvs0")
     _start(st, st.node_netns, ["bpftrace_hostport.lab.servers", "--pod", "default/web-service",

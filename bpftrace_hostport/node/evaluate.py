@@ -38,6 +38,7 @@ class Packet:
     states: Tuple[str, ...] = ()                # iptables ctstate names: NEW, ESTABLISHED, DNAT, ...
     orig_dport: Optional[int] = None            # the port the client called (ct original proto-dst)
     family: int = 4
+    dst_local: Optional[bool] = None            # the destination is a local address (addrtype LOCAL, fib)
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,8 @@ def _ipt_match(rule: IptRule, pkt: Packet) -> Optional[bool]:
             m = _port_in(pkt.sport, v)
         elif opt in ("--ctstate", "--state"):
             m = bool(set(v.split(",")) & set(pkt.states))
+        elif opt == "--dst-type" and v in ("LOCAL", "UNICAST"):
+            m = pkt.dst_local if v == "LOCAL" else (None if pkt.dst_local is None else not pkt.dst_local)
         else:
             m = None
         if m is not None and neg:
@@ -158,6 +161,32 @@ def _ipt_walk(chains: Dict[str, List[IptRule]], chain: str, pkt: Packet,
     return None, None
 
 
+def ipt_nat(chains: Dict[str, List[IptRule]], start: str, pkt: Packet, depth: int = 0) -> Optional[IptRule]:
+    """The DNAT rule of a nat table that the packet may meet first from chain `start` (None: it
+    leaves the chain untranslated). A DNAT whose match is not certain counts (it may take it);
+    a RETURN or ACCEPT counts only when certain."""
+    if depth > _MAX_DEPTH:
+        return None
+    for rule in chains.get(start, []):
+        m = _ipt_match(rule, pkt)
+        if m is False:
+            continue
+        t = rule.target
+        if t in ("DNAT", "REDIRECT"):
+            return rule
+        if t in ("RETURN", "ACCEPT"):
+            if m:
+                return None
+            continue
+        if t in chains:
+            got = ipt_nat(chains, t, pkt, depth + 1)
+            if got is not None:
+                return got
+            if m and rule.option("-g", "--goto"):
+                return None
+    return None
+
+
 def ipt_verdict(chains: Dict[str, List[IptRule]], policies: Dict[str, str], pkt: Packet,
                 start: str = "FORWARD") -> Verdict:
     verdict, rule = _ipt_walk(chains, start, pkt)
@@ -165,17 +194,8 @@ def ipt_verdict(chains: Dict[str, List[IptRule]], policies: Dict[str, str], pkt:
     if verdict in (None, "return"):
         return Verdict("drop" if policy == "DROP" else "accept", True, f"-P {start} {policy}", start,
                        policy=policy)
-    return Verdict(verdict, False, _without_counters(rule.text) if rule else None,
+    return Verdict(verdict, False, rule.text if rule else None,
                    rule.chain if rule else None, policy=policy)
-
-
-def _without_counters(text: str) -> str:
-    """`iptables -v -S` puts `-c PACKETS BYTES` into the rule; a rule to delete is written without."""
-    parts = text.split(" ")
-    for i in range(len(parts) - 2):
-        if parts[i] == "-c" and parts[i + 1].isdigit() and parts[i + 2].isdigit():
-            return " ".join(parts[:i] + parts[i + 3:])
-    return text
 
 
 # --------------------------------------------------------------------------- nftables
@@ -327,6 +347,12 @@ def _nft_match(m: dict, pkt: Packet) -> Optional[bool]:
             got = any(protomod.k8s(v) == pkt.proto for v in vals if isinstance(v, (str, int)))
         elif key == "nfproto":
             got = any(v == ("ipv6" if pkt.family == 6 else "ipv4") for v in vals)
+    elif "fib" in left and isinstance(left["fib"], dict):
+        fib = left["fib"]
+        if fib.get("result") == "type" and "daddr" in (fib.get("flags") or []):
+            flat = [v for v in vals if isinstance(v, str)]
+            if flat == ["local"] and pkt.dst_local is not None:
+                got = pkt.dst_local
     elif "ct" in left and isinstance(left["ct"], dict):
         key, direction = left["ct"].get("key"), left["ct"].get("dir")
         flat = [v for v in vals if isinstance(v, str)]
@@ -397,6 +423,31 @@ def _nft_walk(chains: Dict[Tuple[str, str, str], NftChain], key: Tuple[str, str,
             if verdict == "goto" and m:
                 return "return", None, None
     return None, None, None
+
+
+def nft_nat(chains: Dict[Tuple[str, str, str], NftChain], key: Tuple[str, str, str], pkt: Packet,
+            depth: int = 0) -> Optional[Tuple[NftChain, NftRule]]:
+    """The dnat rule the packet may meet first from chain `key` of a nat table (None: none)."""
+    if depth > _MAX_DEPTH or key not in chains:
+        return None
+    chain = chains[key]
+    for rule in chain.rules:
+        m, verdict, target = _nft_rule(rule, pkt)
+        if m is False:
+            continue
+        if any(isinstance(e, dict) and ("dnat" in e or "redirect" in e) for e in rule.expr):
+            return chain, rule
+        if verdict in ("accept", "return", "drop"):
+            if m:
+                return None
+            continue
+        if verdict in ("jump", "goto") and target:
+            got = nft_nat(chains, (key[0], key[1], target), pkt, depth + 1)
+            if got is not None:
+                return got
+            if verdict == "goto" and m:
+                return None
+    return None
 
 
 def nft_verdict(chains: Dict[Tuple[str, str, str], NftChain], base: NftChain, pkt: Packet) -> Verdict:

@@ -79,10 +79,11 @@ _SPECS = [
           "nft-policy": "Accept pod traffic: {commands}."}),
     # ------------------------------------------------------------------ NAT plumbing
     Spec("hostport-chain-not-hooked", ("error", "warning"), "nat",
-         "CNI-HOSTPORT-DNAT is not reached from PREROUTING or OUTPUT",
-         "portmap's entry chain exists with per-pod chains, but a built-in chain does not jump to it "
-         "(firewalld or an iptables restore flushed the jump): its rules never apply to clients from "
-         "other hosts (PREROUTING, an error) or to the node itself (OUTPUT, a warning).",
+         "portmap's hostPort rules are not reached from PREROUTING or OUTPUT",
+         "portmap's rules exist (CNI-HOSTPORT-DNAT with its per-pod chains, or the nftables table "
+         "cni_hostport), but the hook does not lead to them (firewalld or an iptables restore flushed "
+         "the jump): they never apply to clients from other hosts (PREROUTING, an error) or to the node "
+         "itself (OUTPUT, a warning).",
          {"default": "Add the entry jump{s}: {commands}."}),
     Spec("hairpin-no-masquerade", ("warning", "info"), "nat",
          "pods calling a hostPort on their own node are not masqueraded",
@@ -109,13 +110,13 @@ _SPECS = [
          {"default": "Masquerade what is marked, as kube-proxy did: {commands}; the lasting fix is to drop "
                      "\"externalSetMarkChain\" from the portmap plugin's config so portmap uses its own "
                      "CNI-HOSTPORT-SETMARK / CNI-HOSTPORT-MASQ chains."}),
-    Spec("hostport-catches-clusterip", ("error", "warning"), "nat",
+    Spec("hostport-catches-clusterip", ("error",), "nat",
          "a hostPort rule without hostIP also catches Service ClusterIPs bound on kube-ipvs0",
          "portmap jumps to CNI-HOSTPORT-DNAT for every local destination (`-m addrtype --dst-type "
          "LOCAL`). kube-proxy's IPVS mode binds every ClusterIP to the dummy interface kube-ipvs0, so "
          "those are local too: a connection to ClusterIP:P is DNATed to the pod with hostPort P "
-         "instead of reaching the Service (kubernetes#66103, plugins#222). An error when a Service "
-         "(or a socket on a ClusterIP) uses that port, a warning otherwise.",
+         "instead of reaching the Service (kubernetes#66103, plugins#222). Found where an IPVS virtual "
+         "service (/proc/net/ip_vs) or a socket on a ClusterIP uses the hostPort's number.",
          {"default": "Stop the hostPort rules from taking ClusterIP traffic: {commands} (these stay until "
                      "portmap's chains are flushed); the lasting fix is to give pod {pod} a hostIP (the "
                      "node's address, {node_ip}) so its rule matches that address only, or another "
@@ -128,16 +129,6 @@ _SPECS = [
          "is DNATed to the hostPort's pod.",
          {"default": "Jump only for local destinations: {commands}; upgrade the CNI plugins to 1.9.0 or "
                      "later for good (its portmap writes that rule itself)."}),
-    Spec("mixed-iptables-backends", ("warning",), "nat",
-         "hostPort rules in one iptables backend, the node's other rules in the other",
-         "iptables-legacy and iptables-nft keep separate rule sets and both run. hostPort DNAT "
-         "rules in one backend while kube-proxy's (or another runtime's) nat rules live in the "
-         "other means two tools manage the node and neither sees the other's rules "
-         "(plugins#225, moby#46636).",
-         {"default": "Use one backend: make `iptables` on the node point at the one kube-proxy uses "
-                     "({main}): `update-alternatives --set iptables /usr/sbin/iptables-{main_short}` "
-                     "(likewise ip6tables), then re-create the pods whose rules are in {other} so "
-                     "portmap writes them there; the rules in {other} stay until removed."}),
     # ------------------------------------------------------------------ conntrack
     Spec("stale-conntrack", ("error", "warning"), "conntrack",
          "conntrack entries DNAT a hostPort to an IP that is no longer its pod",

@@ -31,7 +31,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from bpftrace_hostport import netns as netns_mod
 from bpftrace_hostport.errors import UserError
-from bpftrace_hostport.node.nodeview import NodeView, drop_synthetic_duplicates, pods_of
+from bpftrace_hostport.node.nodeview import NodeView, drop_synthetic_duplicates, local_pods, pod_label, pods_of
 from bpftrace_hostport.node.parse import filter_table, nat_summary, parse_conntrack_text
 
 
@@ -95,6 +95,151 @@ def _listening(text: Optional[str], proto: str, v6: bool) -> List[Tuple[str, str
     return out
 
 
+def _inodes(text: Optional[str], proto: str, v6: bool) -> Dict[Tuple[str, str, int], int]:
+    """(proto, addr, port) -> socket inode of the listening sockets in a /proc/net/{tcp,udp}[6] text."""
+    out: Dict[Tuple[str, str, int], int] = {}
+    for line in (text or "").splitlines()[1:]:
+        got = _listening("header\n" + line, proto, v6)
+        f = line.split()
+        if got and len(f) > 9 and f[9].isdigit():
+            out[got[0]] = int(f[9])
+    return out
+
+
+def _ipvs(text: Optional[str]) -> List[Tuple[str, str, int]]:
+    """Virtual services of /proc/net/ip_vs: `TCP  0A600001:01BB rr` (IPv6: `[addr]:port` in hex)."""
+    out = []
+    for line in (text or "").splitlines():
+        f = line.split()
+        if len(f) < 2 or f[0] not in ("TCP", "UDP", "SCTP"):
+            continue
+        addr_hex, _, port_hex = f[1].rpartition(":")
+        try:
+            port = int(port_hex, 16)
+            if addr_hex.startswith("["):
+                addr = str(ipaddress.IPv6Address(bytes.fromhex(addr_hex.strip("[]").replace(":", ""))))
+            else:
+                addr = str(ipaddress.IPv4Address(int(addr_hex, 16)))
+        except ValueError:
+            continue
+        out.append((f[0], addr, port))
+    return out
+
+
+def _sockets_here() -> List[Tuple[str, str, int]]:
+    socks = []
+    for fname, proto, v6 in (("tcp", "TCP", False), ("tcp6", "TCP", True), ("udp", "UDP", False), ("udp6", "UDP", True)):
+        socks += _listening(_read(f"{_PROC_NET}/{fname}"), proto, v6)
+    return sorted(set(socks))
+
+
+_NETNS_SCAN_MAX = 500          # namespaces entered to find the pods' (a node runs fewer pods than that)
+
+
+def _pod_namespaces(view: NodeView, pods) -> None:
+    """Finds each hostPort pod's own network namespace by its IP and reads its listening sockets:
+    the named namespaces first (/var/run/netns: containerd's and CRI-O's cni-*, the lab's), then
+    the namespaces of the node's processes (a pod's pause process). Enters each in turn."""
+    from pyroute2.iproute import IPRoute
+    pods = [p for p in pods if not p.host_network and p.host_ports and p.ips and p.phase in (None, "Running")]
+    wanted = {ip for p in pods for ip in p.ips}
+    if not wanted:
+        return
+    try:
+        here = os.stat("/proc/thread-self/ns/net").st_ino
+    except OSError:
+        return
+    seen = {here}
+    candidates: List[Tuple[str, str]] = []                # (path, how a user enters it)
+    if os.path.isdir(netns_mod.NETNS_RUN_DIR):
+        for name in sorted(os.listdir(netns_mod.NETNS_RUN_DIR)):
+            candidates.append((os.path.join(netns_mod.NETNS_RUN_DIR, name), f"ip netns exec {name} "))
+
+    def processes():
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                yield (f"/proc/{pid}/ns/net", f"nsenter --net=/proc/{pid}/ns/net -- ")
+
+    def visit(path: str, how: str) -> None:
+        try:
+            ino = os.stat(path).st_ino
+        except OSError:
+            return
+        if ino in seen:
+            return
+        seen.add(ino)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            from pyroute2 import netns as pr_netns
+            pr_netns.setns(fd, flags=0)
+            ipr = IPRoute()
+            try:
+                addrs = {m.get_attr("IFA_LOCAL") or m.get_attr("IFA_ADDRESS") for m in ipr.get_addr()}
+            finally:
+                ipr.close()
+            hits = addrs & wanted
+            if hits:
+                socks = _sockets_here()
+                for ip in hits:
+                    view.pod_sockets[ip] = (how, socks)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    saved = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        from pyroute2 import netns as pr_netns
+        n = 0
+        for source in (candidates, processes()):
+            for path, how in source:
+                if not wanted - set(view.pod_sockets) or n >= _NETNS_SCAN_MAX:
+                    break
+                n += 1
+                visit(path, how)
+    finally:
+        pr_netns.setns(saved, flags=0)
+        os.close(saved)
+    for p in pods:
+        if not any(ip in view.pod_sockets for ip in p.ips):
+            view.pod_netns_missing.append(p.ips[0])
+            view.notes.append(f"The network namespace of pod {pod_label(p.namespace, p.name)} ({p.ips[0]}) could not "
+                              "be found (no named namespace and no process of this node holds that address), so "
+                              "whether anything listens on its containerPorts was not checked.")
+
+
+def _owners(view: NodeView, keys: Iterable[Tuple[str, str, int]]) -> None:
+    """Which process holds each of these listening sockets (by socket inode, /proc/*/fd)."""
+    inodes: Dict[int, Tuple[str, str, int]] = {}
+    for fname, proto, v6 in (("tcp", "TCP", False), ("tcp6", "TCP", True), ("udp", "UDP", False), ("udp6", "UDP", True)):
+        for key, ino in _inodes(_read(f"{_PROC_NET}/{fname}"), proto, v6).items():
+            if key in keys:
+                inodes[ino] = key
+    if not inodes:
+        return
+    want = {f"socket:[{i}]": i for i in inodes}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link in want:
+                comm = (_read(f"/proc/{pid}/comm") or "?").strip()
+                view.socket_owners[inodes[want[link]]] = f"pid {pid} ({comm})"
+        if len(view.socket_owners) == len(inodes):
+            return
+
+
 def _sysctl_keys(ifaces: Iterable[str]) -> List[str]:
     keys = ["net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding",
             "net.ipv4.conf.all.route_localnet", "net.ipv4.conf.default.route_localnet",
@@ -140,6 +285,13 @@ def _links_and_sockets(view: NodeView) -> Dict[int, str]:
         sockets += _listening(text, proto, v6)
     view.listening = sorted(set(sockets))
     view.sockets_read = read_any
+    ipvs = _read(f"{_PROC_NET}/ip_vs")
+    view.ipvs_read = ipvs is not None
+    view.ipvs_services = _ipvs(ipvs)
+    try:
+        view.netns_is_host = os.stat("/proc/thread-self/ns/net").st_ino == os.stat("/proc/1/ns/net").st_ino
+    except OSError:
+        view.netns_is_host = None
     return ifnames
 
 
@@ -250,6 +402,15 @@ def gather(netns: Optional[str] = None, resolver_or_index: Any = None, *, node_n
             # how a stale entry is told from a DNAT to another node (a NodePort endpoint).
             ips += [e.reply_src for e in view.conntrack if e.dnat]
             _routes_and_sysctls(view, list(dict.fromkeys(ips)))
+            if conntrack:
+                _conntrack_fill(netns, view)
+            if forward and view.pods_known:
+                _pod_namespaces(view, local_pods(view))
+            # Node sockets on a hostPort that a DNAT rule takes: whose are they?
+            rule_ports = {(r.proto, r.host_port) for r in view.rules}
+            shadowed = [s for s in view.listening if (s[0], s[2]) in rule_ports]
+            if shadowed and forward:
+                _owners(view, set(shadowed))
     except PermissionError:
         raise UserError("Reading a network namespace needs root: run it with sudo.") from None
     return view
@@ -257,6 +418,21 @@ def gather(netns: Optional[str] = None, resolver_or_index: Any = None, *, node_n
 
 def _family(ip: str) -> int:
     return 6 if ":" in ip else 4
+
+
+def _conntrack_fill(netns: Optional[str], view: NodeView) -> None:
+    """A table at 90% of its limit or more: a sample of its entries says who fills it."""
+    try:
+        count = int(view.sysctls.get("net.netfilter.nf_conntrack_count", "0"))
+        limit = int(view.sysctls.get("net.netfilter.nf_conntrack_max", "0"))
+    except ValueError:
+        return
+    if limit and count >= 0.9 * limit:
+        from bpftrace_hostport.node.read import sample_conntrack
+        try:
+            view.conntrack_sample = sample_conntrack(None)
+        except OSError as e:
+            view.notes.append(f"The full conntrack table could not be sampled ({e.strerror or e}).")
 
 
 def _ports_of_interest(view: NodeView) -> List[Tuple[str, int, int]]:

@@ -42,6 +42,15 @@ class NodeView:
     interfaces: List[str] = field(default_factory=list)                       # every link's name
     routes: Dict[str, Dict[str, Optional[str]]] = field(default_factory=dict)  # ip -> {ifname, gateway, type}
     listening: List[Tuple[str, str, int]] = field(default_factory=list)        # (proto, addr, port)
+    socket_owners: Dict[Tuple[str, str, int], str] = field(default_factory=dict)  # -> "pid N (comm)", where looked up
+    # The pods' own network namespaces, found by their IPs: pod IP -> (how to enter it, its
+    # listening sockets). A pod IP missing here: its namespace was not found (pod_netns_missing).
+    pod_sockets: Dict[str, Tuple[str, List[Tuple[str, str, int]]]] = field(default_factory=dict)
+    pod_netns_missing: List[str] = field(default_factory=list)
+    ipvs_services: List[Tuple[str, str, int]] = field(default_factory=list)    # /proc/net/ip_vs virtual services
+    ipvs_read: bool = False
+    netns_is_host: Optional[bool] = None     # the node's namespace is the host's own (PID 1's)
+    conntrack_sample: List[CtEntry] = field(default_factory=list)   # entries of a full table, sampled
     sockets_read: bool = False
     notes: List[str] = field(default_factory=list)
     hostname: Optional[str] = None           # this host's name (the node's name, unless told otherwise)

@@ -64,6 +64,7 @@ class NatSummary:
     marks_set: Tuple[Tuple[str, str], ...] = ()   # (chain, mark) of every MARK rule, e.g. ("KUBE-MARK-MASQ", "0x4000")
     masq_marks: Tuple[str, ...] = ()       # marks whose packets POSTROUTING masquerades (directly or in a chain)
     masq_all: bool = False                 # POSTROUTING masquerades everything (an unconditional MASQUERADE)
+    lines: Tuple[str, ...] = ()            # the table's `-A` lines, for node/evaluate.py's nat walk
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,7 @@ def nat_summary(text: str, source: str = "iptables-nft", family: int = 4) -> Nat
                       hooked_from=tuple(dict.fromkeys(hooked)), setmark_sources=tuple(setmark_sources),
                       setmark_marks=marks, masq_rule=masq, postrouting_to_masq=post,
                       external_mark_chains=tuple(external), marks_set=tuple(marks_set),
-                      masq_marks=masq_marks, masq_all=masq_all)
+                      masq_marks=masq_marks, masq_all=masq_all, lines=tuple(lines))
 
 
 def _mark_value(r) -> Optional[str]:

@@ -177,7 +177,16 @@ def parse_rule_line(line: str) -> Optional[IptRule]:
             continue
         args.append((negate, tok, values))
         negate = False
-    return IptRule(chain=chain, args=args, packets=packets, bytes=bytes_, text=line.strip())
+    return IptRule(chain=chain, args=args, packets=packets, bytes=bytes_, text=without_counters(line.strip()))
+
+
+def without_counters(text: str) -> str:
+    """`iptables -v -S` puts `-c PACKETS BYTES` into the rule; a rule to show or delete is written without."""
+    parts = text.split(" ")
+    for i in range(len(parts) - 2):
+        if parts[i] == "-c" and parts[i + 1].isdigit() and parts[i + 2].isdigit():
+            return " ".join(parts[:i] + parts[i + 3:])
+    return text
 
 
 def _split_target(dest: str) -> Optional[Tuple[str, Optional[int]]]:

@@ -73,3 +73,24 @@ def remote_targets(view: NodeView, fam: int) -> List[HostPortRule]:
     """The rules of family `fam` whose target is not the node itself (a pod, to be forwarded to)."""
     local = set(view.local_addresses)
     return [r for r in view.rules if r.family == fam and r.target_ip not in local]
+
+
+def dnat_of(view: NodeView, pkt, hook: str = "prerouting") -> Optional[str]:
+    """Where the node's nat rules DNAT this packet at PREROUTING (or OUTPUT): the first DNAT rule
+    it may meet in any iptables backend of its family or any nftables nat chain on that hook, as
+    text ("iptables-nft CNI-DN-x: -A ..."); None when none would translate it."""
+    from bpftrace_hostport.node.evaluate import ipt_chains, ipt_nat, nft_chains, nft_nat, nft_rule_text
+    for nat in view.nat:
+        if nat.family != pkt.family:
+            continue
+        rule = ipt_nat(ipt_chains(nat.lines), hook.upper(), pkt)
+        if rule is not None:
+            return f"{nat.source} {rule.chain}: {rule.text}"
+    chains = nft_chains(view.nft_items)
+    fams = ("ip6", "inet") if pkt.family == 6 else ("ip", "inet")
+    for base in chains.values():
+        if base.hook == hook and base.type == "nat" and base.family in fams:
+            got = nft_nat(chains, base.key, pkt)
+            if got is not None:
+                return f"nftables {base.family} {base.table} {got[0].name}: {nft_rule_text(got[1])}"
+    return None

@@ -149,5 +149,81 @@ def _stale(view: NodeView, pods: List[PodInfo]) -> List[Finding]:
     return [_stale_finding(view, ctx, key, entries) for key, entries in _stale_groups(view, ctx).items()]
 
 
+def _pinned(view: NodeView) -> List[Finding]:
+    """UDP/SCTP entries to nodeIP:hostPort that were never DNATed, while a DNAT rule for it exists."""
+    if not view.conntrack_read:
+        return []
+    p = px(view)
+    local = set(view.local_addresses)
+    groups: Dict[Tuple[int, str, str, int], List[CtEntry]] = {}
+    for e in view.conntrack:
+        if e.proto not in ("UDP", "SCTP") or e.dnat or (local and e.orig_dst not in local):
+            continue
+        rules = [r for r in view.rules if (r.family, r.proto, r.host_port) == (e.family, e.proto, e.orig_dport)
+                 and (r.host_ip in (None, "0.0.0.0", "::") or r.host_ip == e.orig_dst)]
+        if rules:
+            groups.setdefault((e.family, e.proto, e.orig_dst, e.orig_dport), []).append(e)
+    out = []
+    for (fam, proto, dst, port), entries in groups.items():
+        n = len(entries)
+        targets = sorted({addr_port(r.target_ip, r.target_port) for r in view.rules
+                          if (r.family, r.proto, r.host_port) == (fam, proto, port)})
+        socks = [s for s in view.listening if s[0] == proto and s[2] == port and s[1] in ("0.0.0.0", "::", dst)]
+        where = (f"the node's own socket ({', '.join(f'{s[0].lower()} {addr_port(s[1], s[2])}' for s in socks)})"
+                 if socks else "the node itself, where nothing listens on it")
+        out.append(finding(
+            "conntrack-pinned-to-node",
+            f"{n} {proto} conntrack {'entry' if n == 1 else 'entries'} for hostPort {addr_port(dst, port)} "
+            f"{'was' if n == 1 else 'were'} made without DNAT (while the rule or its jump was missing): a client "
+            f"that keeps sending keeps {'its entry' if n == 1 else 'them'} alive and reaches {where}, never the "
+            f"pod at {', '.join(targets)} that the rule now names.",
+            _entry_lines(entries) + [f"DNAT rules for {hp(port, proto)} now: {', '.join(targets)}"],
+            px=p, them="it" if n == 1 else "them", fam="-f ipv6 " if fam == 6 else "", proto=proto.lower(),
+            dst=dst, port=port))
+    return out
+
+
+def _table_full(view: NodeView) -> List[Finding]:
+    """nf_conntrack_count near nf_conntrack_max (count per namespace, limit host-wide)."""
+    try:
+        count = int(view.sysctls.get("net.netfilter.nf_conntrack_count", ""))
+        limit = int(view.sysctls.get("net.netfilter.nf_conntrack_max", ""))
+    except ValueError:
+        return []
+    if not limit or count < 0.9 * limit:
+        return []
+    st = view.conntrack_stats
+    dropped = st.get("drop", 0) + st.get("early_drop", 0)
+    severity = "error" if count >= 0.98 * limit or dropped else "warning"
+    ev = [f"net.netfilter.nf_conntrack_count = {count} of net.netfilter.nf_conntrack_max = {limit} "
+          f"({100 * count // limit}%)"]
+    if st:
+        ev.append("conntrack -S: " + ", ".join(f"{k} {st.get(k, 0)}" for k in ("drop", "early_drop", "insert_failed",
+                                                                              "invalid")))
+    relief = ""
+    sample = view.conntrack_sample
+    if sample:
+        by_src: Dict[str, int] = {}
+        for e in sample:
+            by_src[e.orig_src] = by_src.get(e.orig_src, 0) + 1
+        top, n = max(by_src.items(), key=lambda kv: kv[1])
+        ev.append(f"of {len(sample)} entries sampled, {n} are from {top}" +
+                  (f"; next: {', '.join(f'{a} ({k})' for a, k in sorted(by_src.items(), key=lambda kv: -kv[1])[1:3])}"
+                   if len(by_src) > 1 else ""))
+        if n >= len(sample) // 2:
+            fam = "-f ipv6 " if ":" in top else ""
+            relief = (f"delete the entries of {top}, which holds most of them (`{px(view)}conntrack -D {fam}-s {top}`: "
+                      "its connections lose their conntrack state, NATed ones break); and ")
+    host = view.netns_is_host
+    note = ("" if host else "; in this network namespace it is read-only: set it on the host" if host is False else "")
+    return [finding(
+        "conntrack-table-full",
+        f"The conntrack table holds {count} entries, {'at' if count >= limit else 'near'} its limit of {limit}: "
+        + ("new connections are dropped (hostPort clients among them), " if severity == "error" else
+           "new connections will soon be dropped, ")
+        + (f"{dropped} so far." if dropped else "none counted as dropped yet."),
+        ev, severity=severity, relief=relief, new_max=2 * limit, global_note=note)]
+
+
 def run(view: NodeView, pods: List[PodInfo]) -> List[Finding]:
-    return _stale(view, pods)
+    return _stale(view, pods) + _pinned(view) + _table_full(view)

@@ -101,5 +101,59 @@ def _localhost(view: NodeView) -> List[Finding]:
     return out
 
 
+def _facing(view: NodeView) -> List[str]:
+    """Interfaces facing the network: they hold one of the node's addresses and carry no pod."""
+    pod_ifaces = {r.get("ifname") for r in view.routes.values()}
+    return sorted({i for a, i in view.address_ifaces.items()
+                   if i not in ("lo", "kube-ipvs0") and i not in pod_ifaces and not a.startswith(("127.", "fe80"))
+                   and ":" not in a})
+
+
+def _dropped_from(view: NodeView, iface: str) -> bool:
+    """A packet from the network to 127.0.0.1 arriving on `iface` is surely dropped by INPUT."""
+    from bpftrace_hostport.node.evaluate import Packet, ipt_chains, ipt_verdict, nft_chains, nft_verdict
+    pkt = Packet("TCP", src="192.0.2.1", dst="127.0.0.1", iif=iface, dport=1, states=("NEW",), family=4)
+    for table in view.filters:
+        if table.family == 4 and ipt_verdict(ipt_chains(table.rules), table.policies, pkt, "INPUT").verdict != "accept":
+            return True
+    chains = nft_chains(view.nft_items)
+    for base in chains.values():
+        if base.hook == "input" and base.family in ("ip", "inet") and (base.type or "filter") == "filter":
+            if nft_verdict(chains, base, pkt).verdict != "accept":
+                return True
+    return False
+
+
+def _exposed(view: NodeView) -> List[Finding]:
+    all_rl = view.sysctls.get("net.ipv4.conf.all.route_localnet")
+    on = [i for i in _facing(view)
+          if all_rl == "1" or view.sysctls.get(f"net.ipv4.conf.{i}.route_localnet") == "1"]
+    on = [i for i in on if not _dropped_from(view, i)]
+    if not on or not view.filters:
+        return []
+    p = px(view)
+    local = [s for s in view.listening if s[1] == "127.0.0.1"]
+    ev = [f"net.ipv4.conf.all.route_localnet = {all_rl}"] + \
+         [f"net.ipv4.conf.{i}.route_localnet = {view.sysctls.get(f'net.ipv4.conf.{i}.route_localnet')}" for i in on]
+    ev.append("no rule in INPUT drops packets to 127.0.0.0/8 from other sources (kube-proxy's KUBE-FIREWALL does)")
+    ev += [f"reachable that way: {s[0].lower()} {addr_port(s[1], s[2])}" for s in local[:5]]
+    t = "iptables-nft" if any(f.source == "iptables-nft" for f in view.filters) else "iptables-legacy"
+    cmds = [f"{p}{t} -I INPUT ! -s 127.0.0.0/8 -d 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT "
+            "-j DROP"]
+    if all_rl == "1":
+        off = (f"`{p}sysctl -w net.ipv4.conf.all.route_localnet=0`, keeping it on the pods' bridge "
+               + " and ".join(f"`{p}sysctl -w net.ipv4.conf.{b}.route_localnet=1`" for b in view.bridges
+                              if b not in on) + " for 127.0.0.1:hostPort")
+    else:
+        off = " and ".join(f"`{p}sysctl -w net.ipv4.conf.{i}.route_localnet=0`" for i in on)
+    return [finding(
+        "route-localnet-exposed",
+        f"route_localnet is on for {', '.join(on)}, which face the network, and nothing drops packets to "
+        f"127.0.0.0/8 that come from elsewhere: a host on that network can reach "
+        + (f"the node's 127.0.0.1 services ({', '.join(f'{s[0].lower()} {s[2]}' for s in local[:5])})"
+           if local else "any service of the node bound to 127.0.0.1") + ".",
+        ev, commands=ticks(cmds), off=off)]
+
+
 def run(view: NodeView) -> List[Finding]:
-    return _localhost(view)
+    return _localhost(view) + _exposed(view)

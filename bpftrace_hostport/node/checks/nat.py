@@ -99,5 +99,193 @@ def _hairpin(view: NodeView) -> List[Finding]:
     return out
 
 
+
+
+# --------------------------------------------------------------------------- portmap's nftables table
+
+
+def _fib_local(rule) -> bool:
+    """The rule matches `fib daddr type local` (or `fib daddr . iif type local`)."""
+    for e in rule.expr:
+        m = e.get("match") if isinstance(e, dict) else None
+        if isinstance(m, dict) and isinstance(m.get("left"), dict) and isinstance(m["left"].get("fib"), dict):
+            fib = m["left"]["fib"]
+            if fib.get("result") == "type" and "daddr" in (fib.get("flags") or []) and m.get("op", "==") == "==" \
+                    and m.get("right") in ("local", ["local"], {"set": ["local"]}):
+                return True
+    return False
+
+
+def _jump_target(rule):
+    for e in rule.expr:
+        if isinstance(e, dict):
+            for k in ("jump", "goto"):
+                if isinstance(e.get(k), dict):
+                    return e[k].get("target")
+    return None
+
+
+_NFT_HOSTPORT_CHAINS = ("hostports_all", "hostports", "hostip_hostports")
+
+
+def _nft_portmap(view: NodeView) -> List[Finding]:
+    """portmap's nftables table: hooked from prerouting and output, only for local destinations,
+    and masquerading its hairpin and localhost traffic."""
+    from bpftrace_hostport.node.evaluate import nft_chains, nft_rule_text
+    p = px(view)
+    chains = nft_chains(view.nft_items)
+    out = []
+    for fam, v in (("ip", 4), ("ip6", 6)):
+        rules = [r for r in view.rules if r.source == "nftables" and r.family == v
+                 and (r.chain or "").startswith("cni_hostport/")]
+        if not rules:
+            continue
+        table = [c for c in chains.values() if c.family == fam and c.table == "cni_hostport"]
+        entry = "hostports_all" if any(c.name == "hostports_all" for c in table) else "hostports"
+        for hook, sev in (("prerouting", "error"), ("output", "warning")):
+            bases = [c for c in table if c.hook == hook and c.type == "nat"]
+            jumps = [(c, r) for c in bases for r in c.rules if _jump_target(r) in _NFT_HOSTPORT_CHAINS]
+            if not jumps:
+                base = bases[0].name if bases else hook
+                cmds = ([f"{p}nft add chain {fam} cni_hostport {hook} '{{ type nat hook {hook} priority -100 ; }}'"]
+                        if not bases else [])
+                cmds.append(f"{p}nft add rule {fam} cni_hostport {base} fib daddr type local jump {entry}")
+                who = "clients from other hosts" if hook == "prerouting" else "the node itself"
+                out.append(finding(
+                    "hostport-chain-not-hooked",
+                    f"portmap's nftables table {fam} cni_hostport has no {hook} chain jumping to its hostPort "
+                    f"rules, so they never apply to {who}.",
+                    [f"{fam} cni_hostport chains: {', '.join(sorted(c.name for c in table)) or 'none'}"]
+                    + [rule_text_nft(r) for r in rules[:3]],
+                    severity=sev, s="", commands=ticks(cmds)))
+                continue
+            if hook != "prerouting":
+                continue
+            open_jumps = [(c, r) for c, r in jumps if not _fib_local(r)]
+            if open_jumps:
+                cmds = [f"{p}nft replace rule {fam} cni_hostport {c.name} handle {r.handle} fib daddr type local "
+                        f"jump {_jump_target(r)}" for c, r in open_jumps if r.handle is not None]
+                ports = ", ".join(sorted({f"{x.host_port}/{x.proto}" for x in rules}))
+                out.append(finding(
+                    "hostport-catches-transit",
+                    f"portmap's nftables prerouting chain ({fam} cni_hostport) jumps to its hostPort rules without "
+                    f"`fib daddr type local`: every packet the node forwards to port {ports} (a pod calling another "
+                    "host, traffic routed through the node) is DNATed to the hostPort's pod.",
+                    [f"{fam} cni_hostport {c.name}: `{nft_rule_text(r)}` (handle {r.handle})" for c, r in open_jumps]
+                    + [rule_text_nft(x) for x in rules[:3]],
+                    commands=ticks(cmds)))
+    return out
+
+
+def rule_text_nft(r) -> str:
+    from bpftrace_hostport.node.checks.common import rule_text
+    return rule_text(r)
+
+
+# --------------------------------------------------------------------------- KUBE-MARK-MASQ
+
+
+def _mark_masq(view: NodeView) -> List[Finding]:
+    """portmap's externalSetMarkChain: its CNI-DN-* chains jump to KUBE-MARK-MASQ (or another chain)
+    for the hairpin and localhost marks, and leave the masquerade to whoever set that chain up."""
+    p = px(view)
+    out = []
+    for nat in view.nat:
+        for chain in nat.external_mark_chains:
+            marks = [m for c, m in nat.marks_set if c == chain]
+            t = tool(nat.source, nat.family)
+            missing, cmds = [], []
+            mark = marks[0] if marks else "0x4000"
+            if not marks:
+                missing.append(f"{chain} sets no mark")
+                cmds.append(f"{p}{t} -t nat -A {chain} -j MARK --or-mark {mark}")
+            if mark not in nat.masq_marks and not nat.masq_all:
+                missing.append(f"nothing in POSTROUTING masquerades mark {mark}")
+                cmds.append(f"{p}{t} -t nat -A POSTROUTING -m mark --mark {mark}/{mark} -j MASQUERADE")
+            if not missing:
+                continue
+            kube = "KUBE-POSTROUTING" in nat.chains
+            fam = f"IPv{nat.family}"
+            ev = [f"{nat.source} {fam}: the CNI-DN-* chains jump to {chain} for their hairpin and localhost marks"]
+            ev += [f"{nat.source} {fam}: {m}" for m in missing]
+            ev.append("KUBE-POSTROUTING exists but does not masquerade that mark" if kube else
+                      "no KUBE-POSTROUTING chain: kube-proxy does not run in iptables mode here")
+            if nat.masq_marks:
+                ev.append(f"marks POSTROUTING masquerades: {', '.join(nat.masq_marks)}")
+            out.append(finding(
+                "mark-masq-missing",
+                f"portmap ({fam}, {nat.source}) marks hairpin and localhost hostPort traffic through {chain} "
+                f"(externalSetMarkChain), but nothing masquerades that mark: a pod calling nodeIP:hostPort "
+                f"of itself and calls to 127.0.0.1:hostPort from the node get no answer.",
+                ev, commands=ticks(cmds)))
+    return out
+
+
+# --------------------------------------------------------------------------- kube-ipvs0
+
+
+def _clusterip(view: NodeView) -> List[Finding]:
+    """kube-proxy's IPVS mode binds every ClusterIP to kube-ipvs0, so `--dst-type LOCAL` (and
+    `fib daddr type local`) matches them: a hostPort rule without hostIP catches ClusterIP:port."""
+    cips = sorted(a for a, i in view.address_ifaces.items() if i == "kube-ipvs0")
+    if not cips:
+        return []
+    p = px(view)
+    services = {(pr, a, port) for pr, a, port in view.ipvs_services if a in cips}
+    services |= {(pr, a, port) for pr, a, port in view.listening if a in cips}
+    out = []
+    from bpftrace_hostport.node.nodeview import mappings
+    maps = {id(r): m for r, m in zip(view.rules, mappings(view))}
+    seen = set()
+    for r in view.rules:
+        if r.host_ip not in (None, "0.0.0.0", "::"):
+            continue
+        key = (r.family, r.proto, r.host_port)
+        if key in seen:
+            continue
+        seen.add(key)
+        fam_cips = [a for a in cips if (":" in a) == (r.family == 6)]
+        hits = sorted(a for pr, a, port in services if pr == r.proto and port == r.host_port and a in fam_cips)
+        # ... and that the nat rules really translate (a RETURN for it may already be in place)
+        from bpftrace_hostport.node.checks.common import dnat_of
+        from bpftrace_hostport.node.evaluate import Packet
+        via = {a: dnat_of(view, Packet(r.proto, dst=a, dport=r.host_port, states=("NEW",), family=r.family,
+                                       dst_local=True)) for a in hits}
+        hits = [a for a in hits if via[a]]
+        if not hits:
+            continue        # no Service on that port (or no IPVS to serve one: ip_vs not loaded)
+        targets = hits
+        m = maps.get(id(r)) or {}
+        pod = f"{m['namespace']}/{m['pod']}" if m.get("pod") else f"the pod at {r.target_ip}"
+        node_ip = next((a for a, i in view.address_ifaces.items()
+                        if i not in ("kube-ipvs0", "lo") and (":" in a) == (r.family == 6)
+                        and not a.startswith("fe80")), "its address")
+        if r.source == "nftables":
+            fam = "ip6" if r.family == 6 else "ip"
+            cmds = [f"{p}nft insert rule {fam} cni_hostport hostports_all {fam} daddr {a} "
+                    f"{r.proto.lower()} dport {r.host_port} return" for a in targets[:5]]
+        else:
+            t = tool(r.source, r.family)
+            chain = {"crio": "KUBE-HOSTPORTS", "docker": "DOCKER"}.get(r.source, "CNI-HOSTPORT-DNAT")
+            plen = 128 if r.family == 6 else 32
+            cmds = [f"{p}{t} -t nat -I {chain} -d {a}/{plen} -p {r.proto.lower()} --dport {r.host_port} -j RETURN"
+                    for a in targets[:5]]
+        more = len(targets) - 5
+        ev = [f"kube-ipvs0 holds {len(cips)} ClusterIP{'s' if len(cips) != 1 else ''}: {', '.join(cips[:5])}"
+              + (" ..." if len(cips) > 5 else "")]
+        ev += [f"a Service listens on {a}:{r.host_port}/{r.proto}; a connection to it meets `{via[a]}`"
+               for a in hits[:5]]
+        ev.append(f"the rule for hostPort {r.host_port}/{r.proto} has no hostIP: it takes every local destination")
+        out.append(finding(
+            "hostport-catches-clusterip",
+            f"hostPort {r.host_port}/{r.proto} of {pod} also catches connections to "
+            + f"the Service at {', '.join(f'{a}:{r.host_port}' for a in hits)}"
+            + ": kube-ipvs0 makes ClusterIPs local addresses, and the hostPort rule matches every local "
+            "destination, so those connections reach the hostPort's pod instead of the Service.",
+            ev, commands=ticks(cmds) + (f" (and the same for the {more} other ClusterIPs)" if more > 0 else ""),
+            pod=pod, node_ip=node_ip))
+    return out
+
+
 def run(view: NodeView) -> List[Finding]:
-    return _hooks(view) + _hairpin(view)
+    return _hooks(view) + _nft_portmap(view) + _hairpin(view) + _mark_masq(view) + _clusterip(view)

@@ -249,5 +249,184 @@ def _conflicts(view: NodeView, pods: List[PodInfo]) -> List[Finding]:
     return out
 
 
+
+
+# --------------------------------------------------------------------------- dual-stack
+
+
+def _one_family(view: NodeView, pods: List[PodInfo]) -> List[Finding]:
+    """A pod with IPv4 and IPv6 addresses whose hostPort is DNATed for one family only."""
+    if not view.rules_read:
+        return []
+    p = px(view)
+    out = []
+    for pod in pods:
+        if pod.host_network or pod.phase not in (None, "Running"):
+            continue
+        fams = {family(ip) for ip in pod.ips}
+        if fams != {4, 6}:
+            continue
+        for cp in pod.host_ports:
+            if host_ip_key(cp.host_ip):
+                continue                        # a hostIP names one family
+            serving = [r for r in view.rules if _rule_serves(r, pod, cp)]
+            have = {r.family for r in serving}
+            if not serving or have == {4, 6}:
+                continue
+            miss = ({4, 6} - have).pop()
+            ip = next(i for i in pod.ips if family(i) == miss)
+            like = serving[0]
+            cmds = _add_mapping(view, p, like, miss, ip, cp)
+            fam = f"IPv{miss}"
+            out.append(finding(
+                "hostport-one-family",
+                f"Pod {label(pod)} has {', '.join(pod.ips)}, but its hostPort {hp(cp.host_port, cp.protocol)} is "
+                f"DNATed for IPv{like.family} only: {fam} clients of the port get no answer (or reach whatever "
+                "listens on the node).",
+                [rule_text(r) for r in serving] + [f"no {fam} DNAT rule for {hp(cp.host_port, cp.protocol)} "
+                                                   f"-> {addr_port(ip, cp.container_port)}"],
+                fam=fam, commands=ticks(cmds)))
+    return out
+
+
+def _add_mapping(view: NodeView, p: str, like: HostPortRule, fam: int, ip: str, cp: ContainerPort) -> List[str]:
+    """Commands that add one hostPort mapping for family `fam`, in the backend of rule `like`."""
+    proto = cp.protocol.lower()
+    if like.source == "nftables":
+        nf = "ip6" if fam == 6 else "ip"
+        cmds = []
+        if not any(isinstance(i, dict) and isinstance(i.get("table"), dict) and i["table"].get("family") == nf
+                   and i["table"].get("name") == "cni_hostport" for i in view.nft_items):
+            cmds += [f"{p}nft add table {nf} cni_hostport",
+                     f"{p}nft add chain {nf} cni_hostport hostports",
+                     f"{p}nft add chain {nf} cni_hostport prerouting '{{ type nat hook prerouting priority -100 ; }}'",
+                     f"{p}nft add rule {nf} cni_hostport prerouting fib daddr type local jump hostports",
+                     f"{p}nft add chain {nf} cni_hostport output '{{ type nat hook output priority -100 ; }}'",
+                     f"{p}nft add rule {nf} cni_hostport output fib daddr type local jump hostports"]
+        return cmds + [f"{p}nft add rule {nf} cni_hostport hostports {proto} dport {cp.host_port} "
+                       f"dnat to {addr_port(ip, cp.container_port)}"]
+    source = like.source if like.source in ("iptables-nft", "iptables-legacy") else "iptables-nft"
+    t = tool(source, fam)
+    nat = next((n for n in view.nat if n.family == fam and n.source == source), None)
+    cmds = []
+    if nat is None or "CNI-HOSTPORT-DNAT" not in nat.chains:
+        cmds.append(f"{p}{t} -t nat -N CNI-HOSTPORT-DNAT")
+    for hook in ("PREROUTING", "OUTPUT"):
+        if nat is None or hook not in nat.hooked_from:
+            cmds.append(f"{p}{t} -t nat -A {hook} -m addrtype --dst-type LOCAL -j CNI-HOSTPORT-DNAT")
+    return cmds + [f"{p}{t} -t nat -A CNI-HOSTPORT-DNAT -p {proto} -m {proto} --dport {cp.host_port} -j DNAT "
+                   f"--to-destination {addr_port(ip, cp.container_port)}"]
+
+
+# --------------------------------------------------------------------------- listening
+
+
+def _covers(addr: str, ip: str) -> bool:
+    """A socket bound to `addr` takes connections to `ip` (a dual-stack "::" takes IPv4 too)."""
+    return addr in (ip, "0.0.0.0", "::") and not (addr == "0.0.0.0" and ":" in ip)
+
+
+def _not_listening(view: NodeView, pods: List[PodInfo]) -> List[Finding]:
+    """A hostPort whose rule is there and whose pod has no socket on the containerPort."""
+    out = []
+    for pod in pods:
+        if pod.host_network or pod.phase not in (None, "Running"):
+            continue
+        found = [(ip, view.pod_sockets[ip]) for ip in pod.ips if ip in view.pod_sockets]
+        if not found:
+            continue
+        ip, (how, socks) = found[0]
+        missing = []
+        for cp in pod.host_ports:
+            if cp.protocol not in ("TCP", "UDP"):
+                continue
+            if not any(_rule_serves(r, pod, cp) for r in view.rules):
+                continue                        # no rule: hostport-no-rule says so
+            mine = [s for s in socks if s[0] == cp.protocol and s[2] == cp.container_port]
+            if any(_covers(s[1], a) for s in mine for a in pod.ips):
+                continue
+            missing.append((cp, mine))
+        if not missing:
+            continue
+        ev = [f"pod {label(pod)}: network namespace found by its address {ip} (`{how.strip()}`)"]
+        for cp, mine in missing:
+            what = ("a TCP client gets a reset" if cp.protocol == "TCP" else
+                    "a UDP client gets an ICMP port unreachable")
+            ev.append(f"hostPort {hp(cp.host_port, cp.protocol)} -> containerPort {cp.container_port}"
+                      + (f" ({cp.name})" if cp.name else "") + ": "
+                      + (f"only {', '.join(addr_port(s[1], s[2]) for s in mine)} listens, not the pod's address"
+                         if mine else f"no {cp.protocol} socket on port {cp.container_port}") + f": {what}")
+        cp = missing[0][0]
+        ports = ", ".join(hp(c.host_port, c.protocol) for c, _ in missing)
+        ssopt = "".join(sorted({"t" if c.protocol == "TCP" else "u" for c, _ in missing}))
+        out.append(finding(
+            "pod-not-listening",
+            f"Pod {label(pod)} has nothing listening behind hostPort {ports}: the DNAT rule sends clients to "
+            f"the pod, which refuses them.",
+            ev, namespace=pod.namespace, name=pod.name,
+            port=" and ".join(str(p) for p in dict.fromkeys(c.container_port for c, _ in missing)),
+            container=f" -c {cp.container}" if cp.container else "", nsx=how, ssopt=ssopt))
+    return out
+
+
+# --------------------------------------------------------------------------- node sockets
+
+
+def _shadowed(view: NodeView, pods: List[PodInfo]) -> List[Finding]:
+    """A node socket (no hostNetwork pod's) on a port that a DNAT rule takes first."""
+    p = px(view)
+    declared = {(cp.protocol, cp.host_port) for pod in pods if pod.host_network for cp in pod.host_ports}
+    local = set(view.local_addresses)
+    out = []
+    seen = set()
+    maps = {id(r): m for r, m in zip(view.rules, mappings(view))}
+    for s in view.listening:
+        proto, addr, port = s
+        if view.address_ifaces.get(addr) == "kube-ipvs0":
+            continue                    # a Service's address: hostport-catches-clusterip
+        if addr in ("127.0.0.1", "::1") or (proto, port) in declared or (addr not in ("0.0.0.0", "::") and addr not in local):
+            continue
+        rules = [r for r in view.rules if r.proto == proto and r.host_port == port
+                 and (host_ip_key(r.host_ip) is None or addr in ("0.0.0.0", "::") or r.host_ip == addr)
+                 and r.target_ip not in local]
+        if not rules or (proto, port) in seen:
+            continue
+        # Does a connection from another host to that socket really meet a DNAT (no RETURN before it)?
+        from bpftrace_hostport.node.checks.common import dnat_of
+        from bpftrace_hostport.node.evaluate import Packet
+        fam = 6 if ":" in addr else 4
+        called = addr if addr not in ("0.0.0.0", "::") else next(
+            (a for a in view.local_addresses if family(a) == fam and a not in ("127.0.0.1", "::1")
+             and view.address_ifaces.get(a) != "kube-ipvs0" and not a.startswith("fe80")), None)
+        if called is None:
+            continue
+        via = dnat_of(view, Packet(proto, dst=called, dport=port, states=("NEW",), family=fam, dst_local=True))
+        if via is None:
+            continue
+        seen.add((proto, port))
+        r = rules[0]
+        m = maps.get(id(r)) or {}
+        pod = f"{m['namespace']}/{m['pod']}" if m.get("pod") else f"the pod at {r.target_ip}"
+        owner = view.socket_owners.get(s)
+        if r.source == "nftables":
+            fam = "ip6" if r.family == 6 else "ip"
+            command = f"{p}nft insert rule {fam} cni_hostport hostports_all {proto.lower()} dport {port} return"
+        else:
+            chain = {"crio": "KUBE-HOSTPORTS", "docker": "DOCKER"}.get(r.source, "CNI-HOSTPORT-DNAT")
+            t = tool(r.source if r.source in ("iptables-nft", "iptables-legacy") else "iptables-nft", r.family)
+            command = f"{p}{t} -t nat -I {chain} -p {proto.lower()} --dport {port} -j RETURN"
+        out.append(finding(
+            "node-socket-shadowed",
+            f"A process of the node listens on {proto} {addr_port(addr, port)}"
+            + (f" ({owner})" if owner else "") + f", but the DNAT rule for hostPort {port}/{proto} sends every "
+            f"new connection from other hosts to {pod}: the node's daemon never sees them.",
+            [f"listening in the node's namespace: {proto.lower()} {addr_port(addr, port)}"
+             + (f", {owner}" if owner else ""), f"a connection to {addr_port(called, port)} meets `{via}`"]
+            + [rule_text(x) for x in rules[:3]],
+            port=f"{port}/{proto}", pod=pod, command=command))
+    return out
+
+
 def run(view: NodeView, pods: List[PodInfo]) -> List[Finding]:
-    return (_conflicts(view, pods) + _missing_rules(view, pods) + _leaked(view) + _hostnetwork(view, pods))
+    return (_conflicts(view, pods) + _missing_rules(view, pods) + _one_family(view, pods) + _leaked(view)
+            + _hostnetwork(view, pods) + _not_listening(view, pods) + _shadowed(view, pods))
