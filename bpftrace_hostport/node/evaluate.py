@@ -39,6 +39,7 @@ class Packet:
     orig_dport: Optional[int] = None            # the port the client called (ct original proto-dst)
     family: int = 4
     dst_local: Optional[bool] = None            # the destination is a local address (addrtype LOCAL, fib)
+    mark: Optional[int] = None                  # the packet's mark (`-m mark --mark`)
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,12 @@ def _ipt_match(rule: IptRule, pkt: Packet) -> Optional[bool]:
             m = _port_in(pkt.sport, v)
         elif opt in ("--ctstate", "--state"):
             m = bool(set(v.split(",")) & set(pkt.states))
+        elif opt == "--mark" and pkt.mark is not None:
+            value, _, mask = v.partition("/")
+            try:
+                m = (pkt.mark & int(mask or "0xffffffff", 0)) == int(value, 0)
+            except ValueError:
+                m = None
         elif opt == "--dst-type" and v in ("LOCAL", "UNICAST"):
             m = pkt.dst_local if v == "LOCAL" else (None if pkt.dst_local is None else not pkt.dst_local)
         else:
@@ -161,10 +168,11 @@ def _ipt_walk(chains: Dict[str, List[IptRule]], chain: str, pkt: Packet,
     return None, None
 
 
-def ipt_nat(chains: Dict[str, List[IptRule]], start: str, pkt: Packet, depth: int = 0) -> Optional[IptRule]:
-    """The DNAT rule of a nat table that the packet may meet first from chain `start` (None: it
-    leaves the chain untranslated). A DNAT whose match is not certain counts (it may take it);
-    a RETURN or ACCEPT counts only when certain."""
+def ipt_nat(chains: Dict[str, List[IptRule]], start: str, pkt: Packet, depth: int = 0,
+            targets: Tuple[str, ...] = ("DNAT", "REDIRECT")) -> Optional[IptRule]:
+    """The DNAT rule (or one of `targets`: MASQUERADE, SNAT) of a nat table that the packet may
+    meet first from chain `start` (None: it leaves the chain untranslated). A translation whose
+    match is not certain counts (it may take it); a RETURN or ACCEPT counts only when certain."""
     if depth > _MAX_DEPTH:
         return None
     for rule in chains.get(start, []):
@@ -172,14 +180,14 @@ def ipt_nat(chains: Dict[str, List[IptRule]], start: str, pkt: Packet, depth: in
         if m is False:
             continue
         t = rule.target
-        if t in ("DNAT", "REDIRECT"):
+        if t in targets:
             return rule
         if t in ("RETURN", "ACCEPT"):
             if m:
                 return None
             continue
         if t in chains:
-            got = ipt_nat(chains, t, pkt, depth + 1)
+            got = ipt_nat(chains, t, pkt, depth + 1, targets)
             if got is not None:
                 return got
             if m and rule.option("-g", "--goto"):

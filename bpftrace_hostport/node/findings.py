@@ -227,7 +227,7 @@ _SPECS = [
                      "127.0.0.1."}),
     Spec("localhost-hostport", ("info",), "localhost",
          "the node reaches hostPorts on 127.0.0.1; ::1 cannot work",
-         "OUTPUT DNATs them, route_localnet=1 lets the packets out, CNI-HOSTPORT-MASQ rewrites their "
+         "OUTPUT DNATs them, route_localnet=1 lets the packets out, portmap's masquerade rewrites their "
          "source. The same call on [::1] cannot work: IPv6 has no route_localnet.",
          {"default": "Nothing to fix; from the node use 127.0.0.1 or the node's IP for hostPorts, never ::1."}),
     Spec("localhost-ipv6", ("warning",), "localhost",

@@ -288,8 +288,9 @@ def _links_and_sockets(view: NodeView) -> Dict[int, str]:
     ipvs = _read(f"{_PROC_NET}/ip_vs")
     view.ipvs_read = ipvs is not None
     view.ipvs_services = _ipvs(ipvs)
+    # nf_conntrack_max can be set only in the host's own namespace (0444 in any other)
     try:
-        view.netns_is_host = os.stat("/proc/thread-self/ns/net").st_ino == os.stat("/proc/1/ns/net").st_ino
+        view.netns_is_host = bool(os.stat("/proc/sys/net/netfilter/nf_conntrack_max").st_mode & 0o200)
     except OSError:
         view.netns_is_host = None
     return ifnames

@@ -49,7 +49,7 @@ class NodeView:
     pod_netns_missing: List[str] = field(default_factory=list)
     ipvs_services: List[Tuple[str, str, int]] = field(default_factory=list)    # /proc/net/ip_vs virtual services
     ipvs_read: bool = False
-    netns_is_host: Optional[bool] = None     # the node's namespace is the host's own (PID 1's)
+    netns_is_host: Optional[bool] = None     # the node's namespace is the host's own (nf_conntrack_max writable)
     conntrack_sample: List[CtEntry] = field(default_factory=list)   # entries of a full table, sampled
     sockets_read: bool = False
     notes: List[str] = field(default_factory=list)

@@ -62,8 +62,6 @@ class NatSummary:
     # chains jump to for their hairpin / localhost marks (KUBE-MARK-MASQ)
     external_mark_chains: Tuple[str, ...] = ()
     marks_set: Tuple[Tuple[str, str], ...] = ()   # (chain, mark) of every MARK rule, e.g. ("KUBE-MARK-MASQ", "0x4000")
-    masq_marks: Tuple[str, ...] = ()       # marks whose packets POSTROUTING masquerades (directly or in a chain)
-    masq_all: bool = False                 # POSTROUTING masquerades everything (an unconditional MASQUERADE)
     lines: Tuple[str, ...] = ()            # the table's `-A` lines, for node/evaluate.py's nat walk
 
 
@@ -174,12 +172,11 @@ def nat_summary(text: str, source: str = "iptables-nft", family: int = 4) -> Nat
             masq = True
         if r.chain == "POSTROUTING" and t == "CNI-HOSTPORT-MASQ":
             post = True
-    masq_marks, masq_all = _masquerades(rules)
     return NatSummary(source=source, family=family, chains=tuple(chains), dnat_jumps=tuple(jumps),
                       hooked_from=tuple(dict.fromkeys(hooked)), setmark_sources=tuple(setmark_sources),
                       setmark_marks=marks, masq_rule=masq, postrouting_to_masq=post,
                       external_mark_chains=tuple(external), marks_set=tuple(marks_set),
-                      masq_marks=masq_marks, masq_all=masq_all, lines=tuple(lines))
+                      lines=tuple(lines))
 
 
 def _mark_value(r) -> Optional[str]:
@@ -189,52 +186,6 @@ def _mark_value(r) -> Optional[str]:
         if v:
             return v.split("/")[0].lower()
     return None
-
-
-def _mark_match(r) -> Optional[Tuple[bool, str]]:
-    """(negated, mark) of a rule's `-m mark --mark X[/Y]`."""
-    got = r.option("--mark")
-    if got and got[1]:
-        return got[0], got[1][0].split("/")[0].lower()
-    return None
-
-
-def _masquerades(rules) -> Tuple[Tuple[str, ...], bool]:
-    """Which marks POSTROUTING masquerades: `-m mark --mark M -j MASQUERADE` in it or a chain it jumps
-    to, or a chain that RETURNs unless the mark is M and then masquerades (kube-proxy's
-    KUBE-POSTROUTING). True as well when it masquerades everything unconditionally."""
-    by_chain: Dict[str, list] = {}
-    for r in rules:
-        by_chain.setdefault(r.chain, []).append(r)
-    marks: List[str] = []
-    every = False
-
-    def conditional(r) -> bool:
-        return any(opt in ("-s", "--source", "-d", "--destination", "-o", "--out-interface", "-i",
-                           "--in-interface", "--ctstate", "--state", "--ctorigsrc", "--ctorigdst")
-                   for _, opt, _ in r.args)
-
-    def walk(chain: str, depth: int) -> None:
-        nonlocal every
-        if depth > 4:
-            return
-        required: Optional[str] = None             # mark required by a preceding `! --mark M -j RETURN`
-        for r in by_chain.get(chain, []):
-            m = _mark_match(r)
-            if r.target == "RETURN" and m and m[0] and not conditional(r):
-                required = m[1]
-            elif r.target in ("MASQUERADE", "SNAT"):
-                if m and not m[0]:
-                    marks.append(m[1])
-                elif required and not conditional(r):
-                    marks.append(required)
-                elif not m and not conditional(r) and chain == "POSTROUTING":
-                    every = True
-            elif r.target in by_chain and r.target not in ("POSTROUTING",):
-                if not conditional(r) or (m and not m[0]):
-                    walk(r.target, depth + 1)
-    walk("POSTROUTING", 0)
-    return tuple(dict.fromkeys(marks)), every
 
 
 def filter_table(text: str, source: str = "iptables-nft", family: int = 4) -> FilterTable:

@@ -77,7 +77,7 @@ def _localhost(view: NodeView) -> List[Finding]:
         out.append(finding(
             "localhost-hostport",
             f"The node reaches hostPorts on localhost ({', '.join(eps)}): OUTPUT DNATs them, route_localnet=1 "
-            "lets the 127.0.0.1-sourced packets out to the pod and CNI-HOSTPORT-MASQ rewrites their source. "
+            "lets the 127.0.0.1-sourced packets out to the pod and portmap's masquerade rewrites their source. "
             "The same call on [::1] cannot work: IPv6 has no route_localnet.",
             values + [f"conntrack: {e.proto.lower()} {addr_port(e.orig_src, e.orig_sport)} -> "
                       f"{addr_port(e.orig_dst, e.orig_dport)} DNAT to {addr_port(e.reply_src, e.reply_sport)}"
@@ -140,15 +140,17 @@ def _exposed(view: NodeView) -> List[Finding]:
     t = "iptables-nft" if any(f.source == "iptables-nft" for f in view.filters) else "iptables-legacy"
     cmds = [f"{p}{t} -I INPUT ! -s 127.0.0.0/8 -d 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT "
             "-j DROP"]
+    keep = [b for b in view.bridges if b not in on and b != "kube-ipvs0"]
     if all_rl == "1":
-        off = (f"`{p}sysctl -w net.ipv4.conf.all.route_localnet=0`, keeping it on the pods' bridge "
-               + " and ".join(f"`{p}sysctl -w net.ipv4.conf.{b}.route_localnet=1`" for b in view.bridges
-                              if b not in on) + " for 127.0.0.1:hostPort")
+        off = f"`{p}sysctl -w net.ipv4.conf.all.route_localnet=0`" + (
+            ", keeping it on the pods' bridge for 127.0.0.1:hostPort: "
+            + " and ".join(f"`{p}sysctl -w net.ipv4.conf.{b}.route_localnet=1`" for b in keep) if keep else "")
     else:
         off = " and ".join(f"`{p}sysctl -w net.ipv4.conf.{i}.route_localnet=0`" for i in on)
     return [finding(
         "route-localnet-exposed",
-        f"route_localnet is on for {', '.join(on)}, which face the network, and nothing drops packets to "
+        f"route_localnet is on for {', '.join(on)}, which face{'s' if len(on) == 1 else ''} the network, "
+        "and nothing drops packets to "
         f"127.0.0.0/8 that come from elsewhere: a host on that network can reach "
         + (f"the node's 127.0.0.1 services ({', '.join(f'{s[0].lower()} {s[2]}' for s in local[:5])})"
            if local else "any service of the node bound to 127.0.0.1") + ".",

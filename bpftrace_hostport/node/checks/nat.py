@@ -165,7 +165,7 @@ def _nft_portmap(view: NodeView) -> List[Finding]:
             if open_jumps:
                 cmds = [f"{p}nft replace rule {fam} cni_hostport {c.name} handle {r.handle} fib daddr type local "
                         f"jump {_jump_target(r)}" for c, r in open_jumps if r.handle is not None]
-                ports = ", ".join(sorted({f"{x.host_port}/{x.proto}" for x in rules}))
+                ports = ", ".join(f"{p_}/{q}" for p_, q in sorted({(x.host_port, x.proto) for x in rules}))
                 out.append(finding(
                     "hostport-catches-transit",
                     f"portmap's nftables prerouting chain ({fam} cni_hostport) jumps to its hostPort rules without "
@@ -187,10 +187,15 @@ def rule_text_nft(r) -> str:
 
 def _mark_masq(view: NodeView) -> List[Finding]:
     """portmap's externalSetMarkChain: its CNI-DN-* chains jump to KUBE-MARK-MASQ (or another chain)
-    for the hairpin and localhost marks, and leave the masquerade to whoever set that chain up."""
+    for the hairpin and localhost marks, and leave the masquerade to whoever set that chain up.
+    Walks POSTROUTING with a marked hairpin packet of each pod: does it meet a MASQUERADE?"""
+    from bpftrace_hostport.node.evaluate import Packet, ipt_chains, ipt_nat
     p = px(view)
     out = []
     for nat in view.nat:
+        chains = ipt_chains(nat.lines)
+        targets = [r for r in view.rules if r.family == nat.family and r.source == nat.source
+                   and (r.chain or "").startswith("CNI-DN-")]
         for chain in nat.external_mark_chains:
             marks = [m for c, m in nat.marks_set if c == chain]
             t = tool(nat.source, nat.family)
@@ -199,19 +204,27 @@ def _mark_masq(view: NodeView) -> List[Finding]:
             if not marks:
                 missing.append(f"{chain} sets no mark")
                 cmds.append(f"{p}{t} -t nat -A {chain} -j MARK --or-mark {mark}")
-            if mark not in nat.masq_marks and not nat.masq_all:
-                missing.append(f"nothing in POSTROUTING masquerades mark {mark}")
-                cmds.append(f"{p}{t} -t nat -A POSTROUTING -m mark --mark {mark}/{mark} -j MASQUERADE")
+            try:
+                value = int(mark, 0)
+            except ValueError:
+                value = 0x4000
+            unmasked = [r for r in targets if ipt_nat(chains, "POSTROUTING", Packet(
+                r.proto, src=r.target_ip, dst=r.target_ip, dport=r.target_port, states=("NEW", "DNAT"),
+                family=r.family, mark=value), targets=("MASQUERADE", "SNAT")) is None]
+            if unmasked:
+                missing.append(f"a hairpin packet marked {mark} meets no MASQUERADE in POSTROUTING (to "
+                               + ", ".join(sorted({r.target_ip for r in unmasked})) + ")")
+                # First in POSTROUTING: the bridge plugin's per-pod chains ACCEPT pod-to-pod traffic
+                # (no masquerade) before anything appended could see it.
+                cmds.append(f"{p}{t} -t nat -I POSTROUTING 1 -m mark --mark {mark}/{mark} -j MASQUERADE")
             if not missing:
                 continue
             kube = "KUBE-POSTROUTING" in nat.chains
             fam = f"IPv{nat.family}"
             ev = [f"{nat.source} {fam}: the CNI-DN-* chains jump to {chain} for their hairpin and localhost marks"]
             ev += [f"{nat.source} {fam}: {m}" for m in missing]
-            ev.append("KUBE-POSTROUTING exists but does not masquerade that mark" if kube else
+            ev.append("KUBE-POSTROUTING exists but does not masquerade that mark first" if kube else
                       "no KUBE-POSTROUTING chain: kube-proxy does not run in iptables mode here")
-            if nat.masq_marks:
-                ev.append(f"marks POSTROUTING masquerades: {', '.join(nat.masq_marks)}")
             out.append(finding(
                 "mark-masq-missing",
                 f"portmap ({fam}, {nat.source}) marks hairpin and localhost hostPort traffic through {chain} "

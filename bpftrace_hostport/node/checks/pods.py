@@ -394,13 +394,17 @@ def _shadowed(view: NodeView, pods: List[PodInfo]) -> List[Finding]:
         # Does a connection from another host to that socket really meet a DNAT (no RETURN before it)?
         from bpftrace_hostport.node.checks.common import dnat_of
         from bpftrace_hostport.node.evaluate import Packet
-        fam = 6 if ":" in addr else 4
-        called = addr if addr not in ("0.0.0.0", "::") else next(
-            (a for a in view.local_addresses if family(a) == fam and a not in ("127.0.0.1", "::1")
-             and view.address_ifaces.get(a) != "kube-ipvs0" and not a.startswith("fe80")), None)
-        if called is None:
-            continue
-        via = dnat_of(view, Packet(proto, dst=called, dport=port, states=("NEW",), family=fam, dst_local=True))
+        node_addrs = [a for a in view.local_addresses if a not in ("127.0.0.1", "::1")
+                      and view.address_ifaces.get(a) != "kube-ipvs0" and not a.startswith("fe80")]
+        # "::" takes IPv4 as well unless the socket is IPv6-only, which /proc does not tell
+        calls = ([addr] if addr not in ("0.0.0.0", "::") else
+                 [a for a in node_addrs if ":" not in a] + ([a for a in node_addrs if ":" in a] if addr == "::" else []))
+        via = called = None
+        for called in calls:
+            via = dnat_of(view, Packet(proto, dst=called, dport=port, states=("NEW",), family=family(called),
+                                       dst_local=True))
+            if via:
+                break
         if via is None:
             continue
         seen.add((proto, port))
