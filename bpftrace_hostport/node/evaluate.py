@@ -168,31 +168,37 @@ def _ipt_walk(chains: Dict[str, List[IptRule]], chain: str, pkt: Packet,
     return None, None
 
 
-def ipt_nat(chains: Dict[str, List[IptRule]], start: str, pkt: Packet, depth: int = 0,
+def ipt_nat(chains: Dict[str, List[IptRule]], start: str, pkt: Packet,
             targets: Tuple[str, ...] = ("DNAT", "REDIRECT")) -> Optional[IptRule]:
     """The DNAT rule (or one of `targets`: MASQUERADE, SNAT) of a nat table that the packet may
-    meet first from chain `start` (None: it leaves the chain untranslated). A translation whose
-    match is not certain counts (it may take it); a RETURN or ACCEPT counts only when certain."""
+    meet first from chain `start` (None: it leaves the table untranslated). A translation whose
+    match is not certain counts (it may take it); a RETURN or ACCEPT counts only when certain,
+    and an ACCEPT anywhere ends the table, a RETURN only its chain."""
+    kind, rule = _ipt_nat(chains, start, pkt, targets, 0)
+    return rule if kind == "nat" else None
+
+
+def _ipt_nat(chains, chain, pkt, targets, depth) -> Tuple[str, Optional[IptRule]]:
     if depth > _MAX_DEPTH:
-        return None
-    for rule in chains.get(start, []):
+        return "end", None
+    for rule in chains.get(chain, []):
         m = _ipt_match(rule, pkt)
         if m is False:
             continue
         t = rule.target
         if t in targets:
-            return rule
-        if t in ("RETURN", "ACCEPT"):
-            if m:
-                return None
-            continue
+            return "nat", rule
+        if t == "ACCEPT" and m:
+            return "accept", None
+        if t == "RETURN" and m:
+            return "end", None
         if t in chains:
-            got = ipt_nat(chains, t, pkt, depth + 1, targets)
-            if got is not None:
-                return got
+            kind, got = _ipt_nat(chains, t, pkt, targets, depth + 1)
+            if kind in ("nat", "accept"):
+                return kind, got
             if m and rule.option("-g", "--goto"):
-                return None
-    return None
+                return "end", None
+    return "end", None
 
 
 def ipt_verdict(chains: Dict[str, List[IptRule]], policies: Dict[str, str], pkt: Packet,

@@ -72,7 +72,7 @@ _SPECS = [
          "pod, or its replies; or the chain's policy drops it because nothing accepts it first. Hosts "
          "other than the node never get an answer.",
          {"rule": "Remove that rule if it is not meant for pod traffic: {commands}; or narrow it so that "
-                  "it spares traffic to the pods (for instance with `-m conntrack ! --ctstate DNAT`).",
+                  "it spares traffic to the pods (for instance with \"-m conntrack ! --ctstate DNAT\").",
           "nft-rule": "Let DNATed traffic pass before that rule: {commands}.{owner}",
           "policy": "Nothing accepts pod traffic before the policy drops it; accept it: {commands} (a "
                     "CNI firewall plugin or your firewall's configuration should add these).",

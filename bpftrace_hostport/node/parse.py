@@ -284,6 +284,17 @@ def parse_conntrack_text(text: str) -> List[CtEntry]:
     return out
 
 
+def parse_conntrack_stats(text: str) -> Dict[str, int]:
+    """`conntrack -S` (one `cpu=N found=0 invalid=0 ...` line per CPU), summed over CPUs."""
+    out: Dict[str, int] = {}
+    for line in text.splitlines():
+        for tok in line.split():
+            k, _, v = tok.partition("=")
+            if k != "cpu" and v.isascii() and v.isdigit():
+                out[k] = out.get(k, 0) + int(v)
+    return out
+
+
 def parse_sysctl_text(text: str) -> Dict[str, str]:
     """`sysctl -a` style lines (`key = value`) -> dict."""
     out: Dict[str, str] = {}
