@@ -521,3 +521,25 @@ def test_read_node_rules_same_rules_in_both_backends_kept_once():
     assert sorted((r.host_port, r.packets, r.source) for r in found) == [
         (5353, 0, "iptables-nft"), (8000, 2, "iptables-legacy"), (8443, 1, "iptables-legacy")]
     assert node not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+def test_callers_within_a_moment_share_one_read(fake_tools):
+    """A trace's start asks for the rules three times (pod source, watch list, recording): one read."""
+    tools = fake_tools(FakeTools(nft_v4=text("portmap_nft_counters.txt")))
+    first = read_node_rules()
+    assert read_node_rules() == first and read_node_rules(max_age=2.0) == first
+    assert sum(1 for c in tools.calls if c[-1] == "PREROUTING" and c[0] == "iptables-nft") == 1
+    read_node_rules(max_age=0)                       # check and the agent always read afresh
+    assert sum(1 for c in tools.calls if c[-1] == "PREROUTING" and c[0] == "iptables-nft") == 2
+
+
+def test_real_portmap_1_9_1_nftables_output_reads_as_the_shape_typed_from_its_source():
+    """portmap_nftables_1.9.1.json is what the 1.9.1 plugins (Debian unstable) really wrote; the
+    hand-typed portmap_nftables.json followed portmap_nftables.go: the same six mappings."""
+    real = parse_nft_json(text("portmap_nftables_1.9.1.json"))
+    typed = parse_nft_json(text("portmap_nftables.json"))
+    key = lambda r: (r.family, r.proto, r.host_ip, r.host_port, r.target_ip, r.target_port, r.chain, r.container_id)  # noqa: E731
+    assert sorted(map(key, real)) == sorted(map(key, typed))
+    assert len(real) == 6 and all(r.packets is None and r.source == "nftables" for r in real)   # 1.9.1 counts nothing
+    b = next(r for r in real if r.host_port == 8443)
+    assert (b.host_ip, b.chain, b.container_id) == ("192.0.2.10", "cni_hostport/hostports", ID_B)
