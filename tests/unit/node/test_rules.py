@@ -538,7 +538,7 @@ def test_real_portmap_1_9_1_nftables_output_reads_as_the_shape_typed_from_its_so
     hand-typed portmap_nftables.json followed portmap_nftables.go: the same six mappings."""
     real = parse_nft_json(text("portmap_nftables_1.9.1.json"))
     typed = parse_nft_json(text("portmap_nftables.json"))
-    key = lambda r: (r.family, r.proto, r.host_ip, r.host_port, r.target_ip, r.target_port, r.chain, r.container_id)  # noqa: E731
+    key = lambda r: (r.family, r.proto, r.host_ip or "", r.host_port, r.target_ip, r.target_port, r.chain, r.container_id)  # noqa: E731
     assert sorted(map(key, real)) == sorted(map(key, typed))
     assert len(real) == 6 and all(r.packets is None and r.source == "nftables" for r in real)   # 1.9.1 counts nothing
     b = next(r for r in real if r.host_port == 8443)
