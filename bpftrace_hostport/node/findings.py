@@ -57,12 +57,12 @@ def has_errors(found: Iterable[Finding]) -> bool:
 _SPECS = [
     # ------------------------------------------------------------------ forward path
     Spec("ip-forward-off", ("error",), "forward",
-         "net.ipv4.ip_forward is 0",
+         "`net.ipv4.ip_forward` is 0",
          "Packets DNATed to pods are never forwarded, so clients from other hosts get no answer on any "
          "hostPort (only the node itself reaches them).",
          {"default": "Turn forwarding on: `{px}sysctl -w {key}=1` (and persist it in /etc/sysctl.d/)."}),
     Spec("ipv6-forwarding-off", ("error",), "forward",
-         "net.ipv6.conf.all.forwarding is 0",
+         "`net.ipv6.conf.all.forwarding` is 0",
          "The same for IPv6: hostPort traffic DNATed to a pod's IPv6 address is never forwarded.",
          {"default": "Turn forwarding on: `{px}sysctl -w {key}=1` (and persist it in /etc/sysctl.d/)."}),
     Spec("forward-drop", ("error",), "forward",
@@ -271,8 +271,9 @@ def finding(code: str, message: str, evidence: Iterable[str] = (), *, severity: 
 
 def markdown_table() -> str:
     """README's findings table: one row per code, by family."""
-    lines = ["| code | severity | family | what it means |", "| --- | --- | --- | --- |"]
+    lines = ["| code | severity | family | what is wrong | why, and how the node shows it |",
+             "| --- | --- | --- | --- | --- |"]
     for s in _SPECS:
-        lines.append(f"| `{s.code}` | {' or '.join(s.severities)} | {FAMILIES[s.family]} | "
-                     f"{s.title[0].upper() + s.title[1:]}. {s.explanation} |")
+        lines.append(f"| `{s.code}` | {' or '.join(s.severities)} | {FAMILIES[s.family]} | {s.title} | "
+                     f"{s.explanation} |")
     return "\n".join(lines) + "\n"
