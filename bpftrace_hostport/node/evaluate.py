@@ -440,8 +440,9 @@ def _nft_walk(chains: Dict[Tuple[str, str, str], NftChain], key: Tuple[str, str,
 
 
 def nft_nat(chains: Dict[Tuple[str, str, str], NftChain], key: Tuple[str, str, str], pkt: Packet,
-            depth: int = 0) -> Optional[Tuple[NftChain, NftRule]]:
-    """The dnat rule the packet may meet first from chain `key` of a nat table (None: none)."""
+            depth: int = 0, actions: Tuple[str, ...] = ("dnat", "redirect")) -> Optional[Tuple[NftChain, NftRule]]:
+    """The dnat rule (or one of `actions`: masquerade, snat) the packet may meet first from chain
+    `key` of a nat table (None: none)."""
     if depth > _MAX_DEPTH or key not in chains:
         return None
     chain = chains[key]
@@ -449,14 +450,14 @@ def nft_nat(chains: Dict[Tuple[str, str, str], NftChain], key: Tuple[str, str, s
         m, verdict, target = _nft_rule(rule, pkt)
         if m is False:
             continue
-        if any(isinstance(e, dict) and ("dnat" in e or "redirect" in e) for e in rule.expr):
+        if any(isinstance(e, dict) and any(a in e for a in actions) for e in rule.expr):
             return chain, rule
         if verdict in ("accept", "return", "drop"):
             if m:
                 return None
             continue
         if verdict in ("jump", "goto") and target:
-            got = nft_nat(chains, (key[0], key[1], target), pkt, depth + 1)
+            got = nft_nat(chains, (key[0], key[1], target), pkt, depth + 1, actions)
             if got is not None:
                 return got
             if verdict == "goto" and m:

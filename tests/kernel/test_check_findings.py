@@ -293,6 +293,18 @@ def test_nftables_portmap_lab_is_read_like_the_iptables_one():
         run_fix(f)
         assert lab.traffic(t.name, count=2)["answered"] == 2
         assert check(t.name) == (0, [])
+        # the pod's hairpin masquerade gone: a pod calling its own hostPort fails until it is back
+        rules = json.loads(t.node("nft", "-j", "-a", "list", "chain", "ip", "cni_hostport", "masquerading").stdout)
+        handle = next(i["rule"]["handle"] for i in rules["nftables"] if "rule" in i
+                      and "127.0.0.1" not in json.dumps(i["rule"]))
+        t.node("nft", "delete", "rule", "ip", "cni_hostport", "masquerading", "handle", str(handle))
+        assert _own_hostport(t, web, 0.5) == 0
+        rc, found = check(t.name)
+        f = one(found, "hairpin-no-masquerade")
+        assert rc == 0 and f["severity"] == "warning"
+        run_fix(f)
+        assert _own_hostport(t, web, 2) == 1
+        assert check(t.name) == (0, [])
 
 
 def test_no_namespace_is_left_behind():

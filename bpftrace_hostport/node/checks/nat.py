@@ -159,7 +159,8 @@ def _nft_portmap(view: NodeView) -> List[Finding]:
                     + [rule_text_nft(r) for r in rules[:3]],
                     severity=sev, s="", commands=ticks(cmds)))
                 continue
-            if hook != "prerouting":
+            if hook == "output":
+                out += _nft_hairpin(view, fam, v, rules, table, chains)
                 continue
             open_jumps = [(c, r) for c, r in jumps if not _fib_local(r)]
             if open_jumps:
@@ -175,6 +176,34 @@ def _nft_portmap(view: NodeView) -> List[Finding]:
                     + [rule_text_nft(x) for x in rules[:3]],
                     commands=ticks(cmds)))
     return out
+
+
+def _nft_hairpin(view: NodeView, fam: str, v: int, rules, table, chains) -> List[Finding]:
+    """portmap's nftables masquerading chain: `ip saddr POD ip daddr POD masquerade` per pod (a pod
+    calling its own hostPort), and `ip saddr 127.0.0.1 ...` for localhost calls (IPv4)."""
+    from bpftrace_hostport.node.evaluate import Packet, nft_nat
+    bases = [c for c in table if c.hook == "postrouting" and c.type == "nat"]
+    targets = sorted({r.target_ip for r in rules})
+    unmasked = [t for t in targets if not any(nft_nat(chains, b.key, Packet(
+        "TCP", src=t, dst=t, family=v), actions=("masquerade", "snat")) for b in bases)]
+    if not unmasked:
+        return []
+    p = px(view)
+    ev = [f"{fam} cni_hostport: no masquerade for a hairpin packet {t} -> {t}" for t in unmasked]
+    if not any(r.expr for b in bases for r in b.rules):
+        # portmap with "snat": false writes no masquerading rule at all
+        return [finding(
+            "hairpin-no-masquerade",
+            f"portmap's nftables table ({fam} cni_hostport) masquerades no hairpin traffic (snat off): a pod "
+            "calling nodeIP:hostPort of itself gets no answer.",
+            ev, severity="info", variant="snat-off", extra="")]
+    base = bases[0].name if bases else "masquerading"
+    cmds = [f"{p}nft add rule {fam} cni_hostport {base} {fam} saddr {t} {fam} daddr {t} masquerade" for t in unmasked]
+    return [finding(
+        "hairpin-no-masquerade",
+        f"portmap's nftables hairpin masquerade ({fam} cni_hostport) misses {', '.join(unmasked)}: those pods "
+        "calling nodeIP:hostPort of themselves get no answer.",
+        ev, variant="restore", commands=ticks(cmds))]
 
 
 def rule_text_nft(r) -> str:

@@ -313,3 +313,20 @@ def test_ctnetlink_entry_decodes_a_message_built_as_the_kernel_does():
         ("UDP", "10.0.0.9", 5353, "10.0.1.3", 53, 29)
     assert e.dnat and "DST_NAT" in e.status and "UNREPLIED" not in e.status
     assert ct._entry(msg[:8], 0, 8) is None
+
+
+def test_nft_portmap_hairpin_masquerade_missing_or_off():
+    import json
+
+    def without(view, keep_localhost):
+        view.nft_items = [i for i in view.nft_items if not (
+            i.get("rule", {}).get("chain") == "masquerading"
+            and (not keep_localhost or "127.0.0.1" not in json.dumps(i)))]
+        return view
+    view = without(scenario_view("nft-basic"), keep_localhost=True)
+    f = one(view, "hairpin-no-masquerade")
+    pod = view.pods[0].ips[0]
+    assert f.severity == "warning" and ticked(f.fix) == [
+        f"ip netns exec {view.netns} nft add rule ip cni_hostport masquerading ip saddr {pod} ip daddr {pod} masquerade"]
+    f = one(without(scenario_view("nft-basic"), keep_localhost=False), "hairpin-no-masquerade")
+    assert f.severity == "info" and "snat" in f.message
