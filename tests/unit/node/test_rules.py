@@ -543,3 +543,17 @@ def test_real_portmap_1_9_1_nftables_output_reads_as_the_shape_typed_from_its_so
     assert len(real) == 6 and all(r.packets is None and r.source == "nftables" for r in real)   # 1.9.1 counts nothing
     b = next(r for r in real if r.host_port == 8443)
     assert (b.host_ip, b.chain, b.container_id) == ("192.0.2.10", "cni_hostport/hostports", ID_B)
+
+
+def test_legacy_tables_are_cut_to_the_walked_chains_with_counters(fake_tools):
+    from bpftrace_hostport.node.read import read_netfilter
+    legacy = text("portmap_legacy_counters.txt")
+    tools = fake_tools(FakeTools(legacy={"iptables-legacy-save": legacy}), legacy_tables=("nat",))
+    nf = read_netfilter(None, ("nat",))
+    (src, fam, cut), = [x for x in nf.nat if x[0] == "iptables-legacy"]
+    assert fam == 4 and "-A CNI-HOSTPORT-DNAT" in cut and DN_C in cut
+    dnat = next(ln for ln in cut.splitlines() if "-j DNAT" in ln)
+    assert dnat.endswith(tuple(f"-c {p} {b}" for p, b in [ln[1:ln.index("]")].split(":")
+                                                          for ln in legacy.splitlines() if "-j DNAT" in ln]))
+    # `rules` reads the nat side only: no filter table is listed
+    assert all(c[2] == "nat" for c in tools.calls if c[0] == "iptables-nft")
