@@ -1,6 +1,7 @@
 """`rules` and `check`: the node's hostPort mappings with their pods, and what is wrong with them.
 
-
+Both read the node once (node/gather.py); `rules` leaves out what only `check` needs (the filter
+tables, the pods' namespaces).
 """
 from __future__ import annotations
 
@@ -321,10 +322,12 @@ def render_findings(found, width: Optional[int]) -> str:
 def check_cmd(netns, lab_name, pod_files, pods_from, kubeconfig, node_name, as_json):
     """Check why a hostPort may not work on this node; exit 1 when something is broken.
 
-    Looks at the DNAT rules, the pods, conntrack, forwarding sysctls, the FORWARD chain,
-    route_localnet and portmap's hairpin chains. Each finding has a stable code, its evidence
-    and a fix. Exit status: 0 no error (warnings and info may remain), 1 at least one error,
-    2 bad input.
+    Looks at the DNAT rules (iptables, both backends, and nftables), the pods and what listens in
+    their namespaces, conntrack (the hostPorts' entries and the table's fill), forwarding and
+    route_localnet, the FORWARD and INPUT chains, nftables' forward chains and portmap's
+    masquerade. Each finding has a stable code (README lists them all), its evidence and a fix
+    with the node's real values. Exit status: 0 no error (warnings and info may remain), 1 at
+    least one error, 2 bad input.
 
     \b
     Examples:
