@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 #: Scenarios lab/build.py builds itself.
 BUILT_IN = ("basic", "hostnetwork", "conflict", "stale-udp", "blackhole", "forward-drop", "hairpin", "localhost")
