@@ -504,7 +504,9 @@ class _JsonLines:
 def iso_column(values: list, where: Callable[[int], str]) -> np.ndarray:
     """ISO 8601 strings with their zone -> int64 ns (UTC), parsed as one column (numpy, no
     pandas); a bad one (empty, or without a zone) is named."""
-    if all(isinstance(v, str) and v[-1:] == "Z" for v in values):
+    # numpy's datetime64[ns] holds years 1678 to 2261 and wraps silently beyond: those years only
+    if all(isinstance(v, str) and v[-1:] == "Z" and "1678" <= v[:4] <= "2261" and v[4:5] == "-"
+           for v in values):
         try:
             ns = np.array([v[:-1] for v in values], dtype="datetime64[ns]").astype(np.int64)
             if not (ns == np.iinfo(np.int64).min).any() and all("T" in v for v in values[:1]):
