@@ -17,6 +17,9 @@ Where each figure comes from, so that the metrics and the summary cannot disagre
 A mapping series is keyed by (proto, host_port, pod_ip, pod_port); its pod labels are filled
 in as they become known (first known value per label wins, so a named series keeps its name).
 
+The socket is made by the pre-flight checks (collect/preflight.py listen_socket) before the
+programs are loaded, and served from once the session starts the sink.
+
 Mappings known before any traffic (the pods' hostPorts and the node's DNAT rules, from the
 session's snapshots) are exported at 0 from the start, with the refusal a closed port gives
 (reset, port-unreachable, abort) and the miss series of their hostPort: Prometheus reads
@@ -36,10 +39,7 @@ Label sets stay bounded:
 """
 from __future__ import annotations
 
-import errno
-import ipaddress
 import os
-import re
 import selectors
 import socket
 import threading
@@ -56,8 +56,8 @@ from prometheus_client.utils import floatToGoString
 
 from bpftrace_hostport import proto as protomod
 from bpftrace_hostport.records.batch import ADDR, AddrNames, FlowBatch, group_rows
+from bpftrace_hostport.collect.preflight import listen_socket, parse_listen, where
 from bpftrace_hostport.collect.sinks import Sink
-from bpftrace_hostport.errors import UserError
 
 PREFIX = "bpftrace_hostport_"
 EXPORTED_METRICS: Tuple[str, ...] = tuple(PREFIX + n for n in (
@@ -80,60 +80,10 @@ CLOSED_PORT_REFUSAL = {"tcp": "reset", "udp": "port-unreachable", "sctp": "abort
 
 _KEY_DTYPE = np.dtype([("proto", "u1"), ("family", "u1"), ("host_port", "u2"),
                        ("pod_addr", ADDR), ("pod_port", "u2")])
-_LISTEN = re.compile(r"(?:(?:\[(?P<v6>[0-9A-Fa-f:.]+(?:%\w+)?)\]|(?P<host>[A-Za-z0-9.\-]+)):)?"
-                     r"(?P<port>\d{1,5})")
 
 Key = Tuple[str, str, str, str]          # proto, host_port, pod_ip, pod_port (label text)
 MissKey = Tuple[str, str, str, str]      # proto, host_port, owner namespace, owner pod
 Names = Tuple[Optional[str], Optional[str], Optional[str]]     # namespace, pod, port name
-
-
-def parse_listen(value: str) -> Tuple[str, int]:
-    """[ADDR:]PORT -> (host, port): 127.0.0.1 when only a port is given, IPv6 in brackets."""
-    m = _LISTEN.fullmatch(str(value).strip())
-    ok = m is not None and int(m["port"]) <= 65535
-    if ok and m["v6"]:
-        try:
-            ipaddress.IPv6Address(m["v6"].split("%")[0])
-        except ValueError:
-            ok = False
-    if not ok:
-        raise ValueError(f"Bad metrics listen address {value!r}: give PORT, ADDR:PORT or "
-                         "[IPv6]:PORT with a port from 0 to 65535.")
-    return m["v6"] or m["host"] or "127.0.0.1", int(m["port"])
-
-
-def where(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def listen_socket(listen: str) -> socket.socket:
-    """A socket listening on [ADDR:]PORT, as the metrics server serves from it; UserError (one
-    sentence with the fix) when the address is in use, not local, or not allowed. Made by the
-    pre-flight checks (collect/preflight.py) before the programs are loaded, and held until the
-    sink serves from it, so that no one takes the port in between."""
-    try:
-        host, port = parse_listen(listen)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-    except OSError as e:
-        raise UserError(f"Cannot listen on {where(host, port)}: {(e.strerror or str(e)).lower()}; "
-                        "give an address of this node or a port alone (127.0.0.1).") from None
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as http.server does
-        sock.bind((host, port))
-        sock.listen(16)
-    except OSError as e:
-        sock.close()
-        if e.errno == errno.EADDRINUSE:
-            raise UserError(f"Cannot listen on {where(host, port)}: address in use; "
-                            "choose another --metrics port.") from None
-        raise UserError(f"Cannot listen on {where(host, port)}: "
-                        f"{(e.strerror or str(e)).lower()}.") from None
-    return sock
 
 
 class _Series:

@@ -484,7 +484,7 @@ def test_known_mappings_stay_until_their_pod_and_rule_are_gone(sinks):
 
 
 def test_listen_socket_is_served_and_refused_when_taken():
-    from bpftrace_hostport.collect.metrics import listen_socket
+    from bpftrace_hostport.collect.preflight import listen_socket
     sock = listen_socket("127.0.0.1:0")
     port = sock.getsockname()[1]
     with pytest.raises(UserError, match=rf"^Cannot listen on 127.0.0.1:{port}: address in use; choose another --metrics port\.$"):
