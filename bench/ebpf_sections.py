@@ -57,7 +57,9 @@ START = "    void *skb = *(void **)((char *)ctx + NF_CTX_SKB);\n"
 # (section, what it covers, anchor in hostport.bpf.c, marker placed "before" or "after" it)
 SECTIONS = [
     (0, "known flow's packet: cache lookup + counters (hot path)",
-     "        if (count_known(ctkey, len)) {\n            return 1;\n        }\n    }\n\n    /* Everything else", "mid"),
+     "        if (count_known(ctkey, len)) {\n            return 1;\n        }\n        /* Or of a connection", "mid"),
+    (17, "not ours: the ignored entry's lookup (not hostPort traffic)",
+     "        if (ct_ignored(ctkey))\n            return 1;\n    }\n\n    /* Everything else", "mid"),
     (1, "not known: the cache lookup that missed",
      "    /* Everything else needs the entry's tuples and status: one read. */\n", "before"),
     (15, "conntrack entry read: both tuples and status (one read)",

@@ -159,7 +159,7 @@ def test_leaked_rule_of_a_pod_gone_without_cni_del_is_found_and_its_fix_works(tm
 
 
 def test_stale_udp_lab_names_the_deleted_pods_ip_and_its_fix_works(monkeypatch, lab_kind):
-    from bpftrace_hostport.node import gather as gather_mod
+    from bpftrace_hostport.node import gather as gather_mod, read as read_mod
     from bpftrace_hostport.node.check import findings
     from bpftrace_hostport.pods.podlist import read_pod_list
     with lab_up("stale-udp", lab_kind) as (name, st):
@@ -170,7 +170,7 @@ def test_stale_udp_lab_names_the_deleted_pods_ip_and_its_fix_works(monkeypatch, 
         assert rc == 1 and f["severity"] == "error" and dead in f["message"]
         # The same answer when ctnetlink cannot be used and `conntrack -L` is parsed instead.
         with monkeypatch.context() as m:
-            m.setattr(gather_mod, "_conntrack_netlink", lambda netns: (_ for _ in ()).throw(OSError("no netlink")))
+            m.setattr(read_mod, "read_conntrack", lambda *a, **k: (_ for _ in ()).throw(OSError("no netlink")))
             view = gather_mod.gather(st.node_netns, read_pod_list(str(st.pods_file)), node_name=st.node_name)
         assert any("conntrack tool" in n for n in view.notes)
         (g,) = [x for x in findings(view) if x.code == "stale-conntrack"]
