@@ -8,12 +8,8 @@ checks refuse a busy metrics port before anything is loaded.
 import json
 import os
 import re
-import shutil
-import signal
 import socket
 import subprocess
-import sys
-import tempfile
 import time
 
 import pytest
@@ -21,8 +17,8 @@ import pytest
 from bpftrace_hostport.ebpf import nflink
 from bpftrace_hostport.lab import build as lab
 from tests.conftest import require_kernel
-from tests.kernel.helpers import cli, tracing, unique
-from tests.kernel.test_metrics_agent import free_port, scrape, total, wait_for
+from tests.kernel.helpers import AgentRun, cli, tracing, unique
+from tests.kernel.test_metrics_agent import scrape, total, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -35,58 +31,22 @@ def lab_name():
     lab.down(name)
 
 
-class Agent:
-    """`agent --lab NAME --log-json` as its own process, started and waited for."""
-
-    def __init__(self, name: str, *args: str):
-        self.dir = tempfile.mkdtemp(prefix="bhp-agent-")
-        self.port = free_port()
-        self.err = open(os.path.join(self.dir, "err"), "w+")
-        ready = os.path.join(self.dir, "ready")
-        self.proc = subprocess.Popen([sys.executable, "-m", "bpftrace_hostport", "agent", "--lab", name,
-                                      "--metrics", f"127.0.0.1:{self.port}", "--log-json", "--timeout", "1",
-                                      "--check-interval", "3600", "--ready-file", ready, *args],
-                                     stdout=subprocess.DEVNULL, stderr=self.err)
-        deadline = time.monotonic() + 60
-        while not os.path.exists(ready):
-            assert self.proc.poll() is None and time.monotonic() < deadline, self.log()
-            time.sleep(0.05)
-
-    def log(self) -> str:
-        with open(self.err.name) as f:
-            return f.read()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(30)
-        self.err.close()
-        return self.proc.returncode
-
-    def cleanup(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
 def _holders(*pids):
     return [h for h in nflink.link_holders() if h.pid in pids]
 
 
 def test_an_agent_and_a_trace_side_by_side_each_see_every_flow(lab_name):
-    agent = Agent(lab_name)
-    try:
-        with tracing("--lab", lab_name, "--timeout", "1") as t:
-            sent4 = lab.traffic(lab_name, to=8000, count=20)
-            sent6 = lab.traffic(lab_name, to=8000, count=10, family=6)
-            s = wait_for(lambda: (lambda x: x if total(x, "bpftrace_hostport_flows_total", host_port="8000") >= 30
-                                  else None)(scrape(agent.port)))
-            held = {}
-            for h in _holders(agent.proc.pid, t.proc.pid):
-                held.setdefault(h.pid, []).append(h.priority)
-    finally:
-        rc = agent.stop()
-    log = agent.log()
-    agent.cleanup()
-    assert rc == 0 and t.returncode == 0, log
+    with AgentRun(lab_name, "--timeout", "1", "--check-interval", "3600") as agent, \
+            tracing("--lab", lab_name, "--timeout", "1") as t:
+        sent4 = lab.traffic(lab_name, to=8000, count=20)
+        sent6 = lab.traffic(lab_name, to=8000, count=10, family=6)
+        s = wait_for(lambda: (lambda x: x if total(x, "bpftrace_hostport_flows_total", host_port="8000") >= 30
+                              else None)(scrape(agent.port)))
+        held = {}
+        for h in _holders(agent.proc.pid, t.proc.pid):
+            held.setdefault(h.pid, []).append(h.priority)
+    log = agent.logged
+    assert agent.proc.returncode == 0 and t.returncode == 0, log
     assert sent4["answered"] == 20 and sent6["answered"] == 10
     # the agent (first) at -99, the trace at -98; each with its own four links
     assert held == {agent.proc.pid: [-99] * 4, t.proc.pid: [-98] * 4}
