@@ -128,16 +128,19 @@ def _series_key(m: dict) -> Key:
             str(int(m.get("pod_port") or 0)))
 
 
-def known_mappings(kind: str, items: Iterable[dict], pods: Iterable[dict] = ()
+def known_mappings(kind: str, items: Iterable[dict], pods: Iterable[dict] = (), node: Optional[str] = None
                    ) -> Tuple[Dict[Key, Names], Set[MissKey]]:
     """What a pods or rules snapshot announces: the mapping series (with their names) and the
     miss series of their hostPorts, keyed as the traffic's will be. A hostNetwork pod's port has
     no mapping (no DNAT) and its misses carry the pod as owner; every other hostPort's misses
-    have no owner. `pods` names the targets of rules."""
+    have no owner. `pods` names the targets of rules; a pod bound to another node than `node`
+    (a cluster's whole pod list given as --pods) announces nothing here."""
     series: Dict[Key, Names] = {}
     misses: Set[MissKey] = set()
     if kind == "pods":
         for p in items:
+            if node and p.get("node") and p["node"] != node:
+                continue
             for cp in p.get("ports") or ():
                 if not cp.get("host_port"):
                     continue
@@ -258,7 +261,7 @@ class MetricsSink(Sink):
         known: Dict[Key, Names] = {}
         misses: Set[MissKey] = set()
         for k in ("rules", "pods"):          # the pods' own names win over a rule's lookup
-            s, m = known_mappings(k, self.snapshots[k], self.snapshots["pods"])
+            s, m = known_mappings(k, self.snapshots[k], self.snapshots["pods"], self.node)
             known.update(s)
             misses |= m
         with self.lock:

@@ -425,8 +425,10 @@ def _snapshots():
     from bpftrace_hostport.model import ContainerPort, HostPortRule, PodInfo
     pods = [PodInfo("web", "nginx-0", ips=("10.0.1.2", "fd00:1::2"),
                     ports=(ContainerPort("c", 80, "TCP", "http", 8080), ContainerPort("c", 9090, "TCP", "metrics"))),
-            PodInfo("kube-system", "ingress", ips=("192.168.1.5",), host_network=True,
-                    ports=(ContainerPort("c", 443, "TCP", "https", 443),))]
+            PodInfo("kube-system", "ingress", ips=("192.168.1.5",), host_network=True, node="node-a",
+                    ports=(ContainerPort("c", 443, "TCP", "https", 443),)),
+            PodInfo("web", "nginx-1", ips=("10.0.2.2",), node="node-b",          # another node's
+                    ports=(ContainerPort("c", 80, "TCP", "http", 8080),))]
     rules = [HostPortRule("UDP", 5353, "10.0.1.9", 53), HostPortRule("TCP", 8080, "10.0.1.2", 80)]
     return [dataclasses.asdict(p) for p in pods], [dataclasses.asdict(r) for r in rules]
 
