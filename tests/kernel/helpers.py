@@ -66,6 +66,19 @@ def unique(prefix):
     return f"{prefix}{os.getpid() % 10000:04d}"[:12]
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 30) -> int:
+    """SIGTERM, then SIGKILL after `timeout`: the process's exit status."""
+    import signal
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 def free_port() -> int:
     import socket
     with socket.socket() as s:
@@ -105,15 +118,7 @@ class AgentRun:
             return f.read()
 
     def stop(self) -> int:
-        import signal
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc)
 
     def __exit__(self, *exc) -> None:
         import shutil

@@ -13,7 +13,6 @@ firewall, routes or sysctls changes.
 import json
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -26,7 +25,7 @@ import yaml
 
 from bpftrace_hostport.lab import build as lab
 from tests.conftest import require_kernel
-from tests.kernel.helpers import AgentRun, free_port, unique
+from tests.kernel.helpers import AgentRun, free_port, stop_process, unique
 from tests.unit.test_deploy import DEPLOY, load_docs, panel_exprs
 
 RATE_WINDOW = "30s"           # $__rate_interval on a 1 s scrape
@@ -83,13 +82,7 @@ class Prometheus:
         return self.api("query", query=expr)["result"]
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -129,14 +122,14 @@ def scraped():
     require_kernel()
     name = unique("prom")
     lab.down(name)
-    st = lab.up(name=name, manifest_text=PODS)
-    down = next(p for p in st.pods if p.name == "down")
-    lab._kill(down.server_pid)                     # the pod stays, its rules stay, nothing listens
-    subprocess.run(["ip", "netns", "exec", st.node_netns, "ip6tables", "-I", "FORWARD", "-p", "tcp",
-                    "--dport", "80", "-j", "DROP"], check=True)
     (rule,) = load_docs("prometheusrule.yaml")
     prom = None
     try:
+        st = lab.up(name=name, manifest_text=PODS)
+        down = next(p for p in st.pods if p.name == "down")
+        lab._kill(down.server_pid)                 # the pod stays, its rules stay, nothing listens
+        subprocess.run(["ip", "netns", "exec", st.node_netns, "ip6tables", "-I", "FORWARD", "-p", "tcp",
+                        "--dport", "80", "-j", "DROP"], check=True)
         with AgentRun(name, "--timeout", "1", "--check-interval", "2") as agent:
             prom = Prometheus(agent.port, {"groups": rule["spec"]["groups"]})
             prom.wait_ready()
