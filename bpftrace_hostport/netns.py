@@ -178,5 +178,9 @@ class AddressWatch:
             self.sock = None
 
 
+#: The calling thread's network namespace (setns() moves a thread, not its whole process).
+THREAD_NETNS = "/proc/thread-self/ns/net"
+
+
 def current_netns_inode() -> int:
-    return os.stat("/proc/self/ns/net").st_ino
+    return os.stat(THREAD_NETNS).st_ino

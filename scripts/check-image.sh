@@ -9,7 +9,7 @@
 # Steps: build the image with scripts/build-image.sh when it is missing or its package differs from
 # this checkout; `lab up --scenario hostnetwork`; then, per run, the image's ENTRYPOINT (`agent`) in a
 # host-network container with the DaemonSet's volume mounts (read from deploy/daemonset.yaml:
-# /sys/kernel/btf, /sys/kernel/tracing, /lib/modules, /usr/src read-only; the recording directory
+# /sys/kernel/btf, /sys/kernel/tracing, /lib/modules, /usr/src read-only; a recording directory
 # from a temporary directory; /tmp as a 64 MiB tmpfs), its read-only root filesystem and memory
 # limit, plus what tracing a lab needs: /var/run/netns and the lab's own state directory (read-only)
 # and `--lab NAME`. From the host: lab traffic (20 requests to hostPort 8000, 3 to the hostNetwork
@@ -161,21 +161,20 @@ path, work = sys.argv[1:]
 ds = next(d for d in yaml.safe_load_all(open(path)) if d and d.get("kind") == "DaemonSet")
 spec = ds["spec"]["template"]["spec"]
 c = next(c for c in spec["containers"] if c["name"] == "agent")
-args = c.get("args", [])
-record_dir = args[args.index("--record-dir") + 1]
+# The DaemonSet records nothing by default (its --record-dir and the volume are an opt-in,
+# commented out there); this check records at the documented path, to read it back with `report`.
+record_dir = "/var/lib/bpftrace-hostport"
 vols = {v["name"]: v for v in spec["volumes"]}
 
 def size(q):   # Kubernetes quantity (Mi, Gi) -> podman's k/m/g
     n, unit = re.fullmatch(r"(\d+)([KMG]i)?", str(q)).groups()
     return n + {"Ki": "k", "Mi": "m", "Gi": "g", None: ""}[unit]
 
-common, sec = [], []
+common, sec = ["-v", f"{work}/rec:{record_dir}"], []
 for m in c["volumeMounts"]:
     v = vols[m["name"]]
     ro = ":ro" if m.get("readOnly") else ""
-    if m["mountPath"] == record_dir:
-        common += ["-v", f"{work}/rec:{m['mountPath']}{ro}"]
-    elif "hostPath" in v:
+    if "hostPath" in v:
         common += ["-v", f"{v['hostPath']['path']}:{m['mountPath']}{ro}"]
     elif "emptyDir" in v:
         limit = v["emptyDir"].get("sizeLimit")

@@ -124,8 +124,9 @@ def resolver(pod_files, pods_from, netns, node_name, kubeconfig):
     sources, notes = resolve_sources(list(pod_files), pods_from=pods_from, netns=netns,
                                      node_name=node_name, kubeconfig=kubeconfig,
                                      read_rules=read_node_rules)
+    from bpftrace_hostport.collect import logline
     for n in notes:
-        click.echo(f"note: {n}", err=True)
+        logline.note(n)
     resolver = Resolver(sources)
     resolver.start()
     return resolver

@@ -125,15 +125,24 @@ def agent(netns, lab_name, pod_files, pods_from, kubeconfig, node_name, host_por
       sudo bpftrace-hostport agent --metrics 0.0.0.0:9469 --record-dir /var/lib/bpftrace-hostport \\
           --max-size 256MiB --max-files 8
     """
+    from bpftrace_hostport.collect import logline
     from bpftrace_hostport.collect.agent import AgentOptions
-    if record_dir and os.geteuid() == 0:
-        os.makedirs(record_dir, mode=0o700, exist_ok=True)
-    target = Target(netns, lab_name, list(pod_files), pods_from, kubeconfig, node_name)
-    run(target, Want(None, host_ports, protos, clients, **kernel),
-        dict(fmt="none", record_path=record_dir, max_size=max_size or ("256MiB" if record_dir else None),
-             max_files=max_files or (8 if record_dir else None), anonymize=anonymize,
-             anonymize_key_file=anonymize_key_file, metrics=metrics or "9469",
-             agent=AgentOptions(check_interval=check_interval, log_json=log_json)))
+    logline.use_json(log_json)           # every line on stderr from here on, the error too
+    try:
+        if record_dir and os.geteuid() == 0:
+            os.makedirs(record_dir, mode=0o700, exist_ok=True)
+        target = Target(netns, lab_name, list(pod_files), pods_from, kubeconfig, node_name)
+        run(target, Want(None, host_ports, protos, clients, **kernel),
+            dict(fmt="none", record_path=record_dir, max_size=max_size or ("256MiB" if record_dir else None),
+                 max_files=max_files or (8 if record_dir else None), anonymize=anonymize,
+                 anonymize_key_file=anonymize_key_file, metrics=metrics or "9469",
+                 agent=AgentOptions(check_interval=check_interval, log_json=log_json)))
+    except (UserError, click.ClickException) as e:
+        if not log_json:
+            raise
+        logline.emit("error", e.format_message() if isinstance(e, click.ClickException) else str(e),
+                     level="error")
+        sys.exit(2)
 
 
 @dataclass
@@ -197,17 +206,43 @@ def run(target: Target, want: Want, out: dict) -> None:
                       max_files=out["max_files"],
                       anonymize_key=_anonymize_key(out["anonymize"], out["anonymize_key_file"]),
                       metrics=out["metrics"], agent=out.get("agent"))
-    with keep_pandas_out():
-        backend, probe = _load_first(want.backend, opts)
-        try:
-            index = resolver(pod_files, t.pods_from, netns, node_name, t.kubeconfig)
+    backend = _preflight(want.backend, opts, outputs)
+    try:
+        with keep_pandas_out():
+            backend, probe = _load_first(backend, opts)
             try:
-                _run_backend(backend, opts, index, outputs, probe)
+                index = resolver(pod_files, t.pods_from, netns, node_name, t.kubeconfig)
+                try:
+                    _run_backend(backend, opts, index, outputs, probe)
+                finally:
+                    index.stop()
             finally:
-                index.stop()
-        finally:
-            if probe is not None:
-                probe.close()        # already closed when a session ran; not when the pods failed
+                if probe is not None:
+                    probe.close()    # already closed when a session ran; not when the pods failed
+    finally:
+        if outputs.metrics_socket is not None:
+            outputs.metrics_socket.close()     # the sink's own once it served; else unused
+
+
+def _preflight(backend: str, opts, outputs) -> str:
+    """The pre-flight checks (collect/preflight.py), before anything is loaded: the metrics port
+    is bound and held for the sink; the netfilter priority is tried with a program that lets
+    everything through. -> the backend to load (auto falls back, saying so, on a kernel without
+    netfilter BPF links)."""
+    from bpftrace_hostport.collect import preflight
+    outputs.metrics_socket = preflight.metrics_listener(outputs.metrics)
+    if backend == "conntrack":
+        return backend
+    try:
+        preflight.netfilter_priority(opts.netns)
+    except UserError as e:
+        if backend != "auto" or not getattr(e, "fallback", False):
+            if outputs.metrics_socket is not None:
+                outputs.metrics_socket.close()
+            raise
+        _falling_back(e)
+        return "conntrack"
+    return backend
 
 
 def _anonymize_key(anonymize: bool, key_file: Optional[str]) -> Optional[bytes]:
@@ -257,7 +292,9 @@ def _run_backend(backend: str, opts, index, outputs, probe=None) -> None:
 
 
 def _falling_back(e: UserError) -> None:
-    click.echo(f"warning: {e} Falling back to conntrack events (no latency, misses or drops).", err=True)
+    from bpftrace_hostport.collect import logline
+    logline.warning(f"{e} Falling back to conntrack events (no latency, misses or drops).",
+                    backend="conntrack")
 
 
 COMMANDS = [trace, agent]

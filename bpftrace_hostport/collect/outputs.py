@@ -41,6 +41,7 @@ class Outputs:
     max_files: Optional[int] = None
     anonymize_key: Optional[bytes] = None
     metrics: Optional[str] = None                  # [ADDR:]PORT
+    metrics_socket: Any = None                     # listening already (collect/preflight.py)
     agent: Any = None                              # collect/agent.AgentOptions
 
 
@@ -69,7 +70,7 @@ def _metrics_sink(o: Outputs, opts, index, made):
     from bpftrace_hostport.collect.session import node_name
     from bpftrace_hostport.errors import UserError
     try:
-        return MetricsSink(node_name(opts), o.metrics)
+        return MetricsSink(node_name(opts), o.metrics, sock=o.metrics_socket)
     except ValueError as e:
         raise UserError(str(e)) from None
 
@@ -114,7 +115,8 @@ def run_session(backend_name: str, opts, index, outputs: Outputs, probe=None) ->
     sinks = make_sinks(outputs, opts, index)
     opts = dataclasses.replace(opts, flow_records=flow_records(sinks))
     watch, notes = watch_list(opts, index)
+    from bpftrace_hostport.collect import logline
     for n in notes:
-        print(f"note: {n}", file=sys.stderr)
+        logline.note(n)
     backend = make_backend(backend_name, opts, watch, probe)
     return Session(opts, index, backend, sinks, watch).run()

@@ -30,6 +30,7 @@ from bpftrace_hostport import __version__, netns as netns_mod
 from bpftrace_hostport.analysis.rollup import Rollup
 from bpftrace_hostport.analysis.summary import summary_record
 from bpftrace_hostport.records.batch import FlowBatch, ns_to_iso
+from bpftrace_hostport.collect import logline
 from bpftrace_hostport.collect.enrich import Enricher
 from bpftrace_hostport.collect.options import TraceOptions
 from bpftrace_hostport.collect.sinks import Sink
@@ -244,7 +245,7 @@ class Session:
             ipr.close()
             self.addr_watch.close()
         if self.ended:
-            print(f"note: {self.ended}", file=self.err, flush=True)
+            logline.note(self.ended, self.err)
         self._each("close", summary)
         if self.failure is not None:
             raise self.failure
@@ -255,8 +256,9 @@ class Session:
         where = f"network namespace {opts.netns}" if opts.netns else "this network namespace"
         what = (", ".join(f"{p}/{proto}" for proto, p in self.watch) if self.watch
                 else "every DNAT to a local address")
-        print(f"Tracing hostPort DNAT in {where} ({what}) with the {self.backend.name} backend; "
-              f"{how}; Ctrl-C to end.", file=self.err, flush=True)
+        logline.emit("tracing", f"Tracing hostPort DNAT in {where} ({what}) with the {self.backend.name} "
+                     f"backend; {how}; Ctrl-C to end.", err=self.err, netns=opts.netns,
+                     host_ports=[f"{p}/{proto}" for proto, p in self.watch], backend=self.backend.name)
         if opts.ready_file:
             with open(opts.ready_file, "w") as f:
                 f.write(f"{os.getpid()}\n")

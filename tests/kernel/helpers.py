@@ -64,3 +64,64 @@ class TraceHandle:
 
 def unique(prefix):
     return f"{prefix}{os.getpid() % 10000:04d}"[:12]
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 30) -> int:
+    """SIGTERM, then SIGKILL after `timeout`: the process's exit status."""
+    import signal
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class AgentRun:
+    """`agent --lab NAME --log-json` as its own process, its metrics on 127.0.0.1 (the agent's
+    process stays in the root namespace; only its netfilter links are in the lab's), started
+    and waited for (its --ready-file); stop() ends it with SIGTERM, log() is its stderr."""
+
+    def __init__(self, lab_name: str, *args: str):
+        import tempfile
+        self.dir = tempfile.mkdtemp(prefix="bhp-agent-")
+        self.port = free_port()
+        self.err_path = os.path.join(self.dir, "err")
+        self.ready = os.path.join(self.dir, "ready")
+        self.argv = [PY, "-m", "bpftrace_hostport", "agent", "--lab", lab_name, "--metrics",
+                     f"127.0.0.1:{self.port}", "--log-json", "--ready-file", self.ready, *args]
+        self.proc = None
+
+    def __enter__(self) -> "AgentRun":
+        import time
+        with open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + 60
+        while not os.path.exists(self.ready):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"the agent did not start: {self.log()}")
+            time.sleep(0.05)
+        return self
+
+    def log(self) -> str:
+        with open(self.err_path) as f:
+            return f.read()
+
+    def stop(self) -> int:
+        return stop_process(self.proc)
+
+    def __exit__(self, *exc) -> None:
+        import shutil
+        self.stop()
+        self.logged = self.log()
+        shutil.rmtree(self.dir, ignore_errors=True)

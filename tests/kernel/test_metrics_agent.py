@@ -1,5 +1,6 @@
 """Prometheus metrics scraped during real lab traffic; the agent's check findings as metrics."""
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -111,8 +112,9 @@ def _agent_findings(scenario: str) -> dict:
         lab.down(name)
     log = open(err.name).read()
     os.unlink(err.name)
-    files = os.listdir(rec)
-    return {"samples": s, "rc": proc.returncode, "log": log, "files": files, "dir": rec}
+    files = {f: os.stat(os.path.join(rec, f)).st_mode for f in os.listdir(rec)}
+    shutil.rmtree(rec, ignore_errors=True)
+    return {"samples": s, "rc": proc.returncode, "log": log, "files": files}
 
 
 def test_agent_exports_the_stale_conntrack_finding_and_not_on_a_healthy_lab():
@@ -121,8 +123,7 @@ def test_agent_exports_the_stale_conntrack_finding_and_not_on_a_healthy_lab():
     assert stale["rc"] == 0, stale["log"]
     assert total(stale["samples"], "bpftrace_hostport_check_findings", code="stale-conntrack") >= 1, stale["log"]
     assert '"event": "started"' in stale["log"] and '"event": "finding"' in stale["log"]
-    assert stale["files"] and all(os.stat(os.path.join(stale["dir"], f)).st_mode & 0o077 == 0
-                                  for f in stale["files"])
+    assert stale["files"] and all(mode & 0o077 == 0 for mode in stale["files"].values())
     healthy = _agent_findings("basic")
     assert healthy["rc"] == 0, healthy["log"]
     assert total(healthy["samples"], "bpftrace_hostport_check_findings", code="stale-conntrack") == 0

@@ -30,6 +30,8 @@ NAMESPACE = "bpftrace-hostport"
 EXPECTED_COUNTERS = {
     "bpftrace_hostport_flows_total",
     "bpftrace_hostport_answered_flows_total",
+    "bpftrace_hostport_refused_flows_total",
+    "bpftrace_hostport_unanswered_flows_total",
     "bpftrace_hostport_packets_total",
     "bpftrace_hostport_bytes_total",
     "bpftrace_hostport_misses_total",
@@ -43,6 +45,33 @@ EXPECTED_METRICS = EXPECTED_COUNTERS | EXPECTED_GAUGES | EXPECTED_HISTOGRAMS
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
 METRIC_RE = re.compile(r"bpftrace_hostport_[a-z_]+")
+
+
+def test_expected_metrics_are_the_agents():
+    from bpftrace_hostport.collect.metrics import EXPORTED_METRICS
+    assert EXPECTED_METRICS == set(EXPORTED_METRICS)
+
+
+def finding_codes() -> Set[str]:
+    """Every code `check` can report (the registry, node/findings.py)."""
+    from bpftrace_hostport.node.findings import codes
+    return set(codes())
+
+
+# Words of the alerts' and the dashboard's text that look like finding codes but are not.
+NOT_CODES = {"bpftrace-hostport", "field-selector", "app.kubernetes.io/name", "kube-proxy",
+             "node-agent", "anonymize-key", "flow-table", "check-interval", "log-json"}
+CODE_LIKE = re.compile(r"(?<![\w./-])[a-z][a-z0-9]*(?:-[a-z0-9]+)+(?![\w/-])")
+
+
+def named_codes(text: str) -> Set[str]:
+    """The kebab-case words of a text that are not known non-codes: what it names as findings."""
+    return {w for w in CODE_LIKE.findall(text) if w not in NOT_CODES}
+
+
+def test_named_codes_helper():
+    assert named_codes("`check` finds pod-not-listening, forward-drop (a REJECT) or no-rule; "
+                       "see bpftrace-hostport --flow-table") == {"pod-not-listening", "forward-drop", "no-rule"}
 
 
 def unavailable(message: str) -> None:
@@ -203,10 +232,11 @@ def test_the_cli_agrees_offline():
 
 def test_every_kubernetes_kind_is_covered():
     kinds = {d["kind"] for n in K8S_MANIFESTS for d in load_docs(n)}
-    assert kinds == {"Namespace", "DaemonSet", "ServiceAccount", "ClusterRole", "ClusterRoleBinding"}
+    assert kinds == {"Namespace", "PriorityClass", "DaemonSet", "ServiceAccount", "ClusterRole",
+                     "ClusterRoleBinding"}
     for n in K8S_MANIFESTS:
         for d in load_docs(n):
-            if d["kind"] not in ("Namespace", "ClusterRole", "ClusterRoleBinding"):
+            if d["kind"] not in ("Namespace", "PriorityClass", "ClusterRole", "ClusterRoleBinding"):
                 assert d["metadata"]["namespace"] == NAMESPACE, f"{n}: {d['kind']}"
     ns = the("daemonset.yaml", "Namespace")
     assert ns["metadata"]["name"] == NAMESPACE
@@ -261,16 +291,17 @@ def test_pod_runs_in_the_host_network_on_every_node(daemonset):
 
 
 def test_agent_flags_and_node_name(agent):
-    assert agent["image"] == "bpftrace-hostport:0.2.0"
-    # no registry host in the reference: the operator pushes it to their own
-    assert "/" not in agent["image"]
     # (a regex, not tomllib: the package still supports Python 3.9)
     version = re.search(r'(?m)^version = "([^"]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
-    assert agent["image"].rsplit(":", 1)[1] == version, "bump the image tag with the package version"
+    # exactly what scripts/build-image.sh builds (an unqualified name would be looked up on docker.io)
+    built = re.search(r'(?m)^IMAGE=\$\{IMAGE:-([^}]+)\}$', (ROOT / "scripts" / "build-image.sh").read_text()).group(1)
+    assert agent["image"] == built.replace("$version", version) == f"localhost/bpftrace-hostport:{version}"
     assert "command" not in agent, "the image's ENTRYPOINT is bpftrace-hostport agent"
-    assert flag(agent, "--record-dir") == "/var/lib/bpftrace-hostport"
-    assert flag(agent, "--max-size") == "256MiB"
-    assert flag(agent, "--max-files") == "8"
+    # no recording by default (client addresses on every node); the opt-in is documented beside
+    assert "--record-dir" not in agent["args"]
+    text = (DEPLOY / "daemonset.yaml").read_text()
+    for opt_in in ("#   - --record-dir", "#   - --anonymize-key-file", "# - name: records"):
+        assert opt_in in text, opt_in
     assert flag(agent, "--check-interval") == "60"
     assert "--log-json" in agent["args"]
     env = {e["name"]: e for e in agent["env"]}
@@ -295,11 +326,20 @@ def test_host_mounts(daemonset, agent):
         m = mounts[path]
         assert m.get("readOnly") is True, path
         assert volumes[m["name"]]["hostPath"]["path"] == path, path
-    rec = mounts[flag(agent, "--record-dir")]
-    assert not rec.get("readOnly", False)
-    assert volumes[rec["name"]]["hostPath"] == {"path": "/var/lib/bpftrace-hostport", "type": "DirectoryOrCreate"}
+    # tracefs is optional (the tool runs without drop attribution): kubelet checks nothing
+    assert volumes[mounts["/sys/kernel/tracing"]["name"]]["hostPath"] == {"path": "/sys/kernel/tracing"}
+    for path in ("/sys/kernel/btf", "/lib/modules", "/usr/src"):
+        assert volumes[mounts[path]["name"]]["hostPath"]["type"] == "Directory", path
+    assert "/var/lib/bpftrace-hostport" not in mounts        # the recording is off by default
     assert "/sys/fs/bpf" not in mounts
     assert "emptyDir" in volumes[mounts["/tmp"]["name"]]     # the root filesystem is read-only
+
+
+def test_priority_class(daemonset):
+    pc = the("daemonset.yaml", "PriorityClass")
+    assert daemonset["spec"]["template"]["spec"]["priorityClassName"] == pc["metadata"]["name"]
+    # above ordinary workloads, below system-cluster-critical and system-node-critical
+    assert 0 < pc["value"] < 2000000000 and pc.get("globalDefault") is False
 
 
 def test_resources_and_scrape_annotations(daemonset, agent):
@@ -331,8 +371,10 @@ def test_podmonitor_structure(daemonset, agent):
     assert re.fullmatch(r"\d+[smh]", ep["interval"])
 
 
-REQUIRED_ALERTS = {"HostPortNotAnswering", "HostPortMisses", "HostPortStaleConntrack",
+REQUIRED_ALERTS = {"HostPortRefused", "HostPortUnanswered", "HostPortDrops", "HostPortNotTranslated",
+                   "HostPortMisses", "HostPortStaleConntrack", "HostPortCheckFinding",
                    "HostPortLostEvents", "HostPortAgentDown"}
+SEVERITIES = {"error", "warning"}          # the tool's own words; info and expected never alert
 
 
 @pytest.fixture(scope="module")
@@ -354,8 +396,14 @@ def alert_rules() -> Dict[str, dict]:
                 assert re.fullmatch(r"\d+[smh]", rule["for"]), rule
             if "alert" in rule:
                 assert rule["alert"] not in rules, f"duplicate alert {rule['alert']}"
-                assert rule["labels"]["severity"] in {"critical", "warning", "info"}
+                if "bpftrace_hostport_check_findings" in rule["expr"]:
+                    # a finding keeps its own severity: the gauge's label, never overridden
+                    assert "severity" not in rule.get("labels", {}), rule["alert"]
+                    assert re.search(r"by \(node, code, severity\)", rule["expr"]), rule["alert"]
+                else:
+                    assert rule["labels"]["severity"] in SEVERITIES, rule["alert"]
                 assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+                assert "bpftrace-hostport" in rule["annotations"]["runbook"], rule["alert"]
                 rules[rule["alert"]] = rule
     return rules
 
@@ -377,19 +425,42 @@ def test_alert_conditions(alert_rules):
     def squash(s):
         return re.sub(r"\s+", "", s)
 
-    na = alert_rules["HostPortNotAnswering"]
-    assert {"bpftrace_hostport_answered_flows_total", "bpftrace_hostport_flows_total"} <= promql_metric_names(na["expr"])
-    assert ">0" in squash(na["expr"]) and na["for"] == "10m"
-    miss = alert_rules["HostPortMisses"]
-    assert "rate(bpftrace_hostport_misses_total[" in squash(miss["expr"]) and squash(miss["expr"]).endswith(">0")
-    assert miss["for"] == "10m"
+    # a window counts a series that is new in it with its whole value (a first burst)
+    for name in ("HostPortRefused", "HostPortUnanswered", "HostPortDrops", "HostPortNotTranslated",
+                 "HostPortMisses", "HostPortLostEvents"):
+        e = squash(alert_rules[name]["expr"])
+        for m in set(METRIC_RE.findall(alert_rules[name]["expr"])) - {"bpftrace_hostport_flows_total"}:
+            sel = m + ('{pod=""}' if "misses" in m else "")
+            assert f"({sel}unless{sel}offset10m)orincrease({sel}[10m])" in e, (name, m)
+    # a hostNetwork pod's misses (owner labels set) never alert
+    for name in ("HostPortNotTranslated", "HostPortMisses"):
+        assert 'bpftrace_hostport_misses_total{pod=""}' in alert_rules[name]["expr"]
+    # the check's own runbook, exact, for the alert's node
+    for name, rule in alert_rules.items():
+        if name not in ("HostPortLostEvents", "HostPortAgentDown"):
+            assert rule["annotations"]["runbook"].endswith("-o name) -- bpftrace-hostport check"), name
+            assert "spec.nodeName={{ $labels.node }}" in rule["annotations"]["runbook"], name
     stale = alert_rules["HostPortStaleConntrack"]
-    assert squash(stale["expr"]) == 'bpftrace_hostport_check_findings{code="stale-conntrack"}>0'
-    assert stale["for"] == "5m"
-    lost = alert_rules["HostPortLostEvents"]
-    assert squash(lost["expr"]).startswith("increase(bpftrace_hostport_lost_events_total[")
+    assert 'code="stale-conntrack"' in stale["expr"] and "conntrack -D" not in stale["annotations"]["runbook"]
+    assert 'code!="stale-conntrack"' in alert_rules["HostPortCheckFinding"]["expr"]
+    assert 'severity=~"error|warning"' in alert_rules["HostPortCheckFinding"]["expr"]
     down = squash(alert_rules["HostPortAgentDown"]["expr"])
     assert "bpftrace_hostport_up==0" in down and "absent(bpftrace_hostport_up)" in down
+    # rates are never humanized as "83.33m/s": counts over the window, printed whole
+    for name, rule in alert_rules.items():
+        text = " ".join(rule["annotations"].values())
+        assert "humanize }}/s" not in text and "humanize}}/s" not in text, name
+        if "$value" in text:
+            assert '$value | printf "%.0f"' in text, name
+
+
+def test_alerts_name_only_existing_finding_codes(alert_rules):
+    named = set()
+    for rule in alert_rules.values():
+        named |= named_codes(" ".join(rule["annotations"].values()))
+        named |= set(re.findall(r'code!?="([^"]+)"', rule["expr"]))
+    assert named, "the alerts name no finding code"
+    assert named <= finding_codes(), f"not codes of the registry: {sorted(named - finding_codes())}"
 
 
 # --------------------------------------------------------------------------- Grafana
@@ -450,19 +521,130 @@ def test_dashboard_names_only_exported_metrics(dashboard):
             assert m not in EXPECTED_HISTOGRAMS, expr
 
 
-def test_dashboard_panels(dashboard):
-    titles = " | ".join(p["title"].lower() for p in all_panels(dashboard))
-    for word in ("flows/s per mapping", "answered share", "latency", "misses", "drops/s by reason",
-                 "check findings", "lost events", "per node"):
-        assert word in titles, word
-    exprs = panel_exprs(dashboard)
-    quantiles = [e for e in exprs if "histogram_quantile" in e]
-    for q in ("0.5", "0.9", "0.99"):
-        assert any(e.startswith(f"histogram_quantile({q},") and "bpftrace_hostport_latency_seconds_bucket" in e
-                   and "by (le)" in e for e in quantiles), q
-    assert any("sum by (reason)" in e and "bpftrace_hostport_drops_total" in e for e in exprs)
-    table = [p for p in all_panels(dashboard) if p["type"] == "table"]
-    assert table and "bpftrace_hostport_check_findings" in table[0]["targets"][0]["expr"]
+MAPPING = "node, proto, host_port, pod_ip, pod_port, namespace, pod"
+
+
+def panels_by_title(dash: dict) -> Dict[str, dict]:
+    return {p["title"]: p for p in all_panels(dash) if p["type"] != "row"}
+
+
+def test_dashboard_panels_per_node_and_per_mapping(dashboard):
+    """Outcomes, latency quantiles, misses and drops, each per node and per mapping."""
+    panels = panels_by_title(dashboard)
+    exprs = {title: [t["expr"] for t in p["targets"]] for title, p in panels.items()}
+
+    def by(title, labels):
+        return all(f"by ({labels})" in e or f"by (le, {labels})" in e for e in exprs[title])
+    assert by("Outcomes per node (flows/s)", "node")
+    assert {m for e in exprs["Outcomes per node (flows/s)"] for m in METRIC_RE.findall(e)} == {
+        "bpftrace_hostport_answered_flows_total", "bpftrace_hostport_refused_flows_total",
+        "bpftrace_hostport_unanswered_flows_total"}
+    for title in ("Flows/s per mapping", "Answered share per mapping", "Unanswered flows/s per mapping",
+                  "Answer latency per mapping (p50, p90, p99)", "Bytes/s per mapping", "Packets/s per mapping"):
+        assert by(title, MAPPING), title
+    assert by("Refused flows/s per mapping, by refusal", MAPPING + ", refusal")
+    assert by("Drops/s per mapping, by reason", MAPPING + ", reason")
+    assert by("Drops/s per node, by reason", "node, reason")
+    assert by("Misses/s per node", "node")
+    assert by("Misses/s per hostPort", "node, proto, host_port, namespace, pod")     # the owner
+    for title, labels in (("Answer latency per node (p50, p90, p99)", "node"),
+                          ("Answer latency per mapping (p50, p90, p99)", MAPPING)):
+        qs = [e for e in exprs[title]]
+        assert [e.split(",", 1)[0] for e in qs] == [f"histogram_quantile({q}" for q in ("0.5", "0.9", "0.99")]
+        assert all(f"sum by (le, {labels}) (rate(bpftrace_hostport_latency_seconds_bucket{{" in e for e in qs)
+    table = panels["Check findings"]
+    assert table["type"] == "table" and "bpftrace_hostport_check_findings" in table["targets"][0]["expr"]
+
+
+def test_dashboard_units(dashboard):
+    """Each panel in the unit of what it shows: flows and connections per second are not packets."""
+    units = {title: p["fieldConfig"]["defaults"].get("unit") for title, p in panels_by_title(dashboard).items()}
+    for title, unit in units.items():
+        metrics = {m for p in [panels_by_title(dashboard)[title]] for t in p["targets"]
+                   for m in METRIC_RE.findall(t["expr"])}
+        if "histogram_quantile" in str(panels_by_title(dashboard)[title]["targets"]):
+            assert unit == "s", title
+        elif "share" in title.lower():
+            assert unit == "percentunit", title
+        elif metrics == {"bpftrace_hostport_misses_total"}:
+            assert unit == "suffix: conn/s", title
+        elif metrics <= {"bpftrace_hostport_drops_total", "bpftrace_hostport_packets_total"}:
+            assert unit == "pps", title
+        elif metrics == {"bpftrace_hostport_bytes_total"}:
+            assert unit == "Bps", title
+        elif "rate(" in str(panels_by_title(dashboard)[title]["targets"]):
+            assert unit == "suffix: flows/s", title
+        else:
+            assert unit == "none", title
+        assert unit is not None, title
+
+
+def test_dashboard_names_only_existing_finding_codes(dashboard):
+    text = " ".join(p.get("description", "") + " " + p["title"] for p in all_panels(dashboard))
+    named = named_codes(text)
+    assert named and named <= finding_codes(), sorted(named - finding_codes())
+
+
+# Keys Grafana's own export writes that the dashboard schema does not model: `__inputs` and
+# `__requires` (the import's data source prompt and requirements) and a query variable's
+# `definition` (the query as the editor shows it). Any other key the round trip drops is a typo.
+NOT_IN_SCHEMA = {("__inputs",), ("__requires",), ("templating", "list", "*", "definition")}
+
+
+def _sdk():
+    try:
+        from grafana_foundation_sdk.cog import plugins
+        from grafana_foundation_sdk.cog.encoder import JSONEncoder
+        from grafana_foundation_sdk.models.dashboard import Dashboard
+    except ImportError:
+        unavailable("grafana-foundation-sdk is not installed: `.venv/bin/python -m pip install "
+                    "grafana-foundation-sdk` (it is in the package's [test] extra).")
+    plugins.register_default_plugins()
+    return Dashboard, JSONEncoder
+
+
+def dropped_keys(dash: dict) -> List[str]:
+    """What a round trip through grafana-foundation-sdk (Dashboard.from_json, then its JSON
+    encoder) loses or changes: the keys the schema does not know."""
+    Dashboard, JSONEncoder = _sdk()
+    out = json.loads(json.dumps(Dashboard.from_json(json.loads(json.dumps(dash))), cls=JSONEncoder))
+    lost: List[str] = []
+
+    def known_gap(path):
+        return any(len(path) == len(p) and all(x in ("*", y) for x, y in zip(p, path)) for p in NOT_IN_SCHEMA)
+
+    def walk(a, b, path):
+        if isinstance(a, dict):
+            for k, v in a.items():
+                if known_gap(path + (k,)):
+                    continue
+                if not isinstance(b, dict) or k not in b:
+                    lost.append("/".join(map(str, path + (k,))))
+                else:
+                    walk(v, b[k], path + (k,))
+        elif isinstance(a, list):
+            if not isinstance(b, list) or len(a) != len(b):
+                lost.append("/".join(map(str, path)))
+                return
+            for x, y in zip(a, b):
+                walk(x, y, path + ("*",))
+        elif a != b:
+            lost.append("/".join(map(str, path)) + f" ({a!r} became {b!r})")
+    walk(dash, out, ())
+    return lost
+
+
+def test_dashboard_round_trips_through_the_grafana_schema(dashboard):
+    assert dropped_keys(dashboard) == []
+
+
+def test_the_round_trip_catches_typos(dashboard):
+    bad = json.loads(json.dumps(dashboard))
+    bad["panels"][1]["gridPoss"] = bad["panels"][1].pop("gridPos")
+    bad["panels"][2]["fieldConfig"]["defaults"]["unitt"] = "s"
+    bad["panels"][3]["targets"][0]["legendFromat"] = "x"
+    assert dropped_keys(bad) == ["panels/*/gridPoss", "panels/*/fieldConfig/defaults/unitt",
+                                 "panels/*/targets/*/legendFromat"]
 
 
 # --------------------------------------------------------------------------- image recipe

@@ -55,6 +55,10 @@ class NetfilterBackend:
         self.decoder = ev.FlowDecoder(key_t, val_t, val_off, self.clock, self.probe.drop_names)
         self.drain = _RingDrain(self.probe)
         cached = "; eBPF programs from the compile cache" if self.probe.loaded_from_cache else ""
+        # Another tracer (the agent, an on-call trace) already at the first priority: both see
+        # every flow, each with its own programs; say where this one went and why.
+        if self.probe.priority_note:
+            cached += f"; at netfilter priority {self.probe.priority}, since {self.probe.priority_note}"
         if self.probe.drops_enabled:
             return "drops via skb:kfree_skb" + cached
         return "drops not traced" + ("" if not self.opts.drops else

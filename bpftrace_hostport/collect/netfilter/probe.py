@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import errno
 import gc
 import ipaddress
 import json
@@ -39,12 +40,47 @@ from bpftrace_hostport.errors import KernelFeatureMissing, UserError
 
 # Attach points. Priorities relative to netfilter's own (include/uapi/linux/netfilter_ipv4.h):
 # NAT_DST + 1 = -99 runs just after DNAT, so the packet's daddr is already the pod's and the
-# conntrack entry holds both tuples. Nothing runs at POST_ROUTING: masquerade is read from
-# the reply tuple by the first reply (or the flow's next packet), not on every packet.
+# conntrack entry holds both tuples. It is the first one tried: where another hook holds it
+# (another tracer), the next free one up to -1 serves as well (nflink.PRIORITY_FIRST/LAST).
+# Nothing runs at POST_ROUTING: masquerade is read from the reply tuple by the first reply
+# (or the flow's next packet), not on every packet.
 ATTACH_POINTS = (
-    ("nf_prerouting_post_dnat", nflink.NF_INET_PRE_ROUTING, nflink.NF_IP_PRI_NAT_DST + 1),
-    ("nf_output_post_dnat", nflink.NF_INET_LOCAL_OUT, nflink.NF_IP_PRI_NAT_DST + 1),
+    ("nf_prerouting_post_dnat", nflink.NF_INET_PRE_ROUTING, nflink.PRIORITY_FIRST),
+    ("nf_output_post_dnat", nflink.NF_INET_LOCAL_OUT, nflink.PRIORITY_FIRST),
 )
+FAMILIES = (nflink.NFPROTO_IPV4, nflink.NFPROTO_IPV6)
+
+
+def attach_points(prog_fds) -> List[Tuple[int, int, int]]:
+    """(prog fd, pf, hook) of every link the tracer makes; prog_fds: name -> fd, or one fd for all."""
+    return [(prog_fds if isinstance(prog_fds, int) else prog_fds[name], pf, hook)
+            for name, hook, _ in ATTACH_POINTS for pf in FAMILIES]
+
+
+def link_all(points: List[Tuple[int, int, int]]) -> Tuple[List[nflink.NetfilterLink], int, str]:
+    """The links of `points` at the first free priority after DNAT, in the current network
+    namespace -> (links, priority, what took the earlier ones: "" when none). A busy range is a
+    UserError that names who holds it, never a missing kernel feature: only an attach type the
+    kernel does not know is that."""
+    try:
+        links, prio, busy = nflink.link_at_free_priority(points, ATTACH_POINTS[0][2])
+    except nflink.LinkError as e:
+        if e.errno == errno.EBUSY:
+            pf, hook, prio = e.busy[0]
+            who = nflink.who_holds(pf, hook, prio, netns_mod.current_netns_inode())
+            raise UserError(f"Every netfilter priority from {nflink.PRIORITY_FIRST} to "
+                            f"{nflink.PRIORITY_LAST} at {nflink.HOOK_NAMES[hook]} is taken "
+                            f"({who}); stop one of the tracers there.") from None
+        if e.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, 524):
+            raise KernelFeatureMissing(
+                f"Could not create a netfilter BPF link ({e.strerror}); it needs Linux >= 6.4 with "
+                "CONFIG_NETFILTER_BPF_LINK; use --backend conntrack on older kernels.") from None
+        raise UserError(f"Could not create a netfilter BPF link ({e.strerror}).") from None
+    why = ""
+    if busy:
+        pf, hook, first = busy[0]
+        why = nflink.who_holds(pf, hook, first, netns_mod.current_netns_inode())
+    return links, prio, why
 
 # name -> (struct, member path) or ("sizeof", type); resolved from BTF at load time.
 OFFSETS = {
@@ -156,6 +192,9 @@ class Probe:
     def __init__(self, opts: ProbeOptions):
         self.opts = opts
         self.links: List[nflink.NetfilterLink] = []
+        self.priority: Optional[int] = None
+        self.priority_note = ""
+        self.netns_fd = -1
         self.fds: List[int] = []
         self.maps = {}
         self.ring = None
@@ -339,18 +378,19 @@ class Probe:
 
     # -- attach ------------------------------------------------------------------------------
     def attach(self) -> None:
+        """Configures the maps and creates the netfilter links (`priority`: where they went;
+        `priority_note`: why not at the first one, or "")."""
         self.configure()
         with netns_mod.entered(self.opts.netns):
-            for name, hook, prio in ATTACH_POINTS:
-                for pf in (nflink.NFPROTO_IPV4, nflink.NFPROTO_IPV6):
-                    try:
-                        self.links.append(nflink.link_create(self.prog_fds[name], pf, hook, prio))
-                    except nflink.LinkError as e:
-                        self.close()
-                        raise KernelFeatureMissing(
-                            f"Could not create the netfilter BPF link at {nflink.HOOK_NAMES[hook]} "
-                            f"({e.strerror}); it needs Linux >= 6.4 with CONFIG_NETFILTER_BPF_LINK; "
-                            "use --backend conntrack on older kernels.") from None
+            try:
+                self.links, self.priority, self.priority_note = link_all(attach_points(self.prog_fds))
+                # Held as long as the links: the kernel does not say which namespace a link is
+                # in, and another tracer finding this one at its priority reads it here
+                # (nflink.link_holders).
+                self.netns_fd = os.open(netns_mod.THREAD_NETNS, os.O_RDONLY | os.O_CLOEXEC)
+            except UserError:
+                self.close()
+                raise
 
     def configure(self) -> None:
         cfg = self.maps["config"]
@@ -503,6 +543,9 @@ class Probe:
         for link in self.links:
             link.close()
         self.links = []
+        if self.netns_fd >= 0:
+            os.close(self.netns_fd)
+            self.netns_fd = -1
         self._release()
 
     def _release(self) -> None:

@@ -1,7 +1,9 @@
 """The CLI: every command has help with an example and appears in the README; bad values exit 2."""
+import socket
 from pathlib import Path
 
 import click
+import pytest
 from click.testing import CliRunner
 
 from bpftrace_hostport.cli import cli
@@ -53,6 +55,16 @@ def test_summary_of_a_capture(tmp_path):
     bad.write_text('{"type": "flow"}\noops\n')
     res = CliRunner().invoke(cli, ["summary", str(bad)])
     assert res.exit_code == 2 and "line 2" in res.output
+
+
+@pytest.fixture(autouse=True)
+def no_kernel_preflight(monkeypatch):
+    """The netfilter pre-flight check attaches a program for real; here it is a stand-in that
+    says the first priority is free (tests of its own replace it)."""
+    from bpftrace_hostport.collect import preflight
+    calls = []
+    monkeypatch.setattr(preflight, "netfilter_priority", lambda netns: calls.append(netns) or (-99, ""))
+    return calls
 
 
 class _LoadedProbe:
@@ -160,3 +172,62 @@ main(["trace", "--format", "json", "--duration", "1", "--pods-from", "none"])
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stdout.strip(), p.stderr
     assert json.loads(p.stdout) == [], p.stdout
+
+
+def test_a_busy_metrics_port_is_refused_before_anything_is_loaded(monkeypatch, no_kernel_preflight):
+    from bpftrace_hostport.collect import outputs
+    order = []
+    monkeypatch.setattr(outputs, "load_probe", lambda opts: order.append("load"))
+    monkeypatch.setattr(outputs, "run_session", lambda *a, **kw: order.append("session"))
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        for cmd in (["trace", "--format", "none", "--duration", "1"], ["agent"]):
+            res = CliRunner().invoke(cli, [*cmd, "--metrics", str(port)])
+            assert res.exit_code == 2, res.output
+            assert f"Cannot listen on 127.0.0.1:{port}: address in use; choose another --metrics port." in res.output
+    assert order == [] and no_kernel_preflight == []
+
+
+def test_the_metrics_socket_is_held_from_the_check_to_the_sink(monkeypatch):
+    """The pre-flight's socket is the one the sink serves from, and is closed at the end."""
+    from bpftrace_hostport.collect import outputs
+    seen = {}
+
+    def session(backend, opts, index, outs, probe=None):
+        seen["sock"] = outs.metrics_socket
+        seen["listening"] = outs.metrics_socket.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    monkeypatch.setattr(outputs, "load_probe", lambda opts: _LoadedProbe())
+    monkeypatch.setattr(outputs, "run_session", session)
+    res = CliRunner().invoke(cli, ["trace", "--format", "none", "--metrics", "127.0.0.1:0", "--duration", "1",
+                                   "--pods-from", "none"])
+    assert res.exit_code == 0, res.output
+    assert seen["listening"] == 1 and seen["sock"].fileno() == -1
+
+
+def test_a_kernel_without_netfilter_links_falls_back_before_the_compile(monkeypatch):
+    from bpftrace_hostport.collect import outputs, preflight
+    from bpftrace_hostport.errors import KernelFeatureMissing, UserError
+    order = []
+
+    def refused(netns):
+        raise KernelFeatureMissing("The kernel refused a netfilter BPF program (Invalid argument); the full "
+                                   "tracer needs Linux >= 6.4 (BPF_PROG_TYPE_NETFILTER).")
+    monkeypatch.setattr(preflight, "netfilter_priority", refused)
+    monkeypatch.setattr(outputs, "load_probe", lambda opts: order.append("load"))
+    monkeypatch.setattr(outputs, "run_session", lambda backend, opts, index, outs, probe=None:
+                        order.append((backend, probe)))
+    res = CliRunner().invoke(cli, ["trace", "--duration", "1", "--format", "json", "--pods-from", "none"])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("warning: The kernel refused a netfilter BPF program") == 1
+    assert order == [("conntrack", None)]
+
+    def busy(netns):
+        raise UserError("Every netfilter priority from -99 to -1 at PRE_ROUTING is taken (...); stop one "
+                        "of the tracers there.")
+    monkeypatch.setattr(preflight, "netfilter_priority", busy)
+    order.clear()
+    res = CliRunner().invoke(cli, ["trace", "--duration", "1", "--format", "json", "--pods-from", "none"])
+    assert res.exit_code == 2 and "stop one of the tracers there" in res.output and "Falling back" not in res.output
+    assert order == []

@@ -10,6 +10,7 @@ from bpftrace_hostport.errors import UserError
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
+from bpftrace_hostport.records import outcome as oc
 from bpftrace_hostport.records.batch import FlowBatch, pack_addr
 from bpftrace_hostport.collect.metrics import EXPORTED_METRICS, MetricsSink, parse_listen
 
@@ -37,16 +38,18 @@ def batch(rows, pods=(WEB,)):
         b["family"][i] = 6 if ":" in ip else 4
         b["pod_addr"][i] = np.void(pack_addr(ip))
         b["answered"][i], b["midstream"][i], b["latency_us"][i], b["pod"][i] = ans, mid, lat, pod
+        b["outcome"][i] = oc.ANSWERED if ans else oc.UNANSWERED
     b.pods = list(pods)
     return b
 
 
 def mapping(host_port=8080, pod_ip="10.0.1.2", pod_port=80, proto="tcp", flows=0, packets=0,
-            nbytes=0, drops=None, names=WEB):
+            nbytes=0, drops=None, names=WEB, answered=0, unanswered=0, refusals=None):
     return {"proto": proto, "family": 4, "host_port": host_port, "pod_ip": pod_ip,
             "pod_port": pod_port, "pod_namespace": names[0], "pod_name": names[1],
             "port_name": names[2], "flows": flows, "packets": packets, "bytes": nbytes,
-            "drops": drops or {}}
+            "drops": drops or {}, "answered": answered, "unanswered": unanswered,
+            "refused": sum((refusals or {}).values()), "refusals": refusals or {}}
 
 
 def summary(*mappings, lost=0):
@@ -100,11 +103,13 @@ A_ROWS = [(6, 8080, "10.0.1.2", 80, True, False, 10.0, 0),       # exactly on th
 B_ROWS = [(17, 5353, "fd00:1::2", 53, False, False, NAN, -1)] * 2
 
 
-def test_flows_answered_histogram_packets_drops_lost(sinks):
+def test_counts_are_the_summarys_and_the_histogram_the_records(sinks):
     s = sinks()
     s.flows(batch(A_ROWS + B_ROWS))
-    s.tick(summary(mapping(flows=7, packets=40, nbytes=3000, drops={"NETFILTER_DROP": 2}),
-                   mapping(5353, "fd00:1::2", 53, "udp", flows=2, names=(None, None, None)), lost=3))
+    s.tick(summary(mapping(flows=7, packets=40, nbytes=3000, drops={"NETFILTER_DROP": 2}, answered=4,
+                           unanswered=1, refusals={"reset": 2}),
+                   mapping(5353, "fd00:1::2", 53, "udp", flows=2, unanswered=2, names=(None, None, None)),
+                   lost=3))
     m = scrape(s)
     a = dict(node="node-a", proto="tcp", host_port="8080", pod_ip="10.0.1.2", pod_port="80",
              namespace="web", pod="nginx-0", port_name="http")
@@ -113,6 +118,9 @@ def test_flows_answered_histogram_packets_drops_lost(sinks):
     assert value(m, "bpftrace_hostport_flows_total", **b) == 2
     assert value(m, "bpftrace_hostport_answered_flows_total", **a) == 4
     assert value(m, "bpftrace_hostport_answered_flows_total", **b) == 0
+    assert value(m, "bpftrace_hostport_refused_flows_total", refusal="reset", **a) == 2
+    assert value(m, "bpftrace_hostport_unanswered_flows_total", **a) == 1
+    assert value(m, "bpftrace_hostport_unanswered_flows_total", **b) == 2
     assert value(m, "bpftrace_hostport_packets_total", **a) == 40
     assert value(m, "bpftrace_hostport_bytes_total", **a) == 3000
     assert value(m, "bpftrace_hostport_drops_total", reason="NETFILTER_DROP", **a) == 2
@@ -127,16 +135,47 @@ def test_flows_answered_histogram_packets_drops_lost(sinks):
     assert value(m, "bpftrace_hostport_latency_seconds_count", **b) == 0
 
 
+def test_the_metrics_are_the_roll_ups_figures(sinks):
+    """Batches through the session's roll-up and its summary record, as the session ticks the
+    sinks: every count the metrics export is the summary's, outcome by outcome."""
+    from bpftrace_hostport.analysis.rollup import Rollup
+    from bpftrace_hostport.analysis.summary import summary_record
+    from bpftrace_hostport.records import outcome as oc
+    b = batch(A_ROWS + B_ROWS)
+    b["outcome"][b["answered"]] = oc.ANSWERED
+    b["outcome"][1], b["refusal"][1], b["refused_by"][1] = oc.REFUSED, 1, 1      # a reset from the pod
+    b["answered"][1], b["latency_us"][1] = False, NAN
+    b["outcome"][5], b["refusal"][5] = oc.REFUSED, oc.REFUSALS.index("port-unreachable")
+    r = Rollup(series=False, clients=False)
+    r.add_flows(b)
+    summ = summary_record(r.figures(latency=False), 1.0, 0)
+    s = sinks()
+    s.flows(b)
+    s.tick(summ)
+    m = scrape(s)
+    for mp in summ["mappings"]:
+        labels = dict(proto=mp["proto"], host_port=str(mp["host_port"]), pod_ip=mp["pod_ip"])
+        assert value(m, "bpftrace_hostport_flows_total", **labels) == mp["flows"]
+        assert value(m, "bpftrace_hostport_answered_flows_total", **labels) == mp["answered"]
+        assert value(m, "bpftrace_hostport_unanswered_flows_total", **labels) == mp["unanswered"]
+        for kind, n in mp["refusals"].items():
+            assert value(m, "bpftrace_hostport_refused_flows_total", refusal=kind, **labels) == n
+    assert sum(v for _, v in m["bpftrace_hostport_refused_flows_total"]) == 2
+    assert value(m, "bpftrace_hostport_answered_flows_total", proto="tcp") == 3     # the reset is no answer
+    assert value(m, "bpftrace_hostport_latency_seconds_count", proto="tcp") == 2
+
+
 def test_kernel_totals_never_go_down(sinks):
     s = sinks()
-    s.tick(summary(mapping(flows=7, packets=40, drops={"X": 3}), lost=5))
-    s.tick(summary(mapping(flows=5, packets=10, drops={"X": 1}), lost=2))   # e.g. a map re-created
+    s.tick(summary(mapping(flows=7, packets=40, drops={"X": 3}, answered=6), lost=5))
+    s.tick(summary(mapping(flows=5, packets=10, drops={"X": 1}, answered=2), lost=2))   # e.g. a map re-created
     m = scrape(s)
     assert value(m, "bpftrace_hostport_flows_total") == 7
+    assert value(m, "bpftrace_hostport_answered_flows_total") == 6
     assert value(m, "bpftrace_hostport_packets_total") == 40
     assert value(m, "bpftrace_hostport_drops_total", reason="X") == 3
     assert value(m, "bpftrace_hostport_lost_events_total") == 5
-    s.flows(batch(A_ROWS * 2))             # more records than the kernel counted so far
+    s.tick(summary(mapping(flows=10, answered=9)))
     assert value(scrape(s), "bpftrace_hostport_flows_total") == 10
 
 
@@ -147,14 +186,14 @@ def _kernel(answered, hist, lat_sum_s, without_records):
 
 
 def test_kernel_latency_without_flow_records_adds_to_the_records(sinks):
-    """Without flow records the kernel's answered flows and histogram are flows no record
-    carries (only timed-out flows come as records): the two add up."""
+    """Without flow records the kernel's histogram counts flows no record carries (only
+    timed-out flows come as records): the two add up."""
     s = sinks()
     hist = [0] * 20
     hist[2], hist[19] = 5, 1                       # 5 flows <= 50 µs, 1 over 10 s
     s.flows(batch([A_ROWS[1], A_ROWS[4]]))        # records: one answered (30 µs), one not
     s.kernel_counters(_kernel(6, hist, 12.5, True))
-    s.tick(summary(mapping(flows=8)))
+    s.tick(summary(mapping(flows=8, answered=7)))  # the roll-up added the kernel's answered flows
     m = scrape(s)
     assert value(m, "bpftrace_hostport_answered_flows_total") == 7
     assert value(m, "bpftrace_hostport_latency_seconds_count") == 7
@@ -170,20 +209,19 @@ def test_kernel_latency_with_flow_records_is_not_counted_twice(sinks):
     hist = [0] * 20
     hist[0], hist[2], hist[16] = 1, 1, 1
     s.kernel_counters(_kernel(4, hist, 2.00004, False))
-    s.tick(summary(mapping(flows=5)))
+    s.tick(summary(mapping(flows=5, answered=4)))
     m = scrape(s)
     assert value(m, "bpftrace_hostport_answered_flows_total") == 4
     assert value(m, "bpftrace_hostport_latency_seconds_count") == 3
     s.kernel_counters(_kernel(9, [2 * v for v in hist], 4.0, False))   # ahead of the records
     m = scrape(s)
-    assert value(m, "bpftrace_hostport_answered_flows_total") == 9
     assert value(m, "bpftrace_hostport_latency_seconds_count") == 6
 
 
 def test_conntrack_has_no_packets_latency_or_drops(sinks):
     s = sinks(CONNTRACK)
     s.flows(batch([r[:6] + (NAN, r[7]) for r in A_ROWS]))
-    s.tick(summary({**mapping(flows=5), "packets": None, "bytes": None}))
+    s.tick(summary({**mapping(flows=5, answered=4), "packets": None, "bytes": None}))
     m = scrape(s)
     assert value(m, "bpftrace_hostport_flows_total", pod="nginx-0") == 5
     assert value(m, "bpftrace_hostport_answered_flows_total", pod="nginx-0") == 4
@@ -226,14 +264,14 @@ def test_idle_series_retired_after_grace_and_revived_continuing(sinks):
     clock = Clock()
     s = sinks(grace_s=60, clock=clock)
     s.flows(batch(A_ROWS))
-    s.tick(summary(mapping(flows=5)))
+    s.tick(summary(mapping(flows=5, answered=4)))
     clock.now += 59
-    s.tick(summary(mapping(flows=5)))      # the summary repeating itself is not a sign of life
+    s.tick(summary(mapping(flows=5, answered=4)))      # the summary repeating itself is not a sign of life
     assert "bpftrace_hostport_flows_total" in scrape(s)
     clock.now += 2
-    s.tick(summary(mapping(flows=5)))
+    s.tick(summary(mapping(flows=5, answered=4)))
     assert "bpftrace_hostport_flows_total" not in scrape(s)
-    s.tick(summary(mapping(flows=6)))      # the mapping is back: counters continue
+    s.tick(summary(mapping(flows=6, answered=4)))      # the mapping is back: counters continue
     m = scrape(s)
     assert value(m, "bpftrace_hostport_flows_total") == 6
     assert value(m, "bpftrace_hostport_answered_flows_total") == 4
@@ -241,12 +279,12 @@ def test_idle_series_retired_after_grace_and_revived_continuing(sinks):
 
 def test_series_cap_counts_overflow(sinks):
     s = sinks(max_series=2)
-    rows = [(6, hp, "10.0.1.2", 80, True, False, 50.0, -1) for hp in (8001, 8002) for _ in range(2)]
-    s.flows(batch(rows + [(6, 8003, "10.0.1.2", 80, True, False, 50.0, -1)] * 3))
-    s.tick(summary(mapping(8003, flows=3), mapping(8004, flows=9)))
+    s.tick(summary(mapping(8001, flows=2), mapping(8002, flows=2), mapping(8003, flows=3)))
+    s.tick(summary(mapping(8001, flows=2), mapping(8002, flows=2), mapping(8003, flows=4),
+                   mapping(8004, flows=9)))
     m = scrape(s)
     assert sorted(lab["host_port"] for lab, _ in m["bpftrace_hostport_flows_total"]) == ["8001", "8002"]
-    assert value(m, "bpftrace_hostport_series_overflow_total", node="node-a") == 3
+    assert value(m, "bpftrace_hostport_series_overflow_total", node="node-a") == 13
 
 
 def test_large_batch_is_grouped(sinks):
@@ -262,7 +300,6 @@ def test_large_batch_is_grouped(sinks):
     b["answered"][:], b["latency_us"][:] = ans, np.where(ans, lat, np.nan)
     s.flows(b)
     m = scrape(s)
-    assert sum(v for _, v in m["bpftrace_hostport_flows_total"]) == n
     assert sum(v for _, v in m["bpftrace_hostport_latency_seconds_count"]) == int(ans.sum())
     port = int(hp[0])
     expect = int(np.count_nonzero(ans & (hp == port) & (lat <= 1e3)))
@@ -381,3 +418,87 @@ def test_the_server_sleeps_between_scrapes_and_stops_at_once(sinks):
     t0 = time.monotonic()
     s.close(None)
     assert time.monotonic() - t0 < 1 and s.server is None
+
+
+def _snapshots():
+    import dataclasses
+    from bpftrace_hostport.model import ContainerPort, HostPortRule, PodInfo
+    pods = [PodInfo("web", "nginx-0", ips=("10.0.1.2", "fd00:1::2"),
+                    ports=(ContainerPort("c", 80, "TCP", "http", 8080), ContainerPort("c", 9090, "TCP", "metrics"))),
+            PodInfo("kube-system", "ingress", ips=("192.168.1.5",), host_network=True, node="node-a",
+                    ports=(ContainerPort("c", 443, "TCP", "https", 443),)),
+            PodInfo("web", "nginx-1", ips=("10.0.2.2",), node="node-b",          # another node's
+                    ports=(ContainerPort("c", 80, "TCP", "http", 8080),))]
+    rules = [HostPortRule("UDP", 5353, "10.0.1.9", 53), HostPortRule("TCP", 8080, "10.0.1.2", 80)]
+    return [dataclasses.asdict(p) for p in pods], [dataclasses.asdict(r) for r in rules]
+
+
+def test_known_mappings_are_exported_at_zero_before_traffic(sinks):
+    """A new mapping's first burst must be a difference between two samples for rate() and
+    increase(): the pods' and the rules' mappings are there at 0 before any flow."""
+    s = sinks()
+    pods, rules = _snapshots()
+    s.snapshot("pods", pods)
+    s.snapshot("rules", rules)
+    m = scrape(s)
+    web = dict(proto="tcp", host_port="8080", pod_port="80", namespace="web", pod="nginx-0", port_name="http")
+    for ip in ("10.0.1.2", "fd00:1::2"):
+        for name in ("flows_total", "answered_flows_total", "unanswered_flows_total",
+                     "latency_seconds_count", "packets_total"):
+            assert value(m, "bpftrace_hostport_" + name, pod_ip=ip, **web) == 0, name
+        assert value(m, "bpftrace_hostport_refused_flows_total", pod_ip=ip, refusal="reset", **web) == 0
+    dns = dict(proto="udp", host_port="5353", pod_ip="10.0.1.9", pod_port="53", namespace="", pod="")
+    assert value(m, "bpftrace_hostport_flows_total", **dns) == 0
+    assert value(m, "bpftrace_hostport_refused_flows_total", refusal="port-unreachable", **dns) == 0
+    assert len(m["bpftrace_hostport_flows_total"]) == 3            # no series for a hostNetwork pod
+    assert value(m, "bpftrace_hostport_misses_total", proto="tcp", host_port="8080", namespace="", pod="") == 0
+    assert value(m, "bpftrace_hostport_misses_total", proto="udp", host_port="5353", namespace="", pod="") == 0
+    assert value(m, "bpftrace_hostport_misses_total", proto="tcp", host_port="443",
+                 namespace="kube-system", pod="ingress") == 0
+    s.tick(summary(mapping(flows=200, answered=150, refusals={"reset": 50})))
+    m = scrape(s)
+    assert value(m, "bpftrace_hostport_flows_total", pod_ip="10.0.1.2", **web) == 200
+    assert value(m, "bpftrace_hostport_refused_flows_total", pod_ip="10.0.1.2", refusal="reset", **web) == 50
+
+
+def test_known_mappings_stay_until_their_pod_and_rule_are_gone(sinks):
+    clock = Clock()
+    s = sinks(grace_s=60, clock=clock)
+    pods, rules = _snapshots()
+    s.snapshot("pods", pods)
+    s.snapshot("rules", rules)
+    clock.now += 3600
+    s.tick(summary())
+    m = scrape(s)
+    assert len(m["bpftrace_hostport_flows_total"]) == 3 and len(m["bpftrace_hostport_misses_total"]) == 3
+    s.snapshot("pods", pods[1:])                   # nginx-0 deleted; its rule for 8080 is still there
+    clock.now += 61
+    s.tick(summary())
+    m = scrape(s)
+    assert sorted(lab["pod_ip"] for lab, _ in m["bpftrace_hostport_flows_total"]) == ["10.0.1.2", "10.0.1.9"]
+    s.snapshot("rules", rules[:1])                 # and its rule removed
+    clock.now += 61
+    s.tick(summary())
+    m = scrape(s)
+    assert [lab["pod_ip"] for lab, _ in m["bpftrace_hostport_flows_total"]] == ["10.0.1.9"]
+    assert {(lab["host_port"], lab["pod"]) for lab, _ in m["bpftrace_hostport_misses_total"]} == {
+        ("5353", ""), ("443", "ingress")}
+
+
+def test_listen_socket_is_served_and_refused_when_taken():
+    from bpftrace_hostport.collect.preflight import listen_socket
+    sock = listen_socket("127.0.0.1:0")
+    port = sock.getsockname()[1]
+    with pytest.raises(UserError, match=rf"^Cannot listen on 127.0.0.1:{port}: address in use; choose another --metrics port\.$"):
+        listen_socket(f"127.0.0.1:{port}")
+    s = MetricsSink("n", f"127.0.0.1:{port}", sock=sock)
+    s.start(NETFILTER)
+    try:
+        assert s.address == ("127.0.0.1", port) and get(s, "/healthz")[0] == 200
+    finally:
+        s.close(None)
+    with pytest.raises(UserError, match=r"^Bad metrics listen address 'x:y'"):
+        listen_socket("x:y")
+    unused = MetricsSink("n", "127.0.0.1:0", sock=listen_socket("127.0.0.1:0"))
+    unused.close(None)                             # a sink never started closes the socket it was given
+    assert unused.sock is None
