@@ -9,7 +9,10 @@ traffic's per-flow mode) from a client namespace (prerouting) and from the node 
 """
 import os
 import signal
+import socket
 import subprocess
+import time
+import urllib.request
 
 import pytest
 
@@ -90,8 +93,9 @@ def test_every_outcome_is_what_the_client_saw(olab, tmp_path):
         sent.setdefault((proto, family, hook), {}).update(got)
         return got
 
+    port = free_port()
     # --timeout 5 (the default): a neighbour failure takes 3 s before the node says so
-    with tracing("--lab", st.name, "--timeout", "5", "--record", str(rec)) as t:
+    with tracing("--lab", st.name, "--timeout", "5", "--record", str(rec), "--metrics", str(port)) as t:
         # healthy: answered
         assert set(go(20000, "tcp").values()) == {"answered"}
         assert set(go(20100, "udp").values()) == {"answered"}
@@ -119,8 +123,9 @@ def test_every_outcome_is_what_the_client_saw(olab, tmp_path):
         # the second one starts a new resolution: 10 s each leaves room on a loaded machine.
         assert set(go(24000, "tcp", count=2, timeout=10.0).values()) == {"unreachable"}
         assert set(go(24100, "udp", count=1, timeout=10.0).values()) == {"unreachable"}
-        import time
         time.sleep(5.5)            # the unanswered flows are claimed after --timeout
+        time.sleep(1.5)            # and the sinks ticked once more (every second)
+        scraped = scrape(port)
     for (proto, family, hook), ports in sent.items():
         check(t.flows, ports, proto, family, hook)
     by = {f["client_port"]: f["refused_by"] for f in t.flows if f["outcome"] == "refused"}
@@ -139,3 +144,38 @@ def test_every_outcome_is_what_the_client_saw(olab, tmp_path):
     again = next(m for m in recorded["mappings"] if m["proto"] == "tcp" and m["family"] == 4)
     assert {k: again[k] for k in want} == want and again["refusals"] == tcp4["refusals"]
     assert s["lost_events"] == 0
+    # the metrics, scraped once every flow was decided, count what the summary counts
+    for m in s["mappings"]:
+        fam = 4 if m["family"] == 4 else 6
+        labels = {"proto": m["proto"], "host_port": str(m["host_port"])}
+        got = {k: metric(scraped, f"bpftrace_hostport_{k}_flows_total" if k != "flows" else
+                         "bpftrace_hostport_flows_total", fam, **labels)
+               for k in ("flows", "answered", "refused", "unanswered")}
+        mine = {k: sum(x[k] for x in s["mappings"] if (x["proto"], x["host_port"], x["family"]) ==
+                       (m["proto"], m["host_port"], m["family"])) for k in got}
+        assert got == mine, (m["proto"], m["host_port"], fam, got, mine)
+        for kind, n in m["refusals"].items():
+            assert metric(scraped, "bpftrace_hostport_refused_flows_total", fam, refusal=kind, **labels) == n
+        assert metric(scraped, "bpftrace_hostport_latency_seconds_count", fam, **labels) == mine["answered"]
+    assert metric(scraped, "bpftrace_hostport_lost_events_total", None) == 0
+
+
+def free_port():
+    with socket.socket() as so:
+        so.bind(("127.0.0.1", 0))
+        return so.getsockname()[1]
+
+
+def scrape(port):
+    """[(name, labels, value)] of one scrape of the tracer's metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return [(x.name, x.labels, x.value) for fam in text_string_to_metric_families(body) for x in fam.samples]
+
+
+def metric(scraped, name, family, **labels):
+    """The sum of NAME's samples with LABELS whose pod address is of FAMILY (None: any)."""
+    def fam_ok(ls):
+        return family is None or ((":" in ls.get("pod_ip", "")) == (family == 6))
+    return sum(v for n, ls, v in scraped
+               if n == name and fam_ok(ls) and all(ls.get(k) == str(x) for k, x in labels.items()))
