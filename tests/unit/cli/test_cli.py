@@ -70,7 +70,7 @@ def test_auto_backend_falls_back_to_conntrack_after_one_warning(monkeypatch):
     called = {}
     loaded = _LoadedProbe()
 
-    def session(backend, opts, index, outs, probe=None):
+    def session(backend, opts, index, outs, probe=None, stop=None):
         if backend == "netfilter":
             assert probe is loaded           # the session attaches the probe loaded first
             raise KernelFeatureMissing("Could not create the netfilter BPF link (Invalid argument); "
@@ -104,7 +104,7 @@ def test_programs_load_before_the_pods_and_a_refused_load_falls_back(monkeypatch
     real_resolve = sources.resolve_sources
     monkeypatch.setattr(sources, "resolve_sources", lambda *a, **kw: order.append("pods") or real_resolve(*a, **kw))
     monkeypatch.setattr(outputs, "load_probe", refused)
-    monkeypatch.setattr(outputs, "run_session", lambda backend, opts, index, outs, probe=None:
+    monkeypatch.setattr(outputs, "run_session", lambda backend, opts, index, outs, probe=None, stop=None:
                         order.append((backend, probe)))
     res = CliRunner().invoke(cli, ["trace", "--duration", "1", "--format", "json", "--pods-from", "none"])
     assert res.exit_code == 0, res.output
