@@ -118,7 +118,8 @@ class _CsvOut:
         import pyarrow as pa
         import pyarrow.compute as pc
         import pyarrow.csv as pcsv
-        ts = pc.strftime(rb.column("ts").cast(pa.timestamp("us", tz="UTC")), format="%Y-%m-%dT%H:%M:%SZ")
+        # a recording keeps nanoseconds: truncated to the microseconds CSV shows, not refused
+        ts = pc.strftime(rb.column("ts").cast(pa.timestamp("us", tz="UTC"), safe=False), format="%Y-%m-%dT%H:%M:%SZ")
         rb = rb.set_column(rb.schema.get_field_index("ts"), "ts", ts)
         if self.w is None:
             self.w = pcsv.CSVWriter(self.f, rb.schema)
