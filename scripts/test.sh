@@ -7,6 +7,6 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # vagrant for `vagrant validate`; containerd, runc, busybox-static, gcc and libc6-dev for the
 # kernel tests' containerd labs (`lab up --runtime containerd` builds its images with them).
-SETUP_EXTRA_PKGS="vagrant containerd runc busybox-static gcc libc6-dev" bash "$here/scripts/setup.sh"
+SETUP_EXTRA_PKGS="vagrant containerd runc busybox-static gcc libc6-dev tmux chromium" bash "$here/scripts/setup.sh"
 cd "$here"
 exec "$here/.venv/bin/python" -m pytest -q -p no:cacheprovider tests "$@"

@@ -320,3 +320,17 @@ def test_an_anonymized_run_holds_no_real_client_address_in_any_output(slab, tmp_
     pseud = {r["client_ip"] for r in (json.loads(ln) for ln in outputs["json lines"].splitlines() if ln.strip())
              if r["type"] == "flow"}
     assert pseud and all(p in outputs["export jsonl"] for p in pseud)
+
+
+def test_lab_traffic_status_and_errors_say_it_plainly(slab):
+    st = slab
+    p = cli("lab", "traffic", "--name", st.name, "--count", "2", "--ipv6")
+    assert re.match(rf"client -> \[{re.escape(st.node_ip6)}\]:8000/tcp: sent 2, answered 2", p.stdout), p.stdout
+    p = cli("lab", "traffic", "--name", st.name, "--count", "1", "--target", "localhost", check=False)
+    assert p.returncode == 2
+    assert "Only the node itself can reach a hostPort on localhost: add --from node." in p.stderr
+    p = cli("lab", "traffic", "--name", st.name, "--to", "1234", check=False)
+    assert p.returncode == 2 and "give --to with one of 5353/udp, 8000/tcp, 9000/tcp" in p.stderr, p.stderr
+    p = cli("lab", "status")
+    row = next(ln for ln in p.stdout.splitlines() if ln.startswith(st.name + " "))
+    assert row.split()[1:3] == ["hostnetwork", "direct"] and st.node_ip in row and row.endswith("up"), row
