@@ -17,4 +17,6 @@ Modules, by job:
     markdown   BENCHMARKS.md's tables (the hand-written analysis below them is kept)
     pyspy      where the tracer's CPU goes (optional py-spy trial)
     run        the command line and the round loop
+    node_speed rules, check, trace's start and the agent's check on kube-proxy-sized labs
+               (`python -m bench.node_speed`, a job of its own)
 """

@@ -3,6 +3,7 @@ section, under the bench's load.
 
     sudo .venv/bin/python -m bench.ebpf_sections [--seconds S] [--lab-name NAME]
     sudo .venv/bin/python -m bench.ebpf_sections --variant floor --rounds 3
+    sudo .venv/bin/python -m bench.ebpf_sections --variant floor --traffic other --rounds 3
 
 BPF_ENABLE_STATS gives a program's run time as a whole; this splits it. A copy of bpf/ is
 made with a clock read after each section of on_post_dnat (the anchors below), the copy is
@@ -16,6 +17,9 @@ the source fails loudly: the tool measures the source as it is.
 With --variant, the source and a rewrite of it (bench/ebpf_variants.py: the floor any program
 on these hooks pays, the cost of a clock read, another design) are loaded in turn on the same
 lab, --rounds times each, and only their run times are compared: medians and ranges.
+--traffic other loads the node with traffic that is not hostPort (wrk to the pod's own address,
+routed through the node without DNAT; other-bulk: one iperf3 stream): the cost per packet of
+what most packets on a real node are. bench/run.py uses trial() for its eBPF comparison.
 """
 from __future__ import annotations
 
@@ -57,7 +61,9 @@ START = "    void *skb = *(void **)((char *)ctx + NF_CTX_SKB);\n"
 # (section, what it covers, anchor in hostport.bpf.c, marker placed "before" or "after" it)
 SECTIONS = [
     (0, "known flow's packet: cache lookup + counters (hot path)",
-     "        if (count_known(ctkey, len)) {\n            return 1;\n        }\n    }\n\n    /* Everything else", "mid"),
+     "        if (count_known(ctkey, len)) {\n            return 1;\n        }\n        /* Or of a connection", "mid"),
+    (17, "not ours: the ignored entry's lookup (not hostPort traffic)",
+     "        if (ct_ignored(ctkey))\n            return 1;\n    }\n\n    /* Everything else", "mid"),
     (1, "not known: the cache lookup that missed",
      "    /* Everything else needs the entry's tuples and status: one read. */\n", "before"),
     (15, "conntrack entry read: both tuples and status (one read)",
@@ -114,52 +120,74 @@ def instrument(text: str) -> str:
     return text
 
 
-def client_sysctls(ns: str) -> None:
-    from bench.config import CLIENT_PORT_RANGE
-    lo, hi = CLIENT_PORT_RANGE
-    for kv in (f"net.ipv4.ip_local_port_range={lo} {hi}", "net.ipv4.tcp_tw_reuse=1"):
-        subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", kv], check=True)
+def load_command(traffic: str, lab, seconds: float) -> list:
+    """The load of a trial, from the lab's client namespace: wrk through the node's hostPort
+    (hostport), wrk to the http pod's own address (other: routed through the node, no DNAT),
+    or one iperf3 stream to the iperf pod's own address (other-bulk)."""
+    if traffic == "other-bulk":
+        from bench.config import IPERF_PORT
+        return ["ip", "netns", "exec", lab.client_ns, "iperf3", "-c", lab.iperf_pod.ips[0], "-p", str(IPERF_PORT),
+                "-t", f"{seconds:g}", "--connect-timeout", "3000"]
+    url = lab.pod_url() if traffic == "other" else lab.url()
+    return ["ip", "netns", "exec", lab.client_ns, "wrk", "-t2", "-c64", f"-d{seconds:g}s",
+            "-H", "Connection: close", url]
 
 
-def trial(text: str, events_h: Path, plain: bool, node_netns: str, node_ip: str, client: str,
-          seconds: float) -> dict:
-    """One load of a source text on the lab: {rate, conns, runs: {program: (ns, count)}, vals}."""
+def _ip_in_receives(ns: str) -> int:
+    """Packets the node took in (Ip InReceives): every packet of traffic routed through it."""
+    from bench.procfs import netns_snmp
+    return netns_snmp(ns, "Ip").get("InReceives", 0)
+
+
+def trial(text: str, events_h: Path, plain: bool, lab, seconds: float, traffic: str = "hostport") -> dict:
+    """One load of a source text on the lab: {rate, conns, packets, runs: {program: (ns, count)},
+    vals}. conns: the connections the target pod accepted; packets: those the node took in."""
     from bench.config import HTTP_HOST_PORT
-    from bench.procfs import bpf_run_time_stats
+    from bench.procfs import bpf_run_time_stats, netns_snmp
     from bpftrace_hostport import netns as netns_mod
     from bpftrace_hostport.collect.netfilter import probe as P
 
     src = Path(tempfile.mkdtemp(prefix="bhp-sections-"))
-    base_maps = P.MAPS
+    base_maps, base_dir = P.MAPS, P.bpf_source_dir
+    pod_ns = lab.iperf_pod.netns if traffic == "other-bulk" else lab.http_pod.netns
     try:
         shutil.copy(events_h, src / "events.h")
         (src / "hostport.bpf.c").write_text(text if plain else instrument(text))
         P.bpf_source_dir = lambda: src
         if not plain:
             P.MAPS = base_maps + ("prof",)
-        with P.Probe(P.ProbeOptions(netns=node_netns, watch_ports=[("tcp", HTTP_HOST_PORT)])) as pr:
-            ipr = netns_mod.open_iproute(node_netns)
+        with P.Probe(P.ProbeOptions(netns=lab.node_ns, watch_ports=[("tcp", HTTP_HOST_PORT)])) as pr:
+            ipr = netns_mod.open_iproute(lab.node_ns)
             pr.set_local_addrs(netns_mod.local_addresses(ipr))
             ipr.close()
             pr.attach()
-            stats = bpf_run_time_stats()
-            stats.__enter__()
-            wrk = subprocess.Popen(["ip", "netns", "exec", client, "wrk", "-t2", "-c64", f"-d{seconds:g}s",
-                                    "-H", "Connection: close", f"http://{node_ip}:{HTTP_HOST_PORT}/"],
-                                   stdout=subprocess.PIPE, text=True)
-            while wrk.poll() is None:
-                pr.consume()                         # the ring must not fill: records as in the tracer
-                time.sleep(0.05)
-            rate = next((ln.split()[-1] for ln in wrk.stdout.read().splitlines() if "Requests/sec" in ln), "?")
-            runs = {name: _run_time(fd) for name, fd in pr.prog_fds.items()}
-            stats.__exit__(None, None, None)
-            created = pr.read_stats()["flows_created"]
+            with bpf_run_time_stats():
+                opens0, pk0 = netns_snmp(pod_ns).get("PassiveOpens", 0), _ip_in_receives(lab.node_ns)
+                load = subprocess.Popen(load_command(traffic, lab, seconds), stdout=subprocess.PIPE, text=True,
+                                        stderr=subprocess.DEVNULL)
+                deadline = time.monotonic() + seconds + 30
+                while load.poll() is None:
+                    pr.consume()                     # the ring must not fill: records as in the tracer
+                    if time.monotonic() > deadline:
+                        load.kill()
+                        raise SystemExit(f"bench.ebpf_sections: the {traffic} load did not end in time")
+                    time.sleep(0.05)
+                out = load.stdout.read()
+                runs = {name: _run_time(fd) for name, fd in pr.prog_fds.items()}
+                opens1, pk1 = netns_snmp(pod_ns).get("PassiveOpens", 0), _ip_in_receives(lab.node_ns)
+            if load.returncode != 0:
+                raise SystemExit(f"bench.ebpf_sections: the {traffic} load failed ({load.returncode}): "
+                                 f"{out.strip()[-200:]}")
+            rate = next((ln.split()[-1] for ln in out.splitlines() if "Requests/sec" in ln), None)
+            if traffic == "other-bulk":
+                rate = next((" ".join(ln.split()[-3:-1]) for ln in reversed(out.splitlines()) if "receiver" in ln), "?")
             vals = ([0] * 64 if plain else
                     [sum(x.value for x in pr.maps["prof"].lookup(ctypes.c_uint32(i))) for i in range(64)])
     finally:
-        P.MAPS = base_maps
+        P.MAPS, P.bpf_source_dir = base_maps, base_dir
         shutil.rmtree(src, ignore_errors=True)
-    return {"rate": rate, "conns": created or 1, "runs": runs, "vals": vals}
+    return {"traffic": traffic, "rate": rate or "?", "conns": max(1, opens1 - opens0),
+            "packets": max(1, pk1 - pk0), "runs": runs, "vals": vals}
 
 
 def per_connection(t: dict) -> float:
@@ -167,9 +195,14 @@ def per_connection(t: dict) -> float:
     return sum(ns for ns, _ in t["runs"].values()) / t["conns"]
 
 
+def per_packet(t: dict) -> float:
+    """ns of eBPF per packet the node took in, all programs."""
+    return sum(ns for ns, _ in t["runs"].values()) / t["packets"]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seconds", type=float, default=4.0, help="wrk duration (default 4)")
+    ap.add_argument("--seconds", type=float, default=4.0, help="load duration (default 4)")
     ap.add_argument("--lab-name", default=f"sect-{secrets.token_hex(2)}")
     ap.add_argument("--source", type=Path, default=ROOT / "bpf",
                     help="the folder with hostport.bpf.c (default bpf/): to measure a variant")
@@ -177,41 +210,49 @@ def main(argv=None) -> int:
                     help="no section markers: only each program's run time (BPF_ENABLE_STATS) per connection")
     ap.add_argument("--variant", choices=sorted(VARIANTS),
                     help="alternate the source with this rewrite of it (bench/ebpf_variants.py), run time only")
+    ap.add_argument("--traffic", choices=("hostport", "other", "other-bulk"), default="hostport",
+                    help="the load: wrk through hostPort 8000 (default), wrk to the pod's own address "
+                         "(not hostPort: routed through the node without DNAT), or one iperf3 stream to a pod")
     ap.add_argument("--rounds", type=int, default=1,
                     help="trials of each source (alternating with --variant), medians at the end (default 1)")
     args = ap.parse_args(argv)
     os.environ["BPFTRACE_HOSTPORT_CACHE_DIR"] = "off"
-    from bench.config import MANIFEST
-    from bpftrace_hostport.lab import build as lab
+    from bench.lab import BenchLab
+    from bench.procs import Procs
 
     text = (args.source / "hostport.bpf.c").read_text()
     sources = [("source", text)]
     if args.variant:
         sources.append((args.variant, VARIANTS[args.variant](text)))
     plain = args.plain or bool(args.variant)
-    st = lab.up([str(MANIFEST)], name=args.lab_name, ipv6=False)
+    procs, workdir = Procs(), Path(tempfile.mkdtemp(prefix="bhp-sections-lab-"))
+    lab = BenchLab(args.lab_name, procs, workdir)
     results: dict = {name: [] for name, _ in sources}
     try:
-        client = st.clients[0]["netns"]
-        client_sysctls(client)
+        lab.up()
         for _ in range(max(1, args.rounds)):
             for name, src_text in sources:       # alternating: the VM's speed drifts
-                t = trial(src_text, args.source / "events.h", plain, st.node_netns, st.node_ip, client, args.seconds)
+                t = trial(src_text, args.source / "events.h", plain, lab, args.seconds, args.traffic)
                 results[name].append(t)
                 _print_trial(name if len(sources) > 1 else None, t, plain)
     finally:
-        lab.down(args.lab_name)
+        procs.stop_all()
+        lab.down()
+        shutil.rmtree(workdir, ignore_errors=True)
     if len(sources) > 1 or args.rounds > 1:
-        print("eBPF ns per connection, all programs: median (min-max) over the trials")
+        print("eBPF ns per connection and per packet, all programs: median (min-max) over the trials")
         for name, ts in results.items():
-            v = sorted(per_connection(t) for t in ts)
-            print(f"  {name:8} {statistics.median(v):8.1f} ({v[0]:.1f}-{v[-1]:.1f}), {len(v)} trials")
+            for what, fn in (("conn", per_connection), ("packet", per_packet)):
+                v = sorted(fn(t) for t in ts)
+                print(f"  {name:8} per {what:6} {statistics.median(v):8.1f} ({v[0]:.1f}-{v[-1]:.1f}), {len(v)} trials")
     return 0
 
 
 def _print_trial(label, t: dict, plain: bool) -> None:
     conns = t["conns"]
-    print(f"{label + ': ' if label else ''}{t['rate']} connections/s; {conns} new flows")
+    rate = f"{t['rate']} connections/s" if t["traffic"] != "other-bulk" else t["rate"]
+    print(f"{label + ': ' if label else ''}{t['traffic']}: {rate}; {conns} connections accepted, "
+          f"{t['packets']} packets into the node, {per_packet(t):.1f} ns per packet")
     for name, (ns, cnt) in t["runs"].items():
         if cnt:
             print(f"  {name}: {cnt / conns:.2f} runs per connection, {ns / cnt:.1f} ns per run, "

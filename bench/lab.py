@@ -65,6 +65,17 @@ class BenchLab:
     def url(self) -> str:
         return f"http://{self.node_ip}:{HTTP_HOST_PORT}/"
 
+    def pod_url(self) -> str:
+        """The http pod's own address and containerPort: routed through the node, not DNATed."""
+        port = next(m["container_port"] for m in self.http_pod.ports if m.get("host_port") == HTTP_HOST_PORT)
+        return f"http://{self.http_pod.ips[0]}:{port}/"
+
+    def target(self, kind: str):
+        """(wrk URL, iperf3 host) of a trial kind: the node's hostPorts, or the pods' own addresses."""
+        if kind.startswith("other"):
+            return self.pod_url(), self.iperf_pod.ips[0]
+        return self.url(), self.node_ip
+
     def namespaces(self) -> dict:
         return {"node_netns": self.node_ns, "node_ip": self.node_ip, "client_netns": self.client_ns,
                 "http_pod_netns": self.http_pod.netns, "iperf_pod_netns": self.iperf_pod.netns}

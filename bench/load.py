@@ -1,5 +1,6 @@
-"""The load generators, from the lab's client namespace to the lab node only, bounded in time
-and in count: wrk (one connection per request) and iperf3 (one bulk stream)."""
+"""The load generators, from the lab's client namespace to the lab node or, routed through it,
+to the lab's pods, bounded in time and in count: wrk (one connection per request) and iperf3
+(one bulk stream)."""
 from __future__ import annotations
 
 import json
@@ -46,11 +47,13 @@ def _run_bounded(procs: Procs, cmd, out_path: Path, duration: float, what: str,
     return p, ru
 
 
-def run_wrk(lab, procs: Procs, cfg, workdir: Path, tag: str, duration: float, max_requests: int) -> dict:
+def run_wrk(lab, procs: Procs, cfg, workdir: Path, tag: str, duration: float, max_requests: int,
+            url: str = "") -> dict:
+    """wrk against URL (default: the node's hostPort 8000)."""
     per_thread = -(-max_requests // cfg.threads) if max_requests else 0
     cmd = nsexec(lab.client_ns, "wrk", "-t", str(cfg.threads), "-c", str(cfg.connections),
                  "-d", f"{duration:g}s", "--timeout", "2s", "-H", "Connection: close",
-                 "-s", str(WRK_SCRIPT), lab.url(), "--", str(per_thread))
+                 "-s", str(WRK_SCRIPT), url or lab.url(), "--", str(per_thread))
     out_path = workdir / f"{tag}.wrk.txt"
     p, ru = _run_bounded(procs, cmd, out_path, duration, "wrk")
     text = out_path.read_text(errors="replace")
@@ -64,8 +67,9 @@ def run_wrk(lab, procs: Procs, cfg, workdir: Path, tag: str, duration: float, ma
     return res
 
 
-def run_iperf(lab, procs: Procs, workdir: Path, tag: str, duration: float) -> dict:
-    cmd = nsexec(lab.client_ns, "iperf3", "-c", lab.node_ip, "-p", str(IPERF_PORT),
+def run_iperf(lab, procs: Procs, workdir: Path, tag: str, duration: float, host: str = "") -> dict:
+    """One iperf3 stream to HOST:5201 (default: the node's hostPort)."""
+    cmd = nsexec(lab.client_ns, "iperf3", "-c", host or lab.node_ip, "-p", str(IPERF_PORT),
                  "-t", f"{duration:g}", "-J", "--connect-timeout", "3000")
     out_path = workdir / f"{tag}.iperf3.json"
     last_err = ""

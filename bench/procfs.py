@@ -92,11 +92,11 @@ def tree_pss_kb(pid: int) -> int:
     return total
 
 
-# -- TCP counters of a lab namespace -----------------------------------------------------------
-def netns_snmp(ns: str) -> Dict[str, int]:
-    """Tcp counters of a namespace (/proc/net/snmp read from inside it)."""
+# -- TCP and IP counters of a lab namespace -----------------------------------------------------------
+def netns_snmp(ns: str, proto: str = "Tcp") -> Dict[str, int]:
+    """Tcp (or Ip, Udp, ...) counters of a namespace (/proc/net/snmp read from inside it)."""
     p = run(nsexec(ns, "cat", "/proc/net/snmp"), timeout=10)
-    lines = [line.split() for line in p.stdout.splitlines() if line.startswith("Tcp:")]
+    lines = [line.split() for line in p.stdout.splitlines() if line.startswith(f"{proto}:")]
     if len(lines) < 2:
         return {}
     return {k: int(v) for k, v in zip(lines[0][1:], lines[1][1:])}

@@ -20,6 +20,10 @@ namespace, `Connection: close`, bounded in time and in count), the machine's bus
 watcher's CPU per connection, bulk throughput through hostPort 5201 (one iperf3 stream); for
 the tracer: flows lost or unaccounted, RSS once attached and at its peak (with the compile
 child), time to attached, and each eBPF program's run time (bpf(BPF_ENABLE_STATS) for the run).
+Each round also runs the node's traffic that is not hostPort (wrk and iperf3 to the pods' own
+addresses, routed through the node without DNAT) without and with the tracer, and an eBPF
+comparison: the tracer's programs and the `floor` variant loaded by the bench in turn under
+each load (bench/ebpf_sections.trial), ns per packet and per connection.
 Ratios are taken within a round against that round's baseline, then summarised (bench/analysis.py).
 
 Results: raw JSON in bench/out/ (or --out) and, for a full run, BENCHMARKS.md (the text below
@@ -53,8 +57,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from bench.analysis import analyse
-from bench.config import (BENCH_DIR, CLIENT_PORT_RANGE, MANIFEST, MARKDOWN, MODES, ROOT, TARGETS,
-                          TRACER_MODES, TUPLE_BUDGET)
+from bench.config import (BENCH_DIR, CLIENT_PORT_RANGE, EBPF_SOURCES, EBPF_TRAFFIC, MANIFEST, MARKDOWN, MODES,
+                          OTHER_KINDS, OTHER_MODES, ROOT, TARGETS, TRACER_MODES, TUPLE_BUDGET)
 from bench.lab import BenchLab
 from bench.load import run_iperf, run_wrk
 from bench.markdown import render, write_markdown
@@ -79,6 +83,11 @@ def parse_args(argv) -> argparse.Namespace:
                     help="count bound of a conn/s trial, per second of its duration (default 60000)")
     ap.add_argument("--no-burst", action="store_true", help="skip the burst (no tuple reuse) trials")
     ap.add_argument("--no-bulk", action="store_true", help="skip the bulk (iperf3) trials")
+    ap.add_argument("--no-other", action="store_true",
+                    help="skip the trials of traffic that is not hostPort (the client to the pods' own addresses)")
+    ap.add_argument("--no-ebpf", action="store_true",
+                    help="skip the eBPF comparison (the tracer's programs against the floor, loaded by the bench)")
+    ap.add_argument("--ebpf-duration", type=float, help="seconds per eBPF comparison trial (default 4, quick 1)")
     ap.add_argument("--py-spy", choices=TRACER_MODES, metavar="MODE",
                     help="add one extra trial of MODE (not in the medians) with py-spy attached to the "
                          "tracer, and report where its CPU goes")
@@ -107,6 +116,9 @@ def plan(args) -> argparse.Namespace:
     p.burst_requests = int(TUPLE_BUDGET * 0.75)
     p.burst = not (args.quick or args.no_burst)
     p.kinds = ("conn",) if args.no_bulk else ("conn", "bulk")
+    p.other_kinds = () if args.no_other else tuple(k for k in OTHER_KINDS if k == "other" or not args.no_bulk)
+    p.ebpf = not args.no_ebpf
+    p.ebpf_duration = args.ebpf_duration or (1.0 if args.quick else 4.0)
     p.settle = 0.3 if args.quick else 1.0
     p.markdown = args.markdown if args.markdown else (None if args.quick else MARKDOWN)
     return p
@@ -127,6 +139,9 @@ def run_meta(args, p, argv, name: str, workdir: Path) -> dict:
         "command": "sudo .venv/bin/python -m bench.run" + "".join(f" {a}" for a in argv),
         "quick": args.quick, "rounds": p.rounds, "modes": list(MODES),
         "duration_s": p.duration, "iperf_duration_s": p.iperf_duration,
+        "other": {"kinds": list(p.other_kinds), "modes": list(OTHER_MODES)},
+        "ebpf": {"traffic": list(EBPF_TRAFFIC), "sources": list(EBPF_SOURCES), "duration_s": p.ebpf_duration}
+        if p.ebpf else None,
         "wrk": {"threads": args.threads, "connections": args.connections, "max_requests": p.max_requests,
                 "burst_requests": p.burst_requests},
         "lab": {"name": name, "manifest": str(MANIFEST.relative_to(ROOT)),
@@ -158,6 +173,15 @@ def rounds(lab: BenchLab, procs: Procs, args, p, workdir: Path) -> List[dict]:
         if p.burst:
             for mode in (m for m in order if m in TRACER_MODES):
                 one("burst", mode, r, p.duration, p.burst_requests)
+        # Traffic that is not hostPort, without and with the tracer (untimed, like the conn/s
+        # trials: the ratio is what a node pays).
+        for kind in p.other_kinds:
+            for mode in (OTHER_MODES if r % 2 == 0 else OTHER_MODES[::-1]):
+                time.sleep(p.settle)
+                trials.append(trial(kind, mode, r, lab, procs, args, workdir,
+                                    p.duration if kind == "other" else p.iperf_duration, p.max_requests))
+        if p.ebpf:
+            trials.extend(ebpf_round(lab, r, p))
     if args.py_spy:
         spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
         if os.access(spy, os.X_OK):
@@ -165,6 +189,29 @@ def rounds(lab: BenchLab, procs: Procs, args, p, workdir: Path) -> List[dict]:
         else:
             log("py-spy not found (pip install py-spy): no profile")
     return trials
+
+
+def ebpf_round(lab: BenchLab, r: int, p) -> List[dict]:
+    """The eBPF comparison of one round: the tracer's programs and the floor loaded by the bench
+    itself (bench/ebpf_sections.trial, no tracer user space), in turn under each traffic, the
+    order of the two alternating by round; run time from BPF_ENABLE_STATS."""
+    from bench.ebpf_sections import trial as ebpf_trial
+    from bench.ebpf_variants import VARIANTS
+    text = (ROOT / "bpf" / "hostport.bpf.c").read_text()
+    texts = {"tracer": text, "floor": VARIANTS["floor"](text)}
+    out = []
+    for traffic in EBPF_TRAFFIC:
+        for source in (EBPF_SOURCES if r % 2 == 0 else EBPF_SOURCES[::-1]):
+            time.sleep(p.settle)
+            t = ebpf_trial(texts[source], ROOT / "bpf" / "events.h", True, lab, p.ebpf_duration, traffic)
+            ns = sum(v[0] for v in t["runs"].values())
+            runs = sum(v[1] for v in t["runs"].values())
+            out.append({"kind": "ebpf", "mode": source, "traffic": traffic, "round": r, "rate": t["rate"],
+                        "connections": t["conns"], "packets": t["packets"], "run_time_ns": ns, "run_cnt": runs,
+                        "progs": {k: {"run_time_ns": v[0], "run_cnt": v[1]} for k, v in t["runs"].items()}})
+            log(f"r{r}-ebpf-{traffic}-{source}: {ns / max(1, t['packets']):.1f} ns per packet, "
+                f"{ns / max(1, t['conns']):.0f} ns per connection")
+    return out
 
 
 def results_of(trials: List[dict]) -> dict:

@@ -13,7 +13,7 @@ from bench.procfs import busy_cpu_s, cpu_share, netns_snmp, proc_cpu_s, system_c
 from bench.procs import Procs, log
 from bench.pyspy import pyspy_summary
 
-WRK_KINDS = ("conn", "burst", "profile")      # kinds whose load is wrk; "bulk" is iperf3
+WRK_KINDS = ("conn", "burst", "profile", "other")   # kinds whose load is wrk; "bulk", "other-bulk": iperf3
 
 
 def _counters(lab, kind: str) -> dict:
@@ -57,10 +57,11 @@ def trial(kind: str, mode: str, round_i: int, lab, procs: Procs, cfg, workdir: P
             spy = _start_profiler(profiler, mon.p.pid, procs, workdir, tag, duration)
         before = _counters(lab, kind)
         mon.load_begins()
+        url, host = lab.target(kind)
         if kind in WRK_KINDS:
-            res["wrk"] = run_wrk(lab, procs, cfg, workdir, tag, duration, max_requests)
+            res["wrk"] = run_wrk(lab, procs, cfg, workdir, tag, duration, max_requests, url)
         else:
-            res["iperf3"] = run_iperf(lab, procs, workdir, tag, duration)
+            res["iperf3"] = run_iperf(lab, procs, workdir, tag, duration, host)
         mon.load_ends(time.monotonic() - before["t"])
         after = _counters(lab, kind)
         res["wall_s"] = round(after["t"] - before["t"], 3)
@@ -85,4 +86,4 @@ def _log(tag: str, res: dict) -> None:
         log(f"{tag}: {res['wrk']['rps']:.0f} conn/s ({res['wrk']['requests']} requests), machine busy "
             f"{res['machine_busy_cpu_s']:.2f} CPU s" + (f", tracer flows {s['http_delivered']}" if s else ""))
     else:
-        log(f"{tag}: {res['iperf3']['gbit_s']:.2f} Gbit/s")
+        log(f"{tag}: {res['iperf3']['gbit_s']:.2f} Gbit/s" + (f", tracer flows {s['http_delivered']}" if s else ""))

@@ -93,6 +93,16 @@ struct ct_set {
     u16 seen[CT_WAYS];       /* the coarse clock (jiffies >> 8) when the slot was last used */
 };
 BPF_ARRAY(ctcache, struct ct_set, 1 << CT_SET_BITS);
+/* Conntrack entries that are not ours, by address: not DNATed (plain forwarding, the node's own
+ * traffic), or DNATed but not to a watched hostPort on a local address (a Service ClusterIP, a
+ * NodePort). On a real node most packets are these, and they all run the programs: with their
+ * entry here an established packet returns after one array access and one compare, without
+ * reading the entry. Direct-mapped, plain stores: a collision only makes the loser read its entry
+ * again. A new entry at a remembered address clears the slot at its first packet (which always
+ * takes the slow path), so a hostPort flow is never taken for the entry that was there before.
+ * (A connection that began before its hostPort was watched stays ignored until it ends.) */
+#define CT_IGNORE_BITS (CT_SET_BITS + 2)
+BPF_ARRAY(ctignore, u64, 1 << CT_IGNORE_BITS);
 /* Flows user space reported after the timeout (unanswered, or answered with the record
  * deferred), by conntrack entry, with their ports (a recycled entry's address is not enough):
  * a later packet of one (a late reply, a retransmission) finds its mapping here and moves it
@@ -351,6 +361,26 @@ static __always_inline int ct_way(struct ct_set *s, u64 tag)
 static __always_inline u16 ct_clock(void)
 {
     return (u16)(bpf_jiffies64() >> 8);
+}
+
+static __always_inline u64 *ct_ignore_slot(u64 ct)
+{
+    u32 i = (u32)(((ct >> 3) * 0x9E3779B97F4A7C15ULL) >> (64 - CT_IGNORE_BITS));
+    return ctignore.lookup(&i);
+}
+
+static __always_inline int ct_ignored(u64 ct)
+{
+    u64 *s = ct_ignore_slot(ct);
+    return s && *s == ct;
+}
+
+static __always_inline int ct_ignore(u64 ct)
+{
+    u64 *s = ct_ignore_slot(ct);
+    if (s && *s != ct)
+        *s = ct;
+    return 1;                    /* NF_ACCEPT, for the caller to return */
 }
 
 /* A packet of a reported flow: added to its mapping's counters (1), or 0 when its conntrack
@@ -712,6 +742,9 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
         if (count_known(ctkey, len)) {
             return 1;
         }
+        /* Or of a connection that is not ours: done. */
+        if (ct_ignored(ctkey))
+            return 1;
     }
 
     /* Everything else needs the entry's tuples and status: one read. */
@@ -725,12 +758,17 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
     if (ctinfo == IP_CT_NEW) {
         if (fresh) {
             /* A new entry: whatever used this address before is gone. Its slot in the cache,
-             * if any, is marked CT_PENDING; the first reply takes it over. */
+             * if any, is marked CT_PENDING; the first reply takes it over. An ignored slot of
+             * the earlier entry is simply overwritten or cleared below. */
             ct_forget(ctkey);
+            u64 *ig = ct_ignore_slot(ctkey);
+            if (ig && *ig == ctkey)
+                *ig = 0;
         } else {
             /* A retransmitted first packet (or a UDP request before any reply) of a flow
-             * already reported: its counters, as on the hot path. */
-            if (count_known(ctkey, len))
+             * already reported: its counters, as on the hot path; of a connection that is not
+             * ours (a miss already counted at its first packet): nothing. */
+            if (count_known(ctkey, len) || ct_ignored(ctkey))
                 return 1;
         }
     }
@@ -752,13 +790,14 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
         return 1;
     struct flow_key k = {};
     if (!(status & IPS_DST_NAT)) {
-        /* Not translated: only the first packet of a new connection can be a miss. */
+        /* Not translated (NAT is decided at a connection's first packet, so it never will be):
+         * only the first packet of a new connection can be a miss; the rest is ignored. */
         if (reply || ctinfo != IP_CT_NEW || cfg->watch_all)
-            return 1;
+            return related ? 1 : ct_ignore(ctkey);
         key_from_orig(&k, o, family);
         if (traced(cfg, &k))
             count_miss(&k, hook);
-        return 1;
+        return ct_ignore(ctkey);
     }
     key_from_orig(&k, o, family);
 
@@ -769,7 +808,7 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
     int built = 0;               /* 1: nv is this packet's new flow */
     if (fresh) {
         if (!traced(cfg, &k))
-            return 1;   /* a Service ClusterIP DNAT, a port not watched: no flow table lookup */
+            return ct_ignore(ctkey);   /* a Service ClusterIP DNAT, a port not watched */
         new_flow(ct, &k, r, ctinfo, status, len, hook, &nv);
         built = 1;
         int rc = flows.insert(&k, &nv);
@@ -802,7 +841,7 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
     }
     if (!v) {
         if (!built && !traced(cfg, &k))
-            return 1;   /* not a hostPort flow (a Service ClusterIP): nothing to count */
+            return related ? 1 : ct_ignore(ctkey);   /* not a hostPort flow (a Service ClusterIP) */
         if (!fresh) {
             /* A flow user space reported after the timeout (this very conntrack entry): its
              * later packets go to its mapping's counters, from the cache from now on. */

@@ -9,4 +9,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # kernel tests' containerd labs (`lab up --runtime containerd` builds its images with them).
 SETUP_EXTRA_PKGS="vagrant containerd runc busybox-static gcc libc6-dev tmux chromium" bash "$here/scripts/setup.sh"
 cd "$here"
+# The lab's nftables portmap (plugins 1.9.1 from Debian unstable, unpacked into a cache of its
+# own, nothing installed): fetched once; its tests fail under CI=true when it cannot be had.
+"$here/.venv/bin/python" -m bpftrace_hostport.lab.plugins >/dev/null || echo "test.sh: the nftables portmap's plugins could not be fetched (above); its tests will say so" >&2
 exec "$here/.venv/bin/python" -m pytest -q -p no:cacheprovider tests "$@"

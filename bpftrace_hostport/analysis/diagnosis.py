@@ -141,8 +141,12 @@ def diagnose(mappings: Iterable[dict], pods: Optional[Iterable] = None,
             main = max(kinds, key=kinds.get) if kinds else None
             sender = max(by, key=by.get) if by else None
             why = oc.why_refused(main, sender)
-            code = "forward-drop" if sender == "node" and main != "host-unreachable" else (
-                "stale-conntrack" if main == "host-unreachable" else "hostport-refused")
+            if main == "host-unreachable":     # nobody has the pod's address any more
+                code = "stale-conntrack" if proto in ("udp", "sctp") else "leaked-hostport-rule"
+            elif sender == "node":              # a REJECT on the node
+                code = "forward-drop"
+            else:                               # the pod itself: nothing listens there
+                code = "pod-not-listening"
             detail = ", ".join(f"{oc.refusal_words(k)} {n:,}" for k, n in sorted(kinds.items()))
             out.append(Finding("error" if refused * 2 >= flows - unanswered else "warning",
                                f"hostPort {where}{_pod_text(m)}: {_plural(refused, 'flow')} of "

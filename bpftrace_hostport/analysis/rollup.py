@@ -214,9 +214,9 @@ class Rollup:
         bucket = self.grid.index(ts) if self.keep_series else None
         order = np.argsort(inv, kind="stable")
         bounds = np.searchsorted(inv[order], np.arange(g + 1)).tolist()
-        if self.keep_clients and not self.distinct_full:
-            self.distinct.add(b["client_addr"], b["family"])
-            self.distinct_full = len(self.distinct) >= self.distinct_cap
+        if self.keep_clients:                   # distinct clients: each batch's own, once
+            dfirst, _ = group_rows(b["client_addr"], b["family"])
+            self.distinct.add(b["client_addr"][dfirst], b["family"][dfirst])
         proto_c, fam_c, hp_c, pa_c, pp_c = (b[c] for c in _MAP_COLS)
         pod, drop = b["pod"], b["drop"]
         any_drop = bool((drop >= 0).any())
@@ -613,6 +613,7 @@ def _figures(r: Rollup, kernel: Optional[dict], pod_names, rows_filtered: bool, 
     clients = None
     if r.keep_clients:
         clients = len(r.distinct)
+        r.distinct_full = r.distinct.error > 0 or clients >= r.distinct_cap
     return Figures(mappings=out, nodes=nodes, totals=totals, notes=notes, grid=grid,
                    clients=clients, clients_capped=r.distinct_full,
                    kernel_whole=all(n["whole"] for n in nodes.values()) if nodes else False)

@@ -8,7 +8,7 @@ import sys
 import click
 
 from bpftrace_hostport.cli.options import Fail, user_errors
-from bpftrace_hostport.lab import SCENARIOS
+from bpftrace_hostport.lab import PORTMAP_BACKENDS, SCENARIOS
 
 @click.group()
 def lab():
@@ -24,9 +24,13 @@ def lab():
 @click.option("--runtime", type=click.Choice(["direct", "containerd"]), default="direct", show_default=True,
               help="Who makes the pods: the CNI plugins run by hand (direct), or a containerd of the "
                    "lab's own through CRI.")
+@click.option("--portmap", type=click.Choice(PORTMAP_BACKENDS), default="iptables", show_default=True,
+              help="The portmap plugin's backend (nftables: fetches a plugins build that has it, once).")
+@click.option("--services", type=click.IntRange(0, 100_000), default=None,
+              help="kube-proxy Services to generate (--scenario kube-proxy; default 2000).")
 @click.option("--json", "as_json", is_flag=True)
 @user_errors
-def lab_up(manifests, name, scenario, clients, no_ipv6, runtime, as_json):
+def lab_up(manifests, name, scenario, clients, no_ipv6, runtime, portmap, services, as_json):
     """Build a lab node with a pod per replica of MANIFESTS (default: nginx-hostport).
 
     \b
@@ -34,11 +38,13 @@ def lab_up(manifests, name, scenario, clients, no_ipv6, runtime, as_json):
       sudo bpftrace-hostport lab up
       sudo bpftrace-hostport lab up my-daemonset.yaml --name ds --scenario hostnetwork
       sudo bpftrace-hostport lab up --runtime containerd --name ctd
+      sudo bpftrace-hostport lab up --portmap nftables --scenario refused
+      sudo bpftrace-hostport lab up --scenario kube-proxy --services 10000
     """
     from bpftrace_hostport.lab import build as labmod
     notes: list = []
     st = labmod.up(manifests, name=name, scenario=scenario, clients=clients, ipv6=not no_ipv6, notes=notes,
-                   runtime=runtime)
+                   runtime=runtime, portmap=portmap, services=services)
     for n in notes:
         click.echo(f"warning: {n}", err=True)
     s = st.summary()
@@ -46,7 +52,7 @@ def lab_up(manifests, name, scenario, clients, no_ipv6, runtime, as_json):
 
 
 def _lab_text(s: dict) -> str:
-    lines = [f"lab {s['name']} ({s['scenario']}): node {s['node']} in netns {s['node_netns']}, "
+    lines = [f"lab {s['name']} ({s['scenario']}, portmap {s.get('portmap', 'iptables')}): node {s['node']} in netns {s['node_netns']}, "
              f"IP {s['node_ip']}" + (f" / {s['node_ip6']}" if s.get("node_ip6") else ""),
              f"  pod list: {s['pods_file']}"]
     if s.get("cri_endpoint"):

@@ -1,6 +1,7 @@
 """`rules` and `check`: the node's hostPort mappings with their pods, and what is wrong with them.
 
-
+Both read the node once (node/gather.py); `rules` leaves out what only `check` needs (the filter
+tables, the pods' namespaces).
 """
 from __future__ import annotations
 
@@ -31,11 +32,14 @@ def _pod_source(pod_files: Sequence[str], pods_from: str, netns: Optional[str],
 
 
 def node_view(netns: Optional[str], lab_name: Optional[str], pod_files: Sequence[str],
-              pods_from: Optional[str], node_name: Optional[str], kubeconfig: Optional[str] = None):
-    """Gathers the node's rules, pods and conntrack (for rules, check and the agent)."""
+              pods_from: Optional[str], node_name: Optional[str], kubeconfig: Optional[str] = None,
+              forward: bool = True):
+    """Gathers the node's rules, pods and conntrack (for rules and check; `forward=False`: without
+    the filter tables, which only check needs)."""
     from bpftrace_hostport.node.gather import gather
     pod_files = list(pod_files)
     pods_from = pods_from_default(pods_from, pod_files)
+    target = ["--lab", lab_name] if lab_name else (["--netns", netns] if netns else [])
     if lab_name:
         netns, pods_file, lab_node = lab_target(lab_name, netns)
         node_name = node_name or lab_node
@@ -46,7 +50,8 @@ def node_view(netns: Optional[str], lab_name: Optional[str], pod_files: Sequence
     if netns is not None and os.geteuid() != 0:
         raise UserError(f"Reading network namespace {netns} needs root: run it with sudo.")
     pods, known, notes = _pod_source(pod_files, pods_from, netns, node_name, kubeconfig)
-    view = gather(netns, pods, node_name=node_name, pods_known=known, notes=notes)
+    view = gather(netns, pods, node_name=node_name, pods_known=known, notes=notes, forward=forward,
+                  target_args=target)
     if not view.rules_read:
         if os.geteuid() != 0:
             raise UserError("Reading the node's nat rules and conntrack needs root: run it with sudo.")
@@ -246,7 +251,7 @@ def rules_cmd(netns, lab_name, pod_files, pods_from, kubeconfig, node_name, as_j
             asked.append((port, protos, explicit))
         else:
             asked[asked.index(old)] = (port, list(dict.fromkeys(old[1] + protos)), old[2] and explicit)
-    view = node_view(netns, lab_name, pod_files, pods_from, node_name, kubeconfig)
+    view = node_view(netns, lab_name, pod_files, pods_from, node_name, kubeconfig, forward=False)
     rows = mappings(view)
     hostnet = _host_network_rows(view)
     shadowing = {(h["proto"], h["host_port"]) for h in hostnet if h["conflict"]}
@@ -317,10 +322,12 @@ def render_findings(found, width: Optional[int]) -> str:
 def check_cmd(netns, lab_name, pod_files, pods_from, kubeconfig, node_name, as_json):
     """Check why a hostPort may not work on this node; exit 1 when something is broken.
 
-    Looks at the DNAT rules, the pods, conntrack, forwarding sysctls, the FORWARD chain,
-    route_localnet and portmap's hairpin chains. Each finding has a stable code, its evidence
-    and a fix. Exit status: 0 no error (warnings and info may remain), 1 at least one error,
-    2 bad input.
+    Looks at the DNAT rules (iptables, both backends, and nftables), the pods and what listens in
+    their namespaces, conntrack (the hostPorts' entries and the table's fill), forwarding and
+    route_localnet, the FORWARD and INPUT chains, nftables' forward chains and portmap's
+    masquerade. Each finding has a stable code (README lists them all), its evidence and a fix
+    with the node's real values. Exit status: 0 no error (warnings and info may remain), 1 at
+    least one error, 2 bad input.
 
     \b
     Examples:
@@ -337,7 +344,7 @@ def check_cmd(netns, lab_name, pod_files, pods_from, kubeconfig, node_name, as_j
     elif not found:
         from bpftrace_hostport.analysis.render import plural
         click.echo(f"No problems found ({plural(len(view.rules), 'hostPort rule')}, {plural(len(view.pods), 'pod')}, "
-                   f"{plural(len(view.conntrack), 'DNAT conntrack entry', 'DNAT conntrack entries')} checked).")
+                   f"{plural(len(view.conntrack), 'conntrack entry', 'conntrack entries')} of hostPorts checked).")
     else:
         click.echo(render_findings(found, _width()), nl=False)
     if has_errors(found):

@@ -13,6 +13,7 @@ import click
 from bpftrace_hostport.cli.options import (Fail, cidrs, host_ports, lab_target, parse_size,
                                            pod_options, resolver, user_errors)
 from bpftrace_hostport.errors import UserError
+from bpftrace_hostport.nopandas import keep_pandas_out
 
 
 def filter_options(fn):
@@ -244,31 +245,6 @@ def _run(target: Target, want: Want, out: dict, stop) -> None:
         finally:
             if probe is not None:
                 probe.close()        # already closed when a session ran; not when the pods failed
-
-
-@contextlib.contextmanager
-def keep_pandas_out():
-    """While tracing, `import pandas` fails: the tracer never needs it (offline analysis does),
-    and a library that imports it whenever it is installed (pyarrow does, on its first array)
-    would cost about 30 MB of RSS on a busy node for nothing."""
-    guard = _NoPandas() if "pandas" not in sys.modules else None
-    if guard is not None:
-        sys.meta_path.insert(0, guard)
-    try:
-        yield
-    finally:
-        if guard is not None:
-            sys.meta_path.remove(guard)
-
-
-class _NoPandas:
-    """A meta path finder that answers `import pandas` with ImportError in this process."""
-
-    @staticmethod
-    def find_spec(name, path=None, target=None):
-        if name == "pandas" or name.startswith("pandas."):
-            raise ImportError("pandas is not loaded while tracing")
-        return None
 
 
 def _anonymize_key(anonymize: bool, key_file: Optional[str]) -> Optional[bytes]:

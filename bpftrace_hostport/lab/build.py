@@ -37,7 +37,7 @@ from typing import List, Optional, Sequence
 from bpftrace_hostport import netns as netns_mod
 from bpftrace_hostport.addr import endpoint_proto
 from bpftrace_hostport.errors import UserError
-from bpftrace_hostport.lab import SCENARIOS
+from bpftrace_hostport.lab import PORTMAP_BACKENDS, SCENARIOS, scenarios
 from bpftrace_hostport.model import ContainerPort
 from bpftrace_hostport.pods.manifests import PodPlan, load_manifests, parse_manifests, scheduling_notes
 from bpftrace_hostport.pods.podlist import plan_to_pod, write_pod_list
@@ -108,6 +108,9 @@ class LabState:
     created: float = field(default_factory=time.time)
     complete: bool = False
     runtime: str = "direct"         # RUNTIMES: who makes the pods (lab/containerd.py for containerd)
+    portmap: str = "iptables"                              # the portmap plugin's backend
+    services: int = 0                                      # kube-proxy Services (scenario kube-proxy)
+    conntrack_entries: Optional[int] = None                # unrelated conntrack entries (kube-proxy)
 
     @property
     def dir(self) -> Path:
@@ -140,7 +143,8 @@ class LabState:
 
     def summary(self) -> dict:
         return {
-            "name": self.name, "scenario": self.scenario, "runtime": self.runtime, "node": self.node_name,
+            "name": self.name, "scenario": self.scenario, "runtime": self.runtime,
+            "portmap": self.portmap, "node": self.node_name,
             "node_netns": self.node_netns, "node_ip": self.node_ip, "node_ip6": self.node_ip6,
             "pods_file": str(self.pods_file),
             "cri_endpoint": _cri_endpoint(self),
@@ -171,6 +175,16 @@ def check_prerequisites() -> None:
     if missing:
         raise LabError(f"CNI plugins {', '.join(missing)} not found in {CNI_PATH}: "
                        "apt-get install containernetworking-plugins (or set CNI_PATH).")
+
+
+def _check_nftables() -> None:
+    """The nftables portmap: a plugins build of our own (fetched once, lab/plugins.py) and nft."""
+    if os.geteuid() != 0:
+        raise LabError("The lab creates network namespaces and needs root: run it with sudo.")
+    if not shutil.which("nft") or not shutil.which("ip"):
+        raise LabError("`nft` or `ip` is missing: install nftables and iproute2 (scripts/setup.sh does).")
+    from bpftrace_hostport.lab.plugins import nftables_plugins
+    nftables_plugins()
 
 
 def _subnet_for(name: str) -> int:
@@ -257,6 +271,14 @@ def _add_netns(st: LabState, ns: str) -> None:
         _run(_nsexec(ns, "sysctl", "-qw", f"{key}=0"), check=False)
 
 
+def cni_path(st: LabState) -> str:
+    """Where the lab's CNI plugins are: Debian's, or the nftables portmap's build (lab/plugins.py)."""
+    if st.portmap == "nftables":
+        from bpftrace_hostport.lab.plugins import nftables_plugins
+        return str(nftables_plugins())
+    return CNI_PATH
+
+
 def _cni_conf(st: LabState) -> dict:
     ranges = [[{"subnet": st.pod_cidr}]]
     routes = [{"dst": "0.0.0.0/0"}]
@@ -271,7 +293,9 @@ def _cni_conf(st: LabState) -> dict:
              "hairpinMode": True,
              "ipam": {"type": "host-local", "ranges": ranges, "routes": routes,
                       "dataDir": str(st.dir / "ipam")}},
-            {"type": "portmap", "capabilities": {"portMappings": True}, "snat": True},
+            dict({"type": "portmap", "capabilities": {"portMappings": True}, "snat": True},
+                 **({"backend": "nftables"} if st.portmap == "nftables" else {}),
+                 **(scenarios.get(st.scenario).portmap if scenarios.get(st.scenario) else {})),
         ],
     }
 
@@ -293,15 +317,16 @@ def _cni(st: LabState, command: str, pod: LabPod) -> Optional[dict]:
     conf = _cni_conf(st)
     plugins = conf["plugins"] if command == "ADD" else list(reversed(conf["plugins"]))
     prev = pod.cni_result
+    path = cni_path(st)
     env = dict(os.environ, CNI_COMMAND=command, CNI_CONTAINERID=pod.container_id,
-               CNI_NETNS=os.path.join(NETNS_DIR, pod.netns), CNI_IFNAME="eth0", CNI_PATH=CNI_PATH)
+               CNI_NETNS=os.path.join(NETNS_DIR, pod.netns), CNI_IFNAME="eth0", CNI_PATH=path)
     for plugin in plugins:
         net = dict(plugin, cniVersion=conf["cniVersion"], name=conf["name"])
         if "capabilities" in plugin:
             net["runtimeConfig"] = {"portMappings": _port_mappings(pod.ports)}
         if prev:
             net["prevResult"] = prev
-        p = subprocess.run(_nsexec(st.node_netns, os.path.join(CNI_PATH, plugin["type"])),
+        p = subprocess.run(_nsexec(st.node_netns, os.path.join(path, plugin["type"])),
                            input=json.dumps(net), env=env, capture_output=True, text=True, timeout=30)
         if p.returncode != 0:
             msg = p.stdout.strip() or p.stderr.strip()
@@ -467,7 +492,8 @@ def _write_pods(st: LabState) -> None:
 # -- public operations -----------------------------------------------------------------------
 def up(manifests: Sequence[str] = (), name: str = "lab", scenario: str = "basic",
        clients: int = 1, ipv6: bool = True, manifest_text: Optional[str] = None,
-       notes: Optional[List[str]] = None, runtime: str = "direct") -> LabState:
+       notes: Optional[List[str]] = None, runtime: str = "direct", portmap: str = "iptables",
+       services: Optional[int] = None, conntrack_entries: Optional[int] = None) -> LabState:
     """Builds the lab; what a scheduler would warn about the pods goes into `notes`."""
     if not LAB_NAME_RE.match(name):
         raise LabError(f"Lab name {name!r} is not valid: use 1-12 lower-case letters, digits or dashes.")
@@ -477,7 +503,23 @@ def up(manifests: Sequence[str] = (), name: str = "lab", scenario: str = "basic"
         raise LabError("--clients must be between 1 and 8.")
     if runtime not in RUNTIMES:
         raise LabError(f"Unknown runtime {runtime!r}: choose one of {', '.join(RUNTIMES)}.")
-    check_prerequisites()
+    if portmap not in PORTMAP_BACKENDS:
+        raise LabError(f"Unknown portmap backend {portmap!r}: choose one of {', '.join(PORTMAP_BACKENDS)}.")
+    spec = scenarios.get(scenario)
+    if spec and spec.backend and portmap != spec.backend:
+        if notes is not None:
+            notes.append(f"Scenario {scenario} uses the {spec.backend} portmap.")
+        portmap = spec.backend
+    if spec and spec.ipv6 and not ipv6:
+        raise LabError(f"Scenario {scenario} needs IPv6: leave out --no-ipv6.")
+    if services is not None and not 0 <= services <= 100_000:
+        raise LabError("--services must be between 0 and 100000.")
+    if services is not None and scenario != "kube-proxy":
+        raise LabError("--services goes with --scenario kube-proxy.")
+    if portmap == "nftables":
+        _check_nftables()
+    else:
+        check_prerequisites()
     if runtime == "containerd":
         from bpftrace_hostport.lab import containerd
         containerd.check_prerequisites()
@@ -490,6 +532,8 @@ def up(manifests: Sequence[str] = (), name: str = "lab", scenario: str = "basic"
         plans += parse_manifests(_conflict_pod(plans), "<scenario conflict>")
     elif scenario in _SCENARIO_PODS:
         plans += parse_manifests(_SCENARIO_PODS[scenario], f"<scenario {scenario}>")
+    elif spec and spec.pods:
+        plans += parse_manifests(spec.pods, f"<scenario {scenario}>")
     names = [(p.namespace, p.name) for p in plans]
     if len(set(names)) != len(names):
         raise LabError("Two pods in the manifests would get the same namespace/name; rename one.")
@@ -509,6 +553,9 @@ def up(manifests: Sequence[str] = (), name: str = "lab", scenario: str = "basic"
         b = _subnet_for(name)
         st = _new_state(name, run_id, b, scenario, ipv6)
         st.runtime = runtime
+        st.portmap = portmap
+        st.services = (2000 if services is None else services) if scenario == "kube-proxy" else 0
+        st.conntrack_entries = conntrack_entries
         st.dir.mkdir(parents=True, exist_ok=True)
         st.save()
     try:
@@ -555,9 +602,12 @@ def _build(st: LabState, plans: List[PodPlan], clients: int) -> None:
             cx("ip", "-6", "route", "add", "default", "via", st.node_ip6)
         st.clients.append({"netns": cns, "ip": ip, "ip6": ip6})
         st.save()
+    spec = scenarios.get(st.scenario)
+    if spec and spec.before:
+        spec.before(st)
     if st.runtime == "containerd":
         from bpftrace_hostport.lab import containerd
-        containerd.start(st.dir, node, f"{st.name}-{st.run_id}", _cni_conf(st), CNI_PATH)
+        containerd.start(st.dir, node, f"{st.name}-{st.run_id}", _cni_conf(st), cni_path(st))
     for i, plan in enumerate(plans):
         _add_pod(st, plan, i)
     _write_pods(st)
@@ -570,6 +620,9 @@ def _build(st: LabState, plans: List[PodPlan], clients: int) -> None:
         _stale_udp(st)
     elif st.scenario == "blackhole":
         _blackhole(st)
+    elif spec and spec.after:
+        spec.after(st)
+        _write_pods(st)
     st.complete = True
     st.save()
 

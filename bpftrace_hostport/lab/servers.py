@@ -52,10 +52,23 @@ def _families():
     return fams
 
 
-async def serve(pod: str, tcp_ports, udp_ports, ready_fd=None):
+async def serve(pod: str, tcp_ports, udp_ports, ready_fd=None, bind=None):
     loop = asyncio.get_running_loop()
     body = (pod + "\n").encode()
     servers = []
+    if bind:       # one address only (a node daemon on 127.0.0.1, a stand-in on a ClusterIP)
+        fam = socket.AF_INET6 if ":" in bind else socket.AF_INET
+        for port in tcp_ports:
+            sock = socket.socket(fam, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((bind, port))
+            sock.listen(4096)
+            servers.append(await loop.create_server(lambda: _Http(body), sock=sock))
+        for port in udp_ports:
+            sock = socket.socket(fam, socket.SOCK_DGRAM)
+            sock.bind((bind, port))
+            await loop.create_datagram_endpoint(lambda: _Echo((pod + " ").encode()), sock=sock)
+        tcp_ports, udp_ports = [], []
     for port in tcp_ports:
         # One dual-stack listener: "::" with IPV6_V6ONLY off accepts IPv4 as well.
         for fam in _families()[::-1][:1]:
@@ -88,9 +101,10 @@ def main(argv=None) -> int:
     ap.add_argument("--tcp", type=int, action="append", default=[])
     ap.add_argument("--udp", type=int, action="append", default=[])
     ap.add_argument("--ready-fd", type=int)
+    ap.add_argument("--bind", help="listen on this address only")
     a = ap.parse_args(argv)
     try:
-        asyncio.run(serve(a.pod, a.tcp, a.udp, a.ready_fd))
+        asyncio.run(serve(a.pod, a.tcp, a.udp, a.ready_fd, a.bind))
     except OSError as e:
         print(f"labserver {a.pod}: {e}", file=sys.stderr)
         return 1

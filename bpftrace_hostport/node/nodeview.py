@@ -9,21 +9,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from bpftrace_hostport.model import ContainerPort, HostPortRule, PodInfo
-from bpftrace_hostport.node.parse import CtEntry, FilterTable, NatSummary, NftForwardChain
+from bpftrace_hostport.node.parse import CtEntry, FilterTable, NatSummary
 
 LIVE_PHASES = (None, "Running", "Pending")
 
 
-
 # --------------------------------------------------------------------------- records
-
-
-
-
-
-
-
-
 
 
 @dataclass
@@ -36,49 +27,50 @@ class NodeView:
     pods_known: bool = False                 # False: no pod metadata at all (not even an empty list)
     conntrack: List[CtEntry] = field(default_factory=list)
     conntrack_read: bool = False
+    conntrack_stats: Dict[str, int] = field(default_factory=dict)   # `conntrack -S` summed over CPUs
     sysctls: Dict[str, str] = field(default_factory=dict)    # "net.ipv4.ip_forward" -> "1"; absent = no such file
     nat: List[NatSummary] = field(default_factory=list)
     filters: List[FilterTable] = field(default_factory=list)
-    nft_forward: List[NftForwardChain] = field(default_factory=list)
+    # Items of `nft -j list table ...` for the native nftables tables (not iptables-nft's own):
+    # portmap's cni_hostport, CRI-O's crio-hostports, firewalld's, hand-written ones.
+    nft_items: List[Any] = field(default_factory=list)
     local_addresses: List[str] = field(default_factory=list)
     address_ifaces: Dict[str, str] = field(default_factory=dict)              # local address -> its link
     bridges: List[str] = field(default_factory=list)
+    mtus: Dict[str, int] = field(default_factory=dict)                         # link -> MTU
+    legacy_tables: Dict[int, List[str]] = field(default_factory=dict)          # family -> x_tables present
     interfaces: List[str] = field(default_factory=list)                       # every link's name
     routes: Dict[str, Dict[str, Optional[str]]] = field(default_factory=dict)  # ip -> {ifname, gateway, type}
     listening: List[Tuple[str, str, int]] = field(default_factory=list)        # (proto, addr, port)
+    socket_owners: Dict[Tuple[str, str, int], str] = field(default_factory=dict)  # -> "pid N (comm)", where looked up
+    # The pods' own network namespaces, found by their IPs: pod IP -> (how to enter it, its
+    # listening sockets). A pod IP missing here: its namespace was not found (pod_netns_missing).
+    pod_sockets: Dict[str, Tuple[str, List[Tuple[str, str, int]]]] = field(default_factory=dict)
+    pod_netns_missing: List[str] = field(default_factory=list)
+    ipvs_services: List[Tuple[str, str, int]] = field(default_factory=list)    # /proc/net/ip_vs virtual services
+    ipvs_read: bool = False
+    netns_is_host: Optional[bool] = None     # the node's namespace is the host's own (nf_conntrack_max writable)
+    conntrack_sample: List[CtEntry] = field(default_factory=list)   # entries of a full table, sampled
     sockets_read: bool = False
     notes: List[str] = field(default_factory=list)
+    hostname: Optional[str] = None           # this host's name (the node's name, unless told otherwise)
+    target_args: List[str] = field(default_factory=list)   # how `check` was pointed at this node (--lab X)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-
-# --------------------------------------------------------------------------- iptables-save text
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# --------------------------------------------------------------------------- conntrack, sysctl text
-
-
-
-
-
-
+    def nft_handles(self, family: str, table: str, chain: str, target_ip: str) -> List[int]:
+        """Handles of the rules of one nftables chain that DNAT to `target_ip`."""
+        out = []
+        for item in self.nft_items:
+            r = item.get("rule") if isinstance(item, dict) else None
+            if not isinstance(r, dict) or (r.get("family"), r.get("table"), r.get("chain")) != (family, table, chain):
+                continue
+            for e in r.get("expr") or []:
+                if isinstance(e, dict) and isinstance(e.get("dnat"), dict) and e["dnat"].get("addr") == target_ip \
+                        and isinstance(r.get("handle"), int):
+                    out.append(r["handle"])
+        return out
 
 
 # --------------------------------------------------------------------------- pods
@@ -282,26 +274,3 @@ def mappings(view: NodeView) -> List[dict]:
             "conflict": conflicts[id(r)][0] if id(r) in conflicts else None,
         })
     return out
-
-
-# --------------------------------------------------------------------------- gathering
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-

@@ -1,12 +1,12 @@
-"""The node's tools' text, parsed: iptables-save lines and tables, nft JSON forward chains,
-`conntrack -L -o extended`, sysctl values. Pure functions over captured text (tested on
+"""The node's tools' text, parsed: iptables-save lines and tables (or `iptables -S`),
+`conntrack -L -o extended`, sysctl values (nft JSON chains: node/evaluate.py). Pure functions over captured text (tested on
 fixtures recorded from real tools: tests/fixtures/check, tests/fixtures/rules).
 """
 from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from bpftrace_hostport import proto as protomod
 from bpftrace_hostport.node.rules import parse_rule_line
@@ -16,9 +16,6 @@ from bpftrace_hostport.node.rules import parse_rule_line
 _IPS_BITS = {0x1: "EXPECTED", 0x2: "SEEN_REPLY", 0x4: "ASSURED", 0x8: "CONFIRMED", 0x10: "SRC_NAT",
              0x20: "DST_NAT", 0x200: "DYING"}
 IPS_DST_NAT = 0x20
-
-
-
 
 TCP_STATES = {0: "NONE", 1: "SYN_SENT", 2: "SYN_RECV", 3: "ESTABLISHED", 4: "FIN_WAIT", 5: "CLOSE_WAIT",
                6: "LAST_ACK", 7: "TIME_WAIT", 8: "CLOSE", 9: "SYN_SENT2"}
@@ -41,6 +38,11 @@ class CtEntry:
     timeout: Optional[int] = None   # seconds left
     state: Optional[str] = None     # TCP state name
 
+    @property
+    def dnat(self) -> bool:
+        """The entry was translated: its reply comes from somewhere else than the client called."""
+        return (self.reply_src, self.reply_sport) != (self.orig_dst, self.orig_dport)
+
 
 @dataclass(frozen=True)
 class NatSummary:
@@ -56,6 +58,11 @@ class NatSummary:
     setmark_marks: bool = False            # CNI-HOSTPORT-SETMARK sets a mark
     masq_rule: bool = False                # CNI-HOSTPORT-MASQ masquerades
     postrouting_to_masq: bool = False      # POSTROUTING jumps to CNI-HOSTPORT-MASQ
+    # portmap's externalSetMarkChain: chains other than CNI-HOSTPORT-SETMARK that the CNI-DN-*
+    # chains jump to for their hairpin / localhost marks (KUBE-MARK-MASQ)
+    external_mark_chains: Tuple[str, ...] = ()
+    marks_set: Tuple[Tuple[str, str], ...] = ()   # (chain, mark) of every MARK rule, e.g. ("KUBE-MARK-MASQ", "0x4000")
+    lines: Tuple[str, ...] = ()            # the table's `-A` lines, for node/evaluate.py's nat walk
 
 
 @dataclass(frozen=True)
@@ -65,16 +72,6 @@ class FilterTable:
     family: int
     policies: Dict[str, str] = field(default_factory=dict)   # built-in chain -> ACCEPT | DROP
     rules: Tuple[str, ...] = ()                               # the `-A CHAIN ...` lines
-
-
-@dataclass(frozen=True)
-class NftForwardChain:
-    """A native nftables base chain on the forward hook (iptables-nft's FORWARD excluded)."""
-    family: str                     # "ip" | "ip6" | "inet" | ...
-    table: str
-    chain: str
-    policy: str                     # "accept" | "drop"
-    verdicts: Tuple[str, ...] = ()  # "accept", "drop", "jump NAME", ... of its rules
 
 
 def _table_lines(text: str, table: str) -> Tuple[List[str], Dict[str, str], List[str]]:
@@ -146,8 +143,17 @@ def nat_summary(text: str, source: str = "iptables-nft", family: int = 4) -> Nat
     jumps = []
     hooked = []
     setmark_sources = []
+    external: List[str] = []
+    marks_set: List[Tuple[str, str]] = []
     marks = masq = post = False
     for r in rules:
+        if r.chain.startswith("CNI-DN-") and r.target and r.target not in (
+                "DNAT", "RETURN", "ACCEPT", "CNI-HOSTPORT-SETMARK") and r.target not in external:
+            external.append(r.target)
+        if r.target == "MARK":
+            mark = _mark_value(r)
+            if mark:
+                marks_set.append((r.chain, mark))
         t = r.target
         if r.chain in ("CNI-HOSTPORT-DNAT", "KUBE-HOSTPORTS") and t and t not in ("RETURN", "ACCEPT"):
             got = r.option("--dports", "--destination-ports", "--dport", "--destination-port")
@@ -168,7 +174,18 @@ def nat_summary(text: str, source: str = "iptables-nft", family: int = 4) -> Nat
             post = True
     return NatSummary(source=source, family=family, chains=tuple(chains), dnat_jumps=tuple(jumps),
                       hooked_from=tuple(dict.fromkeys(hooked)), setmark_sources=tuple(setmark_sources),
-                      setmark_marks=marks, masq_rule=masq, postrouting_to_masq=post)
+                      setmark_marks=marks, masq_rule=masq, postrouting_to_masq=post,
+                      external_mark_chains=tuple(external), marks_set=tuple(marks_set),
+                      lines=tuple(lines))
+
+
+def _mark_value(r) -> Optional[str]:
+    """The bits a MARK rule sets: `--or-mark 0x4000`, `--set-xmark 0x4000/0x4000`, `--set-mark 0x4000`."""
+    for opt in ("--or-mark", "--set-xmark", "--set-mark"):
+        v = r.value(opt)
+        if v:
+            return v.split("/")[0].lower()
+    return None
 
 
 def filter_table(text: str, source: str = "iptables-nft", family: int = 4) -> FilterTable:
@@ -177,53 +194,46 @@ def filter_table(text: str, source: str = "iptables-nft", family: int = 4) -> Fi
     return FilterTable(source=source, family=family, policies=policies, rules=tuple(lines))
 
 
-def nft_forward_chains(doc: Any) -> List[NftForwardChain]:
-    """Native forward-hook base chains in `nft -j list ruleset` (a parsed dict or its text)."""
-    import json
-    if isinstance(doc, str):
-        try:
-            doc = json.loads(doc)
-        except ValueError:
-            return []
-    items = doc.get("nftables") if isinstance(doc, dict) else None
-    if not isinstance(items, list):
-        return []
-    chains: Dict[Tuple[str, str, str], dict] = {}
-    verdicts: Dict[Tuple[str, str, str], List[str]] = {}
-    for item in items:
-        if not isinstance(item, dict):
-            continue
-        c = item.get("chain")
-        if isinstance(c, dict) and c.get("hook") == "forward" and c.get("type", "filter") == "filter":
-            if c.get("family") in ("ip", "ip6") and c.get("table") == "filter" and c.get("name") == "FORWARD":
-                continue   # iptables-nft's own chain: read with iptables-nft-save
-            chains[(c.get("family"), c.get("table"), c.get("name"))] = c
-        r = item.get("rule")
-        if isinstance(r, dict):
-            key = (r.get("family"), r.get("table"), r.get("chain"))
-            for expr in r.get("expr") or []:
-                if not isinstance(expr, dict):
-                    continue
-                for verdict in ("accept", "drop", "reject", "return", "continue"):
-                    if verdict in expr:
-                        verdicts.setdefault(key, []).append(verdict)
-                for verdict in ("jump", "goto"):
-                    if isinstance(expr.get(verdict), dict):
-                        verdicts.setdefault(key, []).append(f"{verdict} {expr[verdict].get('target')}")
-    return [NftForwardChain(family=str(k[0]), table=str(k[1]), chain=str(k[2]),
-                            policy=str(c.get("policy", "accept")), verdicts=tuple(verdicts.get(k, ())))
-            for k, c in chains.items()]
-
-
 def status_names(bits: int) -> Tuple[str, ...]:
     return tuple(name for bit, name in _IPS_BITS.items() if bits & bit)
 
 
-def parse_conntrack_text(text: str) -> List[CtEntry]:
-    """DNATed entries from `conntrack -L -o extended` (or plain `conntrack -L`) output.
+def entry_from_netlink(m) -> Optional[CtEntry]:
+    """A ctnetlink message (pyroute2's nfct_msg) as a CtEntry; None when it lacks a tuple."""
+    def tup(t):
+        ip = t.get_attr("CTA_TUPLE_IP") if t is not None else None
+        pr = t.get_attr("CTA_TUPLE_PROTO") if t is not None else None
+        if ip is None or pr is None:
+            return None
+        v6 = ip.get_attr("CTA_IP_V6_SRC") is not None
+        src = ip.get_attr("CTA_IP_V6_SRC") if v6 else ip.get_attr("CTA_IP_V4_SRC")
+        dst = ip.get_attr("CTA_IP_V6_DST") if v6 else ip.get_attr("CTA_IP_V4_DST")
+        return (src, dst, pr.get_attr("CTA_PROTO_NUM"), pr.get_attr("CTA_PROTO_SRC_PORT") or 0,
+                pr.get_attr("CTA_PROTO_DST_PORT") or 0, 6 if v6 else 4)
 
-    The text has no NAT flag, so an entry counts as DNATed when its reply source differs from
-    the original destination.
+    status = m.get_attr("CTA_STATUS") or 0
+    o, r = tup(m.get_attr("CTA_TUPLE_ORIG")), tup(m.get_attr("CTA_TUPLE_REPLY"))
+    if not o or not r or not o[0] or not r[0]:
+        return None
+    proto = _proto(o[2])
+    if proto is None:
+        return None
+    state = None
+    pi = m.get_attr("CTA_PROTOINFO")
+    tcp = pi.get_attr("CTA_PROTOINFO_TCP") if pi is not None else None
+    if tcp is not None:
+        state = TCP_STATES.get(tcp.get_attr("CTA_PROTOINFO_TCP_STATE"))
+    names = status_names(status)
+    if not status & 0x2:
+        names = names + ("UNREPLIED",)
+    return CtEntry(proto=proto, orig_src=o[0], orig_dst=o[1], orig_sport=o[3], orig_dport=o[4],
+                   reply_src=r[0], reply_dst=r[1], reply_sport=r[3], reply_dport=r[4],
+                   family=o[5], status=names, timeout=m.get_attr("CTA_TIMEOUT"), state=state)
+
+
+def parse_conntrack_text(text: str) -> List[CtEntry]:
+    """Entries from `conntrack -L -o extended` (or plain `conntrack -L`) output, DNATed or not
+    (the text has no NAT flag: CtEntry.dnat tells them apart by their reply tuple).
     """
     out: List[CtEntry] = []
     for line in text.splitlines():
@@ -270,8 +280,18 @@ def parse_conntrack_text(text: str) -> List[CtEntry]:
                             family=addrs[0].version, status=tuple(flags), timeout=timeout, state=state)
         except (KeyError, ValueError):
             continue                      # not a whole entry (a cut or damaged line): skipped
-        if entry.reply_src != entry.orig_dst:
-            out.append(entry)
+        out.append(entry)
+    return out
+
+
+def parse_conntrack_stats(text: str) -> Dict[str, int]:
+    """`conntrack -S` (one `cpu=N found=0 invalid=0 ...` line per CPU), summed over CPUs."""
+    out: Dict[str, int] = {}
+    for line in text.splitlines():
+        for tok in line.split():
+            k, _, v = tok.partition("=")
+            if k != "cpu" and v.isascii() and v.isdigit():
+                out[k] = out.get(k, 0) + int(v)
     return out
 
 

@@ -18,24 +18,22 @@ Four producers write them, and each spells a mapping differently:
 * Docker: ``-A DOCKER ! -i docker0 -p tcp -m tcp --dport 8080 -j DNAT --to-destination 172.17.0.2:80``.
 
 ``nft -j list ruleset`` also lists the tables iptables-nft manages, but its DNAT targets show up
-as opaque ``xt`` expressions without addresses, so those are read with iptables-nft-save instead
-and ignored here.
+as opaque ``xt`` expressions without addresses, so those are read with iptables-nft instead
+and ignored here. What is read on a live node, and how cheaply, is node/read.py's business.
 """
 from __future__ import annotations
 
 import ipaddress
 import json
 import re
-import shutil
-import subprocess
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Tuple
 
-from bpftrace_hostport import netns as netns_mod, proto as protomod
+from bpftrace_hostport import proto as protomod
 from bpftrace_hostport.errors import UserError
 from bpftrace_hostport.model import HostPortRule
 
-__all__ = ["parse_iptables_save", "parse_nft_json", "read_node_rules"]
+__all__ = ["parse_iptables_save", "parse_nft_json", "parse_nft_items", "read_node_rules", "rules_of"]
 
 
 # portmap: `dnat name: "net" id: "<container id>"` (trimmed to 256 chars, so the closing quote may go)
@@ -179,7 +177,16 @@ def parse_rule_line(line: str) -> Optional[IptRule]:
             continue
         args.append((negate, tok, values))
         negate = False
-    return IptRule(chain=chain, args=args, packets=packets, bytes=bytes_, text=line.strip())
+    return IptRule(chain=chain, args=args, packets=packets, bytes=bytes_, text=without_counters(line.strip()))
+
+
+def without_counters(text: str) -> str:
+    """`iptables -v -S` puts `-c PACKETS BYTES` into the rule; a rule to show or delete is written without."""
+    parts = text.split(" ")
+    for i in range(len(parts) - 2):
+        if parts[i] == "-c" and parts[i + 1].isdigit() and parts[i + 2].isdigit():
+            return " ".join(parts[:i] + parts[i + 3:])
+    return text
 
 
 def _split_target(dest: str) -> Optional[Tuple[str, Optional[int]]]:
@@ -269,7 +276,11 @@ def parse_iptables_save(text: str, family: int = 4, source: str = "iptables") ->
         elif ln == "COMMIT":
             table = None
         elif body.startswith(("-A ", "-I ")) and (table == "nat" or not has_tables):
-            rule_lines.append(ln)
+            # Only the hostPort producers' chains hold mappings (and their parents' matches):
+            # anything else (kube-proxy's thousands of Service rules) is never tokenized.
+            parts = body.split(None, 2)
+            if len(parts) > 1 and _kind_of_chain(parts[1]) is not None:
+                rule_lines.append(ln)
 
     rules = [r for r in (parse_rule_line(ln) for ln in rule_lines) if r is not None]
     parents: Dict[str, List[IptRule]] = {}
@@ -489,6 +500,14 @@ def parse_nft_json(text: str) -> List[HostPortRule]:
         raise UserError(
             "This JSON has no \"nftables\" list, so it is not `nft -j list ruleset` output; "
             "capture it with `nft -j list ruleset`.")
+    return parse_nft_items(items)
+
+
+# --------------------------------------------------------------------------- the live node
+
+
+def parse_nft_items(items) -> List[HostPortRule]:
+    """hostPort mappings in the items of `nft -j list ...` (see parse_nft_json)."""
     out: List[HostPortRule] = []
     for item in items:
         if not isinstance(item, dict):
@@ -498,39 +517,6 @@ def parse_nft_json(text: str) -> List[HostPortRule]:
         elif isinstance(item.get("map"), dict) and item["map"].get("table") == _CRIO_TABLE:
             out.extend(_crio_nft_map(item["map"]))
     return out
-
-
-# --------------------------------------------------------------------------- the live node
-
-
-@dataclass(frozen=True)
-class _Tool:
-    argv: Tuple[str, ...]
-    family: int
-    source: str
-    what: str            # "legacy rules", ... for the skip sentence
-
-
-# The legacy tools run without `-t nat`: asking iptables-legacy-save for a table that the namespace
-# has never used makes the kernel instantiate it (visible in /proc/net/ip_tables_names, and it makes
-# iptables-nft-save warn "iptables-legacy tables present" from then on). Without -t it only dumps
-# tables that already exist; the parser keeps the nat one. iptables-nft-save -t nat creates nothing.
-_TOOLS = (
-    _Tool(("iptables-nft-save", "-c", "-t", "nat"), 4, "iptables-nft", "iptables-nft rules"),
-    _Tool(("iptables-legacy-save", "-c"), 4, "iptables-legacy", "legacy rules"),
-    _Tool(("ip6tables-nft-save", "-c", "-t", "nat"), 6, "iptables-nft", "IPv6 iptables-nft rules"),
-    _Tool(("ip6tables-legacy-save", "-c"), 6, "iptables-legacy", "IPv6 legacy rules"),
-    _Tool(("nft", "-j", "list", "ruleset"), 0, "nftables", "nftables rules"),
-)
-
-_TIMEOUT_S = 30
-
-
-def _first_line(s: str) -> str:
-    for ln in s.splitlines():
-        if ln.strip():
-            return ln.strip()
-    return ""
 
 
 def _dedup(rules: Iterable[HostPortRule]) -> List[HostPortRule]:
@@ -553,41 +539,25 @@ def _dedup(rules: Iterable[HostPortRule]) -> List[HostPortRule]:
     return out
 
 
-def read_node_rules(netns: Optional[str] = None) -> Tuple[List[HostPortRule], List[str]]:
+def rules_of(nf) -> List[HostPortRule]:
+    """The hostPort mappings of one read (node/read.py's Netfilter): every backend, both families."""
+    found: List[HostPortRule] = []
+    for source, family, text in nf.nat:
+        if "-A " in text:
+            found.extend(parse_iptables_save(text, family, source))
+    found.extend(parse_nft_items(nf.nft_items))
+    return _dedup(found)
+
+
+def read_node_rules(netns: Optional[str] = None, max_age: float = 2.0) -> Tuple[List[HostPortRule], List[str]]:
     """Every hostPort mapping on this node (or inside network namespace `netns`), plus notes.
 
-    Runs iptables-nft-save, iptables-legacy-save, their ip6tables twins and `nft -j list ruleset`;
-    a tool that is missing or fails is skipped and named in the notes, one sentence each. The same
-    mapping seen through two backends is kept once (the copy with counters).
+    Reads the nat chains that concern hostPorts of iptables-nft and iptables-legacy (the legacy
+    tables only when they exist), both families, and the native nftables tables (node/read.py);
+    a tool that is missing or fails is skipped and named in the notes, one sentence each. The
+    same mapping seen through two backends is kept once (the copy with counters). A read of the
+    same namespace less than `max_age` seconds old is reused (a trace's start asks several times).
     """
-    prefix = netns_mod.command_prefix(netns)
-    found: List[HostPortRule] = []
-    notes: List[str] = []
-    for tool in _TOOLS:
-        name = tool.argv[0]
-        if shutil.which(name) is None:
-            notes.append(f"{name} not found; skipped {tool.what}.")
-            continue
-        try:
-            proc = subprocess.run(prefix + list(tool.argv), capture_output=True, text=True,
-                                  timeout=_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            notes.append(f"{name} did not answer within {_TIMEOUT_S} s; skipped {tool.what}.")
-            continue
-        except OSError as exc:
-            notes.append(f"{name} could not be run ({exc.strerror or exc}); skipped {tool.what}.")
-            continue
-        if proc.returncode != 0:
-            why = _first_line(proc.stderr) or f"exit status {proc.returncode}"
-            notes.append(f"{name} failed ({why}); skipped {tool.what}.")
-            continue
-        if not proc.stdout.strip():
-            continue  # e.g. iptables-legacy-save on a node that never used legacy tables
-        try:
-            if tool.source == "nftables":
-                found.extend(parse_nft_json(proc.stdout))
-            else:
-                found.extend(parse_iptables_save(proc.stdout, tool.family, tool.source))
-        except UserError:
-            notes.append(f"{name} printed something that is not its usual output; skipped {tool.what}.")
-    return _dedup(found), notes
+    from bpftrace_hostport.node.read import CACHE
+    nf = CACHE.get(netns, ("nat",), max_age)
+    return rules_of(nf), list(nf.notes)

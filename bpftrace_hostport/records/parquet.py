@@ -167,7 +167,12 @@ def _split(rb: pa.RecordBatch, a: pa.Array, b: pa.Array):
     import pyarrow.compute as pc
     sep = "\x1f"
     keys = pc.binary_join_element_wise(a, b, sep)
-    for k in keys.unique().to_pylist():
+    distinct = keys.unique().to_pylist()
+    if len(distinct) == 1:                      # the usual case: a batch of one node and file
+        x, y = distinct[0].split(sep, 1)
+        yield x, y, rb
+        return
+    for k in distinct:
         x, y = k.split(sep, 1)
         yield x, y, rb.filter(pc.equal(keys, k))
 
@@ -179,11 +184,22 @@ def _part(value: str) -> str:
 
 # ------------------------------------------------------------------------------- reading
 
+_PACKED: Dict[str, bytes] = {}              # address text -> its 16 bytes, across batches
+
+
 def _pack_column(col: pa.Array) -> Tuple[np.ndarray, np.ndarray]:
-    """Address text -> (16-byte rows, family), each distinct address parsed once."""
+    """Address text -> (16-byte rows, family), each distinct address parsed once per read."""
     enc = col.dictionary_encode()
     values = enc.dictionary.to_pylist()
-    packed = np.array([np.void(pack_addr(v)) for v in values] + [np.void(bytes(16))], ADDR)
+    if len(_PACKED) > 1 << 20:
+        _PACKED.clear()
+    raw = []
+    for v in values:
+        b = _PACKED.get(v)
+        if b is None:
+            b = _PACKED[v] = pack_addr(v)
+        raw.append(b)
+    packed = np.frombuffer(b"".join(raw) + bytes(16), ADDR)
     fams = np.array([6 if ":" in v else 4 for v in values] + [0], np.uint8)
     idx = enc.indices.fill_null(len(values)).to_numpy(zero_copy_only=False)
     return packed[idx], fams[idx]
@@ -240,8 +256,9 @@ def parquet_items(cf) -> Iterator[Tuple[str, Any]]:
     try:
         dataset = ds.dataset(path, format="parquet", partitioning="hive")
         _check(cf.name, dataset.schema)
-        scanner = dataset.scanner(batch_size=65536)
-        batches = scanner.to_batches()
+        # One batch and one file at a time: the default readahead holds gigabytes at once.
+        batches = dataset.to_batches(batch_size=65536, batch_readahead=1, fragment_readahead=1,
+                                     use_threads=False)
         current = None
         for rb in batches:
             if not rb.num_rows:

@@ -23,7 +23,7 @@ from bpftrace_hostport.records import check, outcome as oc
 from bpftrace_hostport.records.batch import ADDR, FlowBatch, ns_to_iso, unpack_addr
 from bpftrace_hostport.records.capture import Capture
 from bpftrace_hostport.records.schema import RECORDS, Field, field_names, recording_schema
-from bpftrace_hostport.records.stream import CHUNK, CaptureFile, kind_of, open_captures, opener
+from bpftrace_hostport.records.stream import CHUNK, CaptureFile, iso_column, kind_of, open_captures, opener
 
 
 def load(paths: Sequence[str], *, stdin=None) -> Capture:
@@ -186,23 +186,6 @@ def _with_origin(df: pd.DataFrame, node: str, source: str) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------- JSON lines
-
-def iso_column(values: list, where: Callable[[int], str]) -> np.ndarray:
-    """ISO 8601 strings with their zone -> int64 ns (UTC), parsed as one column; a bad one (an
-    empty one, which pandas would take for "no time", or one without a zone) is named."""
-    zoned = all(v[-1:] == "Z" or v[-6:-5] in ("+", "-") for v in values)
-    try:
-        ns = pd.to_datetime(values, utc=True, format="ISO8601").as_unit("ns").asi8 if zoned else None
-    except (ValueError, OverflowError, TypeError):
-        ns = None
-    if ns is not None and not (ns == np.iinfo(np.int64).min).any():
-        return ns
-    for i, v in enumerate(values):
-        if not check.is_time(v):
-            raise UserError(f"{where(i)}: field ts should be {check.TIME}, not {check.shown(v)}; "
-                            f"{check.FIX}.")
-    raise UserError(f"{where(0)}: the ts fields cannot be read as times; {check.FIX}.")
-
 
 # ------------------------------------------------------------------ frames -> JSON records
 

@@ -478,7 +478,6 @@ class _JsonLines:
 
     def columns(self, kind: str, recs: List[dict], nums: List[int]) -> Dict[str, list]:
         """The chunk's fields as checked columns, `ts` parsed to int64 ns."""
-        from bpftrace_hostport.records.reader import iso_column
         defaults = check.v1_defaults((self.header or {}).get("schema", 1))
         where = lambda i: f"{self.name} line {nums[i]}"          # noqa: E731
         cols = check.check_columns(RECORDS[kind], recs, where, defaults)
@@ -500,3 +499,25 @@ class _JsonLines:
             if not isinstance(rec, dict):
                 raise UserError(f"{self.name} line {lineno} is not a JSON object; {check.FIX}.")
             yield lineno, rec
+
+
+def iso_column(values: list, where: Callable[[int], str]) -> np.ndarray:
+    """ISO 8601 strings with their zone -> int64 ns (UTC), parsed as one column (numpy, no
+    pandas); a bad one (empty, or without a zone) is named."""
+    # numpy's datetime64[ns] holds years 1678 to 2261 and wraps silently beyond: those years only
+    if all(isinstance(v, str) and v[-1:] == "Z" and "1678" <= v[:4] <= "2261" and v[4:5] == "-"
+           for v in values):
+        try:
+            ns = np.array([v[:-1] for v in values], dtype="datetime64[ns]").astype(np.int64)
+            if not (ns == np.iinfo(np.int64).min).any() and all("T" in v for v in values[:1]):
+                return ns
+        except (ValueError, OverflowError):
+            pass
+    from bpftrace_hostport.records.batch import iso_to_ns
+    out = np.empty(len(values), np.int64)
+    for i, v in enumerate(values):
+        if not check.is_time(v):
+            raise UserError(f"{where(i)}: field ts should be {check.TIME}, not {check.shown(v)}; "
+                            f"{check.FIX}.")
+        out[i] = iso_to_ns(v)
+    return out

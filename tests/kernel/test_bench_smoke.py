@@ -78,7 +78,22 @@ def test_bench_quick(tmp_path):
         assert number(bulk["ratio"]["median"])
         assert number(res["stability"][mode]["ratio_rel_iqr"])
     kinds = {(t["kind"], t["mode"]) for t in data["trials"]}
-    assert kinds == {(k, m) for k in ("conn", "bulk") for m in MODES}
+    assert kinds == ({(k, m) for k in ("conn", "bulk") for m in MODES}
+                     | {(k, m) for k in ("other", "other-bulk") for m in ("baseline", "record")}
+                     | {("ebpf", s) for s in ("tracer", "floor")})
+
+    # 2b. traffic that is not hostPort: with and without the tracer, and the tracer makes no flow of it;
+    # the eBPF comparison: the tracer's programs and the floor, per packet, under every load.
+    for kind in ("other", "other-bulk"):
+        o = res["other"][kind]
+        assert number(o["ratio"]["median"]) and o["ratio"]["median"] > 0
+        assert o["tracer_flows"] == 0, f"{kind}: the tracer made flows of traffic that was never DNATed"
+    for traffic in ("hostport", "other", "other-bulk"):
+        e = res["ebpf"][traffic]
+        for src in ("tracer", "floor"):
+            assert number(e[src]["ns_per_packet"]["median"]) and e[src]["ns_per_packet"]["median"] > 0
+        assert number(e["vs_floor_per_packet"]["median"])
+    assert res["ebpf"]["hostport"]["tracer"]["connections"] > 0
 
     # 3. flows lost or unaccounted, per tracer output: the tracer against wrk and the pod's kernel.
     acc = res["accounting"]
@@ -115,7 +130,8 @@ def test_bench_quick(tmp_path):
     assert number(res["bpf_prog"]["all"]["ns_per_conn"])
 
     # The targets are evaluated (met or not: that is the report's business, not this test's).
-    assert set(res["checks"]) == {"conn_ratio_record", "conn_ratio_metrics", "conn_ratio_json",
-                                  "ebpf_ns_per_conn", "user_ns_per_flow_record", "lost_flows",
+    assert set(res["checks"]) == {"conn_ratio_record", "conn_ratio_metrics", "conn_ratio_json", "cpu_ratio_record",
+                                  "other_ratio", "other_bulk_ratio", "ebpf_other_vs_floor",
+                                  "ebpf_other_bulk_vs_floor", "user_ns_per_flow_record", "lost_flows",
                                   "rss_attached_mb", "peak_mb", "attach_warm_s", "json_beats_conntrack"}
     assert all(isinstance(c["met"], bool) for c in res["checks"].values())

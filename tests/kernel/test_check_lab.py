@@ -159,7 +159,7 @@ def test_leaked_rule_of_a_pod_gone_without_cni_del_is_found_and_its_fix_works(tm
 
 
 def test_stale_udp_lab_names_the_deleted_pods_ip_and_its_fix_works(monkeypatch, lab_kind):
-    from bpftrace_hostport.node import gather as gather_mod
+    from bpftrace_hostport.node import gather as gather_mod, read as read_mod
     from bpftrace_hostport.node.check import findings
     from bpftrace_hostport.pods.podlist import read_pod_list
     with lab_up("stale-udp", lab_kind) as (name, st):
@@ -170,7 +170,7 @@ def test_stale_udp_lab_names_the_deleted_pods_ip_and_its_fix_works(monkeypatch, 
         assert rc == 1 and f["severity"] == "error" and dead in f["message"]
         # The same answer when ctnetlink cannot be used and `conntrack -L` is parsed instead.
         with monkeypatch.context() as m:
-            m.setattr(gather_mod, "_conntrack_netlink", lambda netns: (_ for _ in ()).throw(OSError("no netlink")))
+            m.setattr(read_mod, "read_conntrack", lambda *a, **k: (_ for _ in ()).throw(OSError("no netlink")))
             view = gather_mod.gather(st.node_netns, read_pod_list(str(st.pods_file)), node_name=st.node_name)
         assert any("conntrack tool" in n for n in view.notes)
         (g,) = [x for x in findings(view) if x.code == "stale-conntrack"]
@@ -236,8 +236,11 @@ def test_hairpin_lab_is_healthy_while_a_pod_calls_the_hostport(lab_kind):
         # and the commands of its fix restore the call.
         web = next(p for p in st.pods if any(m.get("host_port") == 8000 for m in p.ports))
         assert _call_own_hostport(st, web, 2) == 1
-        subprocess.run(["ip", "netns", "exec", st.node_netns, "iptables-nft", "-t", "nat", "-F",
-                        "CNI-HOSTPORT-MASQ"], check=True)
+        if lab_kind.portmap == "iptables":
+            _nsexec(st, "iptables-nft", "-t", "nat", "-F", "CNI-HOSTPORT-MASQ")
+        else:
+            # the pod's own masquerade rule goes, the localhost one stays (a lost rule, not snat off)
+            _nft_delete(st, "masquerading", f"ip saddr {web.ips[0]} ip daddr {web.ips[0]} masquerade")
         assert _call_own_hostport(st, web, 0.5) == 0
         rc, found = check(name)
         f = one(found, "hairpin-no-masquerade")
@@ -257,6 +260,16 @@ def _nsexec(st, *cmd):
     return subprocess.run(["ip", "netns", "exec", st.node_netns, *cmd], capture_output=True, text=True, check=True)
 
 
+def _nft_delete(st, chain, text):
+    """Deletes the rules of portmap's nftables chain that contain TEXT; returns how many."""
+    listing = _nsexec(st, "nft", "-a", "list", "chain", "ip", "cni_hostport", chain).stdout
+    handles = [ln.rsplit("# handle ", 1)[1].strip() for ln in listing.splitlines()
+               if text in ln and "# handle " in ln]
+    for h in handles:
+        _nsexec(st, "nft", "delete", "rule", "ip", "cni_hostport", chain, "handle", h)
+    return len(handles)
+
+
 def test_forwarding_off_is_found_and_traffic_fails(lab_kind):
     with lab_up("basic", lab_kind) as (name, st):
         _nsexec(st, "sysctl", "-qw", "net.ipv4.ip_forward=0")
@@ -270,10 +283,13 @@ def test_forwarding_off_is_found_and_traffic_fails(lab_kind):
 
 def test_prerouting_jump_missing_is_found(lab_kind):
     with lab_up("basic", lab_kind) as (name, st):
-        rules = _nsexec(st, "iptables-save", "-t", "nat").stdout
-        jump = next(ln for ln in rules.splitlines()
-                    if ln.startswith("-A PREROUTING") and "CNI-HOSTPORT-DNAT" in ln)
-        _nsexec(st, "iptables", "-t", "nat", "-D", *shlex.split(jump)[1:])
+        if lab_kind.portmap == "iptables":
+            rules = _nsexec(st, "iptables-save", "-t", "nat").stdout
+            jump = next(ln for ln in rules.splitlines()
+                        if ln.startswith("-A PREROUTING") and "CNI-HOSTPORT-DNAT" in ln)
+            _nsexec(st, "iptables", "-t", "nat", "-D", *shlex.split(jump)[1:])
+        else:
+            assert _nft_delete(st, "prerouting", "jump hostports_all") == 1
         assert lab.traffic(name, to=8000, count=1, timeout=0.5)["answered"] == 0
         rc, found = check(name)
         assert rc == 1 and "hostport-chain-not-hooked" in codes(found, "error")
@@ -282,14 +298,18 @@ def test_prerouting_jump_missing_is_found(lab_kind):
 def test_declared_hostport_without_rule_is_found(lab_kind):
     with lab_up("basic", lab_kind) as (name, st):
         # The pod's DNAT chain vanishes (a runtime that lost its portmap state): its jump goes too.
-        rules = _nsexec(st, "iptables-save", "-t", "nat").stdout
-        jumps = [ln for ln in rules.splitlines() if ln.startswith("-A CNI-HOSTPORT-DNAT") and "-j CNI-DN-" in ln]
-        assert jumps
-        for ln in jumps:
-            _nsexec(st, "iptables", "-t", "nat", "-D", *shlex.split(ln)[1:])
-        for chain in {shlex.split(ln)[shlex.split(ln).index("-j") + 1] for ln in jumps}:
-            _nsexec(st, "iptables", "-t", "nat", "-F", chain)
-            _nsexec(st, "iptables", "-t", "nat", "-X", chain)
+        if lab_kind.portmap == "iptables":
+            rules = _nsexec(st, "iptables-save", "-t", "nat").stdout
+            jumps = [ln for ln in rules.splitlines() if ln.startswith("-A CNI-HOSTPORT-DNAT") and "-j CNI-DN-" in ln]
+            assert jumps
+            for ln in jumps:
+                _nsexec(st, "iptables", "-t", "nat", "-D", *shlex.split(ln)[1:])
+            for chain in {shlex.split(ln)[shlex.split(ln).index("-j") + 1] for ln in jumps}:
+                _nsexec(st, "iptables", "-t", "nat", "-F", chain)
+                _nsexec(st, "iptables", "-t", "nat", "-X", chain)
+        else:
+            # the nftables portmap keeps one table: the pod's rules are its dnat rules, by comment
+            assert _nft_delete(st, "hostports", " dnat to ") >= 1
         assert lab.traffic(name, to=8000, count=1, timeout=0.5)["answered"] == 0
         rc, found = check(name)
         assert rc == 1 and "hostport-no-rule" in codes(found, "error")

@@ -2,6 +2,7 @@
 every kind of lab (tests/kernel/conftest.py: the direct CNI runtime and containerd through CRI)."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -29,9 +30,19 @@ def assert_gone(st):
     assert not (lab.STATE_ROOT / st.name).exists()        # state, pod list and IPAM allocations
 
 
-def nat_rules(st):
-    return subprocess.run(["ip", "netns", "exec", st.node_netns, "iptables-save", "-t", "nat"],
+def nat_rules(st, portmap="iptables"):
+    """The portmap plugin's rules on the lab node, as its backend lists them."""
+    cmd = (["iptables-save", "-t", "nat"] if portmap == "iptables"
+           else ["nft", "list", "table", "ip", "cni_hostport"])
+    return subprocess.run(["ip", "netns", "exec", st.node_netns, *cmd],
                           capture_output=True, text=True, check=True).stdout
+
+
+def dnats_to(rules, port, portmap):
+    """How many of the rules DNAT TCP or UDP port PORT."""
+    if portmap == "iptables":
+        return len(re.findall(rf"--dport {port} -j DNAT", rules))
+    return len(re.findall(rf"(?:tcp|udp) dport {port} dnat (?:ip )?to ", rules))
 
 
 EXPECT = {
@@ -54,9 +65,15 @@ def test_scenario_up_answers_down(scenario, lab_kind):
     st = lab.up(name=name, scenario=scenario, ipv6=False, **lab_kind.up_kwargs())
     try:
         assert st.complete
-        rules = nat_rules(st)
-        assert ":CNI-HOSTPORT-DNAT" in rules and "-A CNI-HOSTPORT-DNAT" in rules
-        assert "-j CNI-DN-" in rules and "--to-destination" in rules
+        rules = nat_rules(st, lab_kind.portmap)
+        if lab_kind.portmap == "iptables":
+            assert ":CNI-HOSTPORT-DNAT" in rules and "-A CNI-HOSTPORT-DNAT" in rules
+            assert "-j CNI-DN-" in rules and "--to-destination" in rules
+        else:
+            assert "chain hostports {" in rules and "chain prerouting {" in rules
+            assert "fib daddr type local jump hostports_all" in rules
+        first = {"stale-udp": 5353, "hostnetwork": 8000}.get(scenario, 8000)
+        assert dnats_to(rules, first, lab_kind.portmap) >= 1
         pods = json.loads(st.pods_file.read_text())
         assert pods["kind"] == "List" and pods["items"]
         assert all(i["spec"]["nodeName"] == st.node_name for i in pods["items"])
@@ -66,7 +83,7 @@ def test_scenario_up_answers_down(scenario, lab_kind):
         if who:
             assert all(k.startswith(who) for k in res["by_pod"]), res
         if scenario == "conflict":
-            assert rules.count("--dport 8000 -j DNAT") == 2
+            assert dnats_to(rules, 8000, lab_kind.portmap) == 2
         if scenario == "stale-udp":
             # a fresh source port gets the new pod; the long-lived stream is stuck on the dead IP
             fresh = lab.traffic(name, to=5353, proto="udp", count=2)
@@ -79,7 +96,7 @@ def test_scenario_up_answers_down(scenario, lab_kind):
         if scenario == "hostnetwork":
             hn = next(p for p in st.pods if p.host_network)
             assert hn.netns is None and st.node_ip in hn.ips
-            assert "--dport 9000" not in rules        # the kubelet makes no DNAT for hostNetwork
+            assert dnats_to(rules, 9000, lab_kind.portmap) == 0     # no DNAT for hostNetwork
         status = lab.status(name)
         # The direct runtime's pod namespaces are the lab's own; containerd's (cni-*) are its.
         gone = 1 if scenario == "stale-udp" and lab_kind.runtime == "direct" else 0

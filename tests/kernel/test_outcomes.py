@@ -115,8 +115,10 @@ def test_every_outcome_is_what_the_client_saw(olab, tmp_path):
         for ip in web.ips:               # the node forgets the pod's MAC: its next lookup fails
             subprocess.run(["ip", "netns", "exec", st.node_netns, "ip", "neigh", "flush", "to", ip],
                            check=True)
-        assert set(go(24000, "tcp", count=2, timeout=6.0).values()) == {"unreachable"}
-        assert set(go(24100, "udp", count=1, timeout=6.0).values()) == {"unreachable"}
+        # Each connection waits for the node's three ARP probes (3 s) and the ICMP that follows;
+        # the second one starts a new resolution: 10 s each leaves room on a loaded machine.
+        assert set(go(24000, "tcp", count=2, timeout=10.0).values()) == {"unreachable"}
+        assert set(go(24100, "udp", count=1, timeout=10.0).values()) == {"unreachable"}
         import time
         time.sleep(5.5)            # the unanswered flows are claimed after --timeout
     for (proto, family, hook), ports in sent.items():

@@ -73,6 +73,50 @@ def test_ratios_are_within_a_round():
     assert ratios["json"]["bulk_ratio"] == pytest.approx([0.85] * 3)
 
 
+def _other_and_ebpf(rounds=3):
+    """Trials of traffic that is not hostPort (record at 0.99 of baseline) and of the eBPF
+    comparison (the tracer at 1.1 x the floor per packet, 3 x per hostPort connection)."""
+    out = []
+    for r in range(rounds):
+        for kind in ("other", "other-bulk"):
+            for mode, k in (("baseline", 1.0), ("record", 0.99)):
+                t = _trial("bulk" if kind == "other-bulk" else "conn", mode, r, 20000 * k, busy_s=9.0, watcher_s=0.05)
+                t["kind"] = kind
+                if mode == "record":
+                    t["monitor"]["summary"] = _summary(0)
+                out.append(t)
+        for traffic in ("hostport", "other", "other-bulk"):
+            for mode, k in (("tracer", 1.1), ("floor", 1.0)):
+                per_conn = 3.0 if (traffic == "hostport" and mode == "tracer") else 1.0
+                out.append({"kind": "ebpf", "mode": mode, "traffic": traffic, "round": r, "packets": 1000,
+                            "connections": 100, "run_time_ns": int(1000 * 100 * k * per_conn), "run_cnt": 1000,
+                            "progs": {}, "rate": "1"})
+    return out
+
+
+def test_other_traffic_and_the_floor():
+    res = analysis.analyse(_run() + _other_and_ebpf())
+    assert res["other"]["other"]["ratio"]["median"] == pytest.approx(0.99)
+    assert res["other"]["other-bulk"]["ratio"]["median"] == pytest.approx(0.99)
+    assert res["other"]["other"]["tracer_flows"] == 0
+    ck = res["checks"]
+    assert ck["other_ratio"]["met"] is False and ck["other_bulk_ratio"]["met"] is False     # >= 0.995
+    assert ck["ebpf_other_vs_floor"]["value"] == pytest.approx(1.1) and ck["ebpf_other_vs_floor"]["met"]
+    assert res["ebpf"]["hostport"]["vs_floor_per_conn"]["median"] == pytest.approx(3.3)
+    assert res["ebpf"]["other"]["tracer"]["ns_per_packet"]["median"] == pytest.approx(110.0)
+    assert "cpu_ratio_record" in ck
+    # the tables render with them; without them (an old run, --no-other --no-ebpf) they are left out
+    meta = {"command": "x", "date": "d", "kernel": "k", "cpus": 2, "cpu_model": "m", "json": "j", "rounds": 3,
+            "duration_s": 5.0, "iperf_duration_s": 5.0, "wall_s": 100.0,
+            "wrk": {"threads": 2, "connections": 64, "max_requests": 1},
+            "lab": {"name": "l"}, "source_at_start": {"commit": "c", "modified": []}, "source_at_end": {"commit": "c"}}
+    text = markdown.render({"meta": meta, "results": res})
+    assert "## Node traffic that is not hostPort" in text and "## eBPF run time against the floor" in text
+    assert "x the floor" in text
+    bare = markdown.render({"meta": meta, "results": analysis.analyse(_run())})
+    assert "## Node traffic that is not hostPort" not in bare and "## eBPF run time against" not in bare
+
+
 def test_accounting_counts_what_the_output_lacks():
     t = _trial("conn", "record", 0, 1000, 9.0, 0.1, flows=4990)
     a = analysis.accounting(t)
@@ -90,6 +134,7 @@ def test_analyse_and_render_a_run(tmp_path):
     assert res["checks"]["lost_flows"]["met"] is True
     assert res["checks"]["peak_mb"]["value"] == 180.0 and not res["checks"]["peak_mb"]["met"]
     assert res["bpf_prog"]["all"]["ns_per_conn"] == pytest.approx(4000.0)
+    assert "ebpf_ns_per_conn" not in res["checks"]        # retired: shown next to the floor instead
     meta = {"command": "x", "date": "d", "kernel": "k", "cpus": 2, "cpu_model": "m", "json": "j", "rounds": 3,
             "duration_s": 5.0, "iperf_duration_s": 5.0, "wall_s": 100.0,
             "wrk": {"threads": 2, "connections": 64, "max_requests": 1},

@@ -12,8 +12,7 @@ from bpftrace_hostport.node import gather as gather_mod
 from bpftrace_hostport.node import nodeview
 from bpftrace_hostport.node.check import CODES, findings
 from bpftrace_hostport.node.nodeview import NodeView
-from bpftrace_hostport.node.parse import (filter_table, nat_summary, nft_forward_chains, parse_conntrack_text,
-                                          parse_sysctl_text)
+from bpftrace_hostport.node.parse import filter_table, nat_summary, parse_conntrack_text, parse_sysctl_text
 from bpftrace_hostport.pods.podlist import read_pod_list
 from bpftrace_hostport.node.rules import parse_iptables_save
 
@@ -35,7 +34,7 @@ def lab_view(scenario, *, nat=None, filt=None, conntrack=None, sysctl=None, pods
         sysctls=parse_sysctl_text(Path(sysctl or d / "sysctl.txt").read_text()),
         nat=[nat_summary(nat_text, "iptables-nft", 4)],
         filters=[filter_table(Path(filt or d / "filter.rules").read_text(), "iptables-nft", 4)],
-        nft_forward=nft_forward_chains(Path(nft).read_text()) if nft else [],
+        nft_items=json.loads(Path(nft).read_text())["nftables"] if nft else [],
         local_addresses=node["local_addresses"], bridges=node["bridges"], routes=node["routes"],
         listening=[tuple(x) for x in (node["listening"] if listening is None else listening)],
         sockets_read=True)
@@ -439,7 +438,7 @@ def fake_gather(monkeypatch):
     """cli_node's gather returns a fixture view; the pod source is whatever the CLI resolved."""
     box = {}
 
-    def fake(netns, pods, *, node_name=None, pods_known=None, notes=()):
+    def fake(netns, pods, *, node_name=None, pods_known=None, notes=(), **kw):
         box.update(netns=netns, pods=pods, node_name=node_name, pods_known=pods_known)
         return box["view"]
     monkeypatch.setattr(gather_mod, "gather", fake)

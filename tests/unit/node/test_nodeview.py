@@ -6,7 +6,8 @@ from bpftrace_hostport.node import gather as gather_mod
 from bpftrace_hostport.node import nodeview as nv
 from bpftrace_hostport.model import ContainerPort, HostPortRule, PodInfo
 from bpftrace_hostport.node.nodeview import NodeView, mappings
-from bpftrace_hostport.node.parse import (filter_table, nat_summary, nft_forward_chains, parse_conntrack_text,
+from bpftrace_hostport.node.evaluate import nft_chains
+from bpftrace_hostport.node.parse import (filter_table, nat_summary, parse_conntrack_text,
                                           parse_rule_line, parse_sysctl_text)
 from bpftrace_hostport.pods.index import PodIndex
 from bpftrace_hostport.pods.podlist import read_pod_list
@@ -84,25 +85,25 @@ def test_filter_table_policies_and_rules():
     assert docker.policies["FORWARD"] == "ACCEPT" and all("DNAT" not in r for r in docker.rules)
 
 
-def test_nft_forward_chains_skips_iptables_nft_and_lists_verdicts():
-    chains = nft_forward_chains(text("hand", "nft-forward-drop.json"))
-    assert [(c.family, c.table, c.chain, c.policy, c.verdicts) for c in chains] == [
-        ("inet", "filter", "forward", "drop", ())]
-    (acc,) = nft_forward_chains(text("hand", "nft-forward-drop-accepting.json"))
-    assert acc.verdicts == ("accept", "accept")
-    ipt = {"nftables": [{"chain": {"family": "ip", "table": "filter", "name": "FORWARD", "type": "filter",
-                                   "hook": "forward", "prio": 0, "policy": "drop"}}]}
-    assert nft_forward_chains(ipt) == []
-    assert nft_forward_chains("not json") == []
-    assert nft_forward_chains(text("rules", "portmap_nftables.json")) == []
+def test_nft_chains_reads_base_chains_and_their_rules():
+    items = json.loads(text("hand", "nft-forward-drop.json"))["nftables"]
+    (c,) = [c for c in nft_chains(items).values() if c.hook == "forward"]
+    assert (c.family, c.table, c.name, c.policy) == ("inet", "filter", "forward", "drop")
+    assert [e for r in c.rules for e in r.expr if "accept" in e] == []
+    items = json.loads(text("hand", "nft-forward-drop-accepting.json"))["nftables"]
+    (acc,) = [c for c in nft_chains(items).values() if c.hook == "forward"]
+    assert all(r.handle is not None for r in acc.rules)
+    assert sum(1 for r in acc.rules for e in r.expr if "accept" in e) == 2
+    chains = nft_chains(json.loads(text("rules", "portmap_nftables.json"))["nftables"])
+    assert {c.hook for c in chains.values()} == {None, "prerouting", "output", "postrouting"}
 
 
 # --------------------------------------------------------------------------- conntrack, sysctl
 
 
-def test_parse_conntrack_text_keeps_dnat_entries_only():
+def test_parse_conntrack_text_keeps_every_entry_and_tells_dnat():
     entries = parse_conntrack_text(text("lab-basic", "conntrack.txt"))
-    assert len(entries) == 2
+    assert len(entries) == 2 and all(e.dnat for e in entries)
     e = entries[0]
     assert (e.proto, e.orig_dst, e.orig_dport, e.reply_sport, e.state, e.timeout, e.family) == \
         ("TCP", "10.86.0.1", 8000, 80, "TIME_WAIT", 119, 4)
@@ -112,7 +113,8 @@ def test_parse_conntrack_text_keeps_dnat_entries_only():
     # plain `conntrack -L` (no "ipv4 2" prefix) and an entry that was not DNATed
     plain = ("udp      17 29 src=10.0.0.1 dst=10.0.0.2 sport=1 dport=53 src=10.0.0.2 dst=10.0.0.1 sport=53 dport=1 mark=0 use=1\n"
              "udp      17 29 src=10.0.0.1 dst=10.0.0.2 sport=1 dport=5353 [UNREPLIED] src=10.9.0.5 dst=10.0.0.1 sport=53 dport=1 mark=0 use=1\n")
-    (only,) = parse_conntrack_text(plain)
+    plain_entry, only = parse_conntrack_text(plain)
+    assert not plain_entry.dnat and only.dnat
     assert only.reply_src == "10.9.0.5" and only.status == ("UNREPLIED",) and only.timeout == 29
 
 

@@ -272,46 +272,132 @@ def test_nft_garbage_is_a_user_error(garbage):
 # --------------------------------------------------------------------------- read_node_rules (faked tools)
 
 
-class FakeRun:
-    """Stands in for subprocess.run: canned stdout per tool name, or a failure."""
+def s_lines(save_text: str):
+    """chain -> what `iptables -t nat -v -S CHAIN` prints, made from an iptables-save -c text."""
+    out = {}
+    for ln in save_text.splitlines():
+        ln = ln.strip()
+        if ln.startswith(":"):
+            name, policy = ln[1:].split()[:2]
+            out.setdefault(name, [f"-P {name} {policy} -c 0 0" if policy != "-" else f"-N {name}"])
+        elif ln.startswith("[") and "] -A " in ln:
+            counters, body = ln[1:].split("] ", 1)
+            p, b = counters.split(":")
+            out[body.split()[1]].append(f"{body} -c {p} {b}")
+        elif ln.startswith("-A "):
+            out[ln.split()[1]].append(ln)
+    return out
 
-    def __init__(self, outputs):
-        self.outputs = outputs
+
+class FakeTools:
+    """Stands in for node/read.py's _spawn: `iptables-nft -t nat -v -S CHAIN` answered chain by
+    chain from iptables-save fixtures, legacy saves and `nft -j list table` from canned text."""
+
+    def __init__(self, nft_v4=None, nft_v6=None, legacy=None, nft_tables=()):
+        self.chains = {("iptables-nft", 4): s_lines(nft_v4) if nft_v4 else {},
+                       ("ip6tables-nft", 6): s_lines(nft_v6) if nft_v6 else {}}
+        self.legacy = legacy or {}
+        self.nft_tables = dict(nft_tables)
         self.calls = []
 
-    def __call__(self, argv, **kw):
-        self.calls.append(argv)
-        out = self.outputs[argv[argv.index(next(a for a in argv if a in self.outputs))]]
-        if isinstance(out, int):
-            return subprocess.CompletedProcess(argv, out, "", "boom\n")
-        return subprocess.CompletedProcess(argv, 0, out, "")
+    def __call__(self, argvs):
+        out = []
+        for argv in argvs:
+            self.calls.append(list(argv))
+            tool = argv[0]
+            if tool in ("iptables-nft", "ip6tables-nft"):
+                chains = self.chains[(tool, 6 if tool.startswith("ip6") else 4)]
+                c = argv[-1]
+                if argv[2] != "nat" or (c not in chains and c not in ("PREROUTING", "OUTPUT", "POSTROUTING",
+                                                                       "INPUT", "FORWARD")):
+                    out.append((1, "", f"iptables v1.8.9 (nf_tables): chain `{c}' in table `nat' is incompatible"))
+                else:
+                    out.append((0, "\n".join(chains.get(c, [f"-P {c} ACCEPT -c 0 0"])) + "\n", ""))
+            elif tool.endswith("-legacy-save"):
+                got = self.legacy.get(tool)
+                out.append((1, "", "boom") if isinstance(got, int) else (0, got or "", ""))
+            elif tool == "nft":
+                out.append((0, self.nft_tables[(argv[-2], argv[-1])], ""))
+            else:
+                raise AssertionError(argv)
+        return out
 
 
-def test_read_node_rules_dedups_backends_and_names_skipped_tools(monkeypatch):
+@pytest.fixture
+def fake_tools(monkeypatch):
+    from bpftrace_hostport.node import read as read_mod
+    box = {}
+
+    def install(tools, legacy_tables=(), missing=(), nft_list=()):
+        monkeypatch.setattr(read_mod, "_spawn", tools)
+        monkeypatch.setattr(read_mod.shutil, "which", lambda name: None if name in missing else f"/usr/sbin/{name}")
+        monkeypatch.setattr(read_mod, "_proc_net", lambda name: " ".join(legacy_tables) if name == "ip_tables_names"
+                            else "")
+        monkeypatch.setattr(read_mod, "nft_tables", lambda: list(nft_list))
+        read_mod.CACHE.entries.clear()
+        box["tools"] = tools
+        return tools
+    yield install
+    read_mod.CACHE.entries.clear()
+
+
+def test_read_node_rules_walks_the_hostport_chains_and_dedups_backends(fake_tools):
     nocounters = text("portmap_nft_nocounters.txt")
-    outputs = {
-        # The same pods seen without counters through one backend and with them through the other.
-        "iptables-nft-save": nocounters,
-        "iptables-legacy-save": text("portmap_nft_counters.txt"),
-        "ip6tables-nft-save": 1,
-        "nft": text("portmap_nftables.json"),
-    }
-    fake = FakeRun(outputs)
-    monkeypatch.setattr(rules.subprocess, "run", fake)
-    monkeypatch.setattr(rules.shutil, "which",
-                        lambda name: None if name == "ip6tables-legacy-save" else f"/usr/sbin/{name}")
+    one_table = {"nftables": [i for i in json.loads(text("portmap_nftables.json"))["nftables"]
+                              if (i.get("table") or i.get("chain") or i.get("rule") or {}).get("family") == "ip"
+                              or "table" in i and i["table"]["family"] == "ip"]}
+    tools = fake_tools(FakeTools(nft_v4=nocounters, legacy={"iptables-legacy-save": text("portmap_nft_counters.txt")},
+                                 nft_tables={("ip", "cni_hostport"): json.dumps(one_table)}),
+                       legacy_tables=("nat",), missing=("ip6tables-nft",),
+                       nft_list=[("ip", "nat", 9), ("ip", "cni_hostport", 6)])
     found, notes = read_node_rules()
     v4 = [r for r in found if r.source.startswith("iptables")]
-    assert [(r.host_port, r.packets, r.source) for r in v4] == [
-        (8443, 1, "iptables-legacy"), (8000, 2, "iptables-legacy"), (5353, 0, "iptables-legacy")]
-    assert len([r for r in found if r.source == "nftables"]) == 6
-    assert notes == [
-        "ip6tables-nft-save failed (boom); skipped IPv6 iptables-nft rules.",
-        "ip6tables-legacy-save not found; skipped IPv6 legacy rules.",
-    ]
-    # The legacy tools never get -t: that would create a legacy nat table in the namespace.
-    assert ["iptables-legacy-save", "-c"] in fake.calls
-    assert ["iptables-nft-save", "-c", "-t", "nat"] in fake.calls
+    # The same pods seen without counters through one backend and with them through the other.
+    assert sorted((r.host_port, r.packets, r.source) for r in v4) == [
+        (5353, 0, "iptables-legacy"), (8000, 2, "iptables-legacy"), (8443, 1, "iptables-legacy")]
+    assert len([r for r in found if r.source == "nftables"]) == 3
+    assert notes == ["ip6tables-nft not found; skipped the IPv6 nat table of iptables-nft."]
+    # One process per chain, the seeds first, then the per-pod chains they jump to; never a
+    # whole-table save of iptables-nft, never kube-proxy's per-Service chains.
+    listed = [c[-1] for c in tools.calls if c[0] == "iptables-nft"]
+    assert listed[:3] == ["PREROUTING", "OUTPUT", "POSTROUTING"] and DN_A in listed and DN_B in listed
+    assert len(listed) == len(set(listed))
+    # The legacy nat table exists: saved once, with -t (it cannot be created by that).
+    assert [c for c in tools.calls if c[0] == "iptables-legacy-save"] == [["iptables-legacy-save", "-c", "-t", "nat"]]
+    # iptables-nft's own table is not listed with nft.
+    assert [c for c in tools.calls if c[0] == "nft"] == [["nft", "-j", "list", "table", "ip", "cni_hostport"]]
+
+
+def test_a_legacy_table_that_does_not_exist_is_never_asked_for(fake_tools):
+    tools = fake_tools(FakeTools(nft_v4=text("portmap_nft_counters.txt")), legacy_tables=("filter",))
+    found, notes = read_node_rules()
+    assert notes == [] and len(found) == 3
+    assert not any(c[0].endswith("legacy-save") for c in tools.calls)
+
+
+def test_kube_proxy_service_chains_are_never_read(fake_tools):
+    kp = ("*nat\n:PREROUTING ACCEPT [0:0]\n:KUBE-SERVICES - [0:0]\n:KUBE-SVC-X - [0:0]\n:KUBE-SEP-Y - [0:0]\n"
+          ":KUBE-NODEPORTS - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n"
+          "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n"
+          "-A KUBE-SERVICES -d 10.96.0.1/32 -p tcp -m tcp --dport 443 -j KUBE-SVC-X\n"
+          "-A KUBE-SVC-X -j KUBE-SEP-Y\n"
+          "-A KUBE-SEP-Y -p tcp -m tcp -j DNAT --to-destination 192.0.2.1:6443\n"
+          "-A KUBE-SERVICES -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n"
+          "-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000\nCOMMIT\n")
+    tools = fake_tools(FakeTools(nft_v4=kp))
+    found, notes = read_node_rules()
+    listed = {c[-1] for c in tools.calls if c[0] == "iptables-nft"}
+    assert found == [] and notes == []
+    assert "KUBE-SERVICES" not in listed and "KUBE-SVC-X" not in listed and "KUBE-SEP-Y" not in listed
+    assert {"KUBE-MARK-MASQ", "KUBE-NODEPORTS"} <= listed
+
+
+def test_a_failing_tool_is_one_note(fake_tools):
+    tools = FakeTools(nft_v4=text("portmap_nft_counters.txt"), legacy={"iptables-legacy-save": 1})
+    fake_tools(tools, legacy_tables=("nat",))
+    found, notes = read_node_rules()
+    assert len(found) == 3
+    assert notes == ["iptables-legacy-save failed (boom); skipped the nat table of iptables-legacy."]
 
 
 def test_dedup_prefers_counters_then_more_packets():
@@ -327,19 +413,6 @@ def test_read_node_rules_unknown_netns_is_a_user_error():
     with pytest.raises(UserError) as err:
         read_node_rules("rulesfx-does-not-exist-12345")
     assert "ip netns list" in str(err.value)
-
-
-def test_read_node_rules_in_netns_prefixes_ip_netns_exec(monkeypatch):
-    fake = FakeRun({"iptables-nft-save": "", "iptables-legacy-save": "", "ip6tables-nft-save": "",
-                    "ip6tables-legacy-save": "", "nft": '{"nftables": []}'})
-    monkeypatch.setattr(rules.subprocess, "run", fake)
-    from bpftrace_hostport import netns as netns_mod
-    monkeypatch.setattr(rules.shutil, "which", lambda name: f"/usr/sbin/{name}")
-    monkeypatch.setattr(netns_mod.shutil, "which", lambda name: f"/usr/sbin/{name}")
-    monkeypatch.setattr(netns_mod.os.path, "exists", lambda p: p == "/var/run/netns/node1")
-    assert read_node_rules("node1") == ([], [])
-    assert all(c[:4] == ["ip", "netns", "exec", "node1"] for c in fake.calls)
-    assert len(fake.calls) == 5
 
 
 # --------------------------------------------------------------------------- kernel: real plugins
@@ -445,6 +518,42 @@ def test_read_node_rules_same_rules_in_both_backends_kept_once():
     finally:
         subprocess.run(["ip", "netns", "del", node])
     assert notes == []
-    assert [(r.host_port, r.packets, r.source) for r in found] == [
-        (8443, 1, "iptables-legacy"), (8000, 2, "iptables-legacy"), (5353, 0, "iptables-nft")]
+    assert sorted((r.host_port, r.packets, r.source) for r in found) == [
+        (5353, 0, "iptables-nft"), (8000, 2, "iptables-legacy"), (8443, 1, "iptables-legacy")]
     assert node not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+def test_callers_within_a_moment_share_one_read(fake_tools):
+    """A trace's start asks for the rules three times (pod source, watch list, recording): one read."""
+    tools = fake_tools(FakeTools(nft_v4=text("portmap_nft_counters.txt")))
+    first = read_node_rules()
+    assert read_node_rules() == first and read_node_rules(max_age=2.0) == first
+    assert sum(1 for c in tools.calls if c[-1] == "PREROUTING" and c[0] == "iptables-nft") == 1
+    read_node_rules(max_age=0)                       # check and the agent always read afresh
+    assert sum(1 for c in tools.calls if c[-1] == "PREROUTING" and c[0] == "iptables-nft") == 2
+
+
+def test_real_portmap_1_9_1_nftables_output_reads_as_the_shape_typed_from_its_source():
+    """portmap_nftables_1.9.1.json is what the 1.9.1 plugins (Debian unstable) really wrote; the
+    hand-typed portmap_nftables.json followed portmap_nftables.go: the same six mappings."""
+    real = parse_nft_json(text("portmap_nftables_1.9.1.json"))
+    typed = parse_nft_json(text("portmap_nftables.json"))
+    key = lambda r: (r.family, r.proto, r.host_ip or "", r.host_port, r.target_ip, r.target_port, r.chain, r.container_id)  # noqa: E731
+    assert sorted(map(key, real)) == sorted(map(key, typed))
+    assert len(real) == 6 and all(r.packets is None and r.source == "nftables" for r in real)   # 1.9.1 counts nothing
+    b = next(r for r in real if r.host_port == 8443)
+    assert (b.host_ip, b.chain, b.container_id) == ("192.0.2.10", "cni_hostport/hostports", ID_B)
+
+
+def test_legacy_tables_are_cut_to_the_walked_chains_with_counters(fake_tools):
+    from bpftrace_hostport.node.read import read_netfilter
+    legacy = text("portmap_legacy_counters.txt")
+    tools = fake_tools(FakeTools(legacy={"iptables-legacy-save": legacy}), legacy_tables=("nat",))
+    nf = read_netfilter(None, ("nat",))
+    (src, fam, cut), = [x for x in nf.nat if x[0] == "iptables-legacy"]
+    assert fam == 4 and "-A CNI-HOSTPORT-DNAT" in cut and DN_C in cut
+    dnat = next(ln for ln in cut.splitlines() if "-j DNAT" in ln)
+    assert dnat.endswith(tuple(f"-c {p} {b}" for p, b in [ln[1:ln.index("]")].split(":")
+                                                          for ln in legacy.splitlines() if "-j DNAT" in ln]))
+    # `rules` reads the nat side only: no filter table is listed
+    assert all(c[2] == "nat" for c in tools.calls if c[0] == "iptables-nft")
