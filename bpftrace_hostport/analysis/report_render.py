@@ -296,27 +296,36 @@ _FIGURES = {
 }
 
 
-def _change(name: str, c: dict, status: str = "both") -> str:
-    """"7 -> 9 (+2)": a side without the mapping reads "-", a figure it lacks "n/a"."""
+#: the measure a compared figure needs (a capture whose backend lacks it reads n/a)
+_NEEDS = {"p50_us": "latency", "p99_us": "latency", "misses": "misses", "drops": "drops"}
+
+
+def _change(name: str, c: dict, status: str = "both", measures=({}, {})) -> str:
+    """"7 -> 9 (+2)": a side without the mapping, or with nothing to show (no answered flow
+    for a latency), reads "-"; a figure its capture does not measure "n/a"."""
     _, fmt, delta = _FIGURES[name]
 
-    def side(value, present: bool) -> str:
-        return fmt(value) if value is not None else (NA if present else NONE)
-    text = f"{side(c['before'], status != 'new')} -> {side(c['after'], status != 'gone')}"
+    def side(value, measured: dict) -> str:
+        if value is not None:
+            return fmt(value)
+        return NA if not measured.get(_NEEDS.get(name, ""), True) else NONE
+    text = f"{side(c['before'], measures[0])} -> {side(c['after'], measures[1])}"
     return text if c["delta"] is None else f"{text} ({delta(c['delta'])})"
 
 
 def _comparison_doc(c: dict) -> _Doc:
     b, a = c["before"], c["after"]
+    sides = (b.get("measures") or {}, a.get("measures") or {})
     summary = [f"Before: {', '.join(map(str, b['files']))} ({_dur(b['span']['duration_s'])}); "
                f"after: {', '.join(map(str, a['files']))} ({_dur(a['span']['duration_s'])}); "
                "times are UTC; each cell reads before -> after (change)."]
     totals = _Table("Totals", ["FIGURE", "BEFORE -> AFTER (CHANGE)"],
-                    [[_FIGURES[k][0], _change(k, v)] for k, v in c["totals"].items()], set(), "figure")
+                    [[_FIGURES[k][0], _change(k, v, measures=sides)] for k, v in c["totals"].items()], set(),
+                    "figure")
     multi = any("node" in m for m in c["mappings"])
     heads = (["NODE"] if multi else []) + ["MAPPING", "POD", "STATUS"] + [f[0] for f in _FIGURES.values()]
     rows = [([m["node"]] if multi else []) + [mapping_label(m), pod_label(m), m["status"]]
-            + [_change(k, m[k], m["status"]) for k in COMPARED] for m in c["mappings"]]
+            + [_change(k, m[k], m["status"], sides) for k in COMPARED] for m in c["mappings"]]
     warning = ("A truncated capture is compared: its figures cover only what was read."
                if b["truncated"] or a["truncated"] else None)
     return _Doc("hostPort comparison", warning, summary,

@@ -297,7 +297,7 @@ class LiveSink(Sink):
         from bpftrace_hostport.analysis.render import paragraph
         if self.console is None:
             return
-        self.banner = paragraph(text, self.console.width)
+        self.banner = paragraph(text, self.size()[0])
         with self._lock:
             self.console.print(Text("\n".join(self.banner), no_wrap=True, overflow="ignore"))
 
@@ -347,13 +347,24 @@ class LiveSink(Sink):
             self.page, self.turned = (self.page + 1) % self.pages, now
         self._draw()
 
+    def size(self):
+        """(columns, rows) of the terminal now: asked of the terminal itself, so that a resize
+        shows at the next frame and an exported LINES or COLUMNS (which rich would believe)
+        cannot make a frame taller than the screen."""
+        import os
+        try:
+            return tuple(os.get_terminal_size(self.out.fileno()))
+        except (OSError, ValueError, AttributeError):
+            return self.console.width, self.console.height
+
     def _draw(self) -> None:
         from rich.text import Text
         from bpftrace_hostport.analysis.render import render_live
         with self._lock:
             if self.live is None or self._last is None:
                 return
-            frame = render_live(self._last, self.console.width, self.console.height - len(self.banner),
+            width, height = self.size()
+            frame = render_live(self._last, width, height - len(self.banner),
                                 self.events(12), current=self._current, check_hint=self.check_hint,
                                 pods=self.pods, page=self.page, measures=self.measures,
                                 keys=self.keys is not None)
@@ -368,7 +379,7 @@ class LiveSink(Sink):
             if self.live is not None:
                 self.live.stop()
                 self.live = None
-        width = self.console.width if self.console is not None else _width(self.out)
+        width = self.size()[0] if self.console is not None else _width(self.out)
         events = self.events(8)
         if events:
             self.out.write("latest events (times UTC):\n"

@@ -289,14 +289,22 @@ def test_a_backticked_command_is_one_word():
 REPORT_WIDTHS = WIDTHS
 
 
+def short_paths(report, tmp_path):
+    """The report with its files named as a user's would be (not pytest's long tmp paths), so the
+    goldens show how the names wrap."""
+    fix = lambda f: str(f).replace(str(tmp_path), "/captures")          # noqa: E731
+    report = dict(report, files=[fix(f) for f in report["files"]])
+    if report.get("per_node"):
+        report["per_node"] = [dict(n, files=[fix(f) for f in n["files"]]) for n in report["per_node"]]
+    return report
+
+
 @pytest.mark.parametrize("width", REPORT_WIDTHS)
 def test_report_tables_golden(tmp_path, width):
     from bpftrace_hostport.analysis.report_render import render
     from tests.unit.analysis.test_report import two_nodes
-    r = two_nodes(tmp_path).report()
-    for f in r["files"]:
-        pass
-    text = render(r, "table", width).replace(str(tmp_path), "/captures")
+    r = short_paths(two_nodes(tmp_path).report(), tmp_path)
+    text = render(r, "table", width)
     golden(f"report-{width}.txt", text)
     assert_fits(text, width, commands=["    sudo bpftrace-hostport check"])
     values = ["shop/web-7d9f4c6b8-x2k4q", "dns/resolver-0", "monitoring/node-exporter", "10.244.1.5:80",
@@ -314,7 +322,7 @@ def test_comparison_tables_golden(tmp_path, width):
     before = capture(tmp_path).report()
     (tmp_path / "after").mkdir()
     after = capture(tmp_path / "after", flows=FLOWS_A[:3], summary=None).report()
-    text = render(compare_reports(before, after), "table", width).replace(str(tmp_path), "/captures")
+    text = render(compare_reports(short_paths(before, tmp_path), short_paths(after, tmp_path)), "table", width)
     golden(f"compare-{width}.txt", text)
     assert_fits(text, width)
     assert_uncut(text, ["shop/web-7d9f4c6b8-x2k4q", "10.244.1.5:80", "[fd00::5]:80"])
