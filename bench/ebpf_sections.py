@@ -61,9 +61,9 @@ START = "    void *skb = *(void **)((char *)ctx + NF_CTX_SKB);\n"
 # (section, what it covers, anchor in hostport.bpf.c, marker placed "before" or "after" it)
 SECTIONS = [
     (0, "known flow's packet: cache lookup + counters (hot path)",
-     "        if (count_known(ctkey, len)) {\n            return 1;\n        }\n        /* Or of a connection", "mid"),
-    (17, "not ours: the ignored entry's lookup (not hostPort traffic)",
-     "        if (ct_ignored(ctkey))\n            return 1;\n    }\n\n    /* Everything else", "mid"),
+     "        if (count_known_in(cs, ctkey, len)) {\n            return 1;\n        }\n        /* or of a connection", "mid"),
+    (17, "not ours: the ignored ways of the same line (not hostPort traffic)",
+     "        if (ign_has(cs, ctkey)) {\n            return 1;\n        }\n    }\n\n    /* Everything else", "mid"),
     (1, "not known: the cache lookup that missed",
      "    /* Everything else needs the entry's tuples and status: one read. */\n", "before"),
     (15, "conntrack entry read: both tuples and status (one read)",
@@ -139,9 +139,12 @@ def _ip_in_receives(ns: str) -> int:
     return netns_snmp(ns, "Ip").get("InReceives", 0)
 
 
-def trial(text: str, events_h: Path, plain: bool, lab, seconds: float, traffic: str = "hostport") -> dict:
+def trial(text: str, events_h: Path, plain: bool, lab, seconds: float, traffic: str = "hostport",
+          flow_table: int = 0) -> dict:
     """One load of a source text on the lab: {rate, conns, packets, runs: {program: (ns, count)},
-    vals}. conns: the connections the target pod accepted; packets: those the node took in."""
+    vals}. conns: the connections the target pod accepted; packets: those the node took in.
+    flow_table: the tracer's --flow-table (0: its default), which also sizes the cache of
+    conntrack entries every packet looks up: how far apart in memory its lines are."""
     from bench.config import HTTP_HOST_PORT
     from bench.procfs import bpf_run_time_stats, netns_snmp
     from bpftrace_hostport import netns as netns_mod
@@ -156,7 +159,8 @@ def trial(text: str, events_h: Path, plain: bool, lab, seconds: float, traffic: 
         P.bpf_source_dir = lambda: src
         if not plain:
             P.MAPS = base_maps + ("prof",)
-        with P.Probe(P.ProbeOptions(netns=lab.node_ns, watch_ports=[("tcp", HTTP_HOST_PORT)])) as pr:
+        sized = {"flow_table_size": flow_table} if flow_table else {}
+        with P.Probe(P.ProbeOptions(netns=lab.node_ns, watch_ports=[("tcp", HTTP_HOST_PORT)], **sized)) as pr:
             ipr = netns_mod.open_iproute(lab.node_ns)
             pr.set_local_addrs(netns_mod.local_addresses(ipr))
             ipr.close()
@@ -213,6 +217,8 @@ def main(argv=None) -> int:
     ap.add_argument("--traffic", choices=("hostport", "other", "other-bulk"), default="hostport",
                     help="the load: wrk through hostPort 8000 (default), wrk to the pod's own address "
                          "(not hostPort: routed through the node without DNAT), or one iperf3 stream to a pod")
+    ap.add_argument("--flow-table", type=int, default=0,
+                    help="the tracer's --flow-table (default: its default), which sizes the conntrack cache too")
     ap.add_argument("--rounds", type=int, default=1,
                     help="trials of each source (alternating with --variant), medians at the end (default 1)")
     args = ap.parse_args(argv)
@@ -232,7 +238,7 @@ def main(argv=None) -> int:
         lab.up()
         for _ in range(max(1, args.rounds)):
             for name, src_text in sources:       # alternating: the VM's speed drifts
-                t = trial(src_text, args.source / "events.h", plain, lab, args.seconds, args.traffic)
+                t = trial(src_text, args.source / "events.h", plain, lab, args.seconds, args.traffic, args.flow_table)
                 results[name].append(t)
                 _print_trial(name if len(sources) > 1 else None, t, plain)
     finally:

@@ -154,12 +154,6 @@ struct miss_val {
     u64 last_ns;             /* last change of state (first packet, first reply); not per packet */
 };
 
-struct port_key {
-    u16 port;                /* network byte order */
-    u8  proto;
-    u8  _pad;
-};
-
 struct addr_key {
     u8  family;
     u8  _pad[3];

@@ -71,7 +71,7 @@ BPF_HASH(flows, struct flow_key, struct flow_val, FLOW_TABLE_SIZE);
  * A 4-way set-associative cache in an array, not a hash map: a hash map's insert takes the
  * bucket's lock and its LRU upkeep walks lists (about 300 ns per insert here, a cold bucket
  * lookup about as much); here a slot is one 8-byte word, the entry's address and its mapping's
- * id, written with compare-and-swap, and a set is 40 bytes. A set keeps the entries used most
+ * id, written with compare-and-swap, and a set is one 64-byte line. A set keeps the entries used most
  * recently (by a coarse clock, refreshed at most once per tick): an idle connection's slot goes
  * first, as in an LRU, and such a flow's next packet counts as a new, midstream flow.
  * A recycled entry is recognised by its first packet (IP_CT_NEW, not yet confirmed), which
@@ -88,21 +88,22 @@ BPF_HASH(flows, struct flow_key, struct flow_val, FLOW_TABLE_SIZE);
 #if MAP_SIZE >= CT_LOST
 #error "MAP_SIZE must stay below 16382: a cache slot keeps a mapping id in 14 bits"
 #endif
+/* The same line keeps, in three ways of its own, conntrack entries that are not ours, by
+ * address: not DNATed (plain forwarding, the node's own traffic), or DNATed but not to a watched
+ * hostPort on a local address (a Service ClusterIP, a NodePort). On a real node most packets are
+ * these, and they all run the programs: with their entry here an established packet returns
+ * after the one line a packet of a reported flow reads too, without reading the entry; a new
+ * entry's first packet clears its address from both kinds of ways in that same line. Plain
+ * stores: a lost race only makes a packet read its entry again. Ways of their own, so that the
+ * traffic that is not ours never evicts a reported flow. (A connection that began before its
+ * hostPort was watched stays ignored until it ends.) */
+#define CT_IGNORE_WAYS 3
 struct ct_set {
     u64 slot[CT_WAYS];       /* (address >> 3) << CT_ID_BITS | mapping id; 0: empty */
     u16 seen[CT_WAYS];       /* the coarse clock (jiffies >> 8) when the slot was last used */
+    u64 ign[CT_IGNORE_WAYS]; /* the address of an entry that is not ours; 0: empty */
 };
 BPF_ARRAY(ctcache, struct ct_set, 1 << CT_SET_BITS);
-/* Conntrack entries that are not ours, by address: not DNATed (plain forwarding, the node's own
- * traffic), or DNATed but not to a watched hostPort on a local address (a Service ClusterIP, a
- * NodePort). On a real node most packets are these, and they all run the programs: with their
- * entry here an established packet returns after one array access and one compare, without
- * reading the entry. Direct-mapped, plain stores: a collision only makes the loser read its entry
- * again. A new entry at a remembered address clears the slot at its first packet (which always
- * takes the slow path), so a hostPort flow is never taken for the entry that was there before.
- * (A connection that began before its hostPort was watched stays ignored until it ends.) */
-#define CT_IGNORE_BITS (CT_SET_BITS + 2)
-BPF_ARRAY(ctignore, u64, 1 << CT_IGNORE_BITS);
 /* Flows user space reported after the timeout (unanswered, or answered with the record
  * deferred), by conntrack entry, with their ports (a recycled entry's address is not enough):
  * a later packet of one (a late reply, a retransmission) finds its mapping here and moves it
@@ -118,7 +119,10 @@ BPF_PERCPU_ARRAY(mappings, struct mapping_val, MAP_SIZE);
 BPF_ARRAY(mapping_lat, struct mapping_lat, MAP_SIZE);
 BPF_HASH(drops, struct drop_key, u64, MAP_SIZE);
 BPF_TABLE("lru_hash", struct miss_key, struct miss_val, misses, MAP_SIZE);
-BPF_HASH(watch_ports, struct port_key, u8, 4096);
+/* The watched hostPorts, a bit per port of each protocol (TCP, UDP, SCTP: 1024 words each),
+ * set by user space: one array access instead of hashing a key. */
+#define WATCH_WORDS 1024
+BPF_ARRAY(watch_ports, u64, 3 * WATCH_WORDS);
 BPF_HASH(local_addrs, struct addr_key, u8, 1024);
 BPF_LPM_TRIE(client_cidrs, struct client_lpm_key, u8, 256);
 BPF_ARRAY(config, struct config, 1);
@@ -260,12 +264,20 @@ static __always_inline int is_local(u8 family, u8 *addr)
     return local_addrs.lookup(&a) != 0;
 }
 
+/* port: network byte order, as in a tuple */
 static __always_inline int port_watched(u8 proto, u16 port)
 {
-    struct port_key p = {};
-    p.port = port;
-    p.proto = proto;
-    return watch_ports.lookup(&p) != 0;
+    u32 slot = proto == PROTO_TCP ? 0 : proto == PROTO_UDP ? 1 : proto == PROTO_SCTP ? 2 : 3;
+    if (slot > 2)
+        return 0;
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    u16 p = __builtin_bswap16(port);
+#else
+    u16 p = port;
+#endif
+    u32 i = slot * WATCH_WORDS + (p >> 6);
+    u64 *w = watch_ports.lookup(&i);
+    return w && ((*w >> (p & 63)) & 1);
 }
 
 static __always_inline int client_allowed(struct config *cfg, struct flow_key *k)
@@ -363,33 +375,50 @@ static __always_inline u16 ct_clock(void)
     return (u16)(bpf_jiffies64() >> 8);
 }
 
-static __always_inline u64 *ct_ignore_slot(u64 ct)
+/* The entry is one that is not ours. */
+static __always_inline int ign_has(struct ct_set *s, u64 ct)
 {
-    u32 i = (u32)(((ct >> 3) * 0x9E3779B97F4A7C15ULL) >> (64 - CT_IGNORE_BITS));
-    return ctignore.lookup(&i);
+    return s->ign[0] == ct || s->ign[1] == ct || s->ign[2] == ct;
 }
 
-static __always_inline int ct_ignored(u64 ct)
+static __always_inline void ign_clear(struct ct_set *s, u64 ct)
 {
-    u64 *s = ct_ignore_slot(ct);
-    return s && *s == ct;
+    if (s->ign[0] == ct)
+        s->ign[0] = 0;
+    if (s->ign[1] == ct)
+        s->ign[1] = 0;
+    if (s->ign[2] == ct)
+        s->ign[2] = 0;
 }
 
+/* Remembers an entry that is not ours: in an empty way, else in one its address picks. */
 static __always_inline int ct_ignore(u64 ct)
 {
-    u64 *s = ct_ignore_slot(ct);
-    if (s && *s != ct)
-        *s = ct;
+    struct ct_set *s = ct_set_of(ct);
+    if (!s || ign_has(s, ct))
+        return 1;
+    if (s->ign[0] == 0)
+        s->ign[0] = ct;
+    else if (s->ign[1] == 0)
+        s->ign[1] = ct;
+    else if (s->ign[2] == 0)
+        s->ign[2] = ct;
+    else {
+        u32 w = (u32)(ct >> 6) % CT_IGNORE_WAYS;
+        if (w == 0)
+            s->ign[0] = ct;
+        else if (w == 1)
+            s->ign[1] = ct;
+        else
+            s->ign[2] = ct;
+    }
     return 1;                    /* NF_ACCEPT, for the caller to return */
 }
 
-/* A packet of a reported flow: added to its mapping's counters (1), or 0 when its conntrack
- * entry is not in the cache (or is marked CT_PENDING). */
-static __always_inline int count_known(u64 ct, u32 len)
+/* A packet of a reported flow, in its set s: added to its mapping's counters (1), or 0 when
+ * its conntrack entry is not in the cache (or is marked CT_PENDING). */
+static __always_inline int count_known_in(struct ct_set *s, u64 ct, u32 len)
 {
-    struct ct_set *s = ct_set_of(ct);
-    if (!s)
-        return 0;
     int w = ct_way(s, ct_tag(ct));
     if (w < 0)
         return 0;
@@ -405,12 +434,14 @@ static __always_inline int count_known(u64 ct, u32 len)
 }
 
 /* The first packet of a new conntrack entry: a slot its address still has from an earlier
- * entry is marked CT_PENDING (compare-and-swap: another CPU may be taking the slot). */
+ * entry is marked CT_PENDING (compare-and-swap: another CPU may be taking the slot), and an
+ * ignored way of that address cleared. */
 static __always_inline void ct_forget(u64 ct)
 {
     struct ct_set *s = ct_set_of(ct);
     if (!s)
         return;
+    ign_clear(s, ct);
     u64 tag = ct_tag(ct);
     int w = ct_way(s, tag);
     if (w < 0)
@@ -738,13 +769,18 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
     u64 ctkey = (u64)ct;
     u32 len = *(u32 *)((char *)skb + SKB_LEN);
     if (ctinfo == IP_CT_ESTABLISHED || ctinfo == IP_CT_ESTABLISHED_REPLY) {
-        /* The hot path: a packet of a flow already answered and reported. */
-        if (count_known(ctkey, len)) {
+        /* One line of the cache answers for most packets: */
+        struct ct_set *cs = ct_set_of(ctkey);
+        if (!cs)
+            return 1;
+        /* the hot path: a packet of a flow already answered and reported; */
+        if (count_known_in(cs, ctkey, len)) {
             return 1;
         }
-        /* Or of a connection that is not ours: done. */
-        if (ct_ignored(ctkey))
+        /* or of a connection that is not ours: done. */
+        if (ign_has(cs, ctkey)) {
             return 1;
+        }
     }
 
     /* Everything else needs the entry's tuples and status: one read. */
@@ -758,17 +794,15 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
     if (ctinfo == IP_CT_NEW) {
         if (fresh) {
             /* A new entry: whatever used this address before is gone. Its slot in the cache,
-             * if any, is marked CT_PENDING; the first reply takes it over. An ignored slot of
-             * the earlier entry is simply overwritten or cleared below. */
+             * if any, is marked CT_PENDING; the first reply takes it over. An ignored way of
+             * the earlier entry is cleared. */
             ct_forget(ctkey);
-            u64 *ig = ct_ignore_slot(ctkey);
-            if (ig && *ig == ctkey)
-                *ig = 0;
         } else {
             /* A retransmitted first packet (or a UDP request before any reply) of a flow
              * already reported: its counters, as on the hot path; of a connection that is not
              * ours (a miss already counted at its first packet): nothing. */
-            if (count_known(ctkey, len) || ct_ignored(ctkey))
+            struct ct_set *cs = ct_set_of(ctkey);
+            if (!cs || count_known_in(cs, ctkey, len) || ign_has(cs, ctkey))
                 return 1;
         }
     }

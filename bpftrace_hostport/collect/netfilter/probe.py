@@ -137,6 +137,9 @@ def _tuple_len(family: int) -> int:
     return 4 if family == 4 else 16
 
 
+WATCH_WORDS = 1024                      # bpf/hostport.bpf.c: watch_ports, 64 ports a word
+WATCH_SLOTS = {"tcp": 0, "udp": 1, "sctp": 2}
+
 MAPS = ("flows", "claimed", "mapping_ids", "free_ids", "mappings", "mapping_lat", "drops", "misses", "watch_ports", "local_addrs",
         "client_cidrs", "config", "stats", "events")
 
@@ -377,12 +380,14 @@ class Probe:
             cl.update(k, ctypes.c_uint8(1))
 
     def set_watch_ports(self, ports: Iterable[Tuple[str, int]]) -> None:
+        """Sets each port's bit in `watch_ports` (a bitmap per protocol, WATCH_WORDS words each)."""
         wp = self.maps["watch_ports"]
         for proto, port in ports:
-            k = wp.Key()
-            k.port = socket.htons(int(port))
-            k.proto = protomod.NUMBERS[proto]
-            wp.update(k, ctypes.c_uint8(1))
+            port = int(port)
+            i = WATCH_SLOTS[proto] * WATCH_WORDS + (port >> 6)
+            k = ctypes.c_uint32(i)
+            word = wp.lookup(k)
+            wp.update(k, ctypes.c_uint64((word.value if word is not None else 0) | (1 << (port & 63))))
 
     def _addr_key(self, fam: int, packed: bytes):
         k = self.maps["local_addrs"].Key()
