@@ -6,14 +6,17 @@ and the incident review (the pods and rules snapshots the recording carries, as 
 a review on another machine, later, says what the live trace said.
 
 Each Finding has a severity: "error" (traffic is lost or refused), "warning" (some of it), or
-"expected" (unusual but right: a hostNetwork pod's port gets no DNAT), and the `check` code
-that confirms it on the node, when there is one.
+"expected" (unusual but right: a hostNetwork pod's port gets no DNAT), the `check` code that
+confirms it on the node, when there is one, and a brief form: the same finding in one line of
+the live view (which mapping, what happened: refused, unanswered, drops by reason, misses with
+their owner), where the full sentence would take three.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Iterable, List, Optional
 
+from bpftrace_hostport.addr import endpoint
 from bpftrace_hostport.records import outcome as oc
 
 SEVERITIES = ("error", "warning", "expected")
@@ -25,6 +28,7 @@ class Finding:
     text: str
     code: Optional[str] = None          # the `check` finding that confirms it, if any
     mapping: Optional[str] = None       # "8000/tcp" or "8000/tcp -> 10.1.2.3:80"
+    brief: Optional[str] = None         # the finding in one line (the live view)
 
     @property
     def problem(self) -> bool:
@@ -33,15 +37,6 @@ class Finding:
 
 def _plural(n: int, one: str, many: Optional[str] = None) -> str:
     return f"{n:,} {one if n == 1 else (many or one + 's')}"
-
-
-def endpoint(ip: Optional[str], port: Optional[int]) -> str:
-    """"10.0.0.1:80", "[fd00::1]:80": an IPv6 address is bracketed when a port follows."""
-    if ip is None:
-        return "-"
-    if port is None:
-        return ip
-    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
 def _get(p: Any, name: str, default=None):
@@ -111,15 +106,21 @@ def diagnose(mappings: Iterable[dict], pods: Optional[Iterable] = None,
                 out.append(Finding("expected", f"{what}: hostNetwork pod {ns + '/' if ns else ''}"
                                    f"{m['pod_name']}{' (' + port_name + ')' if port_name else ''} owns the "
                                    "port, so its own socket on the node serves it (expected; `check` "
-                                   "confirms that it listens).", "hostnetwork-hostport", hp))
+                                   "confirms that it listens).", "hostnetwork-hostport", hp,
+                                   f"{hp}: {_plural(int(misses), 'connection')} not DNATed, served by "
+                                   f"hostNetwork pod {ns + '/' if ns else ''}{m['pod_name']}"))
             elif declared:
                 who = ", ".join(_label(p) for p in declared)
                 out.append(Finding("error", f"{what}, although pod {who} declares this hostPort: its DNAT "
-                                   "rule is missing.", "hostport-no-rule", hp))
+                                   "rule is missing.", "hostport-no-rule", hp,
+                                   f"{hp}: {_plural(int(misses), 'connection')} not DNATed, though pod "
+                                   f"{who} declares it"))
             else:
                 out.append(Finding("warning", f"{what} and no pod is known to own the port: a pod whose "
                                    "DNAT rule is missing, or a process on the node that is no pod.",
-                                   "hostport-no-rule", hp))
+                                   "hostport-no-rule", hp,
+                                   f"{hp}: {_plural(int(misses), 'connection')} not DNATed, no pod known "
+                                   "to own the port"))
             continue
         target = endpoint(m["pod_ip"], m.get("pod_port"))
         where = f"{hp} -> {target}"
@@ -132,7 +133,8 @@ def diagnose(mappings: Iterable[dict], pods: Optional[Iterable] = None,
             told = "none answered" if not answered else f"{answered:,} answered"
             out.append(Finding("error", f"hostPort {where}: {_plural(flows, 'flow')} ({told}) went to an "
                                "IP no live pod has: a stale conntrack entry to a dead pod, or a leaked "
-                               "rule.", "stale-conntrack", where))
+                               "rule.", "stale-conntrack", where,
+                               f"{where}: {_plural(flows, 'flow')} to an IP no pod has, {told}"))
         elif refused:
             kinds = m.get("refusals") or {}
             by = m.get("refused_by") or {}
@@ -149,7 +151,11 @@ def diagnose(mappings: Iterable[dict], pods: Optional[Iterable] = None,
             out.append(Finding("error" if refused * 2 >= flows - unanswered else "warning",
                                f"hostPort {where}{_pod_text(m)}: {_plural(refused, 'flow')} of "
                                f"{flows:,} refused ({detail}{', sent by the ' + sender if sender else ''}): "
-                               f"{why}.", code, where))
+                               f"{why}.", code, where,
+                               f"{where}: {refused:,} of {flows:,} refused ("
+                               + (", ".join(f"{k} {n:,}" for k, n in sorted(kinds.items())) if len(kinds) > 1
+                                  else (main or "refused"))
+                               + (f", by the {sender}" if sender else "") + ")"))
         if unanswered and not dead:
             drops = sum(int(v) for v in (m.get("drops") or {}).values())
             cause = (" and packets were dropped after DNAT" if drops else
@@ -158,14 +164,17 @@ def diagnose(mappings: Iterable[dict], pods: Optional[Iterable] = None,
             out.append(Finding("error" if not answered else "warning",
                                f"hostPort {where}{_pod_text(m)}: {_plural(unanswered, 'flow')} of {flows:,} "
                                f"got no answer within the timeout{cause}.",
-                               "forward-drop" if drops else None, where))
+                               "forward-drop" if drops else None, where,
+                               f"{where}: {unanswered:,} of {flows:,} unanswered"
+                               + (" (packets dropped)" if drops else "")))
         drops = m.get("drops") or {}
         if drops:
             n = sum(int(v) for v in drops.values())
             reasons = ", ".join(f"{r} {int(v):,}" for r, v in sorted(drops.items()))
             out.append(Finding("error", f"hostPort {where}: {_plural(n, 'packet')} dropped after DNAT "
                                f"({reasons}): a firewall or a missing route loses translated traffic.",
-                               "forward-drop", where))
+                               "forward-drop", where,
+                               f"{where}: {_plural(n, 'packet')} dropped ({reasons})"))
     if rules:
         claims = {}
         for r in rules:
@@ -177,10 +186,14 @@ def diagnose(mappings: Iterable[dict], pods: Optional[Iterable] = None,
             if len(targets) > 1:
                 out.append(Finding("error", f"hostPort {port}/{proto} has {len(targets)} DNAT rules "
                                    f"({', '.join(targets)}): new connections go to the first one only.",
-                                   "hostport-conflict", f"{port}/{proto}"))
+                                   "hostport-conflict", f"{port}/{proto}",
+                                   f"{port}/{proto}: {len(targets)} DNAT rules, only the first gets "
+                                   "new connections"))
     if lost_events:
         out.append(Finding("warning", f"{_plural(int(lost_events), 'flow')} could not be tracked (the "
                            "kernel's flow table was full): counts of flows include them, outcomes and "
-                           "latency do not; trace with a bigger --flow-table.", None, None))
+                           "latency do not; trace with a bigger --flow-table.", None, None,
+                           f"{_plural(int(lost_events), 'flow')} not tracked: the flow table is full "
+                           "(--flow-table)"))
     order = {s: i for i, s in enumerate(SEVERITIES)}
     return sorted(out, key=lambda f: order.get(f.severity, 9))

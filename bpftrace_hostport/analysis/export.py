@@ -17,6 +17,7 @@ from bpftrace_hostport.analysis.review import Filters, read
 from bpftrace_hostport.analysis.summary import summary_record
 from bpftrace_hostport.errors import UserError
 from bpftrace_hostport.files import private_file
+from bpftrace_hostport.records import anonymize
 from bpftrace_hostport.records.batch import AddrNames, FlowBatch
 from bpftrace_hostport.records.schema import SCHEMA_VERSION
 
@@ -36,10 +37,7 @@ def export_captures(files: Sequence, to: str, out: str, *, partition: bool = Fal
     addr = AddrNames()
 
     def clean(b: FlowBatch) -> FlowBatch:
-        if anon is None:
-            return b
-        return FlowBatch(dict(b.cols, client_addr=anon.map_column(b["client_addr"], b["family"])),
-                         b.pods, b.drop_reasons)
+        return anonymize.batch(anon, b)
 
     if to in ("parquet", "csv"):
         from bpftrace_hostport.records.parquet import ParquetOut, flow_table
@@ -55,19 +53,22 @@ def export_captures(files: Sequence, to: str, out: str, *, partition: bool = Fal
         return state["n"]
 
     if to == "pcapng":
-        from bpftrace_hostport.analysis.pcapng import write_pcapng
+        from bpftrace_hostport.analysis.pcapng import iso_to_ns, write_pcapng
+        flows: List[dict] = []
+        misses: List[dict] = []
 
-        def records():
-            buf: List[dict] = []
+        def on_flows(b, origin, header):
+            flows.extend(clean(b).to_records(addr))
 
-            def on_flows(b, origin, header):
-                buf.extend(clean(b).to_records(addr))
-            read(files, filters, series=False, clients=False, on_flows=on_flows)
-            yield from buf
+        def on_misses(recs, origin, header):
+            misses.extend(anonymize.misses(anon, [{k: v for k, v in r.items() if k != "ts_ns"} for r in recs]))
+        read(files, filters, series=False, clients=False, on_flows=on_flows, on_misses=on_misses)
+        # pcapng wants frames in time order: the flows (and misses) of an incident are few enough
+        # to sort; write_pcapng keeps each reply back until its time
+        flows.sort(key=lambda r: iso_to_ns(r["ts"]))
+        misses.sort(key=lambda r: iso_to_ns(r["ts"]))
         with private_file(out) as f:
-            # pcapng wants frames in time order: the flows are few enough per incident to sort.
-            flows = sorted(records(), key=lambda r: r["ts"])
-            write_pcapng(flows, f)
+            write_pcapng(flows, f, misses)
         return len(flows)
 
     # jsonl, recording: one capture, so one run (a rotated run's files are one)
@@ -89,10 +90,7 @@ def export_captures(files: Sequence, to: str, out: str, *, partition: bool = Fal
         if state["header"] is None:
             state["header"] = header
             sink.start(header, anon)
-        recs = [{k: v for k, v in r.items() if k != "ts_ns"} for r in recs]
-        if anon is not None:
-            recs = [dict(r, client_ip=anon.map_text(r["client_ip"])) for r in recs]
-        sink.misses(recs)
+        sink.misses(anonymize.misses(anon, [{k: v for k, v in r.items() if k != "ts_ns"} for r in recs]))
 
     try:
         review = read(files, filters, series=False, clients=False, on_flows=on_flows,
@@ -120,7 +118,8 @@ class _CsvOut:
         import pyarrow as pa
         import pyarrow.compute as pc
         import pyarrow.csv as pcsv
-        ts = pc.strftime(rb.column("ts").cast(pa.timestamp("us", tz="UTC")), format="%Y-%m-%dT%H:%M:%SZ")
+        # a recording keeps nanoseconds: truncated to the microseconds CSV shows, not refused
+        ts = pc.strftime(rb.column("ts").cast(pa.timestamp("us", tz="UTC"), safe=False), format="%Y-%m-%dT%H:%M:%SZ")
         rb = rb.set_column(rb.schema.get_field_index("ts"), "ts", ts)
         if self.w is None:
             self.w = pcsv.CSVWriter(self.f, rb.schema)
@@ -143,9 +142,7 @@ class _JsonlOut:
     def start(self, header: dict, anon) -> None:
         h = {k: v for k, v in header.items() if k not in ("source", "file_index")}
         h["schema"] = SCHEMA_VERSION
-        if anon is not None:
-            h["anonymized"] = True
-        self.f.write(orjson.dumps(h) + b"\n")
+        self.f.write(orjson.dumps(anonymize.header(anon, h)) + b"\n")
 
     def flows(self, b: FlowBatch) -> None:
         self.f.write(b"".join(orjson.dumps(r) + b"\n" for r in b.to_records(self.addr)))
@@ -169,9 +166,7 @@ class _RecordingOut:
         from bpftrace_hostport.records.recording import RecordingWriter
         h = {k: v for k, v in header.items() if k not in ("source", "file_index")}
         h["schema"] = SCHEMA_VERSION
-        if anon is not None:
-            h["anonymized"] = True
-        self.w = RecordingWriter(self.path, h)
+        self.w = RecordingWriter(self.path, anonymize.header(anon, h))
 
     def flows(self, b: FlowBatch) -> None:
         self.w.write_flows(b)

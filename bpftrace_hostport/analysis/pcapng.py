@@ -7,29 +7,41 @@ DNAT in Wireshark:
    interface named after the hook ("prerouting" or "output");
 2. ``dnat``: the same packet after DNAT (client or SNAT address -> pod_ip:pod_port), on
    "<hook>-dnat";
-3. ``reply``: if the flow was answered and its latency is known, the pod's first reply, at
-   ts + latency, on "<hook>-dnat".
+3. ``reply``: what came back first, on "<hook>-dnat": for an answered flow whose latency is
+   known the pod's first reply at ts + latency; for a refused flow the refusal at ts + the time
+   to it: a TCP RST, an SCTP ABORT, or the ICMP/ICMPv6 error (its type and code) from its
+   sender (the pod's address, else the node's). An unanswered flow has no reply.
+
+Misses (connections to a watched hostPort that got no DNAT) are frames too: the client's first
+packet to node_ip:host_port, on the hook's interface, with no DNAT step (a miss record has no
+client port: 0), one per miss record, its comment giving the count and the owner when known.
 
 TCP is a SYN / SYN-ACK (an ACK / ACK pair for midstream flows, whose first packet was not a
 SYN), UDP an empty datagram, SCTP an INIT / INIT-ACK with a CRC32c checksum (SCTP flows are
 written, not skipped).  Every packet carries a comment (tshark field ``frame.comment``) with
-the pod, mapping, hook, latency and step.
+the pod, mapping, hook, the flow's outcome (refused: what refused it and who sent it), latency
+and step.
 
-The blocks are written with :mod:`struct` rather than dpkt's ``pcapng.Writer``: the Writer
-builds a dpkt object per packet (slow) and only writes microsecond timestamps, while the reply
-time (ts + a fractional-microsecond latency) wants nanoseconds.  Output is streamed one flow at
-a time, so memory stays bounded whatever the number of flows.
+Frames are written in time order (capinfos: strict time order), whatever the interleaving of
+flows and their replies: the flows and misses come in time order and a reply waits in a small
+heap until every frame before it is out.  The blocks are written with :mod:`struct` rather
+than dpkt's ``pcapng.Writer``: the Writer builds a dpkt object per packet (slow) and only writes
+microsecond timestamps, while the reply time (ts + a fractional-microsecond latency) wants
+nanoseconds.
 
 Public API: :func:`write_pcapng`.
 """
 from __future__ import annotations
 
 import calendar
+import heapq
 import re
 import socket
 import struct
 from functools import lru_cache
-from typing import BinaryIO, Dict, Iterable, Optional, Tuple
+from typing import BinaryIO, Dict, Iterable, Iterator, List, Optional, Tuple
+
+from bpftrace_hostport.addr import endpoint
 
 __all__ = ["write_pcapng", "LINKTYPE_RAW"]
 
@@ -42,7 +54,7 @@ _TTL = 64
 _TCP_WINDOW = 64240
 _MSS_OPT = b"\x02\x04\x05\xb4"          # MSS 1460: real SYNs carry one
 _MSS_SUM = 0x0204 + 0x05B4              # its 16-bit words, for the checksum
-_SYN, _ACK = 0x02, 0x10
+_SYN, _RST, _ACK = 0x02, 0x04, 0x10
 _SCTP_RWND, _SCTP_STREAMS = 106496, 10
 _PROTO = {"tcp": 6, "udp": 17, "sctp": 132}
 
@@ -146,35 +158,89 @@ def _sctp(src: str, dst: str, sport: int, dport: int, tag: int, peer_tag: int,
     return _ip(src, dst, 132, chunk, ident)
 
 
-def _packets(f: dict, n: int) -> Tuple[bytes, bytes, Optional[bytes]]:
-    """(original, dnat, reply or None) IP packets of flow number n."""
+def _sctp_abort(src: str, dst: str, sport: int, dport: int, tag: int, ident: int) -> bytes:
+    """An ABORT (chunk type 6) with the client's verification tag."""
+    chunk = struct.pack("!HHII", sport, dport, tag, 0) + struct.pack("!BBH", 6, 0, 4)
+    chunk = chunk[:8] + _U32.pack(crc32c(chunk)) + chunk[12:]
+    return _ip(src, dst, 132, chunk, ident)
+
+
+def _icmp(src: str, dst: str, icmp_type: int, icmp_code: int, invoking: bytes, ident: int) -> bytes:
+    """An ICMP (IPv4: the invoking header + 8 bytes) or ICMPv6 (as much of the invoking packet
+    as a minimal MTU takes) error about `invoking`, with a valid checksum."""
+    if ":" in src:
+        body = struct.pack("!BBHI", icmp_type, icmp_code, 0, 0) + invoking[:1232]
+        s, ssum = _addr(src)
+        d, dsum = _addr(dst)
+        c = _csum(ssum + dsum + len(body) + 58 + int.from_bytes(body + b"\0" * (len(body) % 2), "big"))
+        return _IP6.pack(0x60000000, len(body), 58, _TTL, s, d) + body[:2] + struct.pack("!H", c) + body[4:]
+    body = struct.pack("!BBHI", icmp_type, icmp_code, 0, 0) + invoking[:28]
+    c = _csum(int.from_bytes(body + b"\0" * (len(body) % 2), "big"))
+    return _ip(src, dst, 1, body[:2] + struct.pack("!H", c) + body[4:], ident)
+
+
+def _outcome(f: dict) -> str:
+    """A record's outcome; captures before schema 4 have only `answered`."""
+    return f.get("outcome") or ("answered" if f.get("answered") else "unanswered")
+
+
+def _packets(f: dict, n: int) -> Tuple[bytes, bytes, Optional[bytes], Optional[float]]:
+    """(original, dnat, reply or None, µs from the first packet to the reply) of flow number n."""
     proto, client, cport = f["proto"], f["client_ip"], int(f["client_port"])
     hport, pod, pport = int(f["host_port"]), f["pod_ip"], int(f["pod_port"])
     src = (f.get("snat_ip") or client) if f.get("masqueraded") else client
-    answered = f.get("answered") and f.get("latency_us") is not None
+    outcome = _outcome(f)
+    answered = outcome == "answered" and f.get("latency_us") is not None
+    refused = outcome == "refused" and f.get("refusal_us") is not None
     ident = n & 0xFFFF
+    rid = (ident + 1) & 0xFFFF
     # deterministic per-flow sequence numbers / tags, spread over the 32-bit space
     isn, risn = (n * 2654435761) & 0xFFFFFFFF, (n * 40503 + 0x5EED) & 0xFFFFFFFF
+    reply = None
     if proto == "tcp":
         fl, rfl = (_ACK, _ACK) if f.get("midstream") else (_SYN, _SYN | _ACK)
         ack = 0 if fl == _SYN else risn
         orig = _tcp(client, f["node_ip"], cport, hport, isn, ack, fl, ident)
         dnat = _tcp(src, pod, cport, pport, isn, ack, fl, ident)
-        reply = answered and _tcp(pod, src, pport, cport, risn, (isn + 1) & 0xFFFFFFFF,
-                                  rfl, (ident + 1) & 0xFFFF)
+        if answered:
+            reply = _tcp(pod, src, pport, cport, risn, (isn + 1) & 0xFFFFFFFF, rfl, rid)
     elif proto == "udp":
         orig = _udp(client, f["node_ip"], cport, hport, ident)
         dnat = _udp(src, pod, cport, pport, ident)
-        reply = answered and _udp(pod, src, pport, cport, (ident + 1) & 0xFFFF)
+        if answered:
+            reply = _udp(pod, src, pport, cport, rid)
     elif proto == "sctp":
         tag = isn or 1                  # an INIT's initiate tag must not be 0
         orig = _sctp(client, f["node_ip"], cport, hport, tag, 0, False, ident)
         dnat = _sctp(src, pod, cport, pport, tag, 0, False, ident)
-        reply = answered and _sctp(pod, src, pport, cport, risn or 1, tag, True,
-                                   (ident + 1) & 0xFFFF)
+        if answered:
+            reply = _sctp(pod, src, pport, cport, risn or 1, tag, True, rid)
     else:
         raise ValueError(f"flow {n}: unknown proto {proto!r}")
-    return orig, dnat, reply or None
+    if refused:
+        refusal = f.get("refusal")
+        if f.get("icmp_type") is not None:
+            sender = pod if f.get("refused_by") == "pod" else f["node_ip"]
+            reply = _icmp(sender, src, int(f["icmp_type"]), int(f.get("icmp_code") or 0), dnat, rid)
+        elif refusal == "reset" and proto == "tcp":
+            reply = _tcp(pod, src, pport, cport, 0, (isn + 1) & 0xFFFFFFFF, _RST | _ACK, rid)
+        elif refusal == "abort" and proto == "sctp":
+            reply = _sctp_abort(pod, src, pport, cport, isn or 1, rid)
+        return orig, dnat, reply, (float(f["refusal_us"]) if reply is not None else None)
+    return orig, dnat, reply, (float(f["latency_us"]) if reply is not None else None)
+
+
+def _miss_packet(m: dict, n: int) -> bytes:
+    """A miss: the client's first packet to node_ip:host_port (no client port is recorded: 0)."""
+    proto, client, node, hport = m["proto"], m["client_ip"], m["node_ip"], int(m["host_port"])
+    ident = n & 0xFFFF
+    if proto == "tcp":
+        return _tcp(client, node, 0, hport, (n * 2654435761) & 0xFFFFFFFF, 0, _SYN, ident)
+    if proto == "udp":
+        return _udp(client, node, 0, hport, ident)
+    if proto == "sctp":
+        return _sctp(client, node, 0, hport, ((n * 2654435761) & 0xFFFFFFFF) or 1, 0, False, ident)
+    raise ValueError(f"miss {n}: unknown proto {proto!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,20 +271,24 @@ def iso_to_ns(ts: str) -> int:
     return ns
 
 
-def _fmt_ip(ip: str) -> str:
-    return f"[{ip}]" if ":" in ip else ip
-
-
 def _comment(f: dict, n: int) -> str:
     """Comment shared by a flow's packets; the step is appended per packet."""
     ns, name = f.get("pod_namespace"), f.get("pod_name")
     pod = f"{ns}/{name}" if ns and name else (name or "-")
     lat = f.get("latency_us")
+    outcome = _outcome(f)
     parts = [f"pod={pod}", f"port={f.get('port_name') or '-'}",
-             f"mapping={f['proto']} {f['host_port']}->{_fmt_ip(f['pod_ip'])}:{f['pod_port']}",
-             f"hook={f['hook']}", f"latency_us={'-' if lat is None else round(lat, 3)}",
-             f"answered={'yes' if f.get('answered') else 'no'}",
-             f"masq={'yes' if f.get('masqueraded') else 'no'}"]
+             f"mapping={f['proto']} {f['host_port']}->{endpoint(f['pod_ip'], f['pod_port'])}",
+             f"hook={f['hook']}", f"outcome={outcome}"]
+    if outcome == "refused":
+        parts.append(f"refusal={f.get('refusal') or '-'} refused_by={f.get('refused_by') or '-'}")
+        if f.get("icmp_type") is not None:
+            parts.append(f"icmp={f['icmp_type']}/{f.get('icmp_code')}")
+        if f.get("refusal_us") is not None:
+            parts.append(f"refusal_us={round(f['refusal_us'], 3)}")
+    parts += [f"latency_us={'-' if lat is None else round(lat, 3)}",
+              f"answered={'yes' if outcome == 'answered' else 'no'}",
+              f"masq={'yes' if f.get('masqueraded') else 'no'}"]
     if f.get("masqueraded") and f.get("snat_ip"):
         parts.append(f"snat={f['snat_ip']}")
     if f.get("midstream"):
@@ -228,6 +298,15 @@ def _comment(f: dict, n: int) -> str:
     parts.append(f"packets={_none_dash(f.get('packets'))} bytes={_none_dash(f.get('bytes'))}")
     parts.append(f"flow={n}")
     return " ".join(parts)
+
+
+def _miss_comment(m: dict, n: int) -> str:
+    count = int(m.get("count") or 1)
+    owner = (f"hostNetwork pod {m['pod_namespace']}/{m['pod_name']} owns the port" if m.get("pod_name")
+             else "no DNAT rule matched")
+    return (f"miss: {count} connection{'' if count == 1 else 's'} to {endpoint(m['node_ip'], m['host_port'])}"
+            f"/{m['proto']} not DNATed ({owner}) hook={m.get('hook') or 'prerouting'} outcome=miss "
+            f"count={count} client_port=unknown miss={n} step=miss")
 
 
 def _none_dash(v) -> str:
@@ -274,8 +353,18 @@ def _epb(iface: int, ts_ns: int, pkt: bytes, comment: bytes) -> bytes:
 _STEPS = (" step=original", " step=dnat", " step=reply")
 
 
-def write_pcapng(flows: Iterable[dict], out: BinaryIO) -> int:
-    """Write flow records as pcapng packets to ``out``; return the number of packets written.
+def _events(flows: Iterable[dict], misses: Iterable[dict]) -> Iterator[Tuple[int, int, int, dict]]:
+    """(ns, kind: 0 flow / 1 miss, number, record) in time order, both inputs being so."""
+    fl = ((iso_to_ns(f["ts"]), 0, n, f) for n, f in enumerate(flows, 1))
+    ms = ((iso_to_ns(m["ts"]), 1, n, m) for n, m in enumerate(misses, 1))
+    return heapq.merge(fl, ms, key=lambda e: (e[0], e[1], e[2]))
+
+
+def write_pcapng(flows: Iterable[dict], out: BinaryIO, misses: Iterable[dict] = ()) -> int:
+    """Write flow records (and miss records) as pcapng packets to ``out``, in time order;
+    return the number of packets written. Both come in time order (by their "ts"), as a
+    capture holds them; the replies, later than their flow's first packet, are held until
+    their time comes.
 
     One section; an Interface Description Block is written the first time each interface
     name is used (pcapng allows IDBs anywhere in a section, and tshark 4.0 reads them), so
@@ -283,24 +372,37 @@ def write_pcapng(flows: Iterable[dict], out: BinaryIO) -> int:
     """
     out.write(_shb())
     ifaces: Dict[str, int] = {}
-    count = 0
-    for n, f in enumerate(flows, 1):
-        hook = f["hook"]
-        names = (hook, hook + "-dnat")
-        header = b""
-        for name in names:
-            if name not in ifaces:
-                ifaces[name] = len(ifaces)
-                header += _idb(name)
-        orig, dnat, reply = _packets(f, n)
-        ts = iso_to_ns(f["ts"])
-        base = _comment(f, n)
-        blocks = [header,
-                  _epb(ifaces[names[0]], ts, orig, (base + _STEPS[0]).encode()),
-                  _epb(ifaces[names[1]], ts, dnat, (base + _STEPS[1]).encode())]
-        if reply is not None:
-            rts = ts + round(float(f["latency_us"]) * 1000)
-            blocks.append(_epb(ifaces[names[1]], rts, reply, (base + _STEPS[2]).encode()))
+    later: List[Tuple[int, int, bytes]] = []         # (ns, order, block): replies not due yet
+    count = seq = 0
+
+    def iface(name: str) -> Tuple[int, bytes]:
+        if name in ifaces:
+            return ifaces[name], b""
+        ifaces[name] = len(ifaces)
+        return ifaces[name], _idb(name)
+
+    for ts, kind, n, rec in _events(flows, misses):
+        blocks: List[bytes] = []
+        while later and later[0][0] <= ts:
+            blocks.append(heapq.heappop(later)[2])
+        hook = rec.get("hook") or "prerouting"
+        if kind == 1:
+            i, idb = iface(hook)
+            blocks += [idb, _epb(i, ts, _miss_packet(rec, n), _miss_comment(rec, n).encode())]
+            count += 1
+        else:
+            orig, dnat, reply, after_us = _packets(rec, n)
+            base = _comment(rec, n)
+            i, idb = iface(hook)
+            j, idb2 = iface(hook + "-dnat")
+            blocks += [idb, _epb(i, ts, orig, (base + _STEPS[0]).encode()),
+                       idb2, _epb(j, ts, dnat, (base + _STEPS[1]).encode())]
+            count += 2
+            if reply is not None:
+                rts = ts + round(after_us * 1000)
+                seq += 1
+                heapq.heappush(later, (rts, seq, _epb(j, rts, reply, (base + _STEPS[2]).encode())))
+                count += 1
         out.write(b"".join(blocks))
-        count += len(blocks) - 1
+    out.write(b"".join(b for _, _, b in sorted(later)))
     return count

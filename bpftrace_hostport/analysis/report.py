@@ -252,6 +252,19 @@ def _notes(review: Review, report: dict, mappings: List[dict]) -> List[str]:
     return notes
 
 
+def anonymized(report: dict, key: bytes) -> dict:
+    """The report with pseudonyms (records/anonymize.py, keyed Crypto-PAn) for every client
+    address it holds: the top clients of each mapping and the --client networks of its filter.
+    Pod and node addresses stay (they are the node's own, not the clients')."""
+    from bpftrace_hostport.records.anonymize import Anonymizer
+    anon = Anonymizer(key)
+    out = dict(report, mappings=[dict(m, top_clients=[[anon.map_text(ip), n] for ip, n in m["top_clients"]])
+                                 for m in report["mappings"]],
+               filters=dict(report["filters"], clients=[anon.map_cidr(c) for c in report["filters"]["clients"]]),
+               anonymized=True)
+    return out
+
+
 # ------------------------------------------------------------------------------ comparison
 
 #: Compared figures: name -> how to read it from a mapping (or totals) dict.

@@ -1,10 +1,13 @@
-"""A report or a comparison (report.py) as text: table (rich), json, csv, markdown or html.
+"""A report or a comparison (report.py) as text: table, json, csv, markdown or html.
 
 Every format but json and csv renders one document model (`_Doc`: a warning, summary
-sentences, tables, notes), so the figures and their wording are the same everywhere.
-The table never cuts a value: columns wrap at spaces only and are never narrower than their
-longest word; when that cannot fit the width, each row becomes a "key  value" block (psql \\x).
-Unknown figures (not measured by the backend) read "n/a", never 0.
+sentences, tables, notes), so the figures and their wording are the same everywhere. The text
+is analysis/render.py's toolkit, the one the summary and the live view use: the same table
+engine (cells wrap at spaces only, so no address, port or name is ever split; a leaner layout
+with a detail line under each row, then a "key  value" block per row where a grid cannot fit)
+and the same cell formats. Unknown figures (not measured by the backend) read "n/a", never 0.
+HTML tables fit a 1280 px page: the mappings come as two tables (outcomes; latency and
+volume), and a table whose narrowest grid is still wider becomes a block per row.
 """
 from __future__ import annotations
 
@@ -13,17 +16,16 @@ import csv
 import html
 import io
 import json
-import textwrap
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Set, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Set, Tuple
 
+from bpftrace_hostport.analysis import render as txt
+from bpftrace_hostport.analysis.render import Cell, NA, NONE, human_bytes, mapping_cell, pod_cell
 from bpftrace_hostport.analysis.report import COMPARED, KEY, NAMES, plural
 
 FORMATS = ("table", "json", "csv", "markdown", "html")
-Cell = Union[str, List[str]]          # a list: items shown one per line
-NA = "n/a"                            # not measured by the backend
-NONE = "-"                            # measured, nothing there (no answered flow, no pod name)
-GAP = 2                               # rich's column gap with collapse_padding
+#: kept for callers: the one way a mapping and its pod are written (analysis/render.py)
+mapping_label, pod_label = mapping_cell, pod_cell
 
 
 @dataclass
@@ -34,6 +36,9 @@ class _Table:
     right: Set[int] = field(default_factory=set)     # numeric columns, right-justified
     record: str = "row"                               # what one row is, in the vertical layout
     empty: str = "None."                              # said instead of an empty table
+    text: Optional[Callable[[Optional[int]], List[str]]] = None   # its own text layout (mappings)
+    html_only: bool = False                           # a second view of a table the text has whole
+    text_only: bool = False
 
 
 @dataclass
@@ -47,7 +52,7 @@ class _Doc:
 
 def render(report: dict, fmt: str, width: Optional[int] = None) -> str:
     """`report` (build_report or compare_reports) in `fmt`: table, json, csv, markdown, html.
-    `width` is for the table: default the terminal's, no limit when not a terminal."""
+    `width` is for the table: default $COLUMNS, else the terminal's, no limit on a pipe."""
     fmt = (fmt or "").lower()
     if fmt == "json":
         return json.dumps(report, indent=2, allow_nan=False) + "\n"
@@ -58,17 +63,11 @@ def render(report: dict, fmt: str, width: Optional[int] = None) -> str:
         raise ValueError(f"Unknown format {fmt!r}: give one of {', '.join(FORMATS)}.")
     doc = _comparison_doc(report) if comparison else _report_doc(report)
     if fmt == "table":
-        return _text(doc, _terminal_width() if width is None else width)
+        return _text(doc, txt.terminal_width() if width is None else width)
     if fmt == "markdown":
         return _markdown(doc)
     from bpftrace_hostport.analysis.plots import charts     # matplotlib only when asked for
     return _html(doc, [] if comparison else charts(report))
-
-
-def _terminal_width() -> Optional[int]:
-    from rich.console import Console
-    console = Console()
-    return console.width if console.is_terminal else None
 
 
 # --------------------------------------------------------------------------- cell formats
@@ -77,53 +76,12 @@ def _num(n: Optional[float]) -> str:
     return NA if n is None else f"{n:,}"
 
 
-def _pct(share: Optional[float]) -> str:
-    return NONE if share is None else f"{share * 100:.1f}%"
-
-
-def _ms(us: Optional[float], measured: bool = True) -> str:
-    if us is None:
-        return NONE if measured else NA
-    return f"{us / 1000:.2f}" if us >= 10 else f"{us / 1000:.3f}"
-
-
-def human_bytes(n: Optional[int]) -> str:
-    if n is None:
-        return NA
-    value, unit = float(n), "B"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            break
-        value /= 1024
-    return f"{int(n)} B" if unit == "B" else f"{value:.1f} {unit}"
-
-
-def endpoint(ip: Optional[str], port: Optional[int]) -> str:
-    """"10.0.0.1:80", "[fd00::1]:80": an IPv6 address is bracketed when a port follows."""
-    if ip is None:
-        return NONE
-    host = f"[{ip}]" if ":" in ip and port is not None else ip
-    return host if port is None else f"{host}:{port}"
-
-
-def mapping_label(m: dict) -> str:
-    if m["pod_ip"] is None:
-        return f"{m['proto']} :{m['host_port']} (no DNAT)"
-    return f"{m['proto']} :{m['host_port']} -> {endpoint(m['pod_ip'], m['pod_port'])}"
-
-
-def pod_label(m: dict) -> str:
-    if not m.get("pod_name"):
-        return NONE
-    text = f"{m['pod_namespace']}/{m['pod_name']}" if m.get("pod_namespace") else m["pod_name"]
-    text = f"{text} ({m['port_name']})" if m.get("port_name") else text
-    return f"hostNetwork {text}" if m["pod_ip"] is None else text
+_pct = txt.pct
+_ms = txt.ms
 
 
 def _drops(drops: Optional[dict]) -> Cell:
-    if drops is None:
-        return NA
-    return [f"{r}:{n:,}" for r, n in drops.items()] or NONE
+    return txt.drops_cell(drops)
 
 
 def _answered(m: dict) -> str:
@@ -142,7 +100,7 @@ def _report_doc(r: dict) -> _Doc:
     warning = ("This capture is truncated: the figures cover only what was read."
                if r["truncated"] else None)
     return _Doc("hostPort incident report", warning, _report_summary(r, t),
-                [_finding_table(r), _mapping_table(r)] + ([_node_table(r)] if r.get("per_node") else [])
+                [_finding_table(r)] + _mapping_tables(r) + ([_node_table(r)] if r.get("per_node") else [])
                 + [_drop_table(r), _client_table(r)], r["notes"])
 
 
@@ -210,21 +168,47 @@ def _refused(m: dict) -> Cell:
     return [f"{m['refused']:,}"] + [f"{k}:{n:,}" for k, n in (m.get("refusals") or {}).items()]
 
 
-def _mapping_table(r: dict) -> _Table:
-    heads = (["NODE"] if r.get("per_node") else []) + [
-        "MAPPING", "POD", "FLOWS", "ANSWERED", "REFUSED", "NO ANSWER", "P50 ms", "P90 ms", "P99 ms",
-        "MAX ms", "MISSES", "DROPS", "PACKETS", "BYTES", "RATE /s", "MASQ"]
-    rows = []
-    for m in r["mappings"]:
-        lat, measured = m["latency_us"], _measured(r, m, "latency")
-        rows.append(_node_cols(r, m) + [
-            mapping_label(m), pod_label(m), _num(m["flows"]), _answered(m), _refused(m),
-            _num(m["unanswered"]), *(_ms(lat[k], measured) for k in ("p50", "p90", "p99", "max")),
-            _num(m["misses"]), _drops(m["drops"]), _num(m["packets"]), human_bytes(m["bytes"]),
-            NONE if m["flows_per_s"] is None else f"{m['flows_per_s']:g}", _pct(m["masqueraded_share"])])
-    first = len(heads) - 14
-    return _Table("Mappings", heads, rows, set(range(first, len(heads))) - {first + 9, first + 2},
-                  "mapping", "No hostPort traffic seen.")
+def _ctx(r: dict) -> txt.Context:
+    return txt.Context(dict(r["measures"]))
+
+
+def _mapping_tables(r: dict) -> List[_Table]:
+    """The mappings: for the text, the toolkit's mapping table (render.REPORT_LAYOUTS: the
+    richest layout that fits the width); for markdown and html, two tables that each fit a page:
+    what came back (outcomes, misses, drops), then latency and volume."""
+    multi = bool(r.get("per_node"))
+    lead = ["NODE"] if multi else []
+    ms = r["mappings"]
+
+    def text(width: Optional[int]) -> List[str]:
+        per_node = {n["node"]: n["measures"] for n in r.get("per_node") or []}
+        if not per_node:
+            return txt.mapping_table(ms, width, txt.REPORT_LAYOUTS, _ctx(r), lead=lead)
+        # latency is measured per node: one Context per node would split the table; n/a cells
+        # come from each row's own node
+        rows = [dict(m, latency_us=m["latency_us"] if per_node.get(m.get("node"), {}).get("latency", True)
+                     else {"p50": None, "p90": None, "p99": None, "max": None}) for m in ms]
+        return txt.mapping_table(rows, width, txt.REPORT_LAYOUTS, txt.Context({}), lead=lead)
+
+    ident = lambda m: ([m["node"]] if multi else []) + [mapping_label(m), pod_label(m)]     # noqa: E731
+    n0 = len(lead) + 2
+    pending = any(m.get("pending") or m.get("in_flight") for m in ms)     # a column only when there are some
+    heads = lead + ["MAPPING", "POD", "FLOWS", "ANSWERED", "REFUSED", "NO ANSWER"] + (
+        ["PENDING, IN FLIGHT"] if pending else []) + ["MISSES", "DROPPED PACKETS", "FLOWS WITH A DROP",
+                                                      "RATE flows/s"]
+    rows = [ident(m) + [_num(m["flows"]), _answered(m), _refused(m), _num(m["unanswered"])]
+            + ([f"{m.get('pending') or 0:,}, {m.get('in_flight') or 0:,}"] if pending else [])
+            + [_num(m["misses"]), txt.drops_total(m["drops"]),
+               _num(sum((m.get("dropped_flows") or {}).values())),
+               NA if m["flows_per_s"] is None else f"{m['flows_per_s']:g}"] for m in ms]
+    outcomes = _Table("Mappings", heads, rows, set(range(n0, len(heads))), "mapping",
+                      "No hostPort traffic seen.", text=text)
+    heads2 = lead + ["MAPPING", "POD", "P50 ms", "P90 ms", "P99 ms", "MAX ms", "PACKETS", "BYTES", "MASQ"]
+    rows2 = [ident(m) + [_ms(m["latency_us"][k], _measured(r, m, "latency")) for k in ("p50", "p90", "p99", "max")]
+             + [_num(m["packets"]), human_bytes(m["bytes"]), _pct(m["masqueraded_share"])] for m in ms]
+    volume = _Table("Latency and volume per mapping", heads2, rows2, set(range(n0, len(heads2))), "mapping",
+                    "No hostPort traffic seen.", html_only=True)
+    return [outcomes, volume]
 
 
 def _node_table(r: dict) -> _Table:
@@ -239,12 +223,21 @@ def _node_table(r: dict) -> _Table:
 
 
 def _drop_table(r: dict) -> _Table:
-    rows = [_node_cols(r, m) + [mapping_label(m), pod_label(m), reason, _num(n)]
-            for m in r["mappings"] for reason, n in (m["drops"] or {}).items()]
-    heads = (["NODE"] if r.get("per_node") else []) + ["MAPPING", "POD", "REASON", "COUNT"]
+    """Drops per mapping and reason, each counted for what it is: packets the kernel dropped
+    (its counters; n/a where the capture cannot say) and flows that had a packet dropped (their
+    records; a flow counts once, for its last drop) — the same two figures the charts show."""
+    rows = []
+    for m in r["mappings"]:
+        packets, flows = m["drops"], m.get("dropped_flows") or {}
+        for reason in sorted(set(packets or {}) | set(flows)):
+            rows.append(_node_cols(r, m) + [mapping_label(m), pod_label(m), reason,
+                                            NA if packets is None else _num(packets.get(reason, 0)),
+                                            _num(flows.get(reason, 0))])
+    heads = (["NODE"] if r.get("per_node") else []) + ["MAPPING", "POD", "REASON", "PACKETS", "FLOWS"]
     empty = "No drops." if r["measures"]["drops"] else \
         "No drops seen where measured; the backend of some files does not see drops (n/a)."
-    return _Table("Drops", heads, rows, {len(heads) - 1}, "drop", empty)
+    return _Table("Drops (PACKETS: packets the kernel dropped; FLOWS: flows that had a packet dropped)",
+                  heads, rows, {len(heads) - 2, len(heads) - 1}, "drop", empty)
 
 
 def _client_table(r: dict) -> _Table:
@@ -271,11 +264,20 @@ def _report_csv(r: dict) -> str:
     return _csv(heads, rows)
 
 
+def _csv_value(v):
+    """Unknown is empty, booleans true/false (as the export's CSV writes them), lists joined."""
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return v
+
+
 def _csv(heads: Sequence[str], rows: Sequence[Sequence]) -> str:
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
     w.writerow(heads)
-    w.writerows([["" if v is None else v for v in row] for row in rows])     # unknown: empty
+    w.writerows([[_csv_value(v) for v in row] for row in rows])
     return out.getvalue()
 
 
@@ -294,27 +296,36 @@ _FIGURES = {
 }
 
 
-def _change(name: str, c: dict, status: str = "both") -> str:
-    """"7 -> 9 (+2)": a side without the mapping reads "-", a figure it lacks "n/a"."""
+#: the measure a compared figure needs (a capture whose backend lacks it reads n/a)
+_NEEDS = {"p50_us": "latency", "p99_us": "latency", "misses": "misses", "drops": "drops"}
+
+
+def _change(name: str, c: dict, status: str = "both", measures=({}, {})) -> str:
+    """"7 -> 9 (+2)": a side without the mapping, or with nothing to show (no answered flow
+    for a latency), reads "-"; a figure its capture does not measure "n/a"."""
     _, fmt, delta = _FIGURES[name]
 
-    def side(value, present: bool) -> str:
-        return fmt(value) if value is not None else (NA if present else NONE)
-    text = f"{side(c['before'], status != 'new')} -> {side(c['after'], status != 'gone')}"
+    def side(value, measured: dict) -> str:
+        if value is not None:
+            return fmt(value)
+        return NA if not measured.get(_NEEDS.get(name, ""), True) else NONE
+    text = f"{side(c['before'], measures[0])} -> {side(c['after'], measures[1])}"
     return text if c["delta"] is None else f"{text} ({delta(c['delta'])})"
 
 
 def _comparison_doc(c: dict) -> _Doc:
     b, a = c["before"], c["after"]
+    sides = (b.get("measures") or {}, a.get("measures") or {})
     summary = [f"Before: {', '.join(map(str, b['files']))} ({_dur(b['span']['duration_s'])}); "
                f"after: {', '.join(map(str, a['files']))} ({_dur(a['span']['duration_s'])}); "
                "times are UTC; each cell reads before -> after (change)."]
     totals = _Table("Totals", ["FIGURE", "BEFORE -> AFTER (CHANGE)"],
-                    [[_FIGURES[k][0], _change(k, v)] for k, v in c["totals"].items()], set(), "figure")
+                    [[_FIGURES[k][0], _change(k, v, measures=sides)] for k, v in c["totals"].items()], set(),
+                    "figure")
     multi = any("node" in m for m in c["mappings"])
     heads = (["NODE"] if multi else []) + ["MAPPING", "POD", "STATUS"] + [f[0] for f in _FIGURES.values()]
     rows = [([m["node"]] if multi else []) + [mapping_label(m), pod_label(m), m["status"]]
-            + [_change(k, m[k], m["status"]) for k in COMPARED] for m in c["mappings"]]
+            + [_change(k, m[k], m["status"], sides) for k in COMPARED] for m in c["mappings"]]
     warning = ("A truncated capture is compared: its figures cover only what was read."
                if b["truncated"] or a["truncated"] else None)
     return _Doc("hostPort comparison", warning, summary,
@@ -334,99 +345,37 @@ def _comparison_csv(c: dict) -> str:
 # -------------------------------------------------------------------------------- the text
 
 def _text(doc: _Doc, width: Optional[int]) -> str:
-    w = width if width and width > 0 else 1 << 20        # not a terminal: no limit
+    w = width if width and width > 0 else None        # not a terminal: no limit
     lines: List[str] = []
     if doc.warning:
-        lines += _wrap(doc.warning, w)
-    lines += _wrap(doc.title, w) + [""]
+        lines += txt.paragraph(doc.warning, w)
+    lines += txt.paragraph(doc.title, w) + [""]
     for sentence in doc.summary:
-        lines += _wrap(sentence, w)
+        lines += txt.paragraph(sentence, w)
     for t in doc.tables:
-        lines += [""] + _wrap(t.title, w)
-        lines += (_grid(t, w) or _records(t, w)) if t.rows else _wrap(t.empty, w)
+        if t.html_only:
+            continue
+        lines += [""] + txt.paragraph(t.title, w)
+        if not t.rows:
+            lines += txt.paragraph(t.empty, w)
+        elif t.text is not None:
+            lines += t.text(w)
+        else:
+            lines += txt.table_lines(t.headers, t.rows, w, right=t.right, record=t.record)
     if doc.notes:
         lines += ["", "Notes:"]
         for note in doc.notes:
-            lines += _wrap(note, w, "- ", "  ")
+            lines += _note_lines(note, w)
     return "\n".join(lines) + "\n"
 
 
-def _cell_text(cell: Cell) -> str:
-    return "\n".join(cell) if isinstance(cell, list) else cell
-
-
-def _grid(t: _Table, width: int) -> Optional[List[str]]:
-    """The table as a rich grid within `width`, or None when even its narrowest cannot fit."""
-    from rich import box
-    from rich.cells import cell_len
-    from rich.console import Console
-    from rich.table import Table
-
-    cols = list(zip(t.headers, *[[_cell_text(c) for c in row] for row in t.rows]))
-    natural = [max(cell_len(line) for text in col for line in text.split("\n")) for col in cols]
-    narrow = [max(cell_len(word) for text in col for word in text.split()) for col in cols]
-    widths = _fit(natural, narrow, width - GAP * (len(cols) - 1))
-    if widths is None:
-        return None
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1),
-                  collapse_padding=True, header_style="", highlight=False)
-    for i, (head, w) in enumerate(zip(t.headers, widths)):
-        table.add_column(head, width=w, overflow="fold", justify="right" if i in t.right else "left")
-    for row in t.rows:
-        table.add_row(*(_cell_text(c) for c in row))
-    out = io.StringIO()
-    # markup off: "[fd00::1]:80" is an address, not a style; width roomy: rich must not squeeze
-    Console(file=out, width=sum(widths) + GAP * len(widths) + 8, color_system=None, markup=False,
-            highlight=False, emoji=False).print(table)
-    lines = [line.rstrip() for line in out.getvalue().splitlines()]
-    return lines if all(cell_len(line) <= width for line in lines) else None
-
-
-def _fit(natural: List[int], narrow: List[int], room: int) -> Optional[List[int]]:
-    """Column widths summing to at most `room`: the widest column gives a character back first,
-    none goes under its longest word."""
-    widths = list(natural)
-    if sum(narrow) > room:
-        return None
-    while sum(widths) > room:
-        i = max((i for i in range(len(widths)) if widths[i] > narrow[i]), key=lambda i: widths[i])
-        widths[i] -= 1
-    return widths
-
-
-def _records(t: _Table, width: int) -> List[str]:
-    """One block per row: "KEY  value", a list one item per line (psql's expanded display)."""
-    keyw = max(len(h) for h in t.headers) + 2
-    lines: List[str] = []
-    for n, row in enumerate(t.rows, 1):
-        lines.append(f"-[ {t.record} {n} ]".ljust(min(width, 40), "-"))
-        for head, cell in zip(t.headers, row):
-            items = (cell if isinstance(cell, list) else [cell]) or [""]
-            if width - keyw >= 24:
-                pieces = [p for item in items for p in _wrap(item, width - keyw)]
-                lines += [((head if i == 0 else "").ljust(keyw) + p).rstrip() for i, p in enumerate(pieces)]
-            else:       # too narrow for two columns: the key, then its values indented
-                lines += [head] + [p for item in items for p in _wrap(item, width, "  ", "  ")]
-    return lines
-
-
-_BREAKS = "/-.:_,"
-
-
-def _wrap(text: str, width: int, first: str = "", rest: str = "") -> List[str]:
-    """Wrap at spaces; a word longer than the line breaks after / - . : _ , and only when it has
-    none of those is it cut."""
-    lines = textwrap.wrap(text, width, initial_indent=first, subsequent_indent=rest,
-                          break_long_words=False, break_on_hyphens=False) or [first.rstrip()]
-    out: List[str] = []
-    for line in lines:
-        while len(line) > width:
-            cut = max((line.rfind(ch, len(rest), width - 1) + 1 for ch in _BREAKS), default=0)
-            cut = cut if cut > len(rest) else width
-            out.append(line[:cut])
-            line = rest + line[cut:]
-        out.append(line)
-    return out
+def _note_lines(note: str, width: Optional[int]) -> List[str]:
+    """A note as a bullet; a command it ends with (after ": sudo ...") on a line of its own,
+    whole: pasted, it runs as printed."""
+    head, sep, cmd = note.partition(": sudo ")
+    if sep and " " in cmd and not cmd.endswith("."):
+        return txt.paragraph(head + ":", width, "- ", "  ") + txt.command_lines("sudo " + cmd, "    ")
+    return txt.paragraph(note, width, "- ", "  ")
 
 
 # ---------------------------------------------------------------------- markdown and html
@@ -456,24 +405,58 @@ def _markdown(doc: _Doc) -> str:
 
 
 # Inline and self-contained: the file is attached to incident tickets and opened offline, so no
-# web fonts, scripts or any other URL.
-_CSS = """body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2em;color:#222}
+# web fonts, scripts or any other URL. Cells wrap at spaces only (keep-all, no overflow-wrap):
+# an address, a port or a name is never split; numbers never wrap.
+_CSS = """body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2em;color:#222;max-width:1216px}
 h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.5em}
-table{border-collapse:collapse;margin:.5em 0}th,td{border:1px solid #ccc;padding:.2em .5em;vertical-align:top}
-th{background:#f2f2f2;text-align:left}td.n{text-align:right;font-variant-numeric:tabular-nums}
+table{border-collapse:collapse;margin:.5em 0;max-width:100%;font-size:.875em}
+th,td{border:1px solid #ccc;padding:.2em .5em;vertical-align:top;word-break:keep-all;overflow-wrap:normal}
+th{background:#f2f2f2;text-align:left}td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+table.rec{margin:.2em 0 .8em}table.rec th{width:12em}.w{white-space:nowrap}
 .warn{background:#fff3cd;border:1px solid #e0c36c;padding:.5em 1em}
-figure{display:inline-block;margin:0 1em 1em 0}img{max-width:100%}figcaption{font-size:.9em;color:#555}"""
+figure{margin:0 0 1.5em 0}img{max-width:100%;height:auto}figcaption{font-size:.9em;color:#555}"""
+
+#: What the page's tables must fit (a 1280 px window, less the body's margins), and how wide a
+#: character of a header (bold) and of a cell, and a cell's padding and border, are taken to be
+#: (system-ui at 14 px, measured in Chromium, with some room).
+_PAGE_PX, _HEAD_PX, _CHAR_PX, _CELL_PX = 1216, 10.0, 8.0, 18
+
+
+def _narrowest_px(t: _Table) -> float:
+    """How wide the table's grid gets at the least: each column as wide as its longest word."""
+    cols = list(zip(*t.rows))
+    px = 0.0
+    for i, (head, col) in enumerate(zip(t.headers, cols)):
+        items = [x for c in col for x in (c if isinstance(c, list) else [c])]
+        cells = (max((len(x) for x in items), default=0) if i in t.right else
+                 max((len(w) for x in items for w in txt.words(str(x))), default=0))
+        px += max(cells * _CHAR_PX, max(len(w) for w in head.split()) * _HEAD_PX) + _CELL_PX
+    return px
+
+
+def _html_cell(c: Cell) -> str:
+    """Items one per line; each word in a span that never breaks (a browser would break a name
+    at its hyphens: node-a, nginx-hostport-6f9b), the line breaking at spaces only."""
+    return "<br>".join(" ".join(f'<span class="w">{html.escape(w)}</span>' if any(ch in w for ch in "-/")
+                                else html.escape(w) for w in txt.words(str(x)))
+                       for x in (c if isinstance(c, list) else [c]))
 
 
 def _html_table(t: _Table) -> str:
+    """A grid, or where even its narrowest grid is wider than the page, a block per row (a
+    small two-column table: the header, then the value)."""
     if not t.rows:
         return f"<p>{html.escape(t.empty)}</p>"
+    if _narrowest_px(t) > _PAGE_PX:
+        return "".join(
+            '<table class="rec"><tbody>' + "".join(
+                f"<tr><th>{html.escape(h)}</th><td{' class=n' if i in t.right else ''}>{_html_cell(c)}</td></tr>"
+                for i, (h, c) in enumerate(zip(t.headers, row))) + "</tbody></table>"
+            for row in t.rows)
     head = "".join(f"<th>{html.escape(h)}</th>" for h in t.headers)
     body = "".join(
-        "<tr>" + "".join(
-            f"<td{' class=n' if i in t.right else ''}>"
-            + "<br>".join(html.escape(x) for x in (c if isinstance(c, list) else [c])) + "</td>"
-            for i, c in enumerate(row)) + "</tr>"
+        "<tr>" + "".join(f"<td{' class=n' if i in t.right else ''}>{_html_cell(c)}</td>"
+                         for i, c in enumerate(row)) + "</tr>"
         for row in t.rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
@@ -484,8 +467,10 @@ def _html(doc: _Doc, charts: List[Tuple[str, bytes]]) -> str:
              f"<title>{e(doc.title)}</title><style>{_CSS}</style></head><body>", f"<h1>{e(doc.title)}</h1>"]
     if doc.warning:
         parts.append(f'<p class="warn">{e(doc.warning)}</p>')
-    parts.append(f"<p>{e(' '.join(doc.summary))}</p>")
+    parts += [f"<p>{e(sentence)}</p>" for sentence in doc.summary]
     for t in doc.tables:
+        if t.text_only:
+            continue
         parts += [f"<h2>{e(t.title)}</h2>", _html_table(t)]
     if charts:
         parts.append("<h2>Charts</h2>")

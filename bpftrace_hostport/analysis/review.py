@@ -144,7 +144,13 @@ def read(files: Sequence[CaptureFile], filters: Optional[Filters] = None, *, ser
                         sess.started_ns = iso_to_ns(item["started"])
                     except (ValueError, OverflowError):
                         pass
-                span = [item.get("_opened_ns"), None]
+                # a file's span starts when it was opened; a JSON-lines capture does not say,
+                # but the run's first file opened when the run started (a killed capture's rate
+                # is then over the time it ran, not over its flows' span)
+                opened = item.get("_opened_ns")
+                if opened is None and index == 0 and sess.started_ns is not None:
+                    opened = sess.started_ns
+                span = [opened, None]
                 sess.file_spans.append(span)
                 continue
             if kind == "flows":

@@ -5,7 +5,24 @@ node.py (rules, check), lab.py (lab ...); options.py holds the shared option fam
 """
 from __future__ import annotations
 
-import click
+import signal
+import sys
+
+#: Ctrl-C or SIGTERM that came while `trace` or `agent` was still being imported, before it
+#: set its own handlers (cli/trace.run): the trace then stops at once, cleanly, exit 0, instead
+#: of a KeyboardInterrupt traceback out of an import.
+EARLY_STOP: list = []
+
+
+def _early_stop(signum, frame) -> None:
+    EARLY_STOP.append(signum)
+
+
+if sys.argv[1:2] in (["trace"], ["agent"]):
+    for _sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(_sig, _early_stop)
+
+import click  # noqa: E402
 
 from bpftrace_hostport import __version__
 

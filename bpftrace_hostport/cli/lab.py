@@ -94,10 +94,11 @@ def lab_down(name, all_labs):
 @click.option("--json", "as_json", is_flag=True)
 @user_errors
 def lab_status(name, as_json):
-    """Show the labs that are up, or one lab in detail.
+    """Show the labs that are up (a line each: scenario, runtime, node, pods), or one lab in detail.
 
     \b
-    Example:
+    Examples:
+      bpftrace-hostport lab status
       bpftrace-hostport lab status --name demo
     """
     from bpftrace_hostport.lab import build as labmod
@@ -105,12 +106,36 @@ def lab_status(name, as_json):
         names = labmod.list_labs()
         if as_json:
             click.echo(json.dumps(names))
+        elif not names:
+            click.echo("no lab is up")
         else:
-            click.echo("\n".join(names) if names else "no lab is up")
+            click.echo(_labs_table([_lab_row(labmod, n) for n in names]), nl=False)
         return
     s = labmod.status(name)
     click.echo(json.dumps(s, indent=2) if as_json else _lab_text(s) +
                f"\n  namespaces present: {len(s['namespaces_present'])}, servers running: {len(s['servers_running'])}")
+
+
+def _lab_row(labmod, name: str) -> list:
+    """A lab as a row of `lab status`: what it is, where its node is, how many pods run."""
+    try:
+        s = labmod.status(name)
+    except labmod.LabError:
+        return [name, "-", "-", "-", "-", f"left over: remove it with `bpftrace-hostport lab down --name {name}`"]
+    except (TypeError, ValueError, KeyError):         # a state file this version does not know
+        return [name, "-", "-", "-", "-", "made by another version of bpftrace-hostport"]
+    pods = [p for p in s["pods"] if p.get("alive", True)]
+    runtime = s.get("runtime") or "direct"
+    state = "up" if s["complete"] else f"incomplete: `bpftrace-hostport lab down --name {name}` removes it"
+    serving = f" ({len(s['servers_running'])} serving)" if runtime == "direct" else ""
+    return [name, s["scenario"], runtime, s["node_ip"] + (f" {s['node_ip6']}" if s.get("node_ip6") else ""),
+            f"{len(pods)}{serving}", state]
+
+
+def _labs_table(rows: list) -> str:
+    from bpftrace_hostport.analysis.render import render_table, terminal_width
+    return render_table(("LAB", "SCENARIO", "RUNTIME", "NODE", "PODS", "STATE"), rows, terminal_width(),
+                        record="lab")
 
 
 @lab.command("traffic")

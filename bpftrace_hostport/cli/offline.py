@@ -21,8 +21,12 @@ def streaming(fn):
             return fn(*a, **kw)
     return wrapper
 
+#: A capture argument: click only says "is not readable"; records/stream.opener says whose the
+#: file is and what to run instead, so click does not look (readable=False).
+CAPTURE = click.Path(allow_dash=True, readable=False)
+
 @click.command()
-@click.argument("capture", nargs=-1, required=True, type=click.Path(allow_dash=True))
+@click.argument("capture", nargs=-1, required=True, type=CAPTURE)
 @click.option("--pods", "pod_files", multiple=True, type=click.Path(), help="Pod list to name pods the capture did not.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary record as JSON.")
 @user_errors
@@ -58,7 +62,10 @@ def summary(capture, pod_files, as_json):
         click.echo(json.dumps(s))
         return
     pods = _snapshot_pods(review)
-    click.echo(render_summary(s, pods=pods), nl=False)
+    # what the capture's backend does not measure reads n/a, never 0 or "-"
+    measures = {k: all(n["measures"].get(k, True) for n in fig.nodes.values())
+                for k in ("latency", "packets", "misses", "drops")}
+    click.echo(render_summary(s, pods=pods, measures=measures), nl=False)
 
 
 def _snapshot_pods(review):
@@ -124,17 +131,21 @@ def _emit(text, out):
 
 
 @click.command()
-@click.argument("paths", nargs=-1, type=click.Path(allow_dash=True))
+@click.argument("paths", nargs=-1, type=CAPTURE)
 @report_filters
-@click.option("--compare", nargs=2, type=click.Path(), metavar="BEFORE AFTER",
+@click.option("--compare", nargs=2, type=click.Path(readable=False), metavar="BEFORE AFTER",
               help="Compare two captures per mapping: before -> after.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv", "markdown", "html"]),
               default="table", show_default=True)
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False), help="Write here instead of stdout.")
 @click.option("--top", type=click.IntRange(1, 100), default=5, show_default=True, help="Top clients per mapping.")
+@click.option("--anonymize-key-file", type=click.Path(dir_okay=False), metavar="FILE",
+              help="Replace client addresses by keyed pseudonyms (Crypto-PAn) in the report, as "
+                   "trace --anonymize-key-file does.")
 @user_errors
 @streaming
-def report(paths, since, until, pods, namespaces, host_ports, clients, compare, fmt, out, top):
+def report(paths, since, until, pods, namespaces, host_ports, clients, compare, fmt, out, top,
+           anonymize_key_file):
     """The incident write-up of one or more captures (recordings or JSON lines), on any machine.
 
     Per mapping: flows, answered share, misses, drops by reason, latency percentiles, flows
@@ -147,30 +158,40 @@ def report(paths, since, until, pods, namespaces, host_ports, clients, compare, 
       bpftrace-hostport report node-*.arrow --since 2h --namespace web --format markdown
       bpftrace-hostport report incident.arrow --format html -o incident.html
       bpftrace-hostport report --compare before.arrow after.arrow
+      bpftrace-hostport report incident.arrow --anonymize-key-file key --format markdown   # to share
     """
-    from bpftrace_hostport.analysis.report import build_report, compare_reports
+    from bpftrace_hostport.analysis.report import anonymized, build_report, compare_reports
     from bpftrace_hostport.analysis.report_render import render
     f = _filters(since, until, pods, namespaces, host_ports, clients)
     if fmt == "html" and out is None:
         raise Fail("HTML goes to a file: add -o report.html.")
+    key = _key(anonymize_key_file)
+    anon = (lambda r: anonymized(r, key)) if key is not None else (lambda r: r)
     if compare:
         if paths:
             raise Fail("--compare takes the two captures itself; give no other path.")
-        before, after = (build_report(_review([p], f), top=top) for p in compare)
+        before, after = (anon(build_report(_review([p], f), top=top)) for p in compare)
         result = compare_reports(before, after)
     else:
         if not paths:
             raise Fail("Give at least one capture file (or - for standard input).")
         try:
-            result = build_report(_review(paths, f), top=top)
+            result = anon(build_report(_review(paths, f), top=top))
         except ValueError as e:
             raise Fail(str(e)) from None
     _emit(render(result, fmt), out)
 
 
+def _key(key_file):
+    if not key_file:
+        return None
+    from bpftrace_hostport.cli.trace import _anonymize_key
+    return _anonymize_key(False, key_file)
+
+
 # -- export --------------------------------------------------------------------------------
 @click.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(allow_dash=True))
+@click.argument("paths", nargs=-1, required=True, type=CAPTURE)
 @click.option("--to", "to", type=click.Choice(["parquet", "csv", "jsonl", "pcapng", "recording"]), required=True)
 @click.option("-o", "--output", "out", type=click.Path(), required=True,
               help="The file to write (with --partition: the dataset's directory).")
@@ -200,10 +221,7 @@ def export(paths, to, out, partition, since, until, pods, namespaces, host_ports
         raise Fail(f"{out} is a file: --partition writes a directory; give a new or empty directory.")
     if not partition and os.path.isdir(out):
         raise Fail(f"{out} is a directory: give a file name with -o, or add --partition (Parquet).")
-    key = None
-    if anonymize_key_file:
-        from bpftrace_hostport.cli.trace import _anonymize_key
-        key = _anonymize_key(False, anonymize_key_file)
+    key = _key(anonymize_key_file)
     f = _filters(since, until, pods, namespaces, host_ports, clients)
     n = export_captures(_open(paths), to, out, partition=partition, filters=f, anonymize_key=key)
     click.echo(f"wrote {n} flows to {out}", err=True)

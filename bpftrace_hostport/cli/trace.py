@@ -2,6 +2,7 @@
 and Prometheus metrics, all fed by one session (collect/session.py)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -96,9 +97,10 @@ def trace(netns, lab_name, duration, host_ports, protos, clients, pod_files, pod
     if fmt is None:
         fmt = "table" if sys.stdout.isatty() else "json"
     target = Target(netns, lab_name, list(pod_files), pods_from, kubeconfig, node_name)
-    run(target, Want(duration, host_ports, protos, clients, **kernel),
-        dict(fmt=fmt, record_path=record_path, max_size=max_size, max_files=max_files,
-             anonymize=anonymize, anonymize_key_file=anonymize_key_file, metrics=metrics))
+    with _stopped_early():
+        run(target, Want(duration, host_ports, protos, clients, **kernel),
+            dict(fmt=fmt, record_path=record_path, max_size=max_size, max_files=max_files,
+                 anonymize=anonymize, anonymize_key_file=anonymize_key_file, metrics=metrics))
 
 
 @click.command()
@@ -132,11 +134,12 @@ def agent(netns, lab_name, pod_files, pods_from, kubeconfig, node_name, host_por
         if record_dir and os.geteuid() == 0:
             os.makedirs(record_dir, mode=0o700, exist_ok=True)
         target = Target(netns, lab_name, list(pod_files), pods_from, kubeconfig, node_name)
-        run(target, Want(None, host_ports, protos, clients, **kernel),
-            dict(fmt="none", record_path=record_dir, max_size=max_size or ("256MiB" if record_dir else None),
-                 max_files=max_files or (8 if record_dir else None), anonymize=anonymize,
-                 anonymize_key_file=anonymize_key_file, metrics=metrics or "9469",
-                 agent=AgentOptions(check_interval=check_interval, log_json=log_json)))
+        with _stopped_early():
+            run(target, Want(None, host_ports, protos, clients, **kernel),
+                dict(fmt="none", record_path=record_dir, max_size=max_size or ("256MiB" if record_dir else None),
+                     max_files=max_files or (8 if record_dir else None), anonymize=anonymize,
+                     anonymize_key_file=anonymize_key_file, metrics=metrics or "9469",
+                     agent=AgentOptions(check_interval=check_interval, log_json=log_json)))
     except (UserError, click.ClickException) as e:
         if not log_json:
             raise
@@ -173,9 +176,37 @@ class Want:
     print_program: bool
 
 
+@contextlib.contextmanager
+def _stopped_early():
+    """Ctrl-C before run() set its handlers (while the command line is parsed): a plain note and
+    exit 0, not click's "Aborted!" and exit 1."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        click.echo("note: stopped before tracing started: nothing was traced.", err=True)
+
+
 def run(target: Target, want: Want, out: dict) -> None:
     """A trace: the options checked and made typed (collect/options.TraceOptions,
-    collect/outputs.Outputs), the programs loaded, the pods resolved, the session run."""
+    collect/outputs.Outputs), every pre-flight check (collect/preflight.py), the programs
+    loaded, the pods resolved, the session run. From the first moment Ctrl-C and SIGTERM only
+    ask the trace to stop (collect/options.Stop): whenever they come it ends cleanly, exit 0."""
+    import signal
+    from bpftrace_hostport.cli import EARLY_STOP
+    from bpftrace_hostport.collect.options import Stop
+    stop = Stop()
+    old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    if EARLY_STOP:                 # a signal while the command was imported
+        stop()
+    try:
+        _run(target, want, out, stop)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _run(target: Target, want: Want, out: dict, stop) -> None:
+    from bpftrace_hostport.collect import preflight
     from bpftrace_hostport.collect.options import TraceOptions
     from bpftrace_hostport.collect.outputs import Outputs
     from bpftrace_hostport.netns import require
@@ -200,20 +231,26 @@ def run(target: Target, want: Want, out: dict) -> None:
     if out["fmt"] == "none" and not (out["record_path"] or out["metrics"]):
         raise Fail("--format none writes nothing: add --record PATH or --metrics PORT.")
     from bpftrace_hostport.cli.node import check_hint
-    outputs = Outputs(fmt=out["fmt"], check_hint=check_hint(t.lab_name, netns, pod_files, t.pods_from),
+    # --lab already names the lab's pod list: the suggested command stays short
+    outputs = Outputs(fmt=out["fmt"], check_hint=check_hint(t.lab_name, netns, t.pod_files, t.pods_from),
                       record_path=out["record_path"],
                       max_size=parse_size(out["max_size"]) if out["max_size"] else None,
                       max_files=out["max_files"],
                       anonymize_key=_anonymize_key(out["anonymize"], out["anonymize_key_file"]),
                       metrics=out["metrics"], agent=out.get("agent"))
+    preflight.outputs(record=outputs.record_path, ready=want.ready_file,
+                      anonymized=outputs.anonymize_key is not None, print_program=want.print_program)
     backend = _preflight(want.backend, opts, outputs)
     try:
         with keep_pandas_out():
             backend, probe = _load_first(backend, opts)
             try:
+                if stop.flag:
+                    click.echo("note: stopped before tracing started: nothing was traced.", err=True)
+                    return
                 index = resolver(pod_files, t.pods_from, netns, node_name, t.kubeconfig)
                 try:
-                    _run_backend(backend, opts, index, outputs, probe)
+                    _run_backend(backend, opts, index, outputs, probe, stop)
                 finally:
                     index.stop()
             finally:
@@ -277,18 +314,18 @@ def _load_first(backend: str, opts):
         return "conntrack", None
 
 
-def _run_backend(backend: str, opts, index, outputs, probe=None) -> None:
+def _run_backend(backend: str, opts, index, outputs, probe=None, stop=None) -> None:
     from bpftrace_hostport.collect.outputs import run_session
     if backend != "auto":
-        run_session(backend, opts, index, outputs, probe)
+        run_session(backend, opts, index, outputs, probe, stop=stop)
         return
     try:
-        run_session("netfilter", opts, index, outputs, probe)
+        run_session("netfilter", opts, index, outputs, probe, stop=stop)
     except UserError as e:
         if not getattr(e, "fallback", False):
             raise
         _falling_back(e)
-        run_session("conntrack", opts, index, outputs)
+        run_session("conntrack", opts, index, outputs, stop=stop)
 
 
 def _falling_back(e: UserError) -> None:

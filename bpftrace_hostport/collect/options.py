@@ -25,3 +25,19 @@ class TraceOptions:
     use_rules: bool = True
     debug_print_program: bool = False
     node_name: Optional[str] = None
+
+
+class Stop:
+    """Ctrl-C or SIGTERM was seen. One object from the first moment of a trace to its last
+    (cli/trace.py sets the signal handlers to it before anything is loaded, the session keeps
+    them until its sinks are closed), so that a signal while the programs load, the pods are
+    read or the summary is written only asks the trace to end: it ends cleanly, with what was
+    seen, and a recording gets its end row however many times Ctrl-C is pressed."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        self.signals = 0
+
+    def __call__(self, *_) -> None:
+        self.flag = True
+        self.signals += 1

@@ -62,7 +62,13 @@ def _format_sink(o: Outputs, opts, index, made):
 
 def _recording_sink(o: Outputs, opts, index, made):
     from bpftrace_hostport.collect.sinks import RecordingSink
-    return RecordingSink(o.record_path, o.max_size, o.max_files, o.anonymize_key)
+    # no key: the session replaces the clients before any sink sees them (--anonymize)
+    return RecordingSink(o.record_path, o.max_size, o.max_files)
+
+
+def _end_line_sink(o: Outputs, opts, index, made):
+    from bpftrace_hostport.collect.sinks import EndLineSink
+    return EndLineSink(made.get("recording"), o.metrics)
 
 
 def _metrics_sink(o: Outputs, opts, index, made):
@@ -87,6 +93,9 @@ SINKS: Tuple[SinkEntry, ...] = (
     SinkEntry("recording", lambda o: bool(o.record_path), _recording_sink),
     SinkEntry("metrics", lambda o: bool(o.metrics), _metrics_sink),
     SinkEntry("agent", lambda o: o.agent is not None, _agent_sink),
+    # --format none prints nothing per flow: one line at the end says what was seen and where
+    # the recording is (the agent logs its own "stopped" line instead)
+    SinkEntry("end-line", lambda o: o.fmt == "none" and o.agent is None, _end_line_sink),
 )
 NEEDS = ("records", "counters")
 
@@ -109,8 +118,9 @@ def flow_records(sinks: list) -> bool:
     return any(type(s).needs == "records" for s in sinks)
 
 
-def run_session(backend_name: str, opts, index, outputs: Outputs, probe=None) -> dict:
-    """probe: the netfilter backend's, from load_probe (None: the backend loads its own)."""
+def run_session(backend_name: str, opts, index, outputs: Outputs, probe=None, stop=None) -> dict:
+    """probe: the netfilter backend's, from load_probe (None: the backend loads its own);
+    stop: the trace's collect/options.Stop (signals seen before the session started count)."""
     from bpftrace_hostport.collect.session import Session, watch_list
     sinks = make_sinks(outputs, opts, index)
     opts = dataclasses.replace(opts, flow_records=flow_records(sinks))
@@ -119,4 +129,4 @@ def run_session(backend_name: str, opts, index, outputs: Outputs, probe=None) ->
     for n in notes:
         logline.note(n)
     backend = make_backend(backend_name, opts, watch, probe)
-    return Session(opts, index, backend, sinks, watch).run()
+    return Session(opts, index, backend, sinks, watch, stop=stop, anonymize_key=outputs.anonymize_key).run()

@@ -1,15 +1,19 @@
 """Pre-flight checks: what a trace needs that can be checked before its programs are loaded.
 
 cli/trace.run calls them after the options are read and before anything is compiled, loaded or
-attached (outputs.load_probe), so that a busy port or a hook another program holds fails, or is
-explained, in a moment and with the fix, not after a compile and an attach. Each check is a
-function of its own; this module imports nothing heavy (the tracer is still small then).
+attached (outputs.load_probe), so that a bad option, a busy port or a hook another program holds
+fails, or is explained, in a moment: one sentence with the fix and exit 2, not a banner, a
+capture header and then the error. Each check is a function of its own; this module imports
+nothing heavy (the tracer is still small then).
 
+Outputs: the recording's and the ready file's paths can be written (tried for real), and
+--anonymize is not combined with an output it cannot reach.
 Metrics port: `metrics_listener` binds and listens at once and the socket is handed to the
 metrics sink, so no one can take the port between the check and the serving.
 Netfilter priority: `netfilter_priority` attaches a two-instruction program where the tracer's
 would go (after DNAT, before the filter table) and detaches it again: it says where the tracer
 will attach, who holds the priorities before it, or that the kernel has no netfilter BPF link.
+The kernel side's own checks (headers, BTF, root) are collect/netfilter/preflight.py.
 """
 from __future__ import annotations
 
@@ -25,6 +29,67 @@ from bpftrace_hostport.errors import KernelFeatureMissing, UserError
 
 _LISTEN = re.compile(r"(?:(?:\[(?P<v6>[0-9A-Fa-f:.]+(?:%\w+)?)\]|(?P<host>[A-Za-z0-9.\-]+)):)?"
                      r"(?P<port>\d{1,5})")
+
+
+# -- outputs: paths, permissions, anonymization --------------------------------------------
+
+def _writable_dir(d: str, what: str, fix: str) -> None:
+    """A file can be created in directory `d`: tried for real (a read-only filesystem, a full
+    quota or a permission passes os.access as root), and removed at once."""
+    if not os.path.isdir(d):
+        raise UserError(f"Cannot write {what}: the directory {d} does not exist; {fix}.")
+    probe = os.path.join(d, f".bpftrace-hostport-probe-{os.getpid()}")
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        if e.errno == errno.EEXIST:
+            return
+        raise UserError(f"Cannot write {what} in {d} ({e.strerror or e}); {fix}.") from None
+    os.close(fd)
+    try:
+        os.unlink(probe)
+    except OSError:
+        pass
+
+
+def record_path(path: Optional[str]) -> None:
+    """--record PATH / --record-dir DIR: a file that can be created, or a directory to create
+    files in (--max-size's own bound is cli/options.parse_size's)."""
+    if not path:
+        return
+    fix = "give a path in a directory that exists and that you can write"
+    if os.path.isdir(path):
+        _writable_dir(path, "the recording", "give a directory you can write")
+        return
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise UserError(f"{path} is not a regular file; give a file name or a directory for --record.")
+    if os.path.isfile(path) and not os.access(path, os.W_OK):
+        raise UserError(f"Cannot write the recording {path} (permission denied); {fix}.")
+    _writable_dir(os.path.dirname(os.path.abspath(path)), f"the recording {path}", fix)
+
+
+def ready_file(path: Optional[str]) -> None:
+    """--ready-file: written once attached, so its directory must take it."""
+    if path:
+        _writable_dir(os.path.dirname(os.path.abspath(path)), f"the ready file {path}",
+                      "give a path in a writable directory")
+
+
+def anonymize(anonymized: bool, print_program: bool) -> None:
+    """--anonymize applies to every output of a trace (the session replaces the clients before
+    any sink sees them); the one output it cannot reach is the eBPF program --print-program
+    shows, whose constants hold the real --client networks."""
+    if anonymized and print_program:
+        raise UserError("--print-program shows the real --client networks in the program's constants, "
+                        "which --anonymize must not reveal; leave out one of the two.")
+
+
+def outputs(*, record: Optional[str], ready: Optional[str], anonymized: bool,
+            print_program: bool) -> None:
+    """Every check of what a trace writes, in the order a user would fix them."""
+    record_path(record)
+    ready_file(ready)
+    anonymize(anonymized, print_program)
 
 
 # -- the metrics port ---------------------------------------------------------------------------

@@ -29,10 +29,11 @@ from typing import Dict, List, Optional, TextIO, Tuple
 from bpftrace_hostport import __version__, netns as netns_mod
 from bpftrace_hostport.analysis.rollup import Rollup
 from bpftrace_hostport.analysis.summary import summary_record
+from bpftrace_hostport.records import anonymize
 from bpftrace_hostport.records.batch import FlowBatch, ns_to_iso
 from bpftrace_hostport.collect import logline
 from bpftrace_hostport.collect.enrich import Enricher
-from bpftrace_hostport.collect.options import TraceOptions
+from bpftrace_hostport.collect.options import Stop, TraceOptions
 from bpftrace_hostport.collect.sinks import Sink
 from bpftrace_hostport.errors import UserError
 from bpftrace_hostport.records.schema import SCHEMA_VERSION
@@ -137,34 +138,44 @@ class _SignalWake:
         os.close(self.w)
 
 
-class _Stop:
-    def __init__(self):
-        self.flag = False
-
-    def __call__(self, *_):
-        self.flag = True
+_Stop = Stop
 
 
 class Session:
     def __init__(self, opts: TraceOptions, index, backend, sinks: List[Sink], watch,
-                 err: TextIO = sys.stderr):
-        self.opts, self.index, self.backend, self.sinks, self.err = opts, index, backend, sinks, err
+                 err: Optional[TextIO] = None, stop: Optional[Stop] = None,
+                 anonymize_key: Optional[bytes] = None):
+        self.opts, self.index, self.backend, self.sinks = opts, index, backend, sinks
+        self._err = err
         self.watch = list(watch)
+        # --anonymize: the clients are replaced here, once, before any sink sees them, so every
+        # output (JSON lines, text, the live view, the recording) holds the same pseudonyms
+        self.anon = None
+        if anonymize_key is not None:
+            from bpftrace_hostport.records.anonymize import Anonymizer
+            self.anon = Anonymizer(anonymize_key)
         self.agg = Rollup(series=False, clients=False)
         self.enrich = Enricher(index)
         self.started = time.monotonic()
         self.started_ns = time.time_ns()
         self.snap_due = {"pods": 0.0, "rules": 0.0}        # when the next look at each is due
         self.snap_last: Dict[str, tuple] = {}
-        self.stop = _Stop()
+        self.stop = stop if stop is not None else Stop()
         self.failure: Optional[UserError] = None     # a sink that failed (e.g. a full disk)
         self.addrs_due = 0.0                         # when the node's addresses are re-read anyway
         self.ended: Optional[str] = None             # why tracing ended by itself
+
+    @property
+    def err(self) -> TextIO:
+        """Where notes go: sys.stderr as it is now (the live view routes it above its frame)."""
+        return self._err if self._err is not None else sys.stderr
 
     # -- the pipeline ------------------------------------------------------------------------
     def _flows(self, batch) -> None:
         if len(batch) == 0:
             return
+        if self.anon is not None:
+            batch = anonymize.batch(self.anon, batch)
         self.enrich.flows(batch)
         self.agg.add_flows(batch)
         self._each("flows", batch)
@@ -180,6 +191,8 @@ class Session:
     def _misses(self, recs: List[dict]) -> None:
         if not recs:
             return
+        if self.anon is not None:
+            recs = anonymize.misses(self.anon, recs)
         self.enrich.misses(recs)
         self.agg.add_misses(recs)
         self._each("misses", recs)
@@ -215,50 +228,91 @@ class Session:
         return s
 
     # -- the loop ----------------------------------------------------------------------------
-    def run(self) -> dict:
+    def run(self) -> Optional[dict]:
+        """Attach, trace until --duration, a signal or a failing sink, detach, and give every sink
+        the summary. Ctrl-C or SIGTERM at any moment only sets the stop flag (the handlers stay
+        until the sinks are closed): before the programs are attached nothing is attached and
+        None is returned; after, tracing ends at once and every sink is closed with what was
+        seen (a recording always gets its end row)."""
         opts, backend = self.opts, self.backend
         check_ready_file(opts.ready_file)
         old = {sig: signal.signal(sig, self.stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-        ipr = netns_mod.open_iproute(opts.netns)
-        self.addr_watch = netns_mod.AddressWatch(opts.netns)
+        started = False
         try:
-            how = backend.start(netns_mod.local_addresses(ipr))
-            self.started = time.monotonic()
-            self.started_ns = time.time_ns()
-            header = capture_header(opts, backend, self.started_ns)
-            self._each("start", header)
-            self._snapshots()
-            self._announce(how)
-            # Everything made so far (modules, pod index, sinks) lives as long as the session:
-            # frozen out of the garbage collector's sweeps, which then see only what the loop
-            # makes (a full sweep of ~10^5 startup objects costs milliseconds, again and again).
-            gc.collect()
-            gc.freeze()
-            self._loop(ipr)
-            self._flows(backend.finish())
-            self._misses(backend.misses())
-            summary = self.summary()
+            if self.stop.flag:
+                backend.close()
+                logline.note("stopped before tracing started: nothing was traced.", self.err)
+                return None
+            ipr = netns_mod.open_iproute(opts.netns)
+            self.addr_watch = netns_mod.AddressWatch(opts.netns)
+            try:
+                how = backend.start(netns_mod.local_addresses(ipr))
+                self.started = time.monotonic()
+                self.started_ns = time.time_ns()
+                header = anonymize.header(self.anon, capture_header(opts, backend, self.started_ns))
+                started = True
+                self._each("start", header)
+                self._snapshots()
+                self._announce(how)
+                # Everything made so far (modules, pod index, sinks) lives as long as the session:
+                # frozen out of the garbage collector's sweeps, which then see only what the loop
+                # makes (a full sweep of ~10^5 startup objects costs milliseconds, again and again).
+                gc.collect()
+                gc.freeze()
+                self._loop(ipr)
+                self._flows(backend.finish())
+                self._misses(backend.misses())
+                summary = self.summary()
+            except BaseException:
+                if started:              # the sinks still get what was seen: an end row, the terminal back
+                    self._close_after_failure()
+                raise
+            finally:
+                backend.close()
+                ipr.close()
+                self.addr_watch.close()
+            if self.ended:
+                logline.note(self.ended, self.err)
+            self._each("close", summary)
         finally:
             for sig, handler in old.items():
                 signal.signal(sig, handler)
-            backend.close()
-            ipr.close()
-            self.addr_watch.close()
-        if self.ended:
-            logline.note(self.ended, self.err)
-        self._each("close", summary)
         if self.failure is not None:
             raise self.failure
         return summary
 
+    def _close_after_failure(self) -> None:
+        """Closes every sink after the loop failed, with the best summary there is."""
+        try:
+            summary = self.summary()
+        except Exception:                                     # the backend is what failed
+            fig = self.agg.figures(pod_names=self.index.names)
+            summary = summary_record(fig, time.monotonic() - self.started, None)
+        for s in list(self.sinks):
+            try:
+                s.close(summary)
+            except Exception:
+                pass
+
     def _announce(self, how: str) -> None:
+        """The start banner: shown by a sink that shows it (the live view, above its frame),
+        else on stderr, wrapped at spaces to stderr's terminal."""
         opts = self.opts
         where = f"network namespace {opts.netns}" if opts.netns else "this network namespace"
         what = (", ".join(f"{p}/{proto}" for proto, p in self.watch) if self.watch
                 else "every DNAT to a local address")
-        logline.emit("tracing", f"Tracing hostPort DNAT in {where} ({what}) with the {self.backend.name} "
-                     f"backend; {how}; Ctrl-C to end.", err=self.err, netns=opts.netns,
-                     host_ports=[f"{p}/{proto}" for proto, p in self.watch], backend=self.backend.name)
+        text = (f"Tracing hostPort DNAT in {where} ({what}) with the {self.backend.name} backend; "
+                f"{how}; Ctrl-C to end." + (" Client addresses are pseudonyms (--anonymize)."
+                                           if self.anon is not None else ""))
+        if logline.json_lines():
+            logline.emit("tracing", text, err=self.err, netns=opts.netns,
+                         host_ports=[f"{p}/{proto}" for proto, p in self.watch], backend=self.backend.name)
+        elif not any(getattr(s, "shows_banner", False) for s in self.sinks):
+            from bpftrace_hostport.analysis.render import paragraph, terminal_width
+            tty = getattr(self.err, "isatty", lambda: False)()
+            print("\n".join(paragraph(text, terminal_width(self.err) if tty else None)), file=self.err,
+                  flush=True)
+        self._each("announce", text)
         if opts.ready_file:
             with open(opts.ready_file, "w") as f:
                 f.write(f"{os.getpid()}\n")

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from bpftrace_hostport import netns as netns_mod
+from bpftrace_hostport.addr import endpoint_proto
 from bpftrace_hostport.errors import UserError
 from bpftrace_hostport.lab import PORTMAP_BACKENDS, SCENARIOS, scenarios
 from bpftrace_hostport.model import ContainerPort
@@ -774,7 +775,8 @@ def traffic(name: str, to: Optional[int] = None, count: int = 10, rate: float = 
     st = LabState.load(name)
     mappings = [(p, m) for p in st.live_pods() for m in p.ports if m.get("host_port")]
     if not mappings:
-        raise LabError(f"Lab {name!r} has no hostPort mapping to send traffic to.")
+        raise LabError(f"Lab {name!r} has no hostPort mapping to send traffic to: bring it up with a manifest "
+                       f"whose pods declare a hostPort (lab down --name {name}, then lab up MANIFEST).")
     if to is None:
         pod, m = mappings[0]
     else:
@@ -782,13 +784,16 @@ def traffic(name: str, to: Optional[int] = None, count: int = 10, rate: float = 
                  (proto is None or m["protocol"].lower() == proto)]
         if not match:
             have = ", ".join(sorted({f"{m['host_port']}/{m['protocol'].lower()}" for _, m in mappings}))
-            raise LabError(f"Lab {name!r} has no hostPort {to}: it has {have}.")
+            raise LabError(f"Lab {name!r} has no hostPort {to}{'/' + proto if proto else ''}: give --to with one "
+                           f"of {have}.")
         pod, m = match[0]
     proto = (proto or m["protocol"]).lower()
     if proto not in ("tcp", "udp"):
-        raise LabError("The lab sends TCP or UDP traffic only.")
+        raise LabError(f"The lab sends TCP or UDP traffic only, and hostPort {m['host_port']} is "
+                       f"{proto.upper()}: give --to with a TCP or UDP hostPort.")
     if family == 6 and not st.ipv6:
-        raise LabError(f"Lab {name!r} was built without IPv6.")
+        raise LabError(f"Lab {name!r} was built without IPv6: leave out --ipv6, or bring the lab up again "
+                       "without --no-ipv6.")
     if source == "client":
         ns = st.clients[0]["netns"]
     elif source == "node":
@@ -797,15 +802,16 @@ def traffic(name: str, to: Optional[int] = None, count: int = 10, rate: float = 
         callers = [p for p in st.live_pods() if not p.host_network and p.netns]
         caller = next((p for p in callers if p.name == "caller"), callers[0] if callers else None)
         if caller is None:
-            raise LabError(f"Lab {name!r} has no pod network pod to send from.")
+            raise LabError(f"Lab {name!r} has no pod network pod to send from: use --from client or --from node "
+                           "(--scenario hairpin has a pod that calls).")
         ns = caller.netns
     else:
-        raise LabError("--from must be client, node or pod.")
+        raise LabError("--from must be client, node or pod: give one of them.")
     if target is None:
         target = "localhost" if (st.scenario == "localhost" and source == "node") else "node"
     if target == "localhost":
         if source != "node":
-            raise LabError("Only the node itself can reach a hostPort on localhost.")
+            raise LabError("Only the node itself can reach a hostPort on localhost: add --from node.")
         host = "127.0.0.1" if family == 4 else "::1"
     else:
         host = st.node_ip if family == 4 else st.node_ip6
@@ -819,8 +825,9 @@ def traffic(name: str, to: Optional[int] = None, count: int = 10, rate: float = 
         args += ["--port-base", str(port_base)]
     p = _run(_nsexec(ns, *args), timeout=max_seconds + timeout + 30, check=False)
     if p.returncode != 0:
-        raise LabError(f"The traffic generator failed: {p.stderr.strip()[-300:]}")
+        raise LabError(f"The traffic generator failed in {ns} ({p.stderr.strip()[-300:]}); see whether the lab "
+                       f"is whole with `bpftrace-hostport lab status --name {name}`.")
     res = json.loads(p.stdout.strip().splitlines()[-1])
-    res.update({"from": source, "from_netns": ns, "to": f"{host}:{m['host_port']}/{proto}",
+    res.update({"from": source, "from_netns": ns, "to": endpoint_proto(host, m["host_port"], proto),
                 "expected_pod": f"{pod.namespace}/{pod.name}"})
     return res

@@ -14,6 +14,7 @@ import time
 
 import click
 
+from bpftrace_hostport.addr import endpoint as _ep
 from bpftrace_hostport.errors import UserError
 from bpftrace_hostport.lab import build as labmod
 from bpftrace_hostport.lab.harness import TraceRun
@@ -31,10 +32,6 @@ def _step(i: int, n: int, text: str) -> None:
 def _say(text: str) -> None:
     """A detail line under a step, indented and wrapped to the terminal."""
     click.echo("\n".join(wrap("      " + text, terminal_width(), " " * 8)))
-
-
-def _ep(ip, port) -> str:
-    return f"[{ip}]:{port}" if ip and ":" in ip else f"{ip}:{port}"
 
 
 def run_demo(name: str = "demo", keep: bool = False) -> int:

@@ -11,11 +11,11 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import os
-from typing import Dict, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from bpftrace_hostport.records.batch import ADDR, group_rows
+from bpftrace_hostport.records.batch import ADDR, FlowBatch, group_rows
 
 _BITS = {4: 32, 6: 128}
 
@@ -74,3 +74,32 @@ class Anonymizer:
             return raw
         value = self.map_int(int.from_bytes(raw[:width], "big"), family)
         return value.to_bytes(width, "big").ljust(16, b"\0")
+
+
+# -- what every writer of client addresses uses: one way to anonymize each kind of record -----
+def batch(anon: Optional[Anonymizer], b: FlowBatch) -> FlowBatch:
+    """A copy of a flow batch with pseudonyms for its clients (the caller's batch is left alone)."""
+    if anon is None or not len(b):
+        return b
+    return FlowBatch(dict(b.cols, client_addr=anon.map_column(b["client_addr"], b["family"])),
+                     b.pods, b.drop_reasons)
+
+
+def misses(anon: Optional[Anonymizer], recs: List[dict]) -> List[dict]:
+    """Miss records with pseudonyms for their clients."""
+    if anon is None:
+        return recs
+    return [dict(r, client_ip=anon.map_text(r["client_ip"])) if r.get("client_ip") else r for r in recs]
+
+
+def header(anon: Optional[Anonymizer], h: dict) -> dict:
+    """A capture header that says its clients are pseudonyms, its --client networks mapped too
+    (they would name the clients)."""
+    if anon is None:
+        return h
+    h = dict(h)
+    opts = dict(h.get("options") or {})
+    if opts.get("clients"):
+        opts["clients"] = [anon.map_cidr(c) for c in opts["clients"]]
+    h["options"], h["anonymized"] = opts, True
+    return h

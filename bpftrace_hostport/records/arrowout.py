@@ -226,6 +226,12 @@ def ipc_message(b: Batch) -> bytes:
     return b"".join(parts)
 
 
+def message_size(b: Batch) -> int:
+    """How many bytes ipc_message(b) makes (the writer's --max-size keeps its bound with it)."""
+    return len(_TEMPLATE) + sum(((0 if buf is None else buf.nbytes) + 7) & ~7
+                                for c in b.columns for buf in c.buffers)
+
+
 @functools.lru_cache(maxsize=None)
 def schema_message() -> bytes:
     """The stream's first message, the schema (with its metadata), as nanoarrow writes it."""

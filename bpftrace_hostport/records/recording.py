@@ -13,8 +13,10 @@ File names:
                     trace-20260129T080247.123456Z.arrow (names sort in time order). There
                     --max-files counts every trace-*.arrow of the directory, earlier runs too,
                     so an agent that restarts cannot fill the disk.
-Rotation happens after the batch that takes the file past max_size; with max_files, the
-oldest files are deleted (one that cannot be deleted is left alone).
+With max_size a file never grows past it: a batch that would take it past (with room kept
+for its end row) goes to the next file, and a batch of flows too big for any file is split;
+only a file's head (header and snapshots) bigger than max_size, or a single row, can pass it.
+With max_files, the oldest files are deleted (one that cannot be deleted is left alone).
 
 Crash safety: the file is unbuffered, so when write_* returns the batch is in the kernel and
 survives kill -9; a kill mid-write leaves a torn last batch, which the reader drops. fsync
@@ -37,9 +39,11 @@ from bpftrace_hostport import proto as protomod
 from bpftrace_hostport.records.batch import ADDR, FlowBatch, iso_to_ns, pack_addr
 from bpftrace_hostport.errors import UserError
 from bpftrace_hostport.records import arrowout as ao
+from bpftrace_hostport.records import anonymize
 from bpftrace_hostport.records.anonymize import Anonymizer
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
+_END_ROOM = 0                   # set below, once the row builders exist
 SNAPSHOT_KINDS = ("pods", "rules")
 
 
@@ -74,10 +78,8 @@ class RecordingWriter:
     def write_flows(self, batch: FlowBatch) -> None:
         if self._closed or not len(batch):
             return
-        if self.anonymizer is not None:       # a copy: the caller's batch feeds other sinks
-            client = self.anonymizer.map_column(batch["client_addr"], batch["family"])
-            batch = FlowBatch(dict(batch.cols, client_addr=client), batch.pods, batch.drop_reasons)
-        self._append(batch.to_arrow(), flows=len(batch))
+        batch = anonymize.batch(self.anonymizer, batch)   # a copy: the caller's batch feeds other sinks
+        self._append_flows(batch)
 
     def write_misses(self, misses: List[dict]) -> None:
         if self._closed or not misses:
@@ -104,7 +106,7 @@ class RecordingWriter:
         if self._closed:
             return
         self._snapshots[kind] = _payload_row(kind, {"items": items})     # repeated at rotation
-        self._append(self._snapshots[kind])
+        self._append(self._snapshots[kind], in_head=True)
 
     def write_summary(self, summary: dict) -> None:
         if not self._closed:
@@ -123,13 +125,7 @@ class RecordingWriter:
 
     # -- files --------------------------------------------------------------------------------
     def _header(self, header: dict) -> dict:
-        h = dict(header)
-        if self.anonymizer is not None:      # the --client CIDRs would name the clients too
-            opts = dict(h.get("options") or {})
-            if opts.get("clients"):
-                opts["clients"] = [self.anonymizer.map_cidr(c) for c in opts["clients"]]
-            h["options"], h["anonymized"] = opts, True
-        return h
+        return anonymize.header(self.anonymizer, dict(header))
 
     def _next_path(self) -> str:
         if self.directory:
@@ -152,6 +148,7 @@ class RecordingWriter:
         self._write(_payload_row("meta", dict(self.header, file_index=self.files - 1)))
         for rb in self._snapshots.values():
             self._write(rb)
+        self._head = self._good               # what every file of the run starts with
         self._prune()
 
     def _finish(self, rotated: bool) -> None:
@@ -171,15 +168,41 @@ class RecordingWriter:
                 pass                          # gone already, or not ours to delete
 
     # -- batches ------------------------------------------------------------------------------
-    def _append(self, rb, flows: int = 0, misses: int = 0) -> None:
+    def _full(self, size: int) -> bool:
+        """Whether a message of `size` bytes would take this file past max_size (room kept for
+        the end row); a file holding only its head takes it anyway."""
+        return bool(self.max_size) and self._good > self._head \
+            and self._good + size + _END_ROOM > self.max_size
+
+    def _append_flows(self, batch: FlowBatch) -> None:
+        rb = batch.to_arrow()
+        n = len(batch)
+        if self.max_size and n > 1:
+            size = ao.message_size(rb)
+            if self._full(size):
+                self._rotate()
+            room = self.max_size - self._good - _END_ROOM
+            if size > room:                   # too big for what is left even of a new file: split
+                k = max(1, min(n - 1, n * max(room, 0) // size))
+                self._append_flows(batch.select(slice(0, k)))
+                self._append_flows(batch.select(slice(k, n)))
+                return
+        self._append(rb, flows=n)
+
+    def _rotate(self) -> None:
+        self._finish(rotated=True)
+        self._open_next()
+
+    def _append(self, rb, flows: int = 0, misses: int = 0, in_head: bool = False) -> None:
+        if self.max_size and self._full(ao.message_size(rb)):
+            self._rotate()
+            if in_head:
+                return                        # the new file's head holds it already
         self._write(rb)
         self._flows += flows
         self._misses += misses
         self.flows_written += flows
         self.misses_written += misses
-        if self.max_size and self._good > self.max_size:
-            self._finish(rotated=True)
-            self._open_next()
 
     def _write(self, rb) -> None:
         with self._guard():
@@ -215,6 +238,14 @@ class RecordingWriter:
 
 
 # -- row builders -----------------------------------------------------------------------------
+def _end_room() -> int:
+    """The bytes an end row and the end-of-stream marker take (counts of 20 digits: the most)."""
+    big = 10 ** 19
+    row = _payload_row("end", {"rows": big, "flows": big, "misses": big, "files": big, "rotated": False})
+    return ao.message_size(row) + len(ao.EOS)
+
+
+
 def _payload_row(kind: str, obj):
     text = orjson.dumps(obj, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
     return ao.batch(kind, 1, {"ts": ao.column("ts", np.array([time.time_ns()], np.int64)),
@@ -228,3 +259,6 @@ def _addrs(texts) -> np.ndarray:
 def _dir_files(directory: str) -> List[str]:
     return [os.path.join(directory, n) for n in os.listdir(directory)
             if n.startswith("trace-") and n.endswith(".arrow")]
+
+
+_END_ROOM = _end_room()

@@ -1,6 +1,6 @@
 """The packages are layers: a module imports only from its own package and the ones below it.
 
-    base (proto, netns, files, errors, model, nopandas)  <  records  <  ebpf  <  pods  <  node
+    base (proto, netns, files, errors, model, nopandas, addr)  <  records  <  ebpf  <  pods  <  node
     <  analysis  <  collect  <  lab  <  cli
 
 records owns the flow data model (FlowBatch), so the offline side (records, analysis) never
@@ -12,7 +12,7 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[2] / "bpftrace_hostport"
 LAYERS = ["base", "records", "ebpf", "pods", "node", "analysis", "collect", "lab", "cli"]
-BASE = {"proto", "netns", "files", "errors", "model", "nopandas", "__init__", "bpf"}
+BASE = {"proto", "netns", "files", "errors", "model", "nopandas", "addr", "__init__", "bpf"}
 
 
 def _layer(parts):

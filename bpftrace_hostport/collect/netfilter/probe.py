@@ -323,9 +323,12 @@ class Probe:
         preflight_compile()
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
+            # its own session: a Ctrl-C at the terminal goes to the tracer, which finishes the
+            # load and stops cleanly, not to the compile, whose death would be an error
             proc = subprocess.Popen([sys.executable, "-m", "bpftrace_hostport.ebpf.compiler", str(child.fileno())],
                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE, pass_fds=(child.fileno(),))
+                                    stderr=subprocess.PIPE, pass_fds=(child.fileno(),),
+                                    start_new_session=True)
             child.close()
             proc.stdin.write(json.dumps(request).encode())
             proc.stdin.close()

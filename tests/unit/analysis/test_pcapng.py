@@ -1,10 +1,12 @@
-"""pcapng export: parse the bytes back with dpkt, and read the file with Debian's tshark.
+"""pcapng export: parse the bytes back with dpkt, and read the file with Debian's tshark and
+capinfos (strict time order).
 
 tshark tests skip when tshark is missing, except with CI=true, where they fail: CI must
 prove that Wireshark really reads the file (Debian package: tshark).
 """
 import io
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -23,14 +25,30 @@ BASE = dict(ts=TS, proto="tcp", family=4, client_ip="192.0.2.10", client_port=40
             hook="prerouting", answered=True, latency_us=123.4, midstream=False,
             masqueraded=False, snat_ip=None, packets=2, bytes=120, pod_namespace="shop",
             pod_name="web-0", port_name="http", drop_reason=None)
-V6_UDP = dict(BASE, proto="udp", family=6, client_ip="2001:db8::10", node_ip="fd00::2",
+
+def at(seconds):
+    """TS plus whole seconds: flows far enough apart that each one's frames come together."""
+    return TS.replace("22.", f"{22 + seconds:02d}.")
+
+
+V6_UDP = dict(BASE, ts=at(1), proto="udp", family=6, client_ip="2001:db8::10", node_ip="fd00::2",
               host_port=5353, pod_ip="fd00:1::5", pod_port=53, hook="output", latency_us=50.5,
               pod_name="dns-1")
-MASQ = dict(BASE, masqueraded=True, snat_ip="10.1.0.1", pod_name="masq-2")
-UNANSWERED = dict(BASE, answered=False, latency_us=None, drop_reason="no_route",
+MASQ = dict(BASE, ts=at(2), masqueraded=True, snat_ip="10.1.0.1", pod_name="masq-2")
+UNANSWERED = dict(BASE, ts=at(3), answered=False, latency_us=None, drop_reason="no_route",
                   pod_name="lost-3")
-SCTP = dict(BASE, proto="sctp", host_port=9000, pod_port=9000, pod_name="sctp-4")
+SCTP = dict(BASE, ts=at(4), proto="sctp", host_port=9000, pod_port=9000, pod_name="sctp-4")
 FLOWS = [BASE, V6_UDP, MASQ, UNANSWERED]
+REFUSED = dict(BASE, ts=at(5), answered=False, latency_us=None, outcome="refused", refusal="reset",
+               refused_by="pod", refusal_us=40.0, icmp_type=None, icmp_code=None, pod_name="down-5")
+PORT_UNREACH = dict(V6_UDP, ts=at(6), answered=False, latency_us=None, outcome="refused",
+                    refusal="port-unreachable", refused_by="pod", refusal_us=60.0, icmp_type=1,
+                    icmp_code=4, pod_name="dns-6")
+HOST_UNREACH = dict(BASE, ts=at(7), proto="udp", host_port=5353, pod_port=53, answered=False,
+                    latency_us=None, outcome="refused", refusal="host-unreachable", refused_by="node",
+                    refusal_us=3000000.0, icmp_type=3, icmp_code=1, pod_name="gone-7")
+MISS = dict(type="miss", ts=at(8), proto="tcp", family=4, client_ip="192.0.2.20", node_ip="10.0.0.2",
+            host_port=9000, hook="prerouting", count=3, pod_namespace="lab", pod_name="hostnet-web")
 
 
 def export(flows):
@@ -125,13 +143,13 @@ def test_ipv4_tcp_syn_synack():
     assert (dpkt.utils.inet_to_str(r.src), dpkt.utils.inet_to_str(r.dst)) == ("10.1.0.5", "192.0.2.10")
     assert (r.data.sport, r.data.dport) == (80, 40000)
     assert r.data.flags == dpkt.tcp.TH_SYN | dpkt.tcp.TH_ACK and r.data.ack == a.data.seq + 1
-    assert c1 == ("pod=shop/web-0 port=http mapping=tcp 8000->10.1.0.5:80 hook=prerouting "
+    assert c1 == ("pod=shop/web-0 port=http mapping=tcp 8000->10.1.0.5:80 hook=prerouting outcome=answered "
                   "latency_us=123.4 answered=yes masq=no packets=2 bytes=120 flow=1 step=original")
     assert c2.endswith("step=dnat") and c3.endswith("step=reply")
 
 
 def test_ipv6_udp_masq_unanswered_sctp_midstream():
-    midstream = dict(BASE, midstream=True)
+    midstream = dict(BASE, ts=at(5), midstream=True)
     n, data = export([V6_UDP, MASQ, UNANSWERED, SCTP, midstream])
     assert n == 3 + 3 + 2 + 3 + 3
     pk = packets(data)
@@ -157,9 +175,65 @@ def test_streams_one_flow_at_a_time():
     def flows():
         for i in range(5):
             sizes.append(out.tell())
-            yield dict(BASE, client_port=1000 + i)
+            yield dict(BASE, ts=at(i), client_port=1000 + i)
     assert write_pcapng(flows(), out) == 15
     assert sizes == sorted(sizes) and len(set(sizes)) == 5     # written before the next flow
+
+
+def test_refusals_are_frames_from_their_sender_with_valid_checksums():
+    n, data = export([REFUSED, PORT_UNREACH, HOST_UNREACH])
+    assert n == 9
+    pk = packets(data)
+    rst = check_checksums(pk[2][2])
+    assert rst.data.flags == dpkt.tcp.TH_RST | dpkt.tcp.TH_ACK and dpkt.utils.inet_to_str(rst.src) == "10.1.0.5"
+    assert pk[2][1] - pk[1][1] == 40000                             # at the time to the refusal
+    assert "outcome=refused refusal=reset refused_by=pod refusal_us=40.0" in pk[2][3]
+    v6 = dpkt.ip6.IP6(pk[5][2])
+    assert v6.nxt == 58 and (v6.data.type, v6.data.code) == (1, 4)
+    assert dpkt.utils.inet_to_str(v6.src) == "fd00:1::5" and dpkt.utils.inet_to_str(v6.dst) == "2001:db8::10"
+    pseudo = v6.src + v6.dst + struct.pack("!IxxxB", len(bytes(v6.data)), 58)
+    assert ones_sum(pseudo + bytes(v6.data)) == 0xFFFF
+    v4 = dpkt.ip.IP(pk[8][2])
+    assert v4.p == 1 and (v4.data.type, v4.data.code) == (3, 1)
+    assert dpkt.utils.inet_to_str(v4.src) == "10.0.0.2"             # the node said it
+    assert ones_sum(bytes(v4.data)) == 0xFFFF and ones_sum(pk[8][2][:20]) == 0xFFFF
+    assert "refused_by=node icmp=3/1" in pk[8][3]
+
+
+def test_frames_are_in_time_order_and_misses_are_frames():
+    # two flows a microsecond apart: the first one's reply comes after the second's first packet
+    late = dict(BASE, latency_us=5000.0)
+    soon = dict(BASE, ts=TS.replace(".123456", ".123457"), client_port=40001, latency_us=10.0)
+    miss = dict(MISS, ts=TS.replace(".123456", ".124000"))
+    buf = io.BytesIO()
+    assert write_pcapng([late, soon], buf, [miss]) == 7
+    pk = packets(buf.getvalue())
+    times = [t for _, t, _, _ in pk]
+    assert times == sorted(times)
+    steps = [(c.split("flow=")[-1] if "flow=" in c else c.split("miss=")[-1]) for _, _, _, c in pk]
+    assert steps == ["1 step=original", "1 step=dnat", "2 step=original", "2 step=dnat", "2 step=reply",
+                     "1 step=miss", "1 step=reply"]
+    m = check_checksums(pk[5][2])
+    assert (dpkt.utils.inet_to_str(m.dst), m.data.dport, m.data.flags) == ("10.0.0.2", 9000, dpkt.tcp.TH_SYN)
+    assert pk[5][0] == "prerouting"
+    assert pk[5][3].startswith("miss: 3 connections to 10.0.0.2:9000/tcp not DNATed (hostNetwork pod "
+                               "lab/hostnet-web owns the port)")
+
+
+def test_capinfos_reads_strict_time_order(tmp_path):
+    capinfos = shutil.which("capinfos")
+    if capinfos is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true and capinfos is missing (apt-get install tshark)")
+        pytest.skip("capinfos is not installed")
+    flows = [dict(BASE, ts=TS.replace(".123456", f".{123456 + i * 7:06d}"), client_port=40000 + i,
+                  latency_us=float(500 - i * 9)) for i in range(50)]
+    path = tmp_path / "f.pcapng"
+    with open(path, "wb") as fh:
+        write_pcapng(flows, fh, [dict(MISS, ts=TS.replace(".123456", ".123600"))])
+    out = subprocess.run([capinfos, "-o", "-c", str(path)], capture_output=True, text=True, check=True).stdout
+    assert "Strict time order:   True" in out, out
+    assert re.search(r"Number of packets: +151\b", out), out
 
 
 def test_timestamps():
@@ -203,7 +277,7 @@ def tshark():
 def capture(tmp_path):
     path = tmp_path / "flows.pcapng"
     with open(path, "wb") as fh:
-        write_pcapng(FLOWS + [SCTP], fh)
+        write_pcapng(FLOWS + [SCTP, REFUSED, PORT_UNREACH, HOST_UNREACH], fh, [MISS])
     return path
 
 
@@ -225,18 +299,23 @@ def test_tshark_shows_tuples_and_comments(tshark, capture):
         ("prerouting", "192.0.2.10", "40000", "10.0.0.2", "pod=shop/lost-3", "step=original"),
         ("prerouting-dnat", "192.0.2.10", "40000", "10.1.0.5", "pod=shop/lost-3", "step=dnat"),
     ]
-    assert len(rows) == 14 and rows[11][0] == "prerouting"        # + SCTP INIT, INIT, INIT-ACK
+    assert len(rows) == 24 and rows[11][0] == "prerouting"        # + SCTP INIT, INIT, INIT-ACK
+    # the host unreachable comes 3 s after its flow, after the miss: frames go in time order
+    assert [r[7].split()[-1] for r in rows[14:]] == ["step=original", "step=dnat", "step=reply"] * 2 + [
+        "step=original", "step=dnat", "step=miss", "step=reply"]
     epoch = tshark("-r", str(capture), "-T", "fields", "-e", "frame.time_epoch").split()
     assert epoch[:3] == ["1795938322.123456000", "1795938322.123456000", "1795938322.123579400"]
 
 
 def test_tshark_finds_no_bad_checksum(tshark, capture, tmp_path):
     # status values in tshark 4.0: 0 Bad, 1 Good, 2 Unverified (so "== 2" would not find bad ones)
-    bad = "ip.checksum.status==0 || tcp.checksum.status==0 || udp.checksum.status==0 || sctp.checksum.status==0"
+    bad = ("ip.checksum.status==0 || tcp.checksum.status==0 || udp.checksum.status==0 || "
+           "sctp.checksum.status==0 || icmp.checksum.status==0 || icmpv6.checksum.status==0")
     assert tshark("-r", str(capture), *CHECKS, "-Y", bad) == ""
-    fields = ("ip.checksum.status", "tcp.checksum.status", "udp.checksum.status", "sctp.checksum.status")
+    fields = ("ip.checksum.status", "tcp.checksum.status", "udp.checksum.status", "sctp.checksum.status",
+              "icmp.checksum.status", "icmpv6.checksum.status")
     out = tshark("-r", str(capture), *CHECKS, "-T", "fields", *[a for f in fields for a in ("-e", f)])
-    assert set(out.split()) == {"1"}                                # every checksum verified Good
+    assert set(out.replace(",", " ").split()) == {"1"}              # every checksum verified Good (inner ones too)
     # control: a corrupted TCP checksum is caught by the same filter
     data = bytearray(capture.read_bytes())
     first = next(b for t, b in blocks(bytes(data)) if t == 6).pkt_data

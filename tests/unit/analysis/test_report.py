@@ -368,20 +368,30 @@ def test_table_fits_the_width_and_never_cuts_a_value(tmp_path, width):
     assert max(len(line) for line in text.splitlines()) <= width
     for value in VALUES:
         assert value in text, value
-    assert "times are UTC" in text and "P50 ms" in text and "RATE /s" in text
+    assert "times are UTC" in text and "P50 ms" in text and "flows/s" in text
     assert re.search(r"\b1 flow\b", text) and re.search(r"\b2 flows\b", text)
     assert not re.search(r"\b1 flows\b", text) and "n/a" in text
 
 
-def test_narrow_table_turns_into_records(tmp_path):
+def test_narrow_table_keeps_values_whole_then_turns_into_records(tmp_path):
     long_name = dict(WEB, pod_name="checkout-frontend-with-a-rather-long-name-7d9f4c6b8-x2k4q")
     rows = [dict(f, **long_name) for f in FLOWS_A]
-    text = render(capture(tmp_path, flows=rows, summary=None).report(), "table", 80)
-    assert "-[ mapping 1 ]" in text
-    lines = text.splitlines()
-    assert max(len(line) for line in lines) <= 80
+    report = capture(tmp_path, flows=rows, summary=None).report()
     pod = "shop/checkout-frontend-with-a-rather-long-name-7d9f4c6b8-x2k4q"
-    assert any(line.startswith("POD") and pod in line for line in lines)       # whole, one line
+    # at 80 columns the grid holds the numbers, the mapping in full on the line under its row
+    text = render(report, "table", 80)
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 80 and "-[ mapping 1 ]" not in text
+    assert any(line.strip().startswith("-> [fd00::5]:80") for line in lines)   # wrapped at spaces only
+    section = text.split("\nMappings\n")[1].split("\nDrops")[0].splitlines()
+    assert sum(pod in line for line in section) == 2
+    # at 40 no grid fits: a block per mapping, every value whole on one line
+    text = render(report, "table", 40)
+    lines = text.splitlines()
+    assert "-[ mapping 1 ]" in text
+    # only a word longer than the width (the pod, the file's path) stands out, whole
+    assert max(len(line) for line in lines if "checkout-frontend" not in line and str(tmp_path) not in line) <= 40
+    assert any(line.strip() == pod for line in lines)
     assert any(re.match(r"MAPPING +tcp :8080 -> \[fd00::5\]:80$", line) for line in lines)
     assert "1 flow" in text and "3 flows" in text
 
@@ -409,7 +419,7 @@ def test_html_is_self_contained_with_charts(tmp_path):
 def test_charts_say_when_a_figure_is_not_measured(tmp_path):
     only_b = Cap(tmp_path).file("b.jsonl", header("node-b", "conntrack", measures=False), FLOWS_B, (), SUMMARY_B)
     out = charts(only_b.report())
-    assert len(out) == 4 and all(png.startswith(b"\x89PNG") for _, png in out)
+    assert len(out) == 6 and all(png.startswith(b"\x89PNG") for _, png in out)
 
 
 def test_a_capture_with_only_its_header_renders(tmp_path):

@@ -82,7 +82,7 @@ def test_auto_backend_falls_back_to_conntrack_after_one_warning(monkeypatch):
     called = {}
     loaded = _LoadedProbe()
 
-    def session(backend, opts, index, outs, probe=None):
+    def session(backend, opts, index, outs, probe=None, stop=None):
         if backend == "netfilter":
             assert probe is loaded           # the session attaches the probe loaded first
             raise KernelFeatureMissing("Could not create the netfilter BPF link (Invalid argument); "
@@ -116,7 +116,7 @@ def test_programs_load_before_the_pods_and_a_refused_load_falls_back(monkeypatch
     real_resolve = sources.resolve_sources
     monkeypatch.setattr(sources, "resolve_sources", lambda *a, **kw: order.append("pods") or real_resolve(*a, **kw))
     monkeypatch.setattr(outputs, "load_probe", refused)
-    monkeypatch.setattr(outputs, "run_session", lambda backend, opts, index, outs, probe=None:
+    monkeypatch.setattr(outputs, "run_session", lambda backend, opts, index, outs, probe=None, stop=None:
                         order.append((backend, probe)))
     res = CliRunner().invoke(cli, ["trace", "--duration", "1", "--format", "json", "--pods-from", "none"])
     assert res.exit_code == 0, res.output
@@ -195,7 +195,7 @@ def test_the_metrics_socket_is_held_from_the_check_to_the_sink(monkeypatch):
     from bpftrace_hostport.collect import outputs
     seen = {}
 
-    def session(backend, opts, index, outs, probe=None):
+    def session(backend, opts, index, outs, probe=None, stop=None):
         seen["sock"] = outs.metrics_socket
         seen["listening"] = outs.metrics_socket.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
     monkeypatch.setattr(outputs, "load_probe", lambda opts: _LoadedProbe())
@@ -216,7 +216,7 @@ def test_a_kernel_without_netfilter_links_falls_back_before_the_compile(monkeypa
                                    "tracer needs Linux >= 6.4 (BPF_PROG_TYPE_NETFILTER).")
     monkeypatch.setattr(preflight, "netfilter_priority", refused)
     monkeypatch.setattr(outputs, "load_probe", lambda opts: order.append("load"))
-    monkeypatch.setattr(outputs, "run_session", lambda backend, opts, index, outs, probe=None:
+    monkeypatch.setattr(outputs, "run_session", lambda backend, opts, index, outs, probe=None, stop=None:
                         order.append((backend, probe)))
     res = CliRunner().invoke(cli, ["trace", "--duration", "1", "--format", "json", "--pods-from", "none"])
     assert res.exit_code == 0, res.output

@@ -20,8 +20,8 @@ class Index:
 CASES = [
     (dict(fmt="json"), ["format"], True),
     (dict(fmt="table"), ["format"], True),
-    (dict(fmt="none", record_path="REC"), ["recording"], True),
-    (dict(fmt="none", metrics="127.0.0.1:0"), ["metrics"], False),
+    (dict(fmt="none", record_path="REC"), ["recording", "end-line"], True),
+    (dict(fmt="none", metrics="127.0.0.1:0"), ["metrics", "end-line"], False),
     (dict(fmt="none", metrics="127.0.0.1:0", agent=AgentOptions()), ["metrics", "agent"], False),
     (dict(fmt="json", metrics="127.0.0.1:0"), ["format", "metrics"], True),
 ]
@@ -63,7 +63,7 @@ def test_the_session_is_run_with_what_the_sinks_need(monkeypatch):
     seen = {}
 
     class Session:
-        def __init__(self, opts, index, backend, sinks, watch):
+        def __init__(self, opts, index, backend, sinks, watch, **kw):
             seen["records"] = opts.flow_records
 
         def run(self):

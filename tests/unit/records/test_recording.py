@@ -231,6 +231,24 @@ def test_rotation_keeps_max_files_each_standing_alone(tmp_path):
     assert len(cap.misses) == 1 and not cap.truncated
 
 
+@pytest.mark.parametrize("batch", [50, 700, 5000])
+def test_max_size_is_a_bound_every_file_keeps(tmp_path, batch):
+    """--max-size 64KiB leaves no file bigger than 64 KiB: a batch that would pass it goes to
+    the next file, one too big for any file is split; no flow is lost on the way."""
+    path = tmp_path / "rec.arrow"
+    limit = 64 * 1024
+    w = write(path, [many(batch) for _ in range(12)], max_size=limit)
+    files = sorted(glob.glob(str(tmp_path / "*.arrow")))
+    assert len(files) > 1 and files == sorted(w.paths)
+    assert max(os.path.getsize(f) for f in files) <= limit, [os.path.getsize(f) for f in files]
+    cap = load([str(tmp_path)])
+    assert len(cap.flows) == 12 * batch and not cap.truncated and cap.notes == []
+    assert len(cap.summaries) == 1 and len(cap.misses) == 1
+    for f in files:                          # each file stands alone: its header and snapshots
+        one = load([f])
+        assert one.headers and [s["kind"] for s in one.snapshots] == ["pods"]
+
+
 def test_directory_mode_names_files_by_time_and_bounds_them_across_runs(tmp_path):
     for _ in range(2):
         write(tmp_path, [many(100) for _ in range(8)], max_size=40_000, max_files=4)
