@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from typing import List, Optional, Sequence
 
 from bpftrace_hostport.errors import UserError
@@ -22,6 +24,8 @@ class TraceRun:
     def __init__(self, args: Sequence[str], *, python: str = sys.executable, prefix: Sequence[str] = (),
                  workdir: Optional[str] = None, start_timeout: float = 60.0, env: Optional[dict] = None):
         self.workdir = workdir or tempfile.mkdtemp(prefix="bhp-trace-")
+        if workdir is None:          # its own directory lives as long as the run (or the process)
+            weakref.finalize(self, shutil.rmtree, self.workdir, ignore_errors=True)
         self.ready = os.path.join(self.workdir, "ready")
         self.out_path = os.path.join(self.workdir, "out")
         self.err_path = os.path.join(self.workdir, "err")

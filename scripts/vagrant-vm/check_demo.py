@@ -23,17 +23,20 @@ import sys
 TRAFFIC = re.compile(r"^\s+(?P<label>.+?): sent (?P<sent>\d+), answered (?P<answered>\d+), "
                      r"failed (?P<failed>\d+)\s*$")
 FLOWS = re.compile(r"^\[5/7\] (\d+) flows traced")
-TOTALS = re.compile(r"^(\d+) flows over [\d.]+ s, (\d+) lost events")
-LATENCY = r"via {hook}, answered in [\d.]+ ms"
+TOTALS = re.compile(r"^(\d+) flows over [\d.]+ s, (\d+) lost (?:events|flows)")
+LATENCY = r"via {hook}, answered in [\d.]+ ms"              # matched with the line wraps undone
 FINDINGS = re.compile(r"^\d+ findings?: .*")
 REMOVED = re.compile(r"^lab \S+ removed; demo took ([\d.]+ s)")
 HOSTNET_PORT = ":9000"
 
 
 def table(lines: list[str]) -> list[dict]:
-    """The summary table: rows as {column: text}."""
+    """The summary table's mappings as {"proto", "port", "dnat", column: text}. A wide terminal
+    (or a pipe) gives one grid row per mapping (MAPPING "tcp :8000 -> 10.0.1.2:80"); a narrow one
+    a row per mapping under HOSTPORT ("8000/tcp") with its target on the line under it
+    ("  -> 10.0.1.2:80 ..." or "  no DNAT; ...")."""
     for i, line in enumerate(lines):
-        if line.startswith("MAPPING ") and " FLOWS " in line:
+        if re.match(r"^(MAPPING|HOSTPORT) ", line) and " FLOWS " in line:
             break
     else:
         return []
@@ -42,15 +45,37 @@ def table(lines: list[str]) -> list[dict]:
     # Each column spans its run of dashes under the header.
     spans = [(m.start(), m.end()) for m in re.finditer(r"-+", rule)]
     names = [header[start:end].strip() for start, end in spans]
-    rows = []
+    rows: list[dict] = []
     for line in lines[i + 2:]:
         if not line.strip():
             break
-        row = {}
-        for (start, end), name in zip(spans, names):
-            row[name] = line[start:end].strip()
+        if line.startswith(" "):                     # a narrow table's detail line
+            if rows and "dnat" not in rows[-1]:
+                rows[-1]["dnat"] = line.strip().startswith("->")
+            continue
+        row = {name: line[start:end].strip() for (start, end), name in zip(spans, names)}
+        m = re.match(r"^(\w+) :(\d+) (.*)$", row.get("MAPPING", ""))
+        if m:
+            row.update(proto=m.group(1), port=m.group(2), dnat="->" in m.group(3))
+        else:
+            m = re.match(r"^(\d+)/(\w+)$", row.get("HOSTPORT", ""))
+            if not m:
+                continue
+            row.update(proto=m.group(2), port=m.group(1))
         rows.append(row)
     return rows
+
+
+def unwrapped(lines: list[str]) -> list[str]:
+    """The demo's own lines with their wraps undone: a step's line is indented 6 spaces, its
+    continuation 8 (a narrow terminal wraps the traffic and flow lines at spaces)."""
+    out: list[str] = []
+    for ln in lines:
+        if out and ln.startswith(" " * 8) and out[-1].startswith(" " * 6) and not out[-1].startswith(" " * 8):
+            out[-1] += " " + ln.strip()
+        else:
+            out.append(ln)
+    return out
 
 
 def check(text: str) -> tuple[bool, str]:
@@ -59,7 +84,7 @@ def check(text: str) -> tuple[bool, str]:
     for s in range(1, 8):
         if not any(ln.startswith(f"[{s}/7]") for ln in lines):
             why.append(f"no step [{s}/7]")
-    traffic = [m.groupdict() for m in map(TRAFFIC.match, lines) if m]
+    traffic = [m.groupdict() for m in map(TRAFFIC.match, unwrapped(lines)) if m]
     if not traffic:
         why.append("no traffic lines")
     failed = [t["label"] for t in traffic if t["failed"] != "0"]
@@ -77,23 +102,27 @@ def check(text: str) -> tuple[bool, str]:
         why.append(f"summary: {totals.group(0)}")
     if "Falling back to conntrack" in text:
         why.append("the tracer fell back to conntrack events")
+    flat = re.sub(r"\s+", " ", text)                  # a flow's line may wrap at spaces
     for hook in ("prerouting", "output"):
-        if not re.search(LATENCY.format(hook=hook), text):
+        if not re.search(LATENCY.format(hook=hook), flat):
             why.append(f"no flow via {hook} with a latency")
     rows = table(lines)
     if not rows:
         why.append("no summary table")
-    mapped = [r for r in rows if "->" in r.get("MAPPING", "")]
-    if not any(r["MAPPING"].startswith("tcp :8000 ") for r in mapped):
+    mapped = [r for r in rows if r.get("dnat")]
+    if not any(r["proto"] == "tcp" and r["port"] == "8000" for r in mapped):
         why.append("no tcp :8000 mapping in the summary")
     for r in mapped:
         if r.get("FLOWS") != r.get("ANSWERED") or r.get("FLOWS") in (None, "", "0"):
-            why.append(f"{r['MAPPING']}: flows {r.get('FLOWS')}, answered {r.get('ANSWERED')}")
-    nodnat = next((r for r in rows if r.get("MAPPING", "").startswith(f"tcp {HOSTNET_PORT} ")), None)
+            why.append(f"{r['proto']} :{r['port']}: flows {r.get('FLOWS')}, answered {r.get('ANSWERED')}")
+    nodnat = next((r for r in rows if r["proto"] == "tcp" and f":{r['port']}" == HOSTNET_PORT
+                   and not r.get("dnat")), None)
     misses = nodnat.get("MISSES") if nodnat else None
     if misses != str(hostnet):
         why.append(f"misses on {HOSTNET_PORT}: {misses}, requests sent there: {hostnet}")
-    if not any(re.match(r"^info\s+hostnetwork-hostport\s", ln) for ln in lines):
+    # check's findings as a table ("info  hostnetwork-hostport ...") or, narrow, as blocks
+    if not (any(re.match(r"^info\s+hostnetwork-hostport\s", ln) for ln in lines)
+            or re.search(r"^SEVERITY\s+info\s*\nCODE\s+hostnetwork-hostport\s*$", "\n".join(lines), re.M)):
         why.append("check did not report hostnetwork-hostport")
     findings = next((m.group(0).strip() for m in map(FINDINGS.match, lines) if m), None)
     if not findings:
