@@ -123,13 +123,15 @@ def instrument(text: str) -> str:
 def load_command(traffic: str, lab, seconds: float) -> list:
     """The load of a trial, from the lab's client namespace: wrk through the node's hostPort
     (hostport), wrk to the http pod's own address (other: routed through the node, no DNAT),
-    or one iperf3 stream to the iperf pod's own address (other-bulk)."""
+    or one iperf3 stream to the iperf pod's own address (other-bulk); the last two from the
+    lab's client for them (bench/lab.py says why)."""
+    ns = lab.client_for(traffic)
     if traffic == "other-bulk":
         from bench.config import IPERF_PORT
-        return ["ip", "netns", "exec", lab.client_ns, "iperf3", "-c", lab.iperf_pod.ips[0], "-p", str(IPERF_PORT),
+        return ["ip", "netns", "exec", ns, "iperf3", "-c", lab.iperf_pod.ips[0], "-p", str(IPERF_PORT),
                 "-t", f"{seconds:g}", "--connect-timeout", "3000"]
     url = lab.pod_url() if traffic == "other" else lab.url()
-    return ["ip", "netns", "exec", lab.client_ns, "wrk", "-t2", "-c64", f"-d{seconds:g}s",
+    return ["ip", "netns", "exec", ns, "wrk", "-t2", "-c64", f"-d{seconds:g}s",
             "-H", "Connection: close", url]
 
 

@@ -1,5 +1,6 @@
-"""The bench's lab: bench/bench-hostport.yaml on a lab node, its client namespace tuned for
-many short connections, and iperf3 serving in the iperf pod."""
+"""The bench's lab: bench/bench-hostport.yaml on a lab node, two client namespaces tuned for
+many short connections (one for the hostPort loads, one for the loads to the pods' own
+addresses), and iperf3 serving in the iperf pod."""
 from __future__ import annotations
 
 import contextlib
@@ -25,15 +26,23 @@ class BenchLab:
     def up(self) -> None:
         from bpftrace_hostport.lab import build as lab
         log(f"lab up {self.name} ({MANIFEST.name})")
-        self.st = st = lab.up([str(MANIFEST)], name=self.name, ipv6=False)
+        self.st = st = lab.up([str(MANIFEST)], name=self.name, ipv6=False, clients=2)
         self.node_ns = st.node_netns
         self.node_ip = st.node_ip
         self.client_ns = st.clients[0]["netns"]
+        # The loads to the pods' own addresses come from a client of their own. From the same
+        # address, a connection client:port -> pod:80 has the reply tuple of an earlier hostPort
+        # connection client:port -> node:8000 DNATed to pod:80 still in the node's conntrack
+        # table (TIME_WAIT, 120 s): its SYN is dropped as a clash and retransmitted a second
+        # later, and each kind of trial slowed the next one down (measured: 12,000 conn/s, then
+        # 7,700 with 1,947 SYN retransmissions after the other kind's trial).
+        self.other_client_ns = st.clients[1]["netns"]
         self.http_pod = self._pod(HTTP_HOST_PORT)
         self.iperf_pod = self._pod(IPERF_PORT)
         lo, hi = CLIENT_PORT_RANGE
-        run(nsexec(self.client_ns, "sysctl", "-qw", f"net.ipv4.ip_local_port_range={lo} {hi}"))
-        run(nsexec(self.client_ns, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"))
+        for ns in (self.client_ns, self.other_client_ns):
+            run(nsexec(ns, "sysctl", "-qw", f"net.ipv4.ip_local_port_range={lo} {hi}"))
+            run(nsexec(ns, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"))
         self._start_iperf_server()
 
     def _pod(self, host_port: int):
@@ -70,6 +79,10 @@ class BenchLab:
         port = next(m["container_port"] for m in self.http_pod.ports if m.get("host_port") == HTTP_HOST_PORT)
         return f"http://{self.http_pod.ips[0]}:{port}/"
 
+    def client_for(self, kind: str) -> str:
+        """The client namespace a trial kind's load comes from."""
+        return self.other_client_ns if kind.startswith("other") else self.client_ns
+
     def target(self, kind: str):
         """(wrk URL, iperf3 host) of a trial kind: the node's hostPorts, or the pods' own addresses."""
         if kind.startswith("other"):
@@ -78,6 +91,7 @@ class BenchLab:
 
     def namespaces(self) -> dict:
         return {"node_netns": self.node_ns, "node_ip": self.node_ip, "client_netns": self.client_ns,
+                "other_client_netns": self.other_client_ns,
                 "http_pod_netns": self.http_pod.netns, "iperf_pod_netns": self.iperf_pod.netns}
 
     def down(self) -> List[str]:

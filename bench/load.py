@@ -48,10 +48,11 @@ def _run_bounded(procs: Procs, cmd, out_path: Path, duration: float, what: str,
 
 
 def run_wrk(lab, procs: Procs, cfg, workdir: Path, tag: str, duration: float, max_requests: int,
-            url: str = "") -> dict:
-    """wrk against URL (default: the node's hostPort 8000)."""
+            url: str = "", client_ns: str = "") -> dict:
+    """wrk against URL (default: the node's hostPort 8000), from CLIENT_NS (default: the lab's
+    hostPort client)."""
     per_thread = -(-max_requests // cfg.threads) if max_requests else 0
-    cmd = nsexec(lab.client_ns, "wrk", "-t", str(cfg.threads), "-c", str(cfg.connections),
+    cmd = nsexec(client_ns or lab.client_ns, "wrk", "-t", str(cfg.threads), "-c", str(cfg.connections),
                  "-d", f"{duration:g}s", "--timeout", "2s", "-H", "Connection: close",
                  "-s", str(WRK_SCRIPT), url or lab.url(), "--", str(per_thread))
     out_path = workdir / f"{tag}.wrk.txt"
@@ -67,9 +68,10 @@ def run_wrk(lab, procs: Procs, cfg, workdir: Path, tag: str, duration: float, ma
     return res
 
 
-def run_iperf(lab, procs: Procs, workdir: Path, tag: str, duration: float, host: str = "") -> dict:
-    """One iperf3 stream to HOST:5201 (default: the node's hostPort)."""
-    cmd = nsexec(lab.client_ns, "iperf3", "-c", host or lab.node_ip, "-p", str(IPERF_PORT),
+def run_iperf(lab, procs: Procs, workdir: Path, tag: str, duration: float, host: str = "",
+              client_ns: str = "") -> dict:
+    """One iperf3 stream to HOST:5201 (default: the node's hostPort), from CLIENT_NS."""
+    cmd = nsexec(client_ns or lab.client_ns, "iperf3", "-c", host or lab.node_ip, "-p", str(IPERF_PORT),
                  "-t", f"{duration:g}", "-J", "--connect-timeout", "3000")
     out_path = workdir / f"{tag}.iperf3.json"
     last_err = ""

@@ -18,7 +18,7 @@ WRK_KINDS = ("conn", "burst", "profile", "other")   # kinds whose load is wrk; "
 
 def _counters(lab, kind: str) -> dict:
     """What the trial compares before and after the load."""
-    return {"pod": netns_snmp(lab.http_pod.netns), "client": netns_snmp(lab.client_ns),
+    return {"pod": netns_snmp(lab.http_pod.netns), "client": netns_snmp(lab.client_for(kind)),
             "cpu": system_cpu(), "t": time.monotonic(),
             "server_cpu": proc_cpu_s(lab.http_pod.server_pid) if kind in WRK_KINDS else None}
 
@@ -59,9 +59,10 @@ def trial(kind: str, mode: str, round_i: int, lab, procs: Procs, cfg, workdir: P
         mon.load_begins()
         url, host = lab.target(kind)
         if kind in WRK_KINDS:
-            res["wrk"] = run_wrk(lab, procs, cfg, workdir, tag, duration, max_requests, url)
+            res["wrk"] = run_wrk(lab, procs, cfg, workdir, tag, duration, max_requests, url,
+                                 client_ns=lab.client_for(kind))
         else:
-            res["iperf3"] = run_iperf(lab, procs, workdir, tag, duration, host)
+            res["iperf3"] = run_iperf(lab, procs, workdir, tag, duration, host, client_ns=lab.client_for(kind))
         mon.load_ends(time.monotonic() - before["t"])
         after = _counters(lab, kind)
         res["wall_s"] = round(after["t"] - before["t"], 3)
