@@ -258,3 +258,4 @@ def minimal(text: str) -> str:
 
 VARIANTS: Dict[str, Callable[[str], str]] = {"floor": floor, "clock": clock, "pending": pending,
                                              "minimal": minimal}
+
