@@ -768,7 +768,7 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
         return 1;   /* NF_ACCEPT: untracked packets are not ours to judge */
 
     u64 ctkey = (u64)ct;
-    u32 len;                 /* the packet's length: read once it is needed */
+    u32 len = *(u32 *)((char *)skb + SKB_LEN);
     if (ctinfo == IP_CT_ESTABLISHED || ctinfo == IP_CT_ESTABLISHED_REPLY) {
         /* A connection that was not translated is not ours, and never will be (NAT is decided
          * at its first packet, whose miss, if any, was counted then): the entry's status says
@@ -784,7 +784,6 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
         struct ct_set *cs = ct_set_of(ctkey);
         if (!cs)
             return 1;
-        len = *(u32 *)((char *)skb + SKB_LEN);
         /* the hot path: a packet of a flow already answered and reported; */
         if (count_known_in(cs, ctkey, len)) {
             return 1;
@@ -796,7 +795,6 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
     }
 
     /* Everything else needs the entry's tuples and status: one read. */
-    len = *(u32 *)((char *)skb + SKB_LEN);
     u8 cb[CT_BUF];
     if (read_ct(ct, cb))
         return 1;
