@@ -60,11 +60,9 @@ START = "    void *skb = *(void **)((char *)ctx + NF_CTX_SKB);\n"
 
 # (section, what it covers, anchor in hostport.bpf.c, marker placed "before" or "after" it)
 SECTIONS = [
-    (18, "not translated: the entry's status (most traffic that is not hostPort)",
-     "        if (!(st & IPS_DST_NAT)) {\n            return 1;\n        }\n        /* One line", "mid"),
     (0, "known flow's packet: cache lookup + counters (hot path)",
      "        if (count_known_in(cs, ctkey, len)) {\n            return 1;\n        }\n        /* or of a connection", "mid"),
-    (17, "not ours: the ignored ways of the same line (a Service's DNAT)",
+    (17, "not ours: the ignored ways of the same line (not hostPort traffic)",
      "        if (ign_has(cs, ctkey)) {\n            return 1;\n        }\n    }\n\n    /* Everything else", "mid"),
     (1, "not known: the cache lookup that missed",
      "    /* Everything else needs the entry's tuples and status: one read. */\n", "before"),

@@ -258,4 +258,3 @@ def minimal(text: str) -> str:
 
 VARIANTS: Dict[str, Callable[[str], str]] = {"floor": floor, "clock": clock, "pending": pending,
                                              "minimal": minimal}
-

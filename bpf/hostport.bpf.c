@@ -88,16 +88,15 @@ BPF_HASH(flows, struct flow_key, struct flow_val, FLOW_TABLE_SIZE);
 #if MAP_SIZE >= CT_LOST
 #error "MAP_SIZE must stay below 16382: a cache slot keeps a mapping id in 14 bits"
 #endif
-/* The same line keeps, in three ways of its own, conntrack entries that are DNATed but not
- * ours, by address: not to a watched hostPort on a local address (a Service ClusterIP, a
- * NodePort). (Entries that were not translated at all, plain forwarding and the node's own
- * traffic, most packets on a node, are told by their status alone and never come here.) With
- * their entry here an established packet returns after the one line a packet of a reported
- * flow reads too, without reading the entry; a new DNATed entry's first packet clears its
- * address from both kinds of ways in that same line. Plain stores: a lost race only makes a
- * packet read its entry again. Ways of their own, so that the traffic that is not ours never
- * evicts a reported flow. (A connection that began before its hostPort was watched stays
- * ignored until it ends.) */
+/* The same line keeps, in three ways of its own, conntrack entries that are not ours, by
+ * address: not DNATed (plain forwarding, the node's own traffic), or DNATed but not to a watched
+ * hostPort on a local address (a Service ClusterIP, a NodePort). On a real node most packets are
+ * these, and they all run the programs: with their entry here an established packet returns
+ * after the one line a packet of a reported flow reads too, without reading the entry; a new
+ * entry's first packet clears its address from both kinds of ways in that same line. Plain
+ * stores: a lost race only makes a packet read its entry again. Ways of their own, so that the
+ * traffic that is not ours never evicts a reported flow. (A connection that began before its
+ * hostPort was watched stays ignored until it ends.) */
 #define CT_IGNORE_WAYS 3
 struct ct_set {
     u64 slot[CT_WAYS];       /* (address >> 3) << CT_ID_BITS | mapping id; 0: empty */
@@ -770,17 +769,7 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
     u64 ctkey = (u64)ct;
     u32 len = *(u32 *)((char *)skb + SKB_LEN);
     if (ctinfo == IP_CT_ESTABLISHED || ctinfo == IP_CT_ESTABLISHED_REPLY) {
-        /* A connection that was not translated is not ours, and never will be (NAT is decided
-         * at its first packet, whose miss, if any, was counted then): the entry's status says
-         * so in one read of four bytes, which conntrack has just touched. Most packets on a
-         * node are these; they never reach the cache (measured: 128 against 170 ns a packet
-         * of small connections to a pod's own address, about 5 % more for hostPort ones). */
-        u32 st = 0;
-        bpf_probe_read_kernel(&st, sizeof(st), (char *)ct + CT_STATUS);
-        if (!(st & IPS_DST_NAT)) {
-            return 1;
-        }
-        /* One line of the cache answers for most of the rest: */
+        /* One line of the cache answers for most packets: */
         struct ct_set *cs = ct_set_of(ctkey);
         if (!cs)
             return 1;
@@ -807,14 +796,11 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
             /* A new entry: whatever used this address before is gone. Its slot in the cache,
              * if any, is marked CT_PENDING; the first reply takes it over. An ignored way of
              * the earlier entry is cleared. */
-            if (status & IPS_DST_NAT)   /* (an entry not translated never looks at its line) */
-                ct_forget(ctkey);
+            ct_forget(ctkey);
         } else {
             /* A retransmitted first packet (or a UDP request before any reply) of a flow
              * already reported: its counters, as on the hot path; of a connection that is not
              * ours (a miss already counted at its first packet): nothing. */
-            if (!(status & IPS_DST_NAT))
-                return 1;
             struct ct_set *cs = ct_set_of(ctkey);
             if (!cs || count_known_in(cs, ctkey, len) || ign_has(cs, ctkey))
                 return 1;
@@ -840,12 +826,12 @@ static __always_inline int on_post_dnat(void *ctx, u8 hook)
     if (!(status & IPS_DST_NAT)) {
         /* Not translated (NAT is decided at a connection's first packet, so it never will be):
          * only the first packet of a new connection can be a miss; the rest is ignored. */
-        if (reply || !fresh || cfg->watch_all)
-            return 1;
+        if (reply || ctinfo != IP_CT_NEW || cfg->watch_all)
+            return related ? 1 : ct_ignore(ctkey);
         key_from_orig(&k, o, family);
         if (traced(cfg, &k))
             count_miss(&k, hook);
-        return 1;
+        return ct_ignore(ctkey);
     }
     key_from_orig(&k, o, family);
 
