@@ -66,6 +66,37 @@ def unique(prefix):
     return f"{prefix}{os.getpid() % 10000:04d}"[:12]
 
 
+# One pod serving TCP 8000 -> 80 and UDP 5353 -> 53 (the outcome and screen tests' lab).
+WEB_TCP_UDP = """
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop}
+spec:
+  containers:
+  - name: web
+    image: web
+    ports:
+    - {name: http, containerPort: 80, hostPort: 8000, protocol: TCP}
+    - {name: dns, containerPort: 53, hostPort: 5353, protocol: UDP}
+"""
+
+
+@contextmanager
+def own_lab(prefix, **up):
+    """A lab named PREFIX plus this run's id, built with lab.up(**up) (after removing any left
+    from a crashed run of the same id), and removed whatever the test did."""
+    from bpftrace_hostport.lab import build as lab
+    from tests.conftest import require_kernel
+    require_kernel()
+    name = unique(prefix)
+    lab.down(name)
+    st = lab.up(name=name, **up)
+    try:
+        yield st
+    finally:
+        lab.down(name)
+
+
 def stop_process(proc: subprocess.Popen, timeout: float = 30) -> int:
     """SIGTERM, then SIGKILL after `timeout`: the process's exit status."""
     import signal

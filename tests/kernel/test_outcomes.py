@@ -17,21 +17,7 @@ import urllib.request
 import pytest
 
 from bpftrace_hostport.lab import build as lab
-from tests.conftest import require_kernel
-from tests.kernel.helpers import cli, tracing, unique
-
-MANIFEST = """
-apiVersion: v1
-kind: Pod
-metadata: {name: web, namespace: shop}
-spec:
-  containers:
-  - name: web
-    image: web
-    ports:
-    - {name: http, containerPort: 80, hostPort: 8000, protocol: TCP}
-    - {name: dns, containerPort: 53, hostPort: 5353, protocol: UDP}
-"""
+from tests.kernel.helpers import WEB_TCP_UDP, cli, own_lab, tracing
 
 # what the tool says -> what the client saw
 SEEN = {("answered", None): "answered", ("refused", "reset"): "refused",
@@ -41,14 +27,8 @@ SEEN = {("answered", None): "answered", ("refused", "reset"): "refused",
 
 @pytest.fixture(scope="module")
 def olab():
-    require_kernel()
-    name = unique("oc")
-    lab.down(name)
-    st = lab.up(name=name, manifest_text=MANIFEST)
-    try:
+    with own_lab("oc", manifest_text=WEB_TCP_UDP) as st:
         yield st
-    finally:
-        lab.down(name)
 
 
 def pod(st):

@@ -14,55 +14,28 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from bpftrace_hostport.lab import build as lab
-from tests.conftest import require_kernel
-from tests.kernel.helpers import PY, cli, tracing, unique
+from tests.kernel.helpers import PY, WEB_TCP_UDP as MANIFEST, cli, own_lab, tracing
 
 REPO = str(Path(__file__).resolve().parents[2])
-MANIFEST = """
-apiVersion: v1
-kind: Pod
-metadata: {name: web, namespace: shop}
-spec:
-  containers:
-  - name: web
-    image: web
-    ports:
-    - {name: http, containerPort: 80, hostPort: 8000, protocol: TCP}
-    - {name: dns, containerPort: 53, hostPort: 5353, protocol: UDP}
-"""
 
 
 @pytest.fixture(scope="module")
 def slab():
-    require_kernel()
-    name = unique("scr")
-    lab.down(name)
-    st = lab.up(name=name, manifest_text=MANIFEST, scenario="hostnetwork")
-    try:
+    with own_lab("scr", manifest_text=MANIFEST, scenario="hostnetwork") as st:
         yield st
-    finally:
-        lab.down(name)
 
 
 @pytest.fixture
 def broken_lab():
     """A lab of its own whose pod's server the test stops (the other tests want it serving)."""
-    require_kernel()
-    name = unique("scb")
-    lab.down(name)
-    st = lab.up(name=name, manifest_text=MANIFEST, scenario="hostnetwork")
-    try:
+    with own_lab("scb", manifest_text=MANIFEST, scenario="hostnetwork") as st:
         yield st
-    finally:
-        lab.down(name)
 
 
 def web(st):
